@@ -1,0 +1,37 @@
+# labeld: `make run` sets up and runs the daemon on config/labeld.toml; `make test` sets up and runs
+# every test. Set-up steps are idempotent and cached (downloads in ~/.cache/labeld, unpacked in .deps/).
+
+CARGO ?= cargo
+CONFIG ?= config/labeld.toml
+BIN := target/release/labeld
+
+.PHONY: run test setup deps libtorch model build golden clean-deps
+
+run: setup build
+	$(BIN) run --config $(CONFIG)
+
+test: setup
+	$(CARGO) test --release --all-targets
+
+setup: deps model
+
+deps:
+	scripts/setup-system.sh
+	scripts/setup-libtorch.sh
+
+libtorch:
+	scripts/setup-libtorch.sh
+
+# models/default.pt (ResNet-18 with WEIGHTS=/path/resnet18-f37072fd.pth, else EfficientNet-Lite0)
+model: deps
+	WEIGHTS="$(WEIGHTS)" scripts/setup-model.sh
+
+build: deps
+	$(CARGO) build --release
+
+# Regenerates tests/data/golden with torchvision (only needed when the test photos change).
+golden: model
+	PYTHONPATH=.deps/py /usr/bin/python3 scripts/make_golden.py --model models/default.pt
+
+clean-deps:
+	rm -rf .deps models/*.pt

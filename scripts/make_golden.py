@@ -1,0 +1,72 @@
+#!/usr/bin/python3
+"""Golden preprocessing data for labeld's tests, made once with torchvision and committed.
+
+For each photo in tests/data it runs torchvision's Resize(256) -> CenterCrop(224) on the PIL image
+(converted to RGB as PIL does) and stores that 224x224 RGB crop losslessly as
+tests/data/golden/<photo>.png: ToTensor + Normalize are a fixed function of these bytes, so the crop pins
+the whole torchvision pipeline. golden.json adds the normalized tensor's per-channel means and a few
+sampled values straight from torchvision, and, if a model is given, PyTorch's top-3 for each photo.
+
+Run: PYTHONPATH=.deps/py /usr/bin/python3 scripts/make_golden.py [--model models/default.pt]
+"""
+import argparse
+import json
+import os
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.229, 0.224, 0.225]
+DATA = "tests/data"
+PHOTOS = ["chelsea.png", "coffee.jpg", "rocket.jpg", "camera.png", "chelsea_palette.png", "chelsea_rgba.png"]
+
+
+def make_variants():
+    """Palette and alpha versions of a real photo, to pin the colour conversions."""
+    cat = Image.open(os.path.join(DATA, "chelsea.png")).convert("RGB")
+    cat.quantize(colors=256).save(os.path.join(DATA, "chelsea_palette.png"))
+    rgba = cat.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(cat.size))
+    rgba.save(os.path.join(DATA, "chelsea_rgba.png"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    args = ap.parse_args()
+    make_variants()
+    os.makedirs(os.path.join(DATA, "golden"), exist_ok=True)
+    crop = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    norm = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    model = torch.jit.load(args.model).eval() if args.model else None
+    out = {"mean": MEAN, "std": STD, "resize": 256, "crop": 224, "photos": {}}
+    for name in PHOTOS:
+        img = Image.open(os.path.join(DATA, name)).convert("RGB")
+        cropped = crop(img)
+        cropped.save(os.path.join(DATA, "golden", name.rsplit(".", 1)[0] + ".png"))
+        x = norm(cropped)
+        samples = [[c, y, xx, round(x[c, y, xx].item(), 6)] for c in range(3) for (y, xx) in ((0, 0), (111, 57), (223, 223))]
+        entry = {
+            "size": list(img.size),
+            "channel_means": [round(v, 6) for v in x.mean(dim=(1, 2)).tolist()],
+            "samples": samples,
+        }
+        if model is not None:
+            with torch.no_grad():
+                probs = model(x.unsqueeze(0)).softmax(1)[0]
+            top = probs.topk(3)
+            entry["top3"] = top.indices.tolist()
+            entry["top3_scores"] = [round(v, 5) for v in top.values.tolist()]
+        out["photos"][name] = entry
+        print(name, entry.get("top3"), entry.get("top3_scores"))
+    if model is not None:
+        out["model"] = os.path.splitext(os.path.basename(os.path.realpath(args.model)))[0]
+    with open(os.path.join(DATA, "golden", "golden.json"), "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

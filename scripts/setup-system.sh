@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages labeld needs to build (libturbojpeg, pkg-config) and to export the model
+# (python3-torch, python3-torchvision). Installs only what is missing; a no-op once done.
+set -euo pipefail
+
+PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+SUDO=""
+[[ $(id -u) -ne 0 ]] && SUDO="sudo"
+echo "setup-system: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null

@@ -1,0 +1,550 @@
+//! Configuration: `RawConfig` is the TOML as written; `Config` is the validated form every later stage
+//! trusts (paths absolute, numbers in range, globs compiled).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+
+pub const DEFAULT_CONFIG: &str = "config/labeld.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    model: RawModel,
+    #[serde(default)]
+    inbox: Vec<RawInbox>,
+    #[serde(default)]
+    output: RawOutput,
+    #[serde(default)]
+    workers: RawWorkers,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    path: PathBuf,
+    name: Option<String>,
+    #[serde(default = "default_labels")]
+    labels: String,
+    #[serde(default = "default_resize")]
+    resize: u32,
+    #[serde(default = "default_crop")]
+    crop: u32,
+    #[serde(default = "default_mean")]
+    mean: [f32; 3],
+    #[serde(default = "default_std")]
+    std: [f32; 3],
+    #[serde(default = "default_top_k")]
+    top_k: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbox {
+    path: PathBuf,
+    #[serde(default = "yes")]
+    recursive: bool,
+    #[serde(default = "default_include")]
+    include: Vec<String>,
+    #[serde(default = "default_settle_ms")]
+    settle_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    #[serde(default = "default_csv")]
+    csv: PathBuf,
+}
+
+impl Default for RawOutput {
+    fn default() -> Self {
+        RawOutput { csv: default_csv() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkers {
+    #[serde(default = "one")]
+    count: usize,
+    threads: Option<usize>,
+    #[serde(default = "default_max_batch")]
+    max_batch: usize,
+    #[serde(default = "default_max_delay_ms")]
+    max_delay_ms: u64,
+    #[serde(default = "default_queue")]
+    queue: usize,
+}
+
+impl Default for RawWorkers {
+    fn default() -> Self {
+        RawWorkers {
+            count: 1,
+            threads: None,
+            max_batch: default_max_batch(),
+            max_delay_ms: default_max_delay_ms(),
+            queue: default_queue(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_max_pixels")]
+    max_pixels: u64,
+    #[serde(default = "default_max_file_mb")]
+    max_file_mb: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits { max_pixels: default_max_pixels(), max_file_mb: default_max_file_mb() }
+    }
+}
+
+fn default_labels() -> String {
+    "imagenet".into()
+}
+fn default_resize() -> u32 {
+    256
+}
+fn default_crop() -> u32 {
+    224
+}
+fn default_mean() -> [f32; 3] {
+    [0.485, 0.456, 0.406]
+}
+fn default_std() -> [f32; 3] {
+    [0.229, 0.224, 0.225]
+}
+fn default_top_k() -> usize {
+    3
+}
+fn yes() -> bool {
+    true
+}
+fn one() -> usize {
+    1
+}
+pub fn default_include() -> Vec<String> {
+    ["*.jpg", "*.jpeg", "*.png", "*.bmp", "*.webp", "*.tif", "*.tiff"].iter().map(|s| s.to_string()).collect()
+}
+fn default_settle_ms() -> u64 {
+    500
+}
+fn default_csv() -> PathBuf {
+    "results.csv".into()
+}
+fn default_max_batch() -> usize {
+    8
+}
+fn default_max_delay_ms() -> u64 {
+    20
+}
+fn default_queue() -> usize {
+    1024
+}
+fn default_max_pixels() -> u64 {
+    100_000_000
+}
+fn default_max_file_mb() -> u64 {
+    512
+}
+
+/// Where class names come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LabelSource {
+    ImageNet,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    /// Written into every sidecar and CSV row: `name`, else the model file's stem (links followed).
+    pub name: String,
+    pub labels: LabelSource,
+    pub preprocess: Preprocess,
+    pub top_k: usize,
+}
+
+/// Resize (shorter side) → center crop → normalize, as torchvision does it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    pub resize: u32,
+    pub crop: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub max_pixels: u64,
+    pub max_file_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboxConfig {
+    pub path: PathBuf,
+    pub recursive: bool,
+    pub include: Vec<String>,
+    pub matcher: GlobSet,
+    /// Files that arrive without a close-write or rename event are queued once their size and mtime
+    /// have been unchanged this long.
+    pub settle: Duration,
+}
+
+impl InboxConfig {
+    /// An image this inbox should label: a regular name matching `include`, not one of labeld's own
+    /// files (sidecars, temp files) and not a dotfile.
+    pub fn wants(&self, path: &Path) -> bool {
+        is_candidate_name(path, &self.matcher)
+    }
+}
+
+pub fn is_candidate_name(path: &Path, matcher: &GlobSet) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !name.starts_with('.') && !name.ends_with(".json") && matcher.is_match(name)
+}
+
+/// Compiles `include` patterns; they match file names, case-insensitively.
+pub fn image_matcher(patterns: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut set = GlobSetBuilder::new();
+    for pat in patterns {
+        set.add(GlobBuilder::new(pat).case_insensitive(true).literal_separator(true).build()?);
+    }
+    set.build()
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkersConfig {
+    pub count: usize,
+    pub threads: usize,
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub model: ModelConfig,
+    pub inboxes: Vec<InboxConfig>,
+    pub csv: PathBuf,
+    pub workers: WorkersConfig,
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(file, "(file)", format!("cannot read config: {e}")))?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses and validates `text` as if it were the contents of `file` (relative paths resolve
+    /// against `file`'s folder).
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let key = e.span().map(|s| text[s].trim().to_string()).unwrap_or_default();
+            ConfigError::new(file, if key.is_empty() { "(toml)".into() } else { key }, e.message().to_string())
+        })?;
+        let base = config_dir(file);
+        validate(file, &base, raw)
+    }
+
+    /// The config `classify` uses when no config file exists: built-in defaults around one model file.
+    pub fn for_model(model: &Path) -> Result<Config, ConfigError> {
+        let text = format!("[model]\npath = {}\n", toml::Value::String(model.to_string_lossy().into_owned()));
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Self::parse(&cwd.join("(command line)"), &text)
+    }
+
+    /// Replaces the model path (classify `--model`), re-deriving the model name.
+    pub fn with_model(mut self, model: &Path) -> Result<Config, ConfigError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let path = absolute(&cwd, model);
+        check_model_file(&self.file, &path)?;
+        self.model.name = model_stem(&path);
+        self.model.path = path;
+        Ok(self)
+    }
+}
+
+fn config_dir(file: &Path) -> PathBuf {
+    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    absolute(&cwd, parent)
+}
+
+fn absolute(base: &Path, p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+    // Lexical clean-up only: the inbox may not exist yet, so no canonicalize here.
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn model_stem(path: &Path) -> String {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    real.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+fn check_model_file(file: &Path, path: &Path) -> Result<(), ConfigError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            file,
+            "[model] path",
+            format!("no model file at {} (run `make model` to export the default one)", path.display()),
+        ))
+    }
+}
+
+fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
+
+    let m = raw.model;
+    let model_path = absolute(base, &m.path);
+    check_model_file(file, &model_path)?;
+    let name = match m.name {
+        Some(n) if n.trim().is_empty() => return Err(err("[model] name", "must not be empty".into())),
+        Some(n) => n,
+        None => model_stem(&model_path),
+    };
+    let labels = match m.labels.as_str() {
+        "imagenet" => LabelSource::ImageNet,
+        p => {
+            let path = absolute(base, Path::new(p));
+            if !path.is_file() {
+                return Err(err(
+                    "[model] labels",
+                    format!("\"imagenet\" or a label file; no file at {}", path.display()),
+                ));
+            }
+            LabelSource::File(path)
+        }
+    };
+    if m.crop == 0 || m.crop > 4096 {
+        return Err(err("[model] crop", format!("must be 1..=4096, got {}", m.crop)));
+    }
+    if m.resize < m.crop || m.resize > 8192 {
+        return Err(err("[model] resize", format!("must be at least crop ({}) and at most 8192, got {}", m.crop, m.resize)));
+    }
+    if m.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(err("[model] std", format!("every value must be > 0, got {:?}", m.std)));
+    }
+    if m.mean.iter().any(|s| !s.is_finite()) {
+        return Err(err("[model] mean", format!("values must be finite, got {:?}", m.mean)));
+    }
+    if m.top_k == 0 || m.top_k > 100 {
+        return Err(err("[model] top_k", format!("must be 1..=100, got {}", m.top_k)));
+    }
+    if raw.limits.max_pixels == 0 {
+        return Err(err("[limits] max_pixels", "must be > 0".into()));
+    }
+    if raw.limits.max_file_mb == 0 {
+        return Err(err("[limits] max_file_mb", "must be > 0".into()));
+    }
+
+    let mut inboxes: Vec<InboxConfig> = Vec::new();
+    for (i, ib) in raw.inbox.into_iter().enumerate() {
+        let key = |k: &str| format!("[[inbox]] #{} {k}", i + 1);
+        let path = absolute(base, &ib.path);
+        if path.exists() && !path.is_dir() {
+            return Err(err(&key("path"), format!("{} exists and is not a directory", path.display())));
+        }
+        if let Some(other) = inboxes.iter().find(|o| path.starts_with(&o.path) || o.path.starts_with(&path)) {
+            return Err(err(
+                &key("path"),
+                format!("{} overlaps the inbox {}; list each folder once", path.display(), other.path.display()),
+            ));
+        }
+        if ib.include.is_empty() {
+            return Err(err(&key("include"), "needs at least one pattern, e.g. \"*.jpg\"".into()));
+        }
+        let matcher = image_matcher(&ib.include).map_err(|e| err(&key("include"), format!("bad pattern: {e}")))?;
+        if ib.settle_ms > 600_000 {
+            return Err(err(&key("settle_ms"), format!("must be at most 600000, got {}", ib.settle_ms)));
+        }
+        inboxes.push(InboxConfig {
+            path,
+            recursive: ib.recursive,
+            include: ib.include,
+            matcher,
+            settle: Duration::from_millis(ib.settle_ms),
+        });
+    }
+
+    let w = raw.workers;
+    if w.count == 0 || w.count > 64 {
+        return Err(err("[workers] count", format!("must be 1..=64, got {}", w.count)));
+    }
+    let threads = w.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if threads == 0 || threads > 256 {
+        return Err(err("[workers] threads", format!("must be 1..=256, got {threads}")));
+    }
+    if w.max_batch == 0 || w.max_batch > 256 {
+        return Err(err("[workers] max_batch", format!("must be 1..=256, got {}", w.max_batch)));
+    }
+    if w.max_delay_ms > 10_000 {
+        return Err(err("[workers] max_delay_ms", format!("must be at most 10000, got {}", w.max_delay_ms)));
+    }
+    if w.queue == 0 || w.queue > 1_000_000 {
+        return Err(err("[workers] queue", format!("must be 1..=1000000, got {}", w.queue)));
+    }
+
+    let csv = absolute(base, &raw.output.csv);
+    if csv.is_dir() {
+        return Err(err("[output] csv", format!("{} is a directory; name a file", csv.display())));
+    }
+
+    Ok(Config {
+        file: file.to_path_buf(),
+        model: ModelConfig {
+            path: model_path,
+            name,
+            labels,
+            preprocess: Preprocess {
+                resize: m.resize,
+                crop: m.crop,
+                mean: m.mean,
+                std: m.std,
+                max_pixels: raw.limits.max_pixels,
+                max_file_bytes: raw.limits.max_file_mb.saturating_mul(1024 * 1024),
+            },
+            top_k: m.top_k,
+        },
+        inboxes,
+        csv,
+        workers: WorkersConfig {
+            count: w.count,
+            threads,
+            max_batch: w.max_batch,
+            max_delay: Duration::from_millis(w.max_delay_ms),
+            queue: w.queue,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("models")).unwrap();
+        std::fs::write(dir.path().join("models/resnet18.pt"), b"x").unwrap();
+        let file = dir.path().join("labeld.toml");
+        (dir, file)
+    }
+
+    const MINIMAL: &str = "[model]\npath = \"models/resnet18.pt\"\n[[inbox]]\npath = \"inbox\"\n";
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder_and_defaults_apply() {
+        let (dir, file) = setup();
+        let c = Config::parse(&file, MINIMAL).unwrap();
+        assert_eq!(c.model.path, dir.path().join("models/resnet18.pt"));
+        assert_eq!(c.model.name, "resnet18");
+        assert_eq!(c.inboxes[0].path, dir.path().join("inbox"));
+        assert_eq!(c.csv, dir.path().join("results.csv"));
+        assert_eq!(c.model.preprocess.resize, 256);
+        assert_eq!(c.model.top_k, 3);
+        assert_eq!(c.workers.max_batch, 8);
+        assert_eq!(c.workers.queue, 1024);
+        assert_eq!(c.model.preprocess.max_pixels, 100_000_000);
+    }
+
+    #[test]
+    fn model_name_follows_a_link_to_the_real_file() {
+        let (dir, file) = setup();
+        std::os::unix::fs::symlink("resnet18.pt", dir.path().join("models/default.pt")).unwrap();
+        let c = Config::parse(&file, "[model]\npath = \"models/default.pt\"\n").unwrap();
+        assert_eq!(c.model.name, "resnet18");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let (_dir, file) = setup();
+        let e = Config::parse(&file, &format!("{MINIMAL}[workers]\nbatch = 3\n")).unwrap_err();
+        assert_eq!(e.key, "batch");
+        assert!(e.reason.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_their_key() {
+        let (_dir, file) = setup();
+        for (extra, key) in [
+            ("[workers]\nmax_batch = 0\n", "[workers] max_batch"),
+            ("[workers]\nqueue = 0\n", "[workers] queue"),
+            ("[workers]\ncount = 0\n", "[workers] count"),
+        ] {
+            let e = Config::parse(&file, &format!("{MINIMAL}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+        let e = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\ncrop = 300\n").unwrap_err();
+        assert_eq!(e.key, "[model] resize");
+        let e = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\nstd = [0.2, 0.0, 0.2]\n").unwrap_err();
+        assert_eq!(e.key, "[model] std");
+    }
+
+    #[test]
+    fn missing_model_and_label_files_are_config_errors() {
+        let (_dir, file) = setup();
+        let e = Config::parse(&file, "[model]\npath = \"models/nope.pt\"\n").unwrap_err();
+        assert_eq!(e.key, "[model] path");
+        assert!(e.reason.contains("make model"));
+        let e = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\nlabels = \"x.txt\"\n").unwrap_err();
+        assert_eq!(e.key, "[model] labels");
+    }
+
+    #[test]
+    fn overlapping_inboxes_are_rejected() {
+        let (_dir, file) = setup();
+        let text = format!("{MINIMAL}[[inbox]]\npath = \"inbox/sub\"\n");
+        let e = Config::parse(&file, &text).unwrap_err();
+        assert_eq!(e.key, "[[inbox]] #2 path");
+    }
+
+    #[test]
+    fn include_is_case_insensitive_and_skips_own_files() {
+        let (_dir, file) = setup();
+        let c = Config::parse(&file, MINIMAL).unwrap();
+        let ib = &c.inboxes[0];
+        assert!(ib.wants(Path::new("/x/CAT.JPG")));
+        assert!(ib.wants(Path::new("/x/a.webp")));
+        assert!(!ib.wants(Path::new("/x/a.jpg.json")));
+        assert!(!ib.wants(Path::new("/x/.a.jpg")));
+        assert!(!ib.wants(Path::new("/x/notes.txt")));
+    }
+
+    #[test]
+    fn the_shipped_default_config_is_valid_where_its_model_exists() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/labeld.toml")).unwrap();
+        let (dir, _) = setup();
+        let cfg_dir = dir.path().join("config");
+        std::fs::create_dir(&cfg_dir).unwrap();
+        std::fs::write(dir.path().join("models/efficientnet_lite0.pt"), b"x").unwrap();
+        std::os::unix::fs::symlink("efficientnet_lite0.pt", dir.path().join("models/default.pt")).unwrap();
+        let c = Config::parse(&cfg_dir.join("labeld.toml"), &text).unwrap();
+        assert_eq!(c.inboxes.len(), 1);
+        assert_eq!(c.inboxes[0].path, dir.path().join("inbox"));
+        assert_eq!(c.csv, dir.path().join("results.csv"));
+        assert_eq!(c.model.name, "efficientnet_lite0");
+    }
+}

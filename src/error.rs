@@ -1,0 +1,65 @@
+//! Two kinds of error: `Fatal` stops the process (bad config, missing model); `ImageError` is recorded
+//! for one image (error sidecar + CSV row) and the daemon carries on.
+
+use std::path::PathBuf;
+
+/// A configuration problem: names the key and says why. Exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &std::path::Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError { file: file.to_path_buf(), key: key.into(), reason: reason.into() }
+    }
+}
+
+/// Errors that stop labeld.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot load model {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Fatal {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Fatal::Io { context: context.into(), source }
+    }
+
+    /// 2 for anything the operator fixes in the config or command line, 1 for the rest.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Fatal::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Why one image could not be labelled. Recorded, never fatal.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ImageError {
+    #[error("cannot read file: {0}")]
+    Read(String),
+    #[error("empty file (0 bytes)")]
+    Empty,
+    #[error("not a supported image format")]
+    UnknownFormat,
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels ([limits] max_pixels)")]
+    TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error("cannot decode image: {0}")]
+    Decode(String),
+    #[error("cannot preprocess image: {0}")]
+    Preprocess(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}

@@ -1,0 +1,214 @@
+//! Image file → normalized CHW `Vec<f32>`, equal to torchvision's
+//! `Resize(resize)` (bilinear, antialiased as PIL does) → `CenterCrop(crop)` → `ToTensor` → `Normalize`.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{ImageReader, Limits};
+
+use crate::config::Preprocess;
+use crate::error::ImageError;
+
+/// One per worker: holds the resizer's scratch buffers and the JPEG decoder between images.
+pub struct Preprocessor {
+    cfg: Preprocess,
+    resizer: Resizer,
+    jpeg: Option<turbojpeg::Decompressor>,
+}
+
+impl Preprocessor {
+    pub fn new(cfg: Preprocess) -> Self {
+        Preprocessor { cfg, resizer: Resizer::new(), jpeg: None }
+    }
+
+    /// Number of floats one image produces.
+    pub fn len(&self) -> usize {
+        3 * (self.cfg.crop as usize) * (self.cfg.crop as usize)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads, decodes and preprocesses one file, appending its tensor data to `out`.
+    pub fn load(&mut self, path: &Path, out: &mut Vec<f32>) -> Result<(), ImageError> {
+        let meta = std::fs::metadata(path).map_err(|e| ImageError::Read(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(ImageError::Read("not a regular file".into()));
+        }
+        if meta.len() == 0 {
+            return Err(ImageError::Empty);
+        }
+        if meta.len() > self.cfg.max_file_bytes {
+            return Err(ImageError::Read(format!(
+                "file is {} bytes, over the limit of {} ([limits] max_file_mb)",
+                meta.len(),
+                self.cfg.max_file_bytes
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| ImageError::Read(e.to_string()))?;
+        self.process(&bytes, out)
+    }
+
+    /// Decodes `bytes` and appends the normalized CHW tensor data to `out`.
+    pub fn process(&mut self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ImageError> {
+        let rgb = self.decode_rgb(bytes)?;
+        let cropped = self.resize_and_crop(rgb)?;
+        normalize_into(&cropped, self.cfg.crop, &self.cfg.mean, &self.cfg.std, out);
+        Ok(())
+    }
+
+    /// The resized, center-cropped RGB bytes (HWC), before normalization.
+    pub fn crop_rgb(&mut self, bytes: &[u8]) -> Result<Vec<u8>, ImageError> {
+        let rgb = self.decode_rgb(bytes)?;
+        self.resize_and_crop(rgb)
+    }
+
+    fn decode_rgb(&mut self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
+        if bytes.is_empty() {
+            return Err(ImageError::Empty);
+        }
+        if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            if let Some(rgb) = self.decode_jpeg(bytes)? {
+                return Ok(rgb);
+            }
+        }
+        let reader = || {
+            ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Read(e.to_string()))
+        };
+        let probe = reader()?;
+        if probe.format().is_none() {
+            return Err(ImageError::UnknownFormat);
+        }
+        // Refuse by the header's dimensions before allocating anything for the pixels.
+        let (width, height) = probe.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))?;
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.cfg.max_pixels {
+            return Err(ImageError::TooLarge { width, height, pixels, limit: self.cfg.max_pixels });
+        }
+        if pixels == 0 {
+            return Err(ImageError::Decode(format!("image has no pixels ({width}x{height})")));
+        }
+        let mut limits = Limits::default();
+        // Room for the largest pixel format (16-bit RGBA) at the pixel limit, and no more.
+        limits.max_alloc = Some(self.cfg.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+        let mut r = reader()?;
+        r.limits(limits);
+        // A decoder bug must cost one error record, not the daemon.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.decode()))
+            .map_err(|_| ImageError::Decode("decoder crashed on this file".into()))?
+            .map_err(|e| ImageError::Decode(e.to_string()))?;
+        Ok(decoded.into_rgb8())
+    }
+
+    /// JPEGs go through libjpeg-turbo, the decoder PIL uses, so pixels match the reference pipeline.
+    /// `None` for colour spaces it cannot turn into RGB (CMYK/YCCK): the general decoder takes those.
+    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<Option<image::RgbImage>, ImageError> {
+        let dec = match &mut self.jpeg {
+            Some(d) => d,
+            None => self.jpeg.insert(
+                turbojpeg::Decompressor::new().map_err(|e| ImageError::Decode(format!("JPEG decoder: {e}")))?,
+            ),
+        };
+        let header = dec.read_header(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
+        if matches!(header.colorspace, turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK) {
+            return Ok(None);
+        }
+        let (width, height) = (header.width as u32, header.height as u32);
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.cfg.max_pixels {
+            return Err(ImageError::TooLarge { width, height, pixels, limit: self.cfg.max_pixels });
+        }
+        if pixels == 0 {
+            return Err(ImageError::Decode(format!("image has no pixels ({width}x{height})")));
+        }
+        let mut buf = vec![0u8; pixels as usize * 3];
+        let out = turbojpeg::Image {
+            pixels: buf.as_mut_slice(),
+            width: header.width,
+            pitch: header.width * 3,
+            height: header.height,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        dec.decompress(bytes, out).map_err(|e| ImageError::Decode(e.to_string()))?;
+        image::RgbImage::from_raw(width, height, buf)
+            .map(Some)
+            .ok_or_else(|| ImageError::Decode("decoded size mismatch".into()))
+    }
+
+    fn resize_and_crop(&mut self, rgb: image::RgbImage) -> Result<Vec<u8>, ImageError> {
+        let (w, h) = rgb.dimensions();
+        let (nw, nh) = resized_size(w, h, self.cfg.resize);
+        let resized = if (nw, nh) == (w, h) {
+            rgb.into_raw()
+        } else {
+            let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3)
+                .map_err(|e| ImageError::Preprocess(e.to_string()))?;
+            let mut dst = Image::new(nw, nh, PixelType::U8x3);
+            let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+            self.resizer.resize(&src, &mut dst, &opts).map_err(|e| ImageError::Preprocess(e.to_string()))?;
+            dst.into_vec()
+        };
+        let c = self.cfg.crop;
+        let (top, left) = (center_offset(nh, c), center_offset(nw, c));
+        let mut out = Vec::with_capacity((c * c * 3) as usize);
+        for y in top..top + c {
+            let row = (y * nw + left) as usize * 3;
+            out.extend_from_slice(&resized[row..row + c as usize * 3]);
+        }
+        Ok(out)
+    }
+}
+
+/// torchvision's `Resize(int)`: the shorter side becomes `size`, the longer side scales and truncates.
+pub fn resized_size(w: u32, h: u32, size: u32) -> (u32, u32) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = ((u64::from(size) * u64::from(long)) / u64::from(short)).max(1) as u32;
+    if w <= h { (size, new_long) } else { (new_long, size) }
+}
+
+/// torchvision's `CenterCrop` offset: `int(round((len - crop) / 2))`, with Python's round-half-to-even.
+pub fn center_offset(len: u32, crop: u32) -> u32 {
+    let d = len - crop;
+    let k = d / 2;
+    if d % 2 == 1 && k % 2 == 1 { k + 1 } else { k }
+}
+
+/// HWC u8 → CHW f32, `(v / 255 - mean) / std`.
+pub fn normalize_into(hwc: &[u8], crop: u32, mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
+    let plane = (crop * crop) as usize;
+    let start = out.len();
+    out.resize(start + 3 * plane, 0.0);
+    let dst = &mut out[start..];
+    for c in 0..3 {
+        let scale = 1.0 / (255.0 * std[c]);
+        let shift = mean[c] / std[c];
+        for (i, px) in hwc.chunks_exact(3).enumerate() {
+            dst[c * plane + i] = f32::from(px[c]) * scale - shift;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_matches_torchvision_rounding() {
+        assert_eq!(resized_size(451, 300, 256), (384, 256)); // 256*451/300 = 384.85 -> 384
+        assert_eq!(resized_size(427, 640, 256), (256, 383)); // portrait
+        assert_eq!(resized_size(512, 512, 256), (256, 256));
+        assert_eq!(resized_size(1920, 1080, 256), (455, 256));
+    }
+
+    #[test]
+    fn center_crop_rounds_half_to_even_like_python() {
+        assert_eq!(center_offset(256, 224), 16);
+        assert_eq!(center_offset(257, 224), 16); // round(16.5) == 16
+        assert_eq!(center_offset(259, 224), 18); // round(17.5) == 18
+        assert_eq!(center_offset(384, 224), 80);
+        assert_eq!(center_offset(224, 224), 0);
+    }
+}

@@ -1,0 +1,97 @@
+//! The `labeld` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use labeld::config::{Config, DEFAULT_CONFIG};
+use labeld::error::Fatal;
+
+#[derive(Parser)]
+#[command(name = "labeld", version, about = "Labels images as they arrive: TorchScript classifier, JSON sidecars, CSV log")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Label the inboxes' backlog, then watch them for new images until SIGTERM/SIGINT.
+    Run {
+        /// Config file.
+        #[arg(long, short, env = "LABELD_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Label the backlog, then exit (0 when every image got a result, errors included).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Label files or folders now: one JSON object per image on stdout, nothing written to disk.
+    /// Exits 1 if any image could not be labelled.
+    Classify {
+        /// Config file (its [model] and [workers] settings are used). Optional when --model is given.
+        #[arg(long, short, env = "LABELD_CONFIG")]
+        config: Option<PathBuf>,
+        /// TorchScript model to use instead of the config's.
+        #[arg(long, short)]
+        model: Option<PathBuf>,
+        /// Image files or folders (searched recursively).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Validate a config file and print it resolved.
+    CheckConfig {
+        #[arg(long, short, env = "LABELD_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("labeld: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
+    match command {
+        Command::Run { config, once } => {
+            let config = Config::load(&config)?;
+            labeld::app::run(config, once)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Classify { config, model, paths } => {
+            let config = match (config, model) {
+                (Some(c), None) => Config::load(&c)?,
+                (Some(c), Some(m)) => Config::load(&c)?.with_model(&m)?,
+                (None, Some(m)) if !std::path::Path::new(DEFAULT_CONFIG).exists() => Config::for_model(&m)?,
+                (None, Some(m)) => Config::load(std::path::Path::new(DEFAULT_CONFIG))?.with_model(&m)?,
+                (None, None) => Config::load(std::path::Path::new(DEFAULT_CONFIG))?,
+            };
+            let totals = labeld::app::classify(config, &paths)?;
+            Ok(if totals.errors == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::CheckConfig { config } => {
+            let c = Config::load(&config)?;
+            println!("{c:#?}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Logs go to stderr; `LABELD_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+fn init_logging() {
+    let filter = std::env::var("LABELD_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,196 @@
+//! The bounded hand-off from the watcher to the inference workers.
+//!
+//! A full queue makes the pushing side wait (never drop). Each image is in the queue or in a worker at
+//! most once: `InFlight` remembers it from `push` until the sink has written its result.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+
+use crate::shutdown::Shutdown;
+
+/// An image that is completely written and should be labelled.
+#[derive(Debug, Clone)]
+pub struct ReadyFile {
+    pub path: PathBuf,
+    /// When labeld decided the file was complete; latency is measured from here.
+    pub ready_at: Instant,
+}
+
+impl ReadyFile {
+    pub fn new(path: PathBuf) -> Self {
+        ReadyFile { path, ready_at: Instant::now() }
+    }
+}
+
+/// Images queued or being labelled right now.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<Mutex<HashSet<PathBuf>>>);
+
+impl InFlight {
+    fn insert(&self, p: &Path) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(p.to_path_buf())
+    }
+
+    pub fn done(&self, p: &Path) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(p);
+    }
+
+    pub fn contains(&self, p: &Path) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(p)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Pushed {
+    Queued,
+    /// Already queued or being labelled.
+    AlreadyInFlight,
+    /// Shutdown began while waiting for room; the image stays unlabelled and is found again at start-up.
+    ShuttingDown,
+}
+
+#[derive(Clone)]
+pub struct QueueSender {
+    tx: Sender<ReadyFile>,
+    in_flight: InFlight,
+    shutdown: Shutdown,
+}
+
+pub type QueueReceiver = Receiver<ReadyFile>;
+
+pub fn bounded(capacity: usize, in_flight: InFlight, shutdown: Shutdown) -> (QueueSender, QueueReceiver) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    (QueueSender { tx, in_flight, shutdown }, rx)
+}
+
+impl QueueSender {
+    /// Queues `file`, waiting while the queue is full. Blocking: call from a thread, not a task.
+    pub fn push(&self, file: ReadyFile) -> Pushed {
+        if !self.in_flight.insert(&file.path) {
+            return Pushed::AlreadyInFlight;
+        }
+        let mut file = file;
+        loop {
+            if self.shutdown.is_triggered() {
+                self.in_flight.done(&file.path);
+                return Pushed::ShuttingDown;
+            }
+            match self.tx.send_timeout(file, Duration::from_millis(100)) {
+                Ok(()) => return Pushed::Queued,
+                Err(SendTimeoutError::Timeout(f)) => file = f,
+                Err(SendTimeoutError::Disconnected(f)) => {
+                    self.in_flight.done(&f.path);
+                    return Pushed::ShuttingDown;
+                }
+            }
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+}
+
+/// Collects up to `max` files: waits for the first, then at most `max_delay` for company.
+/// Returns an empty batch once the queue is closed and drained, or when shutdown begins.
+pub fn next_batch(rx: &QueueReceiver, max: usize, max_delay: Duration, shutdown: &Shutdown) -> Vec<ReadyFile> {
+    let mut batch = Vec::with_capacity(max);
+    loop {
+        if shutdown.is_triggered() {
+            return batch;
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(f) => {
+                batch.push(f);
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return batch,
+        }
+    }
+    let deadline = Instant::now() + max_delay;
+    while batch.len() < max {
+        match rx.recv_deadline(deadline) {
+            Ok(f) => batch.push(f),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_image_is_queued_once_until_done() {
+        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::AlreadyInFlight);
+        let got = rx.recv().unwrap();
+        tx.in_flight().done(&got.path);
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+    }
+
+    #[test]
+    fn a_full_queue_makes_the_producer_wait_and_loses_nothing() {
+        let shutdown = Shutdown::new();
+        let (tx, rx) = bounded(2, InFlight::default(), shutdown.clone());
+        let producer = std::thread::spawn(move || {
+            for i in 0..50 {
+                assert_eq!(tx.push(ReadyFile::new(format!("/{i}.jpg").into())), Pushed::Queued);
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            let b = next_batch(&rx, 8, Duration::from_millis(5), &shutdown);
+            if b.is_empty() {
+                break;
+            }
+            assert!(b.len() <= 8);
+            seen.extend(b.into_iter().map(|f| f.path));
+        }
+        producer.join().unwrap();
+        assert_eq!(seen.len(), 50);
+    }
+
+    #[test]
+    fn a_partial_batch_waits_at_most_max_delay() {
+        let shutdown = Shutdown::new();
+        let (tx, rx) = bounded(8, InFlight::default(), shutdown.clone());
+        tx.push(ReadyFile::new("/one.jpg".into()));
+        let t = Instant::now();
+        let b = next_batch(&rx, 8, Duration::from_millis(30), &shutdown);
+        assert_eq!(b.len(), 1);
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(30), "returned before max_delay: {waited:?}");
+    }
+
+    #[test]
+    fn shutdown_releases_a_producer_blocked_on_a_full_queue() {
+        let shutdown = Shutdown::new();
+        let (tx, _rx) = bounded(1, InFlight::default(), shutdown.clone());
+        tx.push(ReadyFile::new("/a.jpg".into()));
+        let s2 = shutdown.clone();
+        let h = std::thread::spawn(move || tx.push(ReadyFile::new("/b.jpg".into())));
+        std::thread::sleep(Duration::from_millis(150));
+        s2.trigger();
+        assert_eq!(h.join().unwrap(), Pushed::ShuttingDown);
+    }
+}

@@ -1,0 +1,85 @@
+//! The result for one image, as written to its JSON sidecar and printed by `classify`.
+
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::infer::Outcome;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub path: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub model: String,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top: Option<Vec<Top>>,
+    /// From the file being ready to its result being written.
+    pub latency_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Top {
+    pub rank: usize,
+    pub class_id: usize,
+    pub label: String,
+    /// Softmax probability in [0, 1].
+    pub score: f64,
+}
+
+impl Record {
+    pub fn new(o: &Outcome, model: &str, now: Instant) -> Record {
+        let latency = now.saturating_duration_since(o.file.ready_at).as_secs_f64() * 1e3;
+        let (status, top, error) = match &o.result {
+            Ok(preds) => (
+                Status::Ok,
+                Some(
+                    preds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| Top {
+                            rank: i + 1,
+                            class_id: p.class_id,
+                            label: p.label.clone(),
+                            score: round(f64::from(p.score), 1e6),
+                        })
+                        .collect(),
+                ),
+                None,
+            ),
+            Err(e) => (Status::Error, None, Some(e.to_string())),
+        };
+        Record {
+            path: o.file.path.to_string_lossy().into_owned(),
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            model: model.to_string(),
+            status,
+            top,
+            latency_ms: round(latency, 10.0),
+            error,
+        }
+    }
+}
+
+fn round(v: f64, scale: f64) -> f64 {
+    (v * scale).round() / scale
+}

@@ -1,0 +1,416 @@
+//! Watch: turns inbox activity into "this file is completely written" and feeds the queue.
+//!
+//! Sources of ready files: the start-up scan (backlog), close-after-write and rename-into events
+//! (immediately ready), and any other sign of a new file (create/modify events, files still changing at
+//! start-up), which waits until size and mtime are unchanged for the inbox's `settle_ms`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+
+use crate::config::InboxConfig;
+use crate::error::Fatal;
+use crate::queue::{Pushed, QueueSender, ReadyFile};
+use crate::shutdown::Shutdown;
+use crate::sink::sidecar::is_labelled;
+
+/// What a scan of an inbox found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Unlabelled images that are not changing.
+    pub ready: Vec<PathBuf>,
+    /// Unlabelled images modified within the settle interval: maybe still being written.
+    pub unsettled: Vec<PathBuf>,
+}
+
+/// Finds images under `inbox` (or `dir`, a folder inside it) that have no up-to-date sidecar.
+pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
+    let mut found = Scan::default();
+    let depth = if inbox.recursive { usize::MAX } else { 1 };
+    let walker = walkdir::WalkDir::new(dir).follow_links(false).max_depth(depth).into_iter();
+    // Skip dot-folders (labeld's and other tools' hidden state).
+    let walker = walker.filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+    for entry in walker {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(inbox = %inbox.path.display(), error = %e, "cannot read part of the inbox");
+                continue;
+            }
+        };
+        if !entry.file_type().is_file() || !inbox.wants(entry.path()) || is_labelled(entry.path()) {
+            continue;
+        }
+        let recent = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_none_or(|age| age < inbox.settle);
+        if recent {
+            found.unsettled.push(entry.into_path());
+        } else {
+            found.ready.push(entry.into_path());
+        }
+    }
+    found
+}
+
+/// Files waiting for their size and mtime to stop changing.
+#[derive(Default)]
+pub struct Settler {
+    pending: HashMap<PathBuf, Pending>,
+}
+
+struct Pending {
+    len: u64,
+    mtime: Option<SystemTime>,
+    since: Instant,
+    settle: Duration,
+}
+
+impl Settler {
+    /// Notes activity on `path`; it becomes due once unchanged for `settle`.
+    pub fn observe(&mut self, path: PathBuf, settle: Duration) {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            self.pending.remove(&path);
+            return;
+        };
+        if !meta.is_file() {
+            return;
+        }
+        let (len, mtime) = (meta.len(), meta.modified().ok());
+        let now = Instant::now();
+        let entry = self.pending.entry(path).or_insert(Pending { len, mtime, since: now, settle });
+        if entry.len != len || entry.mtime != mtime {
+            *entry = Pending { len, mtime, since: now, settle };
+        }
+    }
+
+    pub fn forget(&mut self, path: &Path) {
+        self.pending.remove(path);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Paths that have been unchanged for their settle interval; they leave the settler.
+    pub fn due(&mut self) -> Vec<PathBuf> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        self.pending.retain(|path, p| {
+            let Ok(meta) = std::fs::symlink_metadata(path) else {
+                return false; // gone
+            };
+            let (len, mtime) = (meta.len(), meta.modified().ok());
+            if len != p.len || mtime != p.mtime {
+                *p = Pending { len, mtime, since: now, settle: p.settle };
+                return true;
+            }
+            if now.duration_since(p.since) >= p.settle {
+                due.push(path.clone());
+                return false;
+            }
+            true
+        });
+        due
+    }
+}
+
+/// Feeds ready files into the bounded queue from its own thread, so a full queue never stalls event
+/// handling: events keep being read and ready files are remembered until there is room.
+pub struct Feeder {
+    tx: Sender<PathBuf>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Feeder {
+    pub fn start(queue: QueueSender) -> Result<Feeder, Fatal> {
+        let (tx, rx) = crossbeam_channel::unbounded::<PathBuf>();
+        let handle = std::thread::Builder::new()
+            .name("feeder".into())
+            .spawn(move || feed(rx, queue))
+            .map_err(|e| Fatal::io("cannot start feeder thread", e))?;
+        Ok(Feeder { tx, handle })
+    }
+
+    pub fn sender(&self) -> Sender<PathBuf> {
+        self.tx.clone()
+    }
+
+    /// Waits until everything handed over so far is queued (or shutdown began).
+    pub fn finish(self) {
+        drop(self.tx);
+        let _ = self.handle.join();
+    }
+}
+
+fn feed(rx: Receiver<PathBuf>, queue: QueueSender) {
+    for path in rx {
+        // The image may have been labelled since it was seen (duplicate events).
+        if is_labelled(&path) {
+            continue;
+        }
+        if queue.push(ReadyFile::new(path)) == Pushed::ShuttingDown {
+            return;
+        }
+    }
+}
+
+/// The running watch stage: inotify watches plus the task that handles their events.
+pub struct Watch {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watch {
+    /// Creates missing inboxes, watches them, then queues the backlog. Returns once every inbox is
+    /// watched (the backlog is still being queued). Call inside a tokio runtime.
+    pub fn start(inboxes: Vec<InboxConfig>, feeder: Sender<PathBuf>, shutdown: Shutdown) -> Result<Watch, Fatal> {
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel::<notify::Result<Event>>();
+        let mut watcher = RecommendedWatcher::new(
+            move |res| {
+                let _ = ev_tx.send(res);
+            },
+            notify::Config::default(),
+        )
+        .map_err(|e| Fatal::Other(format!("cannot start the file watcher: {e}")))?;
+        for ib in &inboxes {
+            if !ib.path.exists() {
+                std::fs::create_dir_all(&ib.path)
+                    .map_err(|e| Fatal::io(format!("cannot create inbox {}", ib.path.display()), e))?;
+                tracing::info!(inbox = %ib.path.display(), "created missing inbox");
+            }
+            let mode = if ib.recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+            watcher.watch(&ib.path, mode).map_err(|e| {
+                let hint = if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    " (raise fs.inotify.max_user_watches)"
+                } else {
+                    ""
+                };
+                Fatal::Other(format!("cannot watch inbox {}: {e}{hint}", ib.path.display()))
+            })?;
+            tracing::info!(inbox = %ib.path.display(), recursive = ib.recursive, "watching");
+        }
+        let inboxes = Arc::new(inboxes);
+        let task = tokio::spawn(event_loop(watcher, inboxes, ev_rx, feeder, shutdown));
+        Ok(Watch { task })
+    }
+
+    /// Waits for the watch task to end (it ends on shutdown).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn event_loop(
+    watcher: RecommendedWatcher,
+    inboxes: Arc<Vec<InboxConfig>>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<Event>>,
+    feeder: Sender<PathBuf>,
+    shutdown: Shutdown,
+) {
+    let _watcher = watcher; // dropping it removes the watches
+    let mut settler = Settler::default();
+    let (scan_tx, mut scan_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Scan)>();
+    for i in 0..inboxes.len() {
+        spawn_scan(&inboxes, i, inboxes[i].path.clone(), scan_tx.clone(), true);
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            Some((i, found)) = scan_rx.recv() => {
+                for p in found.ready {
+                    let _ = feeder.send(p);
+                }
+                for p in found.unsettled {
+                    settler.observe(p, inboxes[i].settle);
+                }
+            }
+            Some(ev) = events.recv() => match ev {
+                Ok(ev) => handle_event(ev, &inboxes, &mut settler, &feeder, &scan_tx),
+                Err(e) => tracing::error!(error = %e, "file watcher error"),
+            },
+            _ = tick.tick() => {
+                for p in settler.due() {
+                    let _ = feeder.send(p);
+                }
+            }
+        }
+    }
+}
+
+fn spawn_scan(
+    inboxes: &Arc<Vec<InboxConfig>>,
+    i: usize,
+    dir: PathBuf,
+    tx: tokio::sync::mpsc::UnboundedSender<(usize, Scan)>,
+    is_startup: bool,
+) {
+    let inboxes = inboxes.clone();
+    tokio::task::spawn_blocking(move || {
+        let found = scan(&inboxes[i], &dir);
+        if is_startup {
+            tracing::info!(
+                inbox = %inboxes[i].path.display(),
+                backlog = found.ready.len() + found.unsettled.len(),
+                "start-up scan done"
+            );
+        }
+        let _ = tx.send((i, found));
+    });
+}
+
+fn inbox_of<'a>(inboxes: &'a [InboxConfig], path: &Path) -> Option<(usize, &'a InboxConfig)> {
+    inboxes.iter().enumerate().find(|(_, ib)| path.starts_with(&ib.path))
+}
+
+fn handle_event(
+    ev: Event,
+    inboxes: &Arc<Vec<InboxConfig>>,
+    settler: &mut Settler,
+    feeder: &Sender<PathBuf>,
+    scan_tx: &tokio::sync::mpsc::UnboundedSender<(usize, Scan)>,
+) {
+    if ev.need_rescan() {
+        tracing::warn!("file watcher lost events; rescanning every inbox");
+        for i in 0..inboxes.len() {
+            spawn_scan(inboxes, i, inboxes[i].path.clone(), scan_tx.clone(), false);
+        }
+        return;
+    }
+    let ready_now = |path: &Path, settler: &mut Settler| {
+        if let Some((_, ib)) = inbox_of(inboxes, path) {
+            settler.forget(path);
+            if ib.wants(path) && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                let _ = feeder.send(path.to_path_buf());
+            }
+        }
+    };
+    match ev.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+            for p in &ev.paths {
+                ready_now(p, settler);
+            }
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+            for p in &ev.paths {
+                if p.is_dir() {
+                    rescan_dir(inboxes, p, scan_tx);
+                } else {
+                    ready_now(p, settler);
+                }
+            }
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+            if let [from, to] = &ev.paths[..] {
+                settler.forget(from);
+                if to.is_dir() {
+                    rescan_dir(inboxes, to, scan_tx);
+                } else {
+                    ready_now(to, settler);
+                }
+            }
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
+            for p in &ev.paths {
+                settler.forget(p);
+            }
+        }
+        EventKind::Create(CreateKind::Folder) => {
+            for p in &ev.paths {
+                rescan_dir(inboxes, p, scan_tx);
+            }
+        }
+        EventKind::Create(_) | EventKind::Modify(_) => {
+            for p in &ev.paths {
+                if let Some((_, ib)) = inbox_of(inboxes, p) {
+                    if ib.wants(p) {
+                        settler.observe(p.clone(), ib.settle);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// A folder appeared inside an inbox: files may have been written into it before its watch existed.
+fn rescan_dir(inboxes: &Arc<Vec<InboxConfig>>, dir: &Path, scan_tx: &tokio::sync::mpsc::UnboundedSender<(usize, Scan)>) {
+    if let Some((i, ib)) = inbox_of(inboxes, dir) {
+        if ib.recursive {
+            spawn_scan(inboxes, i, dir.to_path_buf(), scan_tx.clone(), false);
+        }
+    }
+}
+
+/// For `--once`: scans every inbox, waits for still-changing files to settle, and hands everything to
+/// `feeder`. Returns the number of images found.
+pub fn scan_backlog(inboxes: &[InboxConfig], feeder: &Sender<PathBuf>, shutdown: &Shutdown) -> usize {
+    let mut settler = Settler::default();
+    let mut total = 0;
+    for ib in inboxes {
+        if !ib.path.is_dir() {
+            tracing::warn!(inbox = %ib.path.display(), "inbox does not exist; nothing to do there");
+            continue;
+        }
+        let found = scan(ib, &ib.path);
+        tracing::info!(inbox = %ib.path.display(), backlog = found.ready.len() + found.unsettled.len(), "scan done");
+        total += found.ready.len() + found.unsettled.len();
+        for p in found.ready {
+            let _ = feeder.send(p);
+        }
+        for p in found.unsettled {
+            settler.observe(p, ib.settle);
+        }
+    }
+    while !settler.is_empty() && !shutdown.is_triggered() {
+        std::thread::sleep(Duration::from_millis(50));
+        for p in settler.due() {
+            let _ = feeder.send(p);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settler_waits_for_size_and_mtime_to_hold_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jpg");
+        std::fs::write(&p, b"12").unwrap();
+        let mut s = Settler::default();
+        s.observe(p.clone(), Duration::from_millis(200));
+        assert!(s.due().is_empty());
+        std::thread::sleep(Duration::from_millis(120));
+        std::fs::write(&p, b"1234").unwrap(); // still growing: the clock restarts
+        assert!(s.due().is_empty());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(s.due().is_empty());
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(s.due(), vec![p]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn settler_forgets_files_that_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jpg");
+        std::fs::write(&p, b"12").unwrap();
+        let mut s = Settler::default();
+        s.observe(p.clone(), Duration::ZERO);
+        std::fs::remove_file(&p).unwrap();
+        assert!(s.due().is_empty());
+        assert!(s.is_empty());
+    }
+}

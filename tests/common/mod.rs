@@ -1,0 +1,250 @@
+//! Shared helpers for the integration tests: TorchScript test models built in Rust (no Python),
+//! test images, a config writer and a handle on the real `labeld` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::nn::{self, Module, ModuleT};
+use tch::{CModule, Device, Kind, Tensor};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_labeld");
+
+/// A 1000-class model whose logits are 10 × the per-channel mean of the normalized input in classes
+/// 0, 1, 2 (and 0 elsewhere): a red image is class 0 ("tench"), green is 1 ("goldfish"), blue is 2
+/// ("great white shark"). Accepts any batch size.
+pub fn channel_mean_model(path: &Path) {
+    let mut w = vec![0f32; 3 * 1000];
+    for c in 0..3 {
+        w[c * 1000 + c] = 10.0;
+    }
+    let weight = Tensor::from_slice(&w).view([3, 1000]);
+    let example = Tensor::zeros([2, 3, 224, 224], (Kind::Float, Device::Cpu));
+    let m = CModule::create_by_tracing("ChannelMean", "forward", &[example], &mut |xs| {
+        vec![xs[0].mean_dim([2i64, 3].as_slice(), false, Kind::Float).matmul(&weight)]
+    })
+    .expect("trace channel-mean model");
+    m.save(path).expect("save channel-mean model");
+}
+
+/// ResNet-18 (torchvision layout, random weights) with a batch-size-independent head, traced.
+pub fn resnet18_model(path: &Path) {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let net = resnet18(&vs.root());
+    vs.freeze();
+    let example = Tensor::zeros([2, 3, 224, 224], (Kind::Float, Device::Cpu));
+    let m = CModule::create_by_tracing("ResNet18", "forward", &[example], &mut |xs| vec![net.forward_t(&xs[0], false)])
+        .expect("trace resnet18");
+    m.save(path).expect("save resnet18");
+}
+
+fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, padding: i64, stride: i64) -> nn::Conv2D {
+    nn::conv2d(p, c_in, c_out, k, nn::ConvConfig { stride, padding, bias: false, ..Default::default() })
+}
+
+fn block(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + use<> {
+    let conv1 = conv(&p / "conv1", c_in, c_out, 3, 1, stride);
+    let bn1 = nn::batch_norm2d(&p / "bn1", c_out, Default::default());
+    let conv2 = conv(&p / "conv2", c_out, c_out, 3, 1, 1);
+    let bn2 = nn::batch_norm2d(&p / "bn2", c_out, Default::default());
+    let down = (stride != 1 || c_in != c_out).then(|| {
+        (conv(&p / "downsample" / "0", c_in, c_out, 1, 0, stride), nn::batch_norm2d(&p / "downsample" / "1", c_out, Default::default()))
+    });
+    nn::func_t(move |xs, train| {
+        let ys = xs.apply(&conv1).apply_t(&bn1, train).relu().apply(&conv2).apply_t(&bn2, train);
+        let skip = match &down {
+            Some((c, b)) => xs.apply(c).apply_t(b, train),
+            None => xs.shallow_clone(),
+        };
+        (skip + ys).relu()
+    })
+}
+
+fn layer(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + use<> {
+    nn::seq_t().add(block(&p / "0", c_in, c_out, stride)).add(block(&p / "1", c_out, c_out, 1))
+}
+
+fn resnet18(p: &nn::Path) -> impl ModuleT + use<> {
+    let conv1 = conv(p / "conv1", 3, 64, 7, 3, 2);
+    let bn1 = nn::batch_norm2d(p / "bn1", 64, Default::default());
+    let (l1, l2, l3, l4) =
+        (layer(p / "layer1", 64, 64, 1), layer(p / "layer2", 64, 128, 2), layer(p / "layer3", 128, 256, 2), layer(p / "layer4", 256, 512, 2));
+    let fc = nn::linear(p / "fc", 512, 1000, Default::default());
+    nn::func_t(move |xs, train| {
+        let x = xs
+            .apply(&conv1)
+            .apply_t(&bn1, train)
+            .relu()
+            .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
+            .apply_t(&l1, train)
+            .apply_t(&l2, train)
+            .apply_t(&l3, train)
+            .apply_t(&l4, train)
+            .adaptive_avg_pool2d([1, 1])
+            .flatten(1, -1);
+        fc.forward(&x)
+    })
+}
+
+/// A solid-colour RGB image written in the format its extension names.
+pub fn solid(path: &Path, rgb: [u8; 3], w: u32, h: u32) {
+    image::RgbImage::from_pixel(w, h, image::Rgb(rgb)).save(path).expect("write test image");
+}
+
+pub const RED: [u8; 3] = [230, 20, 20];
+pub const GREEN: [u8; 3] = [20, 230, 20];
+pub const BLUE: [u8; 3] = [20, 20, 230];
+
+/// A test folder: `models/`, `inbox/`, a config, and the CSV path.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub inbox: PathBuf,
+    pub csv: PathBuf,
+    pub model: PathBuf,
+}
+
+impl Setup {
+    /// `model`: "channel_mean" or "resnet18"; `extra` is appended to the config.
+    pub fn new(model: &str, extra: &str) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let models = dir.path().join("models");
+        std::fs::create_dir(&models).unwrap();
+        let model_path = models.join(format!("{model}.pt"));
+        match model {
+            "channel_mean" => channel_mean_model(&model_path),
+            "resnet18" => resnet18_model(&model_path),
+            other => panic!("unknown test model {other}"),
+        }
+        let inbox = dir.path().join("inbox");
+        std::fs::create_dir(&inbox).unwrap();
+        let config = dir.path().join("labeld.toml");
+        let text = format!(
+            "[model]\npath = \"models/{model}.pt\"\n\n[[inbox]]\npath = \"inbox\"\nsettle_ms = 200\n\n\
+             [output]\ncsv = \"results.csv\"\n\n[workers]\nthreads = 2\nmax_batch = 8\nmax_delay_ms = 20\n{extra}"
+        );
+        std::fs::write(&config, text).unwrap();
+        Setup { csv: dir.path().join("results.csv"), dir, config, inbox, model: model_path }
+    }
+
+    pub fn labeld(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("LABELD_LOG", "info").env_remove("LABELD_CONFIG");
+        c
+    }
+
+    pub fn run_once(&self) -> std::process::Output {
+        self.labeld().args(["run", "--once", "--config"]).arg(&self.config).output().expect("run labeld")
+    }
+
+    pub fn spawn_daemon(&self) -> Daemon {
+        let log = self.dir.path().join("daemon.log");
+        let child = self
+            .labeld()
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start labeld");
+        let d = Daemon { child: Some(child), log };
+        d.wait_for_log("ready", Duration::from_secs(60));
+        d
+    }
+
+    pub fn rows(&self) -> Vec<csv::StringRecord> {
+        read_csv(&self.csv).1
+    }
+}
+
+/// (header, rows); panics if any row fails to parse or has the wrong number of fields.
+pub fn read_csv(path: &Path) -> (csv::StringRecord, Vec<csv::StringRecord>) {
+    let mut r = csv::Reader::from_path(path).expect("open results.csv");
+    let header = r.headers().expect("csv header").clone();
+    let rows: Vec<_> = r.records().map(|x| x.expect("every CSV row parses")).collect();
+    for row in &rows {
+        assert_eq!(row.len(), header.len(), "row has {} fields, header {}: {row:?}", row.len(), header.len());
+    }
+    (header, rows)
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let t = Instant::now();
+        while !self.log_text().contains(needle) {
+            assert!(t.elapsed() < timeout, "no {needle:?} in the daemon log after {timeout:?}:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let rc = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(rc.success());
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(15);
+        let mut child = self.child.take().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "labeld did not stop within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until `path` exists (and parses as a sidecar), or panics after `timeout`.
+pub fn wait_for_sidecar(image: &Path, timeout: Duration) -> serde_json::Value {
+    let side = sidecar(image);
+    let t = Instant::now();
+    loop {
+        if let Ok(bytes) = std::fs::read(&side) {
+            return serde_json::from_slice(&bytes).expect("sidecar is valid JSON");
+        }
+        assert!(t.elapsed() < timeout, "no sidecar for {} after {timeout:?}", image.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn sidecar(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".json");
+    PathBuf::from(s)
+}
+
+pub fn read_sidecar(image: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(sidecar(image)).unwrap_or_else(|e| panic!("{}: {e}", image.display())))
+        .expect("sidecar is valid JSON")
+}
+
+pub fn top1(side: &serde_json::Value) -> (u64, String) {
+    let t = &side["top"][0];
+    (t["class_id"].as_u64().unwrap(), t["label"].as_str().unwrap().to_string())
+}
