@@ -276,6 +276,39 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The resolved configuration, as TOML (what `check-config` prints).
+    pub fn describe(&self) -> String {
+        let m = &self.model;
+        let p = &m.preprocess;
+        let q = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
+        let labels = match &m.labels {
+            LabelSource::ImageNet => "\"imagenet\"".to_string(),
+            LabelSource::File(f) => q(f),
+        };
+        let mut s = format!("# {} (resolved)\n[model]\npath = {}\nname = {}\nlabels = {labels}\n", self.file.display(), q(&m.path), toml::Value::String(m.name.clone()));
+        s += &format!("resize = {}\ncrop = {}\nmean = {:?}\nstd = {:?}\ntop_k = {}\n", p.resize, p.crop, p.mean, p.std, m.top_k);
+        for ib in &self.inboxes {
+            let include: Vec<String> = ib.include.iter().map(|i| toml::Value::String(i.clone()).to_string()).collect();
+            s += &format!(
+                "\n[[inbox]]\npath = {}\nrecursive = {}\ninclude = [{}]\nsettle_ms = {}\n",
+                q(&ib.path),
+                ib.recursive,
+                include.join(", "),
+                ib.settle.as_millis()
+            );
+        }
+        let w = &self.workers;
+        s += &format!("\n[output]\ncsv = {}\n", q(&self.csv));
+        s += &format!(
+            "\n[workers]\ncount = {}\nthreads = {}\nmax_batch = {}\nmax_delay_ms = {}\nqueue = {}\n",
+            w.count, w.threads, w.max_batch, w.max_delay.as_millis(), w.queue
+        );
+        s += &format!("\n[limits]\nmax_pixels = {}\nmax_file_mb = {}\n", p.max_pixels, p.max_file_bytes / (1024 * 1024));
+        s
+    }
+}
+
 fn config_dir(file: &Path) -> PathBuf {
     let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
@@ -546,5 +579,14 @@ mod tests {
         assert_eq!(c.inboxes[0].path, dir.path().join("inbox"));
         assert_eq!(c.csv, dir.path().join("results.csv"));
         assert_eq!(c.model.name, "efficientnet_lite0");
+    }
+
+    #[test]
+    fn the_resolved_config_reads_back_as_the_same_config() {
+        let (dir, file) = setup();
+        let c = Config::parse(&file, &format!("{MINIMAL}[workers]\nthreads = 3\n")).unwrap();
+        let again = Config::parse(&dir.path().join("other.toml"), &c.describe()).unwrap();
+        assert_eq!(again.describe().lines().skip(1).collect::<Vec<_>>(), c.describe().lines().skip(1).collect::<Vec<_>>());
+        assert_eq!(again.workers.threads, 3);
     }
 }

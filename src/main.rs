@@ -78,7 +78,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            println!("{c:#?}");
+            print!("{}", c.describe());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -92,6 +92,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

@@ -126,13 +126,13 @@ impl Settler {
 /// Feeds ready files into the bounded queue from its own thread, so a full queue never stalls event
 /// handling: events keep being read and ready files are remembered until there is room.
 pub struct Feeder {
-    tx: Sender<PathBuf>,
+    tx: Sender<ReadyFile>,
     handle: std::thread::JoinHandle<()>,
 }
 
 impl Feeder {
     pub fn start(queue: QueueSender) -> Result<Feeder, Fatal> {
-        let (tx, rx) = crossbeam_channel::unbounded::<PathBuf>();
+        let (tx, rx) = crossbeam_channel::unbounded::<ReadyFile>();
         let handle = std::thread::Builder::new()
             .name("feeder".into())
             .spawn(move || feed(rx, queue))
@@ -140,7 +140,7 @@ impl Feeder {
         Ok(Feeder { tx, handle })
     }
 
-    pub fn sender(&self) -> Sender<PathBuf> {
+    pub fn sender(&self) -> Sender<ReadyFile> {
         self.tx.clone()
     }
 
@@ -151,13 +151,13 @@ impl Feeder {
     }
 }
 
-fn feed(rx: Receiver<PathBuf>, queue: QueueSender) {
-    for path in rx {
+fn feed(rx: Receiver<ReadyFile>, queue: QueueSender) {
+    for file in rx {
         // The image may have been labelled since it was seen (duplicate events).
-        if is_labelled(&path) {
+        if is_labelled(&file.path) {
             continue;
         }
-        if queue.push(ReadyFile::new(path)) == Pushed::ShuttingDown {
+        if queue.push(file) == Pushed::ShuttingDown {
             return;
         }
     }
@@ -171,7 +171,7 @@ pub struct Watch {
 impl Watch {
     /// Creates missing inboxes, watches them, then queues the backlog. Returns once every inbox is
     /// watched (the backlog is still being queued). Call inside a tokio runtime.
-    pub fn start(inboxes: Vec<InboxConfig>, feeder: Sender<PathBuf>, shutdown: Shutdown) -> Result<Watch, Fatal> {
+    pub fn start(inboxes: Vec<InboxConfig>, feeder: Sender<ReadyFile>, shutdown: Shutdown) -> Result<Watch, Fatal> {
         let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel::<notify::Result<Event>>();
         let mut watcher = RecommendedWatcher::new(
             move |res| {
@@ -212,7 +212,7 @@ async fn event_loop(
     watcher: RecommendedWatcher,
     inboxes: Arc<Vec<InboxConfig>>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<Event>>,
-    feeder: Sender<PathBuf>,
+    feeder: Sender<ReadyFile>,
     shutdown: Shutdown,
 ) {
     let _watcher = watcher; // dropping it removes the watches
@@ -228,7 +228,7 @@ async fn event_loop(
             _ = shutdown.wait() => break,
             Some((i, found)) = scan_rx.recv() => {
                 for p in found.ready {
-                    let _ = feeder.send(p);
+                    let _ = feeder.send(ReadyFile::new(p));
                 }
                 for p in found.unsettled {
                     settler.observe(p, inboxes[i].settle);
@@ -240,7 +240,7 @@ async fn event_loop(
             },
             _ = tick.tick() => {
                 for p in settler.due() {
-                    let _ = feeder.send(p);
+                    let _ = feeder.send(ReadyFile::new(p));
                 }
             }
         }
@@ -276,7 +276,7 @@ fn handle_event(
     ev: Event,
     inboxes: &Arc<Vec<InboxConfig>>,
     settler: &mut Settler,
-    feeder: &Sender<PathBuf>,
+    feeder: &Sender<ReadyFile>,
     scan_tx: &tokio::sync::mpsc::UnboundedSender<(usize, Scan)>,
 ) {
     if ev.need_rescan() {
@@ -290,7 +290,7 @@ fn handle_event(
         if let Some((_, ib)) = inbox_of(inboxes, path) {
             settler.forget(path);
             if ib.wants(path) && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-                let _ = feeder.send(path.to_path_buf());
+                let _ = feeder.send(ReadyFile::new(path.to_path_buf()));
             }
         }
     };
@@ -353,7 +353,7 @@ fn rescan_dir(inboxes: &Arc<Vec<InboxConfig>>, dir: &Path, scan_tx: &tokio::sync
 
 /// For `--once`: scans every inbox, waits for still-changing files to settle, and hands everything to
 /// `feeder`. Returns the number of images found.
-pub fn scan_backlog(inboxes: &[InboxConfig], feeder: &Sender<PathBuf>, shutdown: &Shutdown) -> usize {
+pub fn scan_backlog(inboxes: &[InboxConfig], feeder: &Sender<ReadyFile>, shutdown: &Shutdown) -> usize {
     let mut settler = Settler::default();
     let mut total = 0;
     for ib in inboxes {
@@ -365,7 +365,7 @@ pub fn scan_backlog(inboxes: &[InboxConfig], feeder: &Sender<PathBuf>, shutdown:
         tracing::info!(inbox = %ib.path.display(), backlog = found.ready.len() + found.unsettled.len(), "scan done");
         total += found.ready.len() + found.unsettled.len();
         for p in found.ready {
-            let _ = feeder.send(p);
+            let _ = feeder.send(ReadyFile::new(p));
         }
         for p in found.unsettled {
             settler.observe(p, ib.settle);
@@ -374,7 +374,7 @@ pub fn scan_backlog(inboxes: &[InboxConfig], feeder: &Sender<PathBuf>, shutdown:
     while !settler.is_empty() && !shutdown.is_triggered() {
         std::thread::sleep(Duration::from_millis(50));
         for p in settler.due() {
-            let _ = feeder.send(p);
+            let _ = feeder.send(ReadyFile::new(p));
         }
     }
     total

@@ -13,9 +13,10 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Loads the model and runs one forward pass to check it accepts `crop`-sized input and returns
-    /// one logit per label.
-    pub fn load(path: &Path, crop: u32, labels: usize) -> Result<Classifier, Fatal> {
+    /// Loads the model and runs a forward pass to check it accepts `crop`-sized input and returns one
+    /// logit per label; then warms it up at batch sizes 1 and `max_batch`, so the first images do not
+    /// pay for TorchScript's first-run optimisation.
+    pub fn load(path: &Path, crop: u32, labels: usize, max_batch: usize) -> Result<Classifier, Fatal> {
         let fail = |reason: String| Fatal::Model { path: path.to_path_buf(), reason };
         let mut module = CModule::load_on_device(path, Device::Cpu).map_err(|e| fail(first_line(&e.to_string())))?;
         module.set_eval();
@@ -32,7 +33,12 @@ impl Classifier {
                 size[1]
             )));
         }
-        Ok(Classifier { module, crop, classes: labels })
+        let classifier = Classifier { module, crop, classes: labels };
+        for n in [1, 1, max_batch, max_batch] {
+            let zeros = vec![0f32; n * 3 * (crop * crop) as usize];
+            classifier.top_k(&zeros, n, 1).map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
+        }
+        Ok(classifier)
     }
 
     /// Runs `n` preprocessed images (concatenated CHW data) and returns the `k` best

@@ -39,7 +39,7 @@ impl Workers {
                 .name(format!("infer-{i}"))
                 .spawn(move || {
                     tch::set_num_threads(cfg.threads as i32);
-                    let classifier = match Classifier::load(&model.path, model.preprocess.crop, labels.len()) {
+                    let classifier = match Classifier::load(&model.path, model.preprocess.crop, labels.len(), cfg.max_batch) {
                         Ok(c) => {
                             let _ = ready_tx.send(Ok(()));
                             c
