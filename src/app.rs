@@ -19,12 +19,22 @@ use crate::watch::{self, Feeder, Watch};
 /// `labeld run`: label the backlog, then (unless `once`) watch the inboxes until SIGTERM/SIGINT.
 pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let shutdown = Shutdown::new();
-    shutdown.trigger_on_signals().map_err(|e| Fatal::io("cannot install signal handlers", e))?;
     let labels = Arc::new(Labels::load(&config.model.labels)?);
     let in_flight = InFlight::default();
     let (queue_tx, queue_rx) = queue::bounded(config.workers.queue, in_flight.clone(), shutdown.clone());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
-    let sink = Sink::start(&config.csv, config.model.top_k, config.model.name.clone(), in_flight, done_rx)?;
+    let sink = Sink::start(
+        &config.csv,
+        config.model.top_k,
+        config.model.name.clone(),
+        config.inboxes.clone(),
+        in_flight,
+        done_rx,
+    )?;
+    let reopen = sink.reopen_handle();
+    shutdown
+        .trigger_on_signals(move || reopen.request())
+        .map_err(|e| Fatal::io("cannot install signal handlers", e))?;
     let workers = Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown.clone())?;
     let feeder = Feeder::start(queue_tx)?;
     let started = Instant::now();
@@ -123,7 +133,8 @@ fn expand(config: &Config, paths: &[PathBuf]) -> Result<Vec<PathBuf>, Fatal> {
             found.sort();
             out.extend(found);
         } else {
-            out.push(p.clone()); // a missing or unreadable file gets an error record
+            // A link named on the command line is followed; a missing file gets an error record.
+            out.push(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
         }
     }
     Ok(out)

@@ -54,6 +54,11 @@ struct RawInbox {
     include: Vec<String>,
     #[serde(default = "default_settle_ms")]
     settle_ms: u64,
+    quarantine: Option<PathBuf>,
+    #[serde(default)]
+    poll: bool,
+    #[serde(default = "default_poll_interval_ms")]
+    poll_interval_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +145,9 @@ pub fn default_include() -> Vec<String> {
 fn default_settle_ms() -> u64 {
     500
 }
+fn default_poll_interval_ms() -> u64 {
+    1000
+}
 fn default_csv() -> PathBuf {
     "results.csv".into()
 }
@@ -196,13 +204,23 @@ pub struct InboxConfig {
     /// Files that arrive without a close-write or rename event are queued once their size and mtime
     /// have been unchanged this long.
     pub settle: Duration,
+    /// Failed images move here (same relative path) with their error sidecar.
+    pub quarantine: Option<PathBuf>,
+    /// Poll instead of inotify (network filesystems), every `poll_interval`.
+    pub poll: bool,
+    pub poll_interval: Duration,
 }
 
 impl InboxConfig {
     /// An image this inbox should label: a regular name matching `include`, not one of labeld's own
     /// files (sidecars, temp files) and not a dotfile.
     pub fn wants(&self, path: &Path) -> bool {
-        is_candidate_name(path, &self.matcher)
+        // Nothing under a dot-folder of the inbox (e.g. a `.quarantine` inside it).
+        let hidden_dir = path
+            .parent()
+            .and_then(|p| p.strip_prefix(&self.path).ok())
+            .is_some_and(|rel| rel.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.')));
+        !hidden_dir && is_candidate_name(path, &self.matcher)
     }
 }
 
@@ -291,12 +309,17 @@ impl Config {
         for ib in &self.inboxes {
             let include: Vec<String> = ib.include.iter().map(|i| toml::Value::String(i.clone()).to_string()).collect();
             s += &format!(
-                "\n[[inbox]]\npath = {}\nrecursive = {}\ninclude = [{}]\nsettle_ms = {}\n",
+                "\n[[inbox]]\npath = {}\nrecursive = {}\ninclude = [{}]\nsettle_ms = {}\npoll = {}\npoll_interval_ms = {}\n",
                 q(&ib.path),
                 ib.recursive,
                 include.join(", "),
-                ib.settle.as_millis()
+                ib.settle.as_millis(),
+                ib.poll,
+                ib.poll_interval.as_millis()
             );
+            if let Some(qd) = &ib.quarantine {
+                s += &format!("quarantine = {}\n", q(qd));
+            }
         }
         let w = &self.workers;
         s += &format!("\n[output]\ncsv = {}\n", q(&self.csv));
@@ -414,12 +437,29 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         if ib.settle_ms > 600_000 {
             return Err(err(&key("settle_ms"), format!("must be at most 600000, got {}", ib.settle_ms)));
         }
+        let quarantine = ib.quarantine.map(|q| absolute(base, &q));
+        if let Some(q) = &quarantine {
+            let rel = q.strip_prefix(&path).ok();
+            let hidden = rel.is_some_and(|r| r.components().next().is_some_and(|c| c.as_os_str().to_string_lossy().starts_with('.')));
+            if rel.is_some() && !hidden {
+                return Err(err(
+                    &key("quarantine"),
+                    format!("{} is inside the inbox; use a folder outside it or a dot-folder such as \".quarantine\"", q.display()),
+                ));
+            }
+        }
+        if ib.poll_interval_ms < 50 || ib.poll_interval_ms > 3_600_000 {
+            return Err(err(&key("poll_interval_ms"), format!("must be 50..=3600000, got {}", ib.poll_interval_ms)));
+        }
         inboxes.push(InboxConfig {
             path,
             recursive: ib.recursive,
             include: ib.include,
             matcher,
             settle: Duration::from_millis(ib.settle_ms),
+            quarantine,
+            poll: ib.poll,
+            poll_interval: Duration::from_millis(ib.poll_interval_ms),
         });
     }
 
@@ -564,6 +604,17 @@ mod tests {
         assert!(!ib.wants(Path::new("/x/a.jpg.json")));
         assert!(!ib.wants(Path::new("/x/.a.jpg")));
         assert!(!ib.wants(Path::new("/x/notes.txt")));
+        assert!(ib.wants(&ib.path.join("cam1/a.jpg")));
+        assert!(!ib.wants(&ib.path.join(".quarantine/cam1/a.jpg")));
+    }
+
+    #[test]
+    fn quarantine_must_be_outside_the_inbox_or_hidden() {
+        let (_dir, file) = setup();
+        let e = Config::parse(&file, &format!("{MINIMAL}quarantine = \"inbox/bad\"\n")).unwrap_err();
+        assert_eq!(e.key, "[[inbox]] #1 quarantine");
+        assert!(Config::parse(&file, &format!("{MINIMAL}quarantine = \"inbox/.quarantine\"\n")).is_ok());
+        assert!(Config::parse(&file, &format!("{MINIMAL}quarantine = \"rejects\"\n")).is_ok());
     }
 
     #[test]

@@ -50,6 +50,10 @@ impl Fatal {
 pub enum ImageError {
     #[error("cannot read file: {0}")]
     Read(String),
+    #[error("file not found (removed before it could be read?)")]
+    Vanished,
+    #[error("not a regular file ({0}); skipped")]
+    NotRegular(&'static str),
     #[error("empty file (0 bytes)")]
     Empty,
     #[error("not a supported image format")]

@@ -36,13 +36,18 @@ impl Shutdown {
         let _ = rx.wait_for(|v| *v).await;
     }
 
-    /// SIGTERM / SIGINT trigger this shutdown; a second signal exits at once.
-    pub fn trigger_on_signals(&self) -> std::io::Result<()> {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    /// SIGTERM / SIGINT trigger this shutdown (a second one exits at once); SIGHUP calls `on_hangup`.
+    pub fn trigger_on_signals(&self, on_hangup: impl Fn() + Send + 'static) -> std::io::Result<()> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         let me = self.clone();
         std::thread::Builder::new().name("signals".into()).spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::info!("SIGHUP: reopening the results log");
+                    on_hangup();
+                    continue;
+                }
                 if me.is_triggered() {
                     tracing::warn!(signal = sig, "second signal: exiting without finishing the batch in flight");
                     std::process::exit(1);

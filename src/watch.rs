@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
-use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+use notify::{Event, EventKind, PollWatcher, RecommendedWatcher, RecursiveMode, Watcher as _};
 
 use crate::config::InboxConfig;
 use crate::error::Fatal;
@@ -33,8 +33,10 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
     let mut found = Scan::default();
     let depth = if inbox.recursive { usize::MAX } else { 1 };
     let walker = walkdir::WalkDir::new(dir).follow_links(false).max_depth(depth).into_iter();
-    // Skip dot-folders (labeld's and other tools' hidden state).
-    let walker = walker.filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+    // Skip dot-folders (a hidden quarantine, other tools' state).
+    let walker = walker.filter_entry(|e| {
+        e.depth() == 0 || !(e.file_type().is_dir() && e.file_name().to_string_lossy().starts_with('.'))
+    });
     for entry in walker {
         let entry = match entry {
             Ok(e) => e,
@@ -43,7 +45,23 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
                 continue;
             }
         };
-        if !entry.file_type().is_file() || !inbox.wants(entry.path()) || is_labelled(entry.path()) {
+        let name = entry.file_name().to_string_lossy();
+        if is_stale_temp(&name) {
+            // A sidecar temp file left by a crash mid-write (the finished sidecar never replaced it).
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(path = %entry.path().display(), "removed temp file left by an interrupted write"),
+                Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale temp file"),
+            }
+            continue;
+        }
+        if entry.file_type().is_dir() || !inbox.wants(entry.path()) {
+            continue;
+        }
+        if !entry.file_type().is_file() {
+            tracing::warn!(path = %entry.path().display(), kind = kind_of(entry.file_type()), "skipped: not a regular file");
+            continue;
+        }
+        if is_labelled(entry.path()) {
             continue;
         }
         let recent = entry
@@ -59,6 +77,66 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
         }
     }
     found
+}
+
+/// labeld's sidecar temp files: `.<image>.json.<pid>.tmp` (see `sink::sidecar::write_atomic`).
+fn is_stale_temp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    match rest.rsplit_once('.') {
+        Some((stem, pid)) => stem.ends_with(".json") && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+        None => false,
+    }
+}
+
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        "symbolic link (not followed)"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
+/// Whether a file that was just closed or renamed in holds a whole image, judged by the end marker
+/// its format has (JPEG EOI, PNG IEND, GIF trailer, RIFF/BMP size fields). `None`: no cheap check
+/// (TIFF), or unreadable. A writer that closes and reopens the file between chunks makes
+/// close-after-write events for half files; those fail this check and wait to settle instead.
+pub fn looks_complete(path: &Path) -> Option<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = [0u8; 12];
+    let n = f.read(&mut head).ok()?;
+    let head = &head[..n];
+    let mut tail = [0u8; 12];
+    if len >= 12 {
+        f.seek(SeekFrom::End(-12)).ok()?;
+        f.read_exact(&mut tail).ok()?;
+    }
+    let le32 = |b: &[u8]| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if head.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some(len >= 12 && tail[10..] == [0xFF, 0xD9])
+    } else if head.starts_with(b"\x89PNG") {
+        Some(len >= 12 && tail[4..] == *b"IEND\xAE\x42\x60\x82")
+    } else if head.starts_with(b"GIF8") {
+        Some(len >= 12 && tail[11] == 0x3B)
+    } else if head.starts_with(b"RIFF") && head.len() >= 12 {
+        Some(le32(&head[4..8]) + 8 == len)
+    } else if head.starts_with(b"BM") && head.len() >= 6 && le32(&head[2..6]) != 0 {
+        Some(le32(&head[2..6]) == len)
+    } else if len == 0 {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// Files waiting for their size and mtime to stop changing.
@@ -173,13 +251,12 @@ impl Watch {
     /// watched (the backlog is still being queued). Call inside a tokio runtime.
     pub fn start(inboxes: Vec<InboxConfig>, feeder: Sender<ReadyFile>, shutdown: Shutdown) -> Result<Watch, Fatal> {
         let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel::<notify::Result<Event>>();
-        let mut watcher = RecommendedWatcher::new(
-            move |res| {
-                let _ = ev_tx.send(res);
-            },
-            notify::Config::default(),
-        )
-        .map_err(|e| Fatal::Other(format!("cannot start the file watcher: {e}")))?;
+        let handler = move |res| {
+            let _ = ev_tx.send(res);
+        };
+        let mut inotify = RecommendedWatcher::new(handler.clone(), notify::Config::default())
+            .map_err(|e| Fatal::Other(format!("cannot start the file watcher: {e}")))?;
+        let mut pollers: Vec<PollWatcher> = Vec::new();
         for ib in &inboxes {
             if !ib.path.exists() {
                 std::fs::create_dir_all(&ib.path)
@@ -187,18 +264,42 @@ impl Watch {
                 tracing::info!(inbox = %ib.path.display(), "created missing inbox");
             }
             let mode = if ib.recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
-            watcher.watch(&ib.path, mode).map_err(|e| {
-                let hint = if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
-                    " (raise fs.inotify.max_user_watches)"
-                } else {
-                    ""
-                };
-                Fatal::Other(format!("cannot watch inbox {}: {e}{hint}", ib.path.display()))
-            })?;
-            tracing::info!(inbox = %ib.path.display(), recursive = ib.recursive, "watching");
+            let poll = if ib.poll {
+                true
+            } else {
+                match inotify.watch(&ib.path, mode) {
+                    Ok(()) => false,
+                    Err(e) if is_watch_limit(&e) => {
+                        let _ = inotify.unwatch(&ib.path);
+                        tracing::error!(
+                            inbox = %ib.path.display(),
+                            error = %e,
+                            "inotify watch limit reached: raise fs.inotify.max_user_watches \
+                             (sysctl fs.inotify.max_user_watches=524288); polling this inbox instead"
+                        );
+                        true
+                    }
+                    Err(e) => return Err(Fatal::Other(format!("cannot watch inbox {}: {e}", ib.path.display()))),
+                }
+            };
+            if poll {
+                let cfg = notify::Config::default().with_poll_interval(ib.poll_interval);
+                let mut p = PollWatcher::new(handler.clone(), cfg)
+                    .map_err(|e| Fatal::Other(format!("cannot start polling {}: {e}", ib.path.display())))?;
+                p.watch(&ib.path, mode)
+                    .map_err(|e| Fatal::Other(format!("cannot poll inbox {}: {e}", ib.path.display())))?;
+                pollers.push(p);
+            }
+            tracing::info!(
+                inbox = %ib.path.display(),
+                recursive = ib.recursive,
+                via = if poll { "polling" } else { "inotify" },
+                "watching"
+            );
         }
         let inboxes = Arc::new(inboxes);
-        let task = tokio::spawn(event_loop(watcher, inboxes, ev_rx, feeder, shutdown));
+        let watchers = Watchers { _inotify: inotify, _pollers: pollers };
+        let task = tokio::spawn(event_loop(watchers, inboxes, ev_rx, feeder, shutdown));
         Ok(Watch { task })
     }
 
@@ -208,14 +309,29 @@ impl Watch {
     }
 }
 
+/// Kept alive for as long as the inboxes should be watched; dropping it removes the watches.
+struct Watchers {
+    _inotify: RecommendedWatcher,
+    _pollers: Vec<PollWatcher>,
+}
+
+/// inotify's ENOSPC: out of watches (fs.inotify.max_user_watches).
+fn is_watch_limit(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => io.raw_os_error() == Some(libc::ENOSPC),
+        _ => false,
+    }
+}
+
 async fn event_loop(
-    watcher: RecommendedWatcher,
+    watchers: Watchers,
     inboxes: Arc<Vec<InboxConfig>>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<Event>>,
     feeder: Sender<ReadyFile>,
     shutdown: Shutdown,
 ) {
-    let _watcher = watcher; // dropping it removes the watches
+    let _watchers = watchers;
     let mut settler = Settler::default();
     let (scan_tx, mut scan_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Scan)>();
     for i in 0..inboxes.len() {
@@ -236,6 +352,13 @@ async fn event_loop(
             }
             Some(ev) = events.recv() => match ev {
                 Ok(ev) => handle_event(ev, &inboxes, &mut settler, &feeder, &scan_tx),
+                Err(e) if is_watch_limit(&e) => {
+                    // A new sub-folder could not be watched: find its files by scanning.
+                    tracing::error!(error = %e, "inotify watch limit reached: raise fs.inotify.max_user_watches; rescanning");
+                    for i in 0..inboxes.len() {
+                        spawn_scan(&inboxes, i, inboxes[i].path.clone(), scan_tx.clone(), false);
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "file watcher error"),
             },
             _ = tick.tick() => {
@@ -287,11 +410,23 @@ fn handle_event(
         return;
     }
     let ready_now = |path: &Path, settler: &mut Settler| {
-        if let Some((_, ib)) = inbox_of(inboxes, path) {
-            settler.forget(path);
-            if ib.wants(path) && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-                let _ = feeder.send(ReadyFile::new(path.to_path_buf()));
+        let Some((_, ib)) = inbox_of(inboxes, path) else { return };
+        if !ib.wants(path) {
+            return;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) => {
+                tracing::warn!(path = %path.display(), kind = kind_of(m.file_type()), "skipped: not a regular file");
+                return;
             }
+            Err(_) => return, // gone already
+        }
+        if looks_complete(path) == Some(false) {
+            settler.observe(path.to_path_buf(), ib.settle);
+        } else {
+            settler.forget(path);
+            let _ = feeder.send(ReadyFile::new(path.to_path_buf()));
         }
     };
     match ev.kind {

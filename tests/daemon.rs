@@ -153,7 +153,7 @@ fn classify_prints_json_and_writes_nothing() {
     assert_eq!(recs.len(), 2);
     assert_eq!(top1(&recs[0]).0, 0);
     assert_eq!(recs[1]["status"], "error");
-    assert!(recs[1]["error"].as_str().unwrap().contains("cannot read file"), "{}", recs[1]);
+    assert!(recs[1]["error"].as_str().unwrap().contains("not found"), "{}", recs[1]);
     assert!(recs[1].get("top").is_none());
 }
 

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{ImageReader, Limits};
+use image::metadata::Orientation;
+use image::{ImageDecoder, ImageReader, Limits};
 
 use crate::config::Preprocess;
 use crate::error::ImageError;
@@ -34,21 +35,7 @@ impl Preprocessor {
 
     /// Reads, decodes and preprocesses one file, appending its tensor data to `out`.
     pub fn load(&mut self, path: &Path, out: &mut Vec<f32>) -> Result<(), ImageError> {
-        let meta = std::fs::metadata(path).map_err(|e| ImageError::Read(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(ImageError::Read("not a regular file".into()));
-        }
-        if meta.len() == 0 {
-            return Err(ImageError::Empty);
-        }
-        if meta.len() > self.cfg.max_file_bytes {
-            return Err(ImageError::Read(format!(
-                "file is {} bytes, over the limit of {} ([limits] max_file_mb)",
-                meta.len(),
-                self.cfg.max_file_bytes
-            )));
-        }
-        let bytes = std::fs::read(path).map_err(|e| ImageError::Read(e.to_string()))?;
+        let bytes = read_image_file(path, self.cfg.max_file_bytes)?;
         self.process(&bytes, out)
     }
 
@@ -72,7 +59,14 @@ impl Preprocessor {
         }
         if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
             if let Some(rgb) = self.decode_jpeg(bytes)? {
-                return Ok(rgb);
+                return Ok(match jpeg_orientation(bytes) {
+                    Some(o) if o != Orientation::NoTransforms => {
+                        let mut img = image::DynamicImage::ImageRgb8(rgb);
+                        img.apply_orientation(o);
+                        img.into_rgb8()
+                    }
+                    _ => rgb,
+                });
             }
         }
         let reader = || {
@@ -97,9 +91,17 @@ impl Preprocessor {
         let mut r = reader()?;
         r.limits(limits);
         // A decoder bug must cost one error record, not the daemon.
-        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| r.decode()))
-            .map_err(|_| ImageError::Decode("decoder crashed on this file".into()))?
-            .map_err(|e| ImageError::Decode(e.to_string()))?;
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Animated GIF/WebP/PNG: the decoder yields the first frame.
+            let mut decoder = r.into_decoder()?;
+            let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+            let mut img = image::DynamicImage::from_decoder(decoder)?;
+            img.apply_orientation(orientation);
+            Ok::<_, image::ImageError>(img)
+        }))
+        .map_err(|_| ImageError::Decode("decoder crashed on this file".into()))?
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+        // Grayscale, palette, alpha (dropped, as PIL's convert("RGB") does), 16-bit (scaled to 8), CMYK.
         Ok(decoded.into_rgb8())
     }
 
@@ -160,6 +162,75 @@ impl Preprocessor {
         }
         Ok(out)
     }
+}
+
+/// Reads an image file without following a symbolic link and without blocking on a FIFO or device.
+pub fn read_image_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ImageError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ImageError::Vanished),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(ImageError::NotRegular("symbolic link")),
+        Err(e) => return Err(ImageError::Read(e.to_string())),
+    };
+    let meta = file.metadata().map_err(|e| ImageError::Read(e.to_string()))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(ImageError::NotRegular(if ft.is_dir() {
+            "directory"
+        } else if ft.is_fifo() {
+            "FIFO"
+        } else if ft.is_socket() {
+            "socket"
+        } else {
+            "device"
+        }));
+    }
+    if meta.len() == 0 {
+        return Err(ImageError::Empty);
+    }
+    if meta.len() > max_bytes {
+        return Err(ImageError::Read(format!(
+            "file is {} bytes, over the limit of {max_bytes} ([limits] max_file_mb)",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| ImageError::Read(e.to_string()))?;
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    Ok(bytes)
+}
+
+/// The EXIF orientation of a JPEG (APP1 "Exif" segment), if it has one.
+pub fn jpeg_orientation(jpeg: &[u8]) -> Option<Orientation> {
+    let mut i = 2;
+    while i + 4 <= jpeg.len() {
+        if jpeg[i] != 0xFF {
+            return None;
+        }
+        let marker = jpeg[i + 1];
+        if marker == 0xD8 || (0xD0..=0xD7).contains(&marker) || marker == 0x01 || marker == 0xFF {
+            i += if marker == 0xFF { 1 } else { 2 };
+            continue;
+        }
+        if marker == 0xDA || marker == 0xD9 {
+            return None; // image data starts: no EXIF before it
+        }
+        let len = u16::from_be_bytes([jpeg[i + 2], jpeg[i + 3]]) as usize;
+        let seg = jpeg.get(i + 4..i + 2 + len)?;
+        if marker == 0xE1 && seg.starts_with(b"Exif\0\0") {
+            return Orientation::from_exif_chunk(&seg[6..]);
+        }
+        i += 2 + len;
+    }
+    None
 }
 
 /// torchvision's `Resize(int)`: the shorter side becomes `size`, the longer side scales and truncates.
