@@ -191,7 +191,14 @@ impl Settler {
                 *p = Pending { len, mtime, since: now, settle: p.settle };
                 return true;
             }
-            if now.duration_since(p.since) >= p.settle {
+            let quiet = now.duration_since(p.since);
+            if quiet >= p.settle {
+                // A file whose format says it is cut short may be a writer pausing between chunks:
+                // give it ten settle intervals (at least 5 s) before labelling it as broken.
+                let patience = (p.settle * 10).max(Duration::from_secs(5));
+                if quiet < patience && looks_complete(path) == Some(false) {
+                    return true;
+                }
                 due.push(path.clone());
                 return false;
             }

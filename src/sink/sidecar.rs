@@ -19,6 +19,9 @@ pub fn is_labelled(image: &Path) -> bool {
     let (Ok(img), Ok(side)) = (std::fs::metadata(image), std::fs::metadata(sidecar_path(image))) else {
         return false;
     };
+    if !side.is_file() {
+        return false;
+    }
     match (img.modified(), side.modified()) {
         (Ok(i), Ok(s)) => s >= i,
         _ => true,

@@ -128,6 +128,14 @@ impl Setup {
         Setup { csv: dir.path().join("results.csv"), dir, config, inbox, model: model_path }
     }
 
+    /// Replaces the `[workers]` section's settings.
+    pub fn with_workers(self, workers: &str) -> Setup {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let head = text.split("[workers]").next().unwrap().to_string();
+        std::fs::write(&self.config, format!("{head}[workers]\nthreads = 2\nmax_delay_ms = 20\n{workers}")).unwrap();
+        self
+    }
+
     pub fn labeld(&self) -> Command {
         let mut c = Command::new(BIN);
         c.env("LABELD_LOG", "info").env_remove("LABELD_CONFIG");
