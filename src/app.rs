@@ -30,6 +30,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         config.inboxes.clone(),
         in_flight,
         done_rx,
+        config.workers.count * config.workers.max_batch * 2,
     )?;
     let reopen = sink.reopen_handle();
     shutdown

@@ -55,9 +55,11 @@ impl Sink {
         inboxes: Vec<InboxConfig>,
         in_flight: InFlight,
         rx: Receiver<BatchDone>,
+        in_flight_max: usize,
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open(csv, top_k)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", csv.display()), e))?;
+        finish_interrupted_batch(&log, in_flight_max);
         let reopen = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             log,
@@ -83,6 +85,32 @@ impl Sink {
 
     pub fn join(self) -> Totals {
         self.handle.join().unwrap_or_default()
+    }
+}
+
+/// A crash between a batch's CSV rows and its sidecars leaves images whose row exists but whose
+/// sidecar does not. Their result is in the row: write the sidecar from it instead of labelling the
+/// image again (which would add a second row). Only the last `n` rows can be in that state.
+fn finish_interrupted_batch(log: &ResultLog, n: usize) {
+    let mut done = 0;
+    for record in log.last_records(n) {
+        let image = PathBuf::from(&record.path);
+        let Ok(meta) = std::fs::symlink_metadata(&image) else { continue };
+        if !meta.is_file() || sidecar::is_labelled(&image) {
+            continue;
+        }
+        // The row must be about this version of the file, not one replaced since.
+        let row_time = humantime::parse_rfc3339(&record.time).ok();
+        if !matches!((row_time, meta.modified()), (Some(t), Ok(m)) if m <= t) {
+            continue;
+        }
+        match sidecar::write(&record, &image) {
+            Ok(_) => done += 1,
+            Err(e) => tracing::warn!(path = %image.display(), error = %e, "cannot complete sidecar from the results log"),
+        }
+    }
+    if done > 0 {
+        tracing::info!(sidecars = done, "completed the sidecars of a batch interrupted by a crash, from the results log");
     }
 }
 

@@ -13,7 +13,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::record::Record;
+use super::record::{Record, Status, Top};
 
 pub struct ResultLog {
     path: PathBuf,
@@ -47,6 +47,59 @@ impl ResultLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The last `n` rows of the log, parsed back into records (rows that do not parse are skipped).
+    pub fn last_records(&self, n: usize) -> Vec<Record> {
+        let Ok(mut f) = File::open(&self.path) else { return Vec::new() };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let tail_len = len.min((n as u64 + 1) * 2048);
+        if f.seek(SeekFrom::Start(len - tail_len)).is_err() {
+            return Vec::new();
+        }
+        let mut tail = Vec::new();
+        if f.read_to_end(&mut tail).is_err() {
+            return Vec::new();
+        }
+        if tail_len < len {
+            // Started mid-row: drop the partial first line.
+            let cut = tail.iter().position(|b| *b == b'\n').map_or(tail.len(), |i| i + 1);
+            tail.drain(..cut);
+        }
+        let mut r = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(&tail[..]);
+        let rows: Vec<csv::StringRecord> = r.records().filter_map(Result::ok).collect();
+        let start = rows.len().saturating_sub(n);
+        rows[start..].iter().filter_map(|row| self.parse_row(row)).collect()
+    }
+
+    fn parse_row(&self, row: &csv::StringRecord) -> Option<Record> {
+        let k = self.top_k;
+        if row.len() != 3 + 3 * k + 3 || row.get(0) == Some("time") {
+            return None;
+        }
+        let status = match row.get(2)? {
+            "ok" => Status::Ok,
+            "error" => Status::Error,
+            _ => return None,
+        };
+        let mut top = Vec::new();
+        for i in 0..k {
+            let (c, l, sc) = (row.get(3 + 3 * i)?, row.get(4 + 3 * i)?, row.get(5 + 3 * i)?);
+            if c.is_empty() {
+                continue;
+            }
+            top.push(Top { rank: i + 1, class_id: c.parse().ok()?, label: l.to_string(), score: sc.parse().ok()? });
+        }
+        let error = row.get(4 + 3 * k).filter(|e| !e.is_empty()).map(String::from);
+        Some(Record {
+            time: row.get(0)?.to_string(),
+            path: row.get(1)?.to_string(),
+            status,
+            top: (status == Status::Ok).then_some(top),
+            latency_ms: row.get(3 + 3 * k)?.parse().ok()?,
+            error,
+            model: row.get(5 + 3 * k)?.to_string(),
+        })
     }
 
     /// Appends one row per record in a single write, then fsyncs.
@@ -153,7 +206,6 @@ fn repair_torn_tail(file: &File, path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::record::{Status, Top};
 
     fn rec(path: &str) -> Record {
         Record {
@@ -181,6 +233,23 @@ mod tests {
         assert_eq!(l[0], "time,path,status,class1,label1,score1,latency_ms,error,model");
         assert_eq!(l[1], "2026-01-01T00:00:00.000Z,\"/a,b.jpg\",ok,7,\"cock, \"\"rooster\"\"\",0.500000,1.0,,m");
         assert_eq!(l.len(), 3);
+    }
+
+    #[test]
+    fn rows_read_back_as_the_records_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        let mut log = ResultLog::open(&p, 1).unwrap();
+        let mut err = rec("/bad.jpg");
+        err.status = Status::Error;
+        err.top = None;
+        err.error = Some("cannot decode image: x, \"y\"".into());
+        let all: Vec<Record> = (0..50).map(|i| rec(&format!("/{i}.jpg"))).chain([err.clone()]).collect();
+        log.append(&all).unwrap();
+        let back = log.last_records(3);
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[2], err);
+        assert_eq!(back[0], rec("/48.jpg"));
     }
 
     #[test]

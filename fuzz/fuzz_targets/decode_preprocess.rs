@@ -1,0 +1,23 @@
+//! Any bytes through labeld's decode + preprocess path: must return Ok or an ImageError, never panic,
+//! hang or allocate without bound.
+#![no_main]
+
+use labeld::config::Preprocess;
+use labeld::infer::preprocess::Preprocessor;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut pre = Preprocessor::new(Preprocess {
+        resize: 64,
+        crop: 56,
+        mean: [0.485, 0.456, 0.406],
+        std: [0.229, 0.224, 0.225],
+        max_pixels: 4_000_000,
+        max_file_bytes: 1 << 24,
+    });
+    let mut out = Vec::new();
+    if pre.process(data, &mut out).is_ok() {
+        assert_eq!(out.len(), 3 * 56 * 56);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+});
