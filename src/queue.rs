@@ -57,6 +57,8 @@ pub enum Pushed {
     Queued,
     /// Already queued or being labelled.
     AlreadyInFlight,
+    /// `push_if`'s check said no.
+    NotNeeded,
     /// Shutdown began while waiting for room; the image stays unlabelled and is found again at start-up.
     ShuttingDown,
 }
@@ -78,8 +80,18 @@ pub fn bounded(capacity: usize, in_flight: InFlight, shutdown: Shutdown) -> (Que
 impl QueueSender {
     /// Queues `file`, waiting while the queue is full. Blocking: call from a thread, not a task.
     pub fn push(&self, file: ReadyFile) -> Pushed {
+        self.push_if(file, |_| true)
+    }
+
+    /// Like `push`, but first asks `needed` (once the image is claimed, so the answer cannot go stale
+    /// because its result was being written at that moment).
+    pub fn push_if(&self, file: ReadyFile, needed: impl Fn(&Path) -> bool) -> Pushed {
         if !self.in_flight.insert(&file.path) {
             return Pushed::AlreadyInFlight;
+        }
+        if !needed(&file.path) {
+            self.in_flight.done(&file.path);
+            return Pushed::NotNeeded;
         }
         let mut file = file;
         loop {
@@ -146,6 +158,15 @@ mod tests {
         let got = rx.recv().unwrap();
         tx.in_flight().done(&got.path);
         assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+    }
+
+    #[test]
+    fn push_if_checks_after_claiming_and_releases_when_not_needed() {
+        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
+        assert_eq!(tx.push_if(ReadyFile::new("/a.jpg".into()), |_| false), Pushed::NotNeeded);
+        assert!(tx.in_flight().is_empty());
+        assert_eq!(tx.push_if(ReadyFile::new("/a.jpg".into()), |p| p.ends_with("a.jpg")), Pushed::Queued);
+        assert_eq!(rx.len(), 1);
     }
 
     #[test]

@@ -238,11 +238,8 @@ impl Feeder {
 
 fn feed(rx: Receiver<ReadyFile>, queue: QueueSender) {
     for file in rx {
-        // The image may have been labelled since it was seen (duplicate events).
-        if is_labelled(&file.path) {
-            continue;
-        }
-        if queue.push(file) == Pushed::ShuttingDown {
+        // The image may have been labelled since it was seen (duplicate events, rescans).
+        if queue.push_if(file, |p| !is_labelled(p)) == Pushed::ShuttingDown {
             return;
         }
     }
