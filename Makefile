@@ -5,7 +5,7 @@ CARGO ?= cargo
 CONFIG ?= config/labeld.toml
 BIN := target/release/labeld
 
-.PHONY: run test setup deps libtorch model build golden clean-deps
+.PHONY: run test bench setup deps libtorch model build golden clean-deps
 
 run: setup build
 	$(BIN) run --config $(CONFIG)
@@ -14,6 +14,10 @@ test: setup
 	$(CARGO) test --release --all-targets
 
 setup: deps model
+
+# labeld vs the reference Python pipeline on the same files and model (see README "Speed").
+bench: setup build
+	python3 benches/bench.py
 
 deps:
 	scripts/setup-system.sh

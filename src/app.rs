@@ -10,6 +10,7 @@ use crate::error::Fatal;
 use crate::infer::BatchDone;
 use crate::infer::labels::Labels;
 use crate::infer::worker::Workers;
+use crate::metrics::StageTimes;
 use crate::queue::{self, InFlight};
 use crate::shutdown::Shutdown;
 use crate::sink::record::{Record, Status};
@@ -19,6 +20,7 @@ use crate::watch::{self, Feeder, Watch};
 /// `labeld run`: label the backlog, then (unless `once`) watch the inboxes until SIGTERM/SIGINT.
 pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let shutdown = Shutdown::new();
+    let times = StageTimes::default();
     let labels = Arc::new(Labels::load(&config.model.labels)?);
     let in_flight = InFlight::default();
     let (queue_tx, queue_rx) = queue::bounded(config.workers.queue, in_flight.clone(), shutdown.clone());
@@ -31,12 +33,14 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         in_flight,
         done_rx,
         config.workers.count * config.workers.max_batch * 2,
+        times.clone(),
     )?;
     let reopen = sink.reopen_handle();
     shutdown
         .trigger_on_signals(move || reopen.request())
         .map_err(|e| Fatal::io("cannot install signal handlers", e))?;
-    let workers = Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown.clone())?;
+    let workers =
+        Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown.clone(), times.clone())?;
     let feeder = Feeder::start(queue_tx)?;
     let started = Instant::now();
 
@@ -70,6 +74,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         images_per_s = format!("{:.1}", (totals.ok + totals.errors) as f64 / secs.max(1e-9)),
         "stopped"
     );
+    tracing::info!(model = %config.model.name, precision = config.model.precision.as_str(), "ms per image: {}", times.per_image(totals.ok + totals.errors));
     Ok(totals)
 }
 
@@ -81,7 +86,8 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     let files = expand(&config, paths)?;
     let (queue_tx, queue_rx) = queue::bounded(config.workers.queue, InFlight::default(), shutdown.clone());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
-    let workers = Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown)?;
+    let workers =
+        Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown, StageTimes::default())?;
     let feeder = std::thread::spawn(move || {
         for f in files {
             queue_tx.push(queue::ReadyFile::new(f));

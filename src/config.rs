@@ -42,6 +42,30 @@ struct RawModel {
     std: [f32; 3],
     #[serde(default = "default_top_k")]
     top_k: usize,
+    #[serde(default)]
+    precision: Precision,
+    #[serde(default = "yes")]
+    scaled_decode: bool,
+}
+
+/// Numeric precision of inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit float: the exact path.
+    #[default]
+    Fp32,
+    /// bfloat16 weights and activations (AMX / AVX-512-BF16 through oneDNN); scores shift slightly.
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +206,7 @@ pub struct ModelConfig {
     pub labels: LabelSource,
     pub preprocess: Preprocess,
     pub top_k: usize,
+    pub precision: Precision,
 }
 
 /// Resize (shorter side) → center crop → normalize, as torchvision does it.
@@ -193,6 +218,9 @@ pub struct Preprocess {
     pub std: [f32; 3],
     pub max_pixels: u64,
     pub max_file_bytes: u64,
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 scale when the result is still at least `resize` (much faster;
+    /// pixels differ slightly from the exact path).
+    pub scaled_decode: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +334,7 @@ impl Config {
         };
         let mut s = format!("# {} (resolved)\n[model]\npath = {}\nname = {}\nlabels = {labels}\n", self.file.display(), q(&m.path), toml::Value::String(m.name.clone()));
         s += &format!("resize = {}\ncrop = {}\nmean = {:?}\nstd = {:?}\ntop_k = {}\n", p.resize, p.crop, p.mean, p.std, m.top_k);
+        s += &format!("precision = \"{}\"\nscaled_decode = {}\n", m.precision.as_str(), p.scaled_decode);
         for ib in &self.inboxes {
             let include: Vec<String> = ib.include.iter().map(|i| toml::Value::String(i.clone()).to_string()).collect();
             s += &format!(
@@ -499,8 +528,10 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
                 std: m.std,
                 max_pixels: raw.limits.max_pixels,
                 max_file_bytes: raw.limits.max_file_mb.saturating_mul(1024 * 1024),
+                scaled_decode: m.scaled_decode,
             },
             top_k: m.top_k,
+            precision: m.precision,
         },
         inboxes,
         csv,

@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod infer;
+pub mod metrics;
 pub mod queue;
 pub mod shutdown;
 pub mod sink;

@@ -119,31 +119,56 @@ impl QueueSender {
     }
 }
 
-/// Collects up to `max` files: waits for the first, then at most `max_delay` for company.
-/// Returns an empty batch once the queue is closed and drained, or when shutdown begins.
-pub fn next_batch(rx: &QueueReceiver, max: usize, max_delay: Duration, shutdown: &Shutdown) -> Vec<ReadyFile> {
-    let mut batch = Vec::with_capacity(max);
-    loop {
-        if shutdown.is_triggered() {
-            return batch;
-        }
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(f) => {
-                batch.push(f);
-                break;
+/// Forms batches of up to `max` files. Whatever is already queued goes at once; a partial batch
+/// waits up to `max_delay` for company only while files are arriving closer together than that, so
+/// at light load a lone image is not held back and under load batches fill.
+pub struct Batcher {
+    max: usize,
+    max_delay: Duration,
+    last_arrival: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(max: usize, max_delay: Duration) -> Self {
+        Batcher { max, max_delay, last_arrival: None }
+    }
+
+    /// The next batch; empty once the queue is closed and drained, or when shutdown begins.
+    pub fn next(&mut self, rx: &QueueReceiver, shutdown: &Shutdown) -> Vec<ReadyFile> {
+        let mut batch = Vec::with_capacity(self.max);
+        loop {
+            if shutdown.is_triggered() {
+                return batch;
             }
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return batch,
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(f) => {
+                    batch.push(f);
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return batch,
+            }
         }
-    }
-    let deadline = Instant::now() + max_delay;
-    while batch.len() < max {
-        match rx.recv_deadline(deadline) {
-            Ok(f) => batch.push(f),
-            Err(_) => break,
+        while batch.len() < self.max {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
         }
+        let first = batch[0].ready_at;
+        let busy = batch.len() > 1 || self.last_arrival.is_some_and(|t| first.saturating_duration_since(t) < self.max_delay);
+        if busy {
+            let deadline = Instant::now() + self.max_delay;
+            while batch.len() < self.max {
+                match rx.recv_deadline(deadline) {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+        }
+        self.last_arrival = batch.iter().map(|f| f.ready_at).max();
+        batch
     }
-    batch
 }
 
 #[cfg(test)]
@@ -179,8 +204,9 @@ mod tests {
             }
         });
         let mut seen = Vec::new();
+        let mut batcher = Batcher::new(8, Duration::from_millis(5));
         loop {
-            let b = next_batch(&rx, 8, Duration::from_millis(5), &shutdown);
+            let b = batcher.next(&rx, &shutdown);
             if b.is_empty() {
                 break;
             }
@@ -192,15 +218,22 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_batch_waits_at_most_max_delay() {
+    fn a_lone_file_goes_at_once_but_a_stream_waits_for_company() {
         let shutdown = Shutdown::new();
         let (tx, rx) = bounded(8, InFlight::default(), shutdown.clone());
+        let mut batcher = Batcher::new(8, Duration::from_millis(300));
         tx.push(ReadyFile::new("/one.jpg".into()));
-        let t = Instant::now();
-        let b = next_batch(&rx, 8, Duration::from_millis(30), &shutdown);
-        assert_eq!(b.len(), 1);
-        let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(30), "returned before max_delay: {waited:?}");
+        assert_eq!(batcher.next(&rx, &shutdown).len(), 1, "nothing else arriving: no waiting");
+        // A second file right behind the first: the stream is busy, so the batcher waits for a third.
+        tx.push(ReadyFile::new("/two.jpg".into()));
+        let tx2 = tx.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            tx2.push(ReadyFile::new("/three.jpg".into()));
+        });
+        let b = batcher.next(&rx, &shutdown);
+        late.join().unwrap();
+        assert_eq!(b.iter().map(|f| f.path.to_str().unwrap()).collect::<Vec<_>>(), ["/two.jpg", "/three.jpg"]);
     }
 
     #[test]

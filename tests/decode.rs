@@ -15,6 +15,7 @@ fn cfg() -> Preprocess {
         std: [0.229, 0.224, 0.225],
         max_pixels: 100_000_000,
         max_file_bytes: 1 << 30,
+        scaled_decode: true,
     }
 }
 

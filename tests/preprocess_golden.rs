@@ -30,6 +30,7 @@ fn preprocess_cfg(g: &Value) -> Preprocess {
         std: arr("std"),
         max_pixels: 100_000_000,
         max_file_bytes: 1 << 30,
+        scaled_decode: false, // the exact path
     }
 }
 
@@ -61,12 +62,11 @@ fn labeld_matches_torchvision_on_real_photos() {
             let s = s.as_array().unwrap();
             let (c, y, x) = (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize, s[2].as_u64().unwrap() as usize);
             let want = s[3].as_f64().unwrap() as f32;
-            let got = ours[c * 224 * 224 + y * 224 + x];
+            let got = ours[(y * 224 + x) * 3 + c]; // HWC
             assert!((got - want).abs() <= TOLERANCE, "{name}[{c},{y},{x}]: {got} vs torchvision {want}");
         }
         for (c, want) in entry["channel_means"].as_array().unwrap().iter().enumerate() {
-            let plane = &ours[c * 224 * 224..(c + 1) * 224 * 224];
-            let got = plane.iter().sum::<f32>() / plane.len() as f32;
+            let got = ours.iter().skip(c).step_by(3).sum::<f32>() / (224.0 * 224.0);
             let want = want.as_f64().unwrap() as f32;
             assert!((got - want).abs() <= 0.005, "{name} channel {c} mean {got} vs torchvision {want}");
         }

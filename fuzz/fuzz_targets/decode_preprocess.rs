@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
         std: [0.229, 0.224, 0.225],
         max_pixels: 4_000_000,
         max_file_bytes: 1 << 24,
+        scaled_decode: true,
     });
     let mut out = Vec::new();
     if pre.process(data, &mut out).is_ok() {

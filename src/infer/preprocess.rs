@@ -1,4 +1,4 @@
-//! Image file → normalized CHW `Vec<f32>`, equal to torchvision's
+//! Image file → normalized HWC `Vec<f32>`, equal to torchvision's
 //! `Resize(resize)` (bilinear, antialiased as PIL does) → `CenterCrop(crop)` → `ToTensor` → `Normalize`.
 
 use std::io::Cursor;
@@ -9,7 +9,10 @@ use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer
 use image::metadata::Orientation;
 use image::{ImageDecoder, ImageReader, Limits};
 
+use std::time::Instant;
+
 use crate::config::Preprocess;
+use crate::metrics::{Stage, StageTimes};
 use crate::error::ImageError;
 
 /// One per worker: holds the resizer's scratch buffers and the JPEG decoder between images.
@@ -17,11 +20,17 @@ pub struct Preprocessor {
     cfg: Preprocess,
     resizer: Resizer,
     jpeg: Option<turbojpeg::Decompressor>,
+    times: StageTimes,
 }
 
 impl Preprocessor {
     pub fn new(cfg: Preprocess) -> Self {
-        Preprocessor { cfg, resizer: Resizer::new(), jpeg: None }
+        Self::with_times(cfg, StageTimes::default())
+    }
+
+    /// A preprocessor that adds its read/decode/resize time to `times`.
+    pub fn with_times(cfg: Preprocess, times: StageTimes) -> Self {
+        Preprocessor { cfg, resizer: Resizer::new(), jpeg: None, times }
     }
 
     /// Number of floats one image produces.
@@ -35,15 +44,21 @@ impl Preprocessor {
 
     /// Reads, decodes and preprocesses one file, appending its tensor data to `out`.
     pub fn load(&mut self, path: &Path, out: &mut Vec<f32>) -> Result<(), ImageError> {
-        let bytes = read_image_file(path, self.cfg.max_file_bytes)?;
-        self.process(&bytes, out)
+        let t = Instant::now();
+        let bytes = read_image_file(path, self.cfg.max_file_bytes);
+        self.times.add(Stage::Read, t.elapsed());
+        self.process(&bytes?, out)
     }
 
-    /// Decodes `bytes` and appends the normalized CHW tensor data to `out`.
+    /// Decodes `bytes` and appends the normalized image (HWC order) to `out`.
     pub fn process(&mut self, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ImageError> {
-        let rgb = self.decode_rgb(bytes)?;
-        let cropped = self.resize_and_crop(rgb)?;
+        let t = Instant::now();
+        let rgb = self.decode_rgb(bytes);
+        self.times.add(Stage::Decode, t.elapsed());
+        let t = Instant::now();
+        let cropped = self.resize_and_crop(rgb?)?;
         normalize_into(&cropped, self.cfg.crop, &self.cfg.mean, &self.cfg.std, out);
+        self.times.add(Stage::Resize, t.elapsed());
         Ok(())
     }
 
@@ -126,16 +141,21 @@ impl Preprocessor {
         if pixels == 0 {
             return Err(ImageError::Decode(format!("image has no pixels ({width}x{height})")));
         }
-        let mut buf = vec![0u8; pixels as usize * 3];
+        // Decoding at 1/2, 1/4 or 1/8 scale in the DCT domain is far cheaper, and the resize that
+        // follows shrinks the image anyway: take the smallest scale that keeps the shorter side at least
+        // `resize` (after EXIF rotation the shorter side is the same).
+        let denom = if self.cfg.scaled_decode { scale_denominator(width, height, 2 * self.cfg.resize) } else { 1 };
+        let (sw, sh) = (width.div_ceil(denom), height.div_ceil(denom));
+        let mut buf = vec![0u8; sw as usize * sh as usize * 3];
         let out = turbojpeg::Image {
             pixels: buf.as_mut_slice(),
-            width: header.width,
-            pitch: header.width * 3,
-            height: header.height,
+            width: sw as usize,
+            pitch: sw as usize * 3,
+            height: sh as usize,
             format: turbojpeg::PixelFormat::RGB,
         };
         dec.decompress(bytes, out).map_err(|e| ImageError::Decode(e.to_string()))?;
-        image::RgbImage::from_raw(width, height, buf)
+        image::RgbImage::from_raw(sw, sh, buf)
             .map(Some)
             .ok_or_else(|| ImageError::Decode("decoded size mismatch".into()))
     }
@@ -233,6 +253,12 @@ pub fn jpeg_orientation(jpeg: &[u8]) -> Option<Orientation> {
     None
 }
 
+/// The largest of 1, 2, 4, 8 by which a `w`x`h` JPEG can be scaled down while its shorter side stays
+/// at least `min_side`.
+pub fn scale_denominator(w: u32, h: u32, min_side: u32) -> u32 {
+    [8, 4, 2].into_iter().find(|d| w.min(h).div_ceil(*d) >= min_side).unwrap_or(1)
+}
+
 /// torchvision's `Resize(int)`: the shorter side becomes `size`, the longer side scales and truncates.
 pub fn resized_size(w: u32, h: u32, size: u32) -> (u32, u32) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
@@ -247,17 +273,16 @@ pub fn center_offset(len: u32, crop: u32) -> u32 {
     if d % 2 == 1 && k % 2 == 1 { k + 1 } else { k }
 }
 
-/// HWC u8 → CHW f32, `(v / 255 - mean) / std`.
+/// HWC u8 → HWC f32, `(v / 255 - mean) / std`. The model sees it as NCHW in channels-last memory
+/// order (a permuted view), which oneDNN's convolutions run faster than plain NCHW.
 pub fn normalize_into(hwc: &[u8], crop: u32, mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
-    let plane = (crop * crop) as usize;
-    let start = out.len();
-    out.resize(start + 3 * plane, 0.0);
-    let dst = &mut out[start..];
-    for c in 0..3 {
-        let scale = 1.0 / (255.0 * std[c]);
-        let shift = mean[c] / std[c];
-        for (i, px) in hwc.chunks_exact(3).enumerate() {
-            dst[c * plane + i] = f32::from(px[c]) * scale - shift;
+    debug_assert_eq!(hwc.len(), (crop * crop * 3) as usize);
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+    out.reserve(hwc.len());
+    for px in hwc.chunks_exact(3) {
+        for c in 0..3 {
+            out.push(f32::from(px[c]) * scale[c] - shift[c]);
         }
     }
 }
@@ -272,6 +297,15 @@ mod tests {
         assert_eq!(resized_size(427, 640, 256), (256, 383)); // portrait
         assert_eq!(resized_size(512, 512, 256), (256, 256));
         assert_eq!(resized_size(1920, 1080, 256), (455, 256));
+    }
+
+    #[test]
+    fn scaled_decode_keeps_the_shorter_side_at_least_the_resize_target() {
+        assert_eq!(scale_denominator(1920, 1080, 256), 4); // 480x270
+        assert_eq!(scale_denominator(4000, 3000, 256), 8); // 500x375
+        assert_eq!(scale_denominator(640, 427, 256), 1); // 214 < 256 at 1/2
+        assert_eq!(scale_denominator(512, 512, 256), 2);
+        assert_eq!(scale_denominator(300, 200, 256), 1);
     }
 
     #[test]

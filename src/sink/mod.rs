@@ -20,6 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::config::InboxConfig;
 use crate::error::{Fatal, ImageError};
 use crate::infer::{BatchDone, Outcome};
+use crate::metrics::{Stage, StageTimes};
 use crate::queue::InFlight;
 use record::Record;
 use result_log::ResultLog;
@@ -56,6 +57,7 @@ impl Sink {
         in_flight: InFlight,
         rx: Receiver<BatchDone>,
         in_flight_max: usize,
+        times: StageTimes,
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open(csv, top_k)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", csv.display()), e))?;
@@ -71,6 +73,7 @@ impl Sink {
             sidecars: Vec::new(),
             backoff: Backoff::default(),
             totals: Totals::default(),
+            times,
         };
         let handle = std::thread::Builder::new()
             .name("sink".into())
@@ -149,6 +152,7 @@ struct Writer {
     sidecars: Vec<(Record, PathBuf)>,
     backoff: Backoff,
     totals: Totals,
+    times: StageTimes,
 }
 
 impl Writer {
@@ -208,6 +212,12 @@ impl Writer {
 
     /// Writes pending rows, then pending sidecars (only once their rows are safely in the log).
     fn flush(&mut self) {
+        let t = Instant::now();
+        self.write_pending();
+        self.times.add(Stage::Write, t.elapsed());
+    }
+
+    fn write_pending(&mut self) {
         if !self.rows.is_empty() {
             match self.log.append(&self.rows) {
                 Ok(()) => self.rows.clear(),

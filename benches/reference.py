@@ -1,0 +1,94 @@
+#!/usr/bin/python3
+"""The reference pipeline labeld replaces: PIL + torchvision transforms + PyTorch, one image at a time.
+
+For every image in a folder: PIL open → RGB → Resize(256) → CenterCrop(224) → ToTensor → Normalize →
+the same TorchScript model, batch 1 → softmax top-3 → JSON sidecar beside the image + a CSV row.
+Prints one JSON line of figures (images/s, per-stage ms per image) on stdout.
+
+  /usr/bin/python3 benches/reference.py MODEL FOLDER CSV [--threads 2]
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+from PIL import Image
+from torchvision import transforms
+
+LABELS = os.path.join(os.path.dirname(__file__), "..", "src", "infer", "imagenet_classes.txt")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("folder")
+    ap.add_argument("csv")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    labels = open(LABELS).read().splitlines()
+    model = torch.jit.load(args.model).eval()
+    name = os.path.splitext(os.path.basename(os.path.realpath(args.model)))[0]
+    resize = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    to_tensor = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    )
+    files = sorted(
+        os.path.join(args.folder, f)
+        for f in os.listdir(args.folder)
+        if f.lower().endswith((".jpg", ".jpeg", ".png")) and not f.startswith(".")
+    )
+    with torch.no_grad():  # warm-up, as a long-running service would be
+        for _ in range(2):
+            model(torch.zeros(1, 3, 224, 224))
+    stages = {"read": 0.0, "decode": 0.0, "resize": 0.0, "inference": 0.0, "write": 0.0}
+    new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
+    out = open(args.csv, "a", newline="")
+    w = csv.writer(out)
+    if new:
+        w.writerow(["time", "path", "status", "class1", "label1", "score1", "class2", "label2", "score2",
+                    "class3", "label3", "score3", "latency_ms", "error", "model"])
+    start = time.perf_counter()
+    for path in files:
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            data = f.read()
+        t1 = time.perf_counter()
+        import io
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        t2 = time.perf_counter()
+        x = to_tensor(resize(img)).unsqueeze(0)
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            probs = model(x).softmax(1)[0]
+        top = probs.topk(3)
+        t4 = time.perf_counter()
+        ids, scores = top.indices.tolist(), top.values.tolist()
+        rec = {"path": path, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": name,
+               "status": "ok",
+               "top": [{"rank": i + 1, "class_id": c, "label": labels[c], "score": round(s, 6)}
+                       for i, (c, s) in enumerate(zip(ids, scores))],
+               "latency_ms": round((time.perf_counter() - t0) * 1e3, 1)}
+        tmp = path + ".json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec, f)
+        os.replace(tmp, path + ".json")
+        row = [rec["time"], path, "ok"]
+        for c, s in zip(ids, scores):
+            row += [c, labels[c], f"{s:.6f}"]
+        w.writerow(row + [rec["latency_ms"], "", name])
+        out.flush()
+        t5 = time.perf_counter()
+        for k, a, b in (("read", t0, t1), ("decode", t1, t2), ("resize", t2, t3), ("inference", t3, t4), ("write", t4, t5)):
+            stages[k] += b - a
+    secs = time.perf_counter() - start
+    n = len(files)
+    print(json.dumps({"images": n, "seconds": round(secs, 3), "images_per_s": round(n / secs, 2),
+                      "ms_per_image": {k: round(v / n * 1e3, 2) for k, v in stages.items()}}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
