@@ -39,10 +39,6 @@ impl InFlight {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(p);
     }
 
-    pub fn contains(&self, p: &Path) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(p)
-    }
-
     pub fn len(&self) -> usize {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

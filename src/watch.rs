@@ -359,9 +359,7 @@ async fn event_loop(
                 Err(e) if is_watch_limit(&e) => {
                     // A new sub-folder could not be watched: find its files by scanning.
                     tracing::error!(error = %e, "inotify watch limit reached: raise fs.inotify.max_user_watches; rescanning");
-                    for i in 0..inboxes.len() {
-                        spawn_scan(&inboxes, i, inboxes[i].path.clone(), scan_tx.clone(), false);
-                    }
+                    rescan_all(&inboxes, &scan_tx);
                 }
                 Err(e) => tracing::error!(error = %e, "file watcher error"),
             },
@@ -408,9 +406,7 @@ fn handle_event(
 ) {
     if ev.need_rescan() {
         tracing::warn!("file watcher lost events; rescanning every inbox");
-        for i in 0..inboxes.len() {
-            spawn_scan(inboxes, i, inboxes[i].path.clone(), scan_tx.clone(), false);
-        }
+        rescan_all(inboxes, scan_tx);
         return;
     }
     let ready_now = |path: &Path, settler: &mut Settler| {
@@ -478,6 +474,12 @@ fn handle_event(
             }
         }
         _ => {}
+    }
+}
+
+fn rescan_all(inboxes: &Arc<Vec<InboxConfig>>, scan_tx: &tokio::sync::mpsc::UnboundedSender<(usize, Scan)>) {
+    for (i, ib) in inboxes.iter().enumerate() {
+        spawn_scan(inboxes, i, ib.path.clone(), scan_tx.clone(), false);
     }
 }
 

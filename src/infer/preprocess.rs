@@ -62,12 +62,6 @@ impl Preprocessor {
         Ok(())
     }
 
-    /// The resized, center-cropped RGB bytes (HWC), before normalization.
-    pub fn crop_rgb(&mut self, bytes: &[u8]) -> Result<Vec<u8>, ImageError> {
-        let rgb = self.decode_rgb(bytes)?;
-        self.resize_and_crop(rgb)
-    }
-
     fn decode_rgb(&mut self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
         if bytes.is_empty() {
             return Err(ImageError::Empty);

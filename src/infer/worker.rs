@@ -1,4 +1,5 @@
-//! Worker threads: each owns one `Classifier` and loops batch → preprocess → infer → send.
+//! Worker threads: each owns one `Classifier` and runs batches through it, while a helper thread of
+//! its own reads, decodes and resizes the next batch.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
