@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages labeld needs to build (libturbojpeg, pkg-config) and to export the model
-# (python3-torch, python3-torchvision). Installs only what is missing; a no-op once done.
+# Debian packages labeld needs to build (libturbojpeg, pkg-config), to export the model
+# (python3-torch, python3-torchvision) and to measure peak memory in `make bench` (time).
+# Installs only what is missing; a no-op once done.
 set -euo pipefail
 
-PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision)
+PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision time)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
