@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "labeld")
 MODEL = os.path.join(ROOT, "models", "default.pt")
 CACHE = os.path.expanduser("~/.cache/labeld/bench")
+# config/labeld.toml's [workers] settings (the shipped default).
+WORKERS = "count = 2\nthreads = 1\nmax_batch = 1\n"
 
 
 def photos(name, count, size):
@@ -46,7 +48,7 @@ def timed(cmd, **kw):
 def config(path, inbox, csv_path, precision="fp32", scaled=False, extra=""):
     with open(path, "w") as f:
         f.write(f'[model]\npath = "{MODEL}"\nprecision = "{precision}"\nscaled_decode = {str(scaled).lower()}\n'
-                f'[[inbox]]\npath = "{inbox}"\n[output]\ncsv = "{csv_path}"\n[workers]\nthreads = 2\n{extra}')
+                f'[[inbox]]\npath = "{inbox}"\n[output]\ncsv = "{csv_path}"\n[workers]\n{WORKERS}{extra}')
 
 
 def run_labeld(src, tmp, name, **cfg):
