@@ -44,7 +44,7 @@ struct RawModel {
     top_k: usize,
     #[serde(default)]
     precision: Precision,
-    #[serde(default = "yes")]
+    #[serde(default)]
     scaled_decode: bool,
 }
 
@@ -572,6 +572,7 @@ mod tests {
         assert_eq!(c.workers.max_batch, 8);
         assert_eq!(c.workers.queue, 1024);
         assert_eq!(c.model.preprocess.max_pixels, 100_000_000);
+        assert!(!c.model.preprocess.scaled_decode, "the exact decode path is the default");
     }
 
     #[test]
