@@ -223,6 +223,21 @@ pub struct Preprocess {
     pub scaled_decode: bool,
 }
 
+impl Default for Preprocess {
+    /// The same values a config file gets when it leaves the keys out.
+    fn default() -> Self {
+        Preprocess {
+            resize: default_resize(),
+            crop: default_crop(),
+            mean: default_mean(),
+            std: default_std(),
+            max_pixels: default_max_pixels(),
+            max_file_bytes: default_max_file_mb() * 1024 * 1024,
+            scaled_decode: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct InboxConfig {
     pub path: PathBuf,
@@ -573,6 +588,7 @@ mod tests {
         assert_eq!(c.workers.queue, 1024);
         assert_eq!(c.model.preprocess.max_pixels, 100_000_000);
         assert!(!c.model.preprocess.scaled_decode, "the exact decode path is the default");
+        assert_eq!(c.model.preprocess, Preprocess::default());
     }
 
     #[test]

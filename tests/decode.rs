@@ -8,15 +8,7 @@ use labeld::error::ImageError;
 use labeld::infer::preprocess::{Preprocessor, jpeg_orientation, read_image_file};
 
 fn cfg() -> Preprocess {
-    Preprocess {
-        resize: 64,
-        crop: 56,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-        max_pixels: 100_000_000,
-        max_file_bytes: 1 << 30,
-        scaled_decode: true,
-    }
+    Preprocess { resize: 64, crop: 56, scaled_decode: true, ..Preprocess::default() }
 }
 
 fn tensor(bytes: &[u8]) -> Vec<f32> {

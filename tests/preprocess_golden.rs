@@ -28,9 +28,8 @@ fn preprocess_cfg(g: &Value) -> Preprocess {
         crop: g["crop"].as_u64().unwrap() as u32,
         mean: arr("mean"),
         std: arr("std"),
-        max_pixels: 100_000_000,
-        max_file_bytes: 1 << 30,
         scaled_decode: false, // the exact path
+        ..Preprocess::default()
     }
 }
 

@@ -10,11 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let mut pre = Preprocessor::new(Preprocess {
         resize: 64,
         crop: 56,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
         max_pixels: 4_000_000,
         max_file_bytes: 1 << 24,
         scaled_decode: true,
+        ..Preprocess::default()
     });
     let mut out = Vec::new();
     if pre.process(data, &mut out).is_ok() {
