@@ -332,8 +332,7 @@ fn a_model_that_does_not_fit_the_labels_is_fatal_with_exit_1() {
     let s = Setup::new("channel_mean", "");
     let labels = s.dir.path().join("labels.txt");
     std::fs::write(&labels, "ok\ndefect\n").unwrap();
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("[model]\n", "[model]\nlabels = \"labels.txt\"\n");
-    std::fs::write(&s.config, text).unwrap();
+    s.edit_config("[model]\n", "[model]\nlabels = \"labels.txt\"\n");
     let out = s.run_once();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -48,8 +48,7 @@ fn slow_writer(path: &Path, bytes: &[u8], reopen: bool) {
 fn a_slowly_written_jpeg_gets_exactly_one_ok_sidecar_after_its_last_chunk() {
     let s = Setup::new("channel_mean", "");
     // The default settle interval, shorter than the writer's pauses between chunks.
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("settle_ms = 200", "settle_ms = 500");
-    std::fs::write(&s.config, text).unwrap();
+    s.edit_config("settle_ms = 200", "settle_ms = 500");
     let d = s.spawn_daemon();
     let bytes = photo("coffee.jpg");
     for (name, reopen) in [("reopening.jpg", true), ("held-open.jpg", false)] {
@@ -184,8 +183,7 @@ fn five_thousand_files_through_a_queue_of_16_are_all_labelled() {
 #[test]
 fn a_polled_inbox_is_labelled_without_inotify() {
     let s = Setup::new("channel_mean", "");
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("settle_ms = 200\n", "settle_ms = 200\npoll = true\npoll_interval_ms = 100\n");
-    std::fs::write(&s.config, text).unwrap();
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\npoll = true\npoll_interval_ms = 100\n");
     let d = s.spawn_daemon();
     assert!(d.log_text().contains("polling"), "{}", d.log_text());
     solid(&s.inbox.join("net.png"), BLUE, 20, 20);
@@ -196,8 +194,7 @@ fn a_polled_inbox_is_labelled_without_inotify() {
 #[test]
 fn failed_images_go_to_quarantine_once_and_are_not_retried() {
     let s = Setup::new("channel_mean", "");
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("settle_ms = 200\n", "settle_ms = 200\nquarantine = \"rejects\"\n");
-    std::fs::write(&s.config, text).unwrap();
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\nquarantine = \"rejects\"\n");
     std::fs::create_dir(s.inbox.join("line1")).unwrap();
     std::fs::write(s.inbox.join("line1/broken.jpg"), b"\xFF\xD8\xFF garbage").unwrap();
     solid(&s.inbox.join("line1/fine.png"), RED, 10, 10);
@@ -245,8 +242,7 @@ fn links_and_special_files_are_skipped_with_a_log_line() {
 fn an_animated_gif_is_labelled_by_its_first_frame() {
     use image::codecs::gif::GifEncoder;
     let s = Setup::new("channel_mean", "");
-    let text = std::fs::read_to_string(&s.config).unwrap().replace("[[inbox]]\n", "[[inbox]]\ninclude = [\"*.gif\"]\n");
-    std::fs::write(&s.config, text).unwrap();
+    s.edit_config("[[inbox]]\n", "[[inbox]]\ninclude = [\"*.gif\"]\n");
     let f = std::fs::File::create(s.inbox.join("anim.gif")).unwrap();
     let mut enc = GifEncoder::new(f);
     for c in [RED, BLUE, BLUE] {

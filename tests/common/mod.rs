@@ -128,6 +128,13 @@ impl Setup {
         Setup { csv: dir.path().join("results.csv"), dir, config, inbox, model: model_path }
     }
 
+    /// Replaces `from` with `to` in the config file; `from` must be there.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains(from), "{from:?} is not in the test config:\n{text}");
+        std::fs::write(&self.config, text.replacen(from, to, 1)).unwrap();
+    }
+
     /// Replaces the `[workers]` section's settings.
     pub fn with_workers(self, workers: &str) -> Setup {
         let text = std::fs::read_to_string(&self.config).unwrap();
