@@ -3,51 +3,90 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::Fatal;
-use crate::infer::BatchDone;
+use crate::health::Health;
 use crate::infer::labels::Labels;
 use crate::infer::worker::Workers;
-use crate::metrics::StageTimes;
-use crate::queue::{self, InFlight};
+use crate::infer::{BatchDone, LiveSettings};
+use crate::metrics::Metrics;
+use crate::queue::{self, InFlight, QueueSender};
+use crate::reload;
 use crate::shutdown::Shutdown;
+use crate::sink::recent::Recent;
 use crate::sink::record::{Record, Status};
-use crate::sink::{Sink, Totals};
+use crate::sink::{OutputSettings, Sink, SinkControl, Totals};
+use crate::systemd::Systemd;
 use crate::watch::{self, Feeder, Watch};
 
-/// `labeld run`: label the backlog, then (unless `once`) watch the inboxes until SIGTERM/SIGINT.
+/// `labeld run`: label the backlog, then (unless `once`) watch the inboxes until SIGTERM/SIGINT,
+/// re-reading the config on SIGHUP.
 pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let shutdown = Shutdown::new();
-    let times = StageTimes::default();
-    let labels = Arc::new(Labels::load(&config.model.labels)?);
+    let metrics = Metrics::new();
+    let health = Health::new();
+    let systemd = Systemd::from_env();
+    let recent = Recent::default();
+    let labels = Arc::new(Labels::load(&config.model.labels, config.model.labels_lang)?);
+    let thumbnails = config.http.is_some() && !once;
+    let live = LiveSettings::new(reload::infer_settings(&config, labels, thumbnails));
     let in_flight = InFlight::default();
     let (queue_tx, queue_rx) = queue::bounded(config.workers.queue, in_flight.clone(), shutdown.clone());
+    {
+        let (depth, in_flight) = (queue_rx.clone(), in_flight.clone());
+        metrics.observe_queue(move || depth.len(), move || in_flight.len());
+    }
+    metrics.set_model(&config.model.name, config.model.precision.as_str());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
     let sink = Sink::start(
-        &config.csv,
-        config.model.top_k,
-        config.model.name.clone(),
-        config.inboxes.clone(),
+        OutputSettings::from_config(&config),
         in_flight,
         done_rx,
         config.workers.count * config.workers.max_batch * 2,
-        times.clone(),
+        metrics.clone(),
+        recent.clone(),
     )?;
-    let reopen = sink.reopen_handle();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let sink_control = sink.control();
     shutdown
-        .trigger_on_signals(move || reopen.request())
+        .trigger_on_signals(move || {
+            sink_control.reopen();
+            let _ = reload_tx.send(());
+        })
         .map_err(|e| Fatal::io("cannot install signal handlers", e))?;
-    let workers =
-        Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown.clone(), times.clone())?;
+    let workers = Workers::start(
+        live.clone(),
+        &config.workers,
+        queue_rx,
+        done_tx,
+        shutdown.clone(),
+        metrics.clone(),
+        health.clone(),
+    )?;
+    let upload_queue = queue_tx.clone();
     let feeder = Feeder::start(queue_tx)?;
     let started = Instant::now();
 
     if once {
+        drop(upload_queue);
+        let progress = crate::progress::bar(None);
+        let ticker = progress.clone().map(|pb| spawn_progress(pb, metrics.clone(), shutdown.clone()));
         let found = watch::scan_backlog(&config.inboxes, &feeder.sender(), &shutdown);
+        if let Some(pb) = &progress {
+            pb.set_length(found as u64);
+        }
         tracing::info!(images = found, "backlog queued");
         feeder.finish(); // closes the queue once everything is in it: workers drain it and stop
+        workers.join();
+        shutdown.trigger(); // stops the progress ticker
+        if let Some(t) = ticker {
+            let _ = t.join();
+        }
+        if let Some(pb) = progress {
+            pb.finish();
+        }
     } else {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -55,16 +94,20 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             .enable_all()
             .build()
             .map_err(|e| Fatal::io("cannot start the async runtime", e))?;
-        runtime.block_on(async {
-            let watch = Watch::start(config.inboxes.clone(), feeder.sender(), shutdown.clone())?;
-            tracing::info!("ready");
-            shutdown.wait().await;
-            watch.join().await;
-            Ok::<(), Fatal>(())
-        })?;
+        let control = Control {
+            config,
+            live,
+            sink: sink.control(),
+            feeder: feeder.sender(),
+            metrics: metrics.clone(),
+            systemd,
+            thumbnails,
+            watch: None,
+        };
+        runtime.block_on(serve(control, upload_queue, health, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
+        workers.join();
     }
-    workers.join();
     let totals = sink.join();
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -74,20 +117,155 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         images_per_s = format!("{:.1}", (totals.ok + totals.errors) as f64 / secs.max(1e-9)),
         "stopped"
     );
-    tracing::info!(model = %config.model.name, precision = config.model.precision.as_str(), "ms per image: {}", times.per_image(totals.ok + totals.errors));
+    tracing::info!("ms per image: {}", metrics.times.per_image(totals.ok + totals.errors));
     Ok(totals)
+}
+
+/// The running service: watches, HTTP and systemd notifications; applies SIGHUP reloads until
+/// shutdown.
+async fn serve(
+    mut control: Control,
+    upload_queue: QueueSender,
+    health: Health,
+    recent: Recent,
+    mut reload_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+    shutdown: Shutdown,
+) -> Result<(), Fatal> {
+    let http = match control.config.http.clone() {
+        Some(cfg) => {
+            let state = crate::http::HttpState {
+                metrics: control.metrics.clone(),
+                health: health.clone(),
+                recent,
+                queue: upload_queue,
+                live: control.live.clone(),
+                stall_limit: Systemd::stall_limit(),
+                token: cfg.token.as_deref().map(Arc::from),
+            };
+            Some(crate::http::serve(&cfg, state, shutdown.clone()).await?)
+        }
+        None => {
+            drop(upload_queue);
+            None
+        }
+    };
+    control.start_watch()?;
+    health.set_ready(true);
+    tracing::info!("ready");
+    control.systemd.ready(&crate::systemd::summary(&control.metrics));
+    let supervisor = control.systemd.supervise(health.clone(), control.metrics.clone(), shutdown.clone());
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            Some(()) = reload_rx.recv() => control.reload().await,
+        }
+    }
+    control.systemd.stopping();
+    health.set_ready(false);
+    control.stop_watch().await;
+    if let Some(h) = http {
+        // Waits for open requests; /predict ones end when the workers stop.
+        if tokio::time::timeout(Duration::from_secs(10), h).await.is_err() {
+            tracing::warn!("HTTP requests still open after 10 s; closing them");
+        }
+    }
+    if let Some(s) = supervisor {
+        let _ = tokio::task::spawn_blocking(move || s.join()).await;
+    }
+    Ok(())
+}
+
+/// What a reload touches.
+struct Control {
+    config: Config,
+    live: LiveSettings,
+    sink: SinkControl,
+    feeder: crossbeam_channel::Sender<queue::ReadyFile>,
+    metrics: Metrics,
+    systemd: Systemd,
+    thumbnails: bool,
+    watch: Option<(Watch, Shutdown)>,
+}
+
+impl Control {
+    fn start_watch(&mut self) -> Result<(), Fatal> {
+        let stop = Shutdown::new();
+        let watch = Watch::start(self.config.inboxes.clone(), self.feeder.clone(), stop.clone())?;
+        self.watch = Some((watch, stop));
+        Ok(())
+    }
+
+    async fn stop_watch(&mut self) {
+        if let Some((watch, stop)) = self.watch.take() {
+            stop.trigger();
+            watch.join().await;
+        }
+    }
+
+    /// SIGHUP: reopen the results log, then re-read the config and apply it, or keep the running one.
+    async fn reload(&mut self) {
+        self.systemd.reloading();
+        let (old, thumbnails) = (self.config.clone(), self.thumbnails);
+        let file = old.file.clone();
+        let prepared = tokio::task::spawn_blocking(move || reload::prepare(&old, &file, thumbnails)).await;
+        let r = match prepared {
+            Ok(Ok(r)) => r,
+            Ok(Err(reason)) => {
+                tracing::error!(config = %self.config.file.display(), "config reload rejected, the running config stays: {reason}");
+                self.metrics.reload("rejected");
+                self.systemd.ready(&crate::systemd::summary(&self.metrics));
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed, the running config stays");
+                self.metrics.reload("rejected");
+                self.systemd.ready(&crate::systemd::summary(&self.metrics));
+                return;
+            }
+        };
+        self.live.set(r.settings);
+        self.sink.reconfigure(r.output);
+        self.metrics.set_model(&r.config.model.name, r.config.model.precision.as_str());
+        self.config = r.config;
+        if r.inboxes_changed {
+            self.stop_watch().await;
+            if let Err(e) = self.start_watch() {
+                // The queue, workers and sink keep running; files arriving now are found by the next
+                // reload's or restart's scan.
+                tracing::error!(error = %e, "cannot watch the new inboxes");
+            }
+        }
+        self.metrics.reload("applied");
+        let changed = if r.changed.is_empty() { "nothing".to_string() } else { r.changed.join(" ") };
+        tracing::info!(changed = %changed, "config reloaded");
+        self.systemd.ready(&crate::systemd::summary(&self.metrics));
+    }
+}
+
+/// Advances `pb` from the metrics until shutdown.
+fn spawn_progress(pb: indicatif::ProgressBar, metrics: Metrics, shutdown: Shutdown) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        loop {
+            pb.set_position(metrics.images("ok") + metrics.images("error"));
+            if shutdown.is_triggered() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
 }
 
 /// `labeld classify`: label files and folders now, print one JSON record per image to stdout, write
 /// nothing else. Returns how many images could not be labelled.
 pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     let shutdown = Shutdown::new();
-    let labels = Arc::new(Labels::load(&config.model.labels)?);
+    let labels = Arc::new(Labels::load(&config.model.labels, config.model.labels_lang)?);
     let files = expand(&config, paths)?;
+    let progress = crate::progress::bar(Some(files.len() as u64));
     let (queue_tx, queue_rx) = queue::bounded(config.workers.queue, InFlight::default(), shutdown.clone());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
-    let workers =
-        Workers::start(&config.model, &config.workers, labels, queue_rx, done_tx, shutdown, StageTimes::default())?;
+    let live = LiveSettings::new(reload::infer_settings(&config, labels, false));
+    let workers = Workers::start(live, &config.workers, queue_rx, done_tx, shutdown, Metrics::new(), Health::new())?;
     let feeder = std::thread::spawn(move || {
         for f in files {
             queue_tx.push(queue::ReadyFile::new(f));
@@ -98,7 +276,7 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     for batch in done_rx {
         let mut out = stdout.lock();
         for o in &batch.outcomes {
-            let r = Record::new(o, &config.model.name, Instant::now());
+            let r = Record::new(o, &batch.model, batch.min_score, Instant::now());
             match r.status {
                 Status::Ok => totals.ok += 1,
                 Status::Error => totals.errors += 1,
@@ -107,6 +285,12 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
             writeln!(out, "{line}").map_err(|e| Fatal::io("cannot write to stdout", e))?;
         }
         out.flush().map_err(|e| Fatal::io("cannot write to stdout", e))?;
+        if let Some(pb) = &progress {
+            pb.inc(batch.outcomes.len() as u64);
+        }
+    }
+    if let Some(pb) = progress {
+        pb.finish();
     }
     let _ = feeder.join();
     workers.join();

@@ -23,6 +23,7 @@ struct RawConfig {
     workers: RawWorkers,
     #[serde(default)]
     limits: RawLimits,
+    http: Option<RawHttp>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +47,47 @@ struct RawModel {
     precision: Precision,
     #[serde(default)]
     scaled_decode: bool,
+    #[serde(default)]
+    labels_lang: LabelsLang,
+    min_score: Option<f32>,
+}
+
+/// Language of the built-in ImageNet class names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelsLang {
+    #[default]
+    En,
+    /// Simplified Chinese; sidecars and CSV rows then carry the English name as well.
+    Zh,
+}
+
+impl LabelsLang {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelsLang::En => "en",
+            LabelsLang::Zh => "zh",
+        }
+    }
+}
+
+/// What happens to an image once it is labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawOnDone {
+    #[default]
+    Keep,
+    Move,
+    Delete,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: String,
+    token: Option<String>,
+    #[serde(default = "default_max_body_mb")]
+    max_body_mb: u64,
 }
 
 /// Numeric precision of inference.
@@ -83,6 +125,9 @@ struct RawInbox {
     poll: bool,
     #[serde(default = "default_poll_interval_ms")]
     poll_interval_ms: u64,
+    #[serde(default)]
+    on_done: RawOnDone,
+    done_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +235,9 @@ fn default_max_pixels() -> u64 {
 fn default_max_file_mb() -> u64 {
     512
 }
+fn default_max_body_mb() -> u64 {
+    32
+}
 
 /// Where class names come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +255,26 @@ pub struct ModelConfig {
     pub preprocess: Preprocess,
     pub top_k: usize,
     pub precision: Precision,
+    pub labels_lang: LabelsLang,
+    /// Results whose top-1 score is below this are marked `confident: false`.
+    pub min_score: Option<f32>,
+}
+
+impl ModelConfig {
+    /// Whether switching from `self` to `other` needs the model file loaded again.
+    pub fn needs_reload(&self, other: &ModelConfig) -> bool {
+        self.path != other.path
+            || self.precision != other.precision
+            || self.preprocess.crop != other.preprocess.crop
+            || model_identity(&self.path) != model_identity(&other.path)
+    }
+}
+
+/// The model file as it is on disk now (a replaced file or a re-pointed link counts as a change).
+fn model_identity(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.modified().ok()?))
 }
 
 /// Resize (shorter side) → center crop → normalize, as torchvision does it.
@@ -252,6 +320,28 @@ pub struct InboxConfig {
     /// Poll instead of inotify (network filesystems), every `poll_interval`.
     pub poll: bool,
     pub poll_interval: Duration,
+    /// What to do with an image once it has its result (errors stay, or go to quarantine).
+    pub on_done: OnDone,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnDone {
+    /// Image and sidecar stay in the inbox.
+    Keep,
+    /// Image and sidecar move to this folder (same relative path).
+    Move(PathBuf),
+    /// Image and sidecar are deleted; the CSV row is the record.
+    Delete,
+}
+
+impl OnDone {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnDone::Keep => "keep",
+            OnDone::Move(_) => "move",
+            OnDone::Delete => "delete",
+        }
+    }
 }
 
 impl InboxConfig {
@@ -299,6 +389,16 @@ pub struct Config {
     pub inboxes: Vec<InboxConfig>,
     pub csv: PathBuf,
     pub workers: WorkersConfig,
+    pub http: Option<HttpConfig>,
+}
+
+/// The optional HTTP endpoint: metrics, health, /predict and the status page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConfig {
+    pub listen: std::net::SocketAddr,
+    /// Bearer token every request except /healthz and /readyz must carry. Required off loopback.
+    pub token: Option<String>,
+    pub max_body_bytes: usize,
 }
 
 impl Config {
@@ -349,7 +449,10 @@ impl Config {
         };
         let mut s = format!("# {} (resolved)\n[model]\npath = {}\nname = {}\nlabels = {labels}\n", self.file.display(), q(&m.path), toml::Value::String(m.name.clone()));
         s += &format!("resize = {}\ncrop = {}\nmean = {:?}\nstd = {:?}\ntop_k = {}\n", p.resize, p.crop, p.mean, p.std, m.top_k);
-        s += &format!("precision = \"{}\"\nscaled_decode = {}\n", m.precision.as_str(), p.scaled_decode);
+        s += &format!("precision = \"{}\"\nscaled_decode = {}\nlabels_lang = \"{}\"\n", m.precision.as_str(), p.scaled_decode, m.labels_lang.as_str());
+        if let Some(min) = m.min_score {
+            s += &format!("min_score = {min}\n");
+        }
         for ib in &self.inboxes {
             let include: Vec<String> = ib.include.iter().map(|i| toml::Value::String(i.clone()).to_string()).collect();
             s += &format!(
@@ -364,6 +467,10 @@ impl Config {
             if let Some(qd) = &ib.quarantine {
                 s += &format!("quarantine = {}\n", q(qd));
             }
+            s += &format!("on_done = \"{}\"\n", ib.on_done.as_str());
+            if let OnDone::Move(d) = &ib.on_done {
+                s += &format!("done_dir = {}\n", q(d));
+            }
         }
         let w = &self.workers;
         s += &format!("\n[output]\ncsv = {}\n", q(&self.csv));
@@ -372,6 +479,12 @@ impl Config {
             w.count, w.threads, w.max_batch, w.max_delay.as_millis(), w.queue
         );
         s += &format!("\n[limits]\nmax_pixels = {}\nmax_file_mb = {}\n", p.max_pixels, p.max_file_bytes / (1024 * 1024));
+        if let Some(h) = &self.http {
+            s += &format!("\n[http]\nlisten = \"{}\"\nmax_body_mb = {}\n", h.listen, h.max_body_bytes / (1024 * 1024));
+            if h.token.is_some() {
+                s += "token = \"(set, not shown)\"\n";
+            }
+        }
         s
     }
 }
@@ -428,6 +541,12 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
     };
     let labels = match m.labels.as_str() {
         "imagenet" => LabelSource::ImageNet,
+        _ if m.labels_lang != LabelsLang::En => {
+            return Err(err(
+                "[model] labels_lang",
+                "selects a language of the built-in ImageNet labels; with a label file of your own, write the file in the language you want".into(),
+            ));
+        }
         p => {
             let path = absolute(base, Path::new(p));
             if !path.is_file() {
@@ -453,6 +572,11 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
     }
     if m.top_k == 0 || m.top_k > 100 {
         return Err(err("[model] top_k", format!("must be 1..=100, got {}", m.top_k)));
+    }
+    if let Some(min) = m.min_score {
+        if !(0.0..=1.0).contains(&min) {
+            return Err(err("[model] min_score", format!("must be between 0 and 1 (a probability), got {min}")));
+        }
     }
     if raw.limits.max_pixels == 0 {
         return Err(err("[limits] max_pixels", "must be > 0".into()));
@@ -483,15 +607,23 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         }
         let quarantine = ib.quarantine.map(|q| absolute(base, &q));
         if let Some(q) = &quarantine {
-            let rel = q.strip_prefix(&path).ok();
-            let hidden = rel.is_some_and(|r| r.components().next().is_some_and(|c| c.as_os_str().to_string_lossy().starts_with('.')));
-            if rel.is_some() && !hidden {
-                return Err(err(
-                    &key("quarantine"),
-                    format!("{} is inside the inbox; use a folder outside it or a dot-folder such as \".quarantine\"", q.display()),
-                ));
-            }
+            check_side_folder(&path, q).map_err(|reason| err(&key("quarantine"), reason))?;
         }
+        let on_done = match (ib.on_done, ib.done_dir) {
+            (RawOnDone::Move, Some(d)) => {
+                let d = absolute(base, &d);
+                check_side_folder(&path, &d).map_err(|reason| err(&key("done_dir"), reason))?;
+                OnDone::Move(d)
+            }
+            (RawOnDone::Move, None) => {
+                return Err(err(&key("done_dir"), "on_done = \"move\" needs done_dir, the folder labelled images move to".into()));
+            }
+            (_, Some(_)) => {
+                return Err(err(&key("done_dir"), "is only used with on_done = \"move\"".into()));
+            }
+            (RawOnDone::Keep, None) => OnDone::Keep,
+            (RawOnDone::Delete, None) => OnDone::Delete,
+        };
         if ib.poll_interval_ms < 50 || ib.poll_interval_ms > 3_600_000 {
             return Err(err(&key("poll_interval_ms"), format!("must be 50..=3600000, got {}", ib.poll_interval_ms)));
         }
@@ -504,6 +636,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             quarantine,
             poll: ib.poll,
             poll_interval: Duration::from_millis(ib.poll_interval_ms),
+            on_done,
         });
     }
 
@@ -511,7 +644,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
     if w.count == 0 || w.count > 64 {
         return Err(err("[workers] count", format!("must be 1..=64, got {}", w.count)));
     }
-    let threads = w.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = w.threads.unwrap_or_else(|| (cpu_budget() / w.count).max(1));
     if threads == 0 || threads > 256 {
         return Err(err("[workers] threads", format!("must be 1..=256, got {threads}")));
     }
@@ -530,6 +663,26 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         return Err(err("[output] csv", format!("{} is a directory; name a file", csv.display())));
     }
 
+    let http = match raw.http {
+        None => None,
+        Some(h) => {
+            let listen: std::net::SocketAddr = h.listen.parse().map_err(|_| {
+                err("[http] listen", format!("\"{}\" is not an address:port such as \"127.0.0.1:9187\"", h.listen))
+            })?;
+            let token = h.token.filter(|t| !t.is_empty());
+            if !listen.ip().is_loopback() && token.is_none() {
+                return Err(err(
+                    "[http] token",
+                    format!("{listen} is reachable from other machines: set token = \"...\" (clients send Authorization: Bearer ...) or listen on 127.0.0.1"),
+                ));
+            }
+            if h.max_body_mb == 0 || h.max_body_mb > 1024 {
+                return Err(err("[http] max_body_mb", format!("must be 1..=1024, got {}", h.max_body_mb)));
+            }
+            Some(HttpConfig { listen, token, max_body_bytes: (h.max_body_mb * 1024 * 1024) as usize })
+        }
+    };
+
     Ok(Config {
         file: file.to_path_buf(),
         model: ModelConfig {
@@ -547,6 +700,8 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             },
             top_k: m.top_k,
             precision: m.precision,
+            labels_lang: m.labels_lang,
+            min_score: m.min_score,
         },
         inboxes,
         csv,
@@ -557,7 +712,46 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             max_delay: Duration::from_millis(w.max_delay_ms),
             queue: w.queue,
         },
+        http,
     })
+}
+
+/// A quarantine or done folder: outside the inbox, or a dot-folder inside it (which is never watched).
+fn check_side_folder(inbox: &Path, folder: &Path) -> Result<(), String> {
+    let rel = folder.strip_prefix(inbox).ok();
+    let hidden = rel.is_some_and(|r| r.components().next().is_some_and(|c| c.as_os_str().to_string_lossy().starts_with('.')));
+    if rel.is_some() && !hidden {
+        return Err(format!(
+            "{} is inside the inbox; use a folder outside it or a dot-folder such as \".done\"",
+            folder.display()
+        ));
+    }
+    Ok(())
+}
+
+/// CPUs this process may use: the cgroup v2 quota (`cpu.max`, e.g. systemd's CPUQuota=) when one is
+/// set, else the CPUs it may run on.
+pub fn cpu_budget() -> usize {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let quota = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| cgroup_v2_path(&c))
+        .and_then(|rel| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')).join("cpu.max")).ok())
+        .and_then(|m| cpus_from_cpu_max(&m));
+    quota.map_or(cpus, |q| q.min(cpus))
+}
+
+/// The unified hierarchy's line of /proc/self/cgroup: `0::/system.slice/labeld.service`.
+fn cgroup_v2_path(proc_cgroup: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
+}
+
+/// `cpu.max` is "max 100000" (no quota) or "<quota> <period>" in microseconds; 150000 100000 → 2.
+fn cpus_from_cpu_max(text: &str) -> Option<usize> {
+    let mut it = text.split_whitespace();
+    let quota: u64 = it.next()?.parse().ok()?;
+    let period: u64 = it.next()?.parse().ok()?;
+    (period > 0).then(|| quota.div_ceil(period).max(1) as usize)
 }
 
 #[cfg(test)]
@@ -681,9 +875,66 @@ mod tests {
     }
 
     #[test]
+    fn cpu_quota_is_read_from_cgroup_v2() {
+        assert_eq!(cpus_from_cpu_max("max 100000\n"), None);
+        assert_eq!(cpus_from_cpu_max("100000 100000\n"), Some(1));
+        assert_eq!(cpus_from_cpu_max("150000 100000\n"), Some(2));
+        assert_eq!(cpus_from_cpu_max("20000 100000\n"), Some(1));
+        assert_eq!(cgroup_v2_path("0::/system.slice/labeld.service\n").as_deref(), Some("/system.slice/labeld.service"));
+        assert_eq!(cgroup_v2_path("4:cpu,cpuacct:/x\n"), None);
+        assert!(cpu_budget() >= 1);
+    }
+
+    #[test]
+    fn on_done_move_needs_a_done_dir_outside_the_inbox() {
+        let (dir, file) = setup();
+        let e = Config::parse(&file, &format!("{MINIMAL}on_done = \"move\"\n")).unwrap_err();
+        assert_eq!(e.key, "[[inbox]] #1 done_dir");
+        let e = Config::parse(&file, &format!("{MINIMAL}on_done = \"move\"\ndone_dir = \"inbox/done\"\n")).unwrap_err();
+        assert_eq!(e.key, "[[inbox]] #1 done_dir");
+        let e = Config::parse(&file, &format!("{MINIMAL}done_dir = \"archive\"\n")).unwrap_err();
+        assert!(e.reason.contains("only used with"), "{e}");
+        let c = Config::parse(&file, &format!("{MINIMAL}on_done = \"move\"\ndone_dir = \"archive\"\n")).unwrap();
+        assert_eq!(c.inboxes[0].on_done, OnDone::Move(dir.path().join("archive")));
+        let c = Config::parse(&file, &format!("{MINIMAL}on_done = \"delete\"\n")).unwrap();
+        assert_eq!(c.inboxes[0].on_done, OnDone::Delete);
+        let e = Config::parse(&file, &format!("{MINIMAL}on_done = \"shred\"\n")).unwrap_err();
+        assert!(e.reason.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn http_off_loopback_needs_a_token() {
+        let (_dir, file) = setup();
+        let c = Config::parse(&file, &format!("{MINIMAL}[http]\nlisten = \"127.0.0.1:9187\"\n")).unwrap();
+        assert_eq!(c.http.unwrap().listen.port(), 9187);
+        let e = Config::parse(&file, &format!("{MINIMAL}[http]\nlisten = \"0.0.0.0:9187\"\n")).unwrap_err();
+        assert_eq!(e.key, "[http] token");
+        let c = Config::parse(&file, &format!("{MINIMAL}[http]\nlisten = \"0.0.0.0:9187\"\ntoken = \"s3cret\"\n")).unwrap();
+        assert_eq!(c.http.unwrap().token.as_deref(), Some("s3cret"));
+        let e = Config::parse(&file, &format!("{MINIMAL}[http]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert_eq!(e.key, "[http] listen");
+    }
+
+    #[test]
+    fn min_score_and_label_language_are_checked() {
+        let (_dir, file) = setup();
+        let m = "[model]\npath = \"models/resnet18.pt\"\n";
+        let e = Config::parse(&file, &format!("{m}min_score = 1.5\n")).unwrap_err();
+        assert_eq!(e.key, "[model] min_score");
+        let c = Config::parse(&file, &format!("{m}min_score = 0.4\nlabels_lang = \"zh\"\n")).unwrap();
+        assert_eq!((c.model.min_score, c.model.labels_lang), (Some(0.4), LabelsLang::Zh));
+        std::fs::write(file.with_file_name("l.txt"), "a\n").unwrap();
+        let e = Config::parse(&file, &format!("{m}labels = \"l.txt\"\nlabels_lang = \"zh\"\n")).unwrap_err();
+        assert_eq!(e.key, "[model] labels_lang");
+    }
+
+    #[test]
     fn the_resolved_config_reads_back_as_the_same_config() {
         let (dir, file) = setup();
-        let c = Config::parse(&file, &format!("{MINIMAL}[workers]\nthreads = 3\n")).unwrap();
+        let text = format!(
+            "[model]\npath = \"models/resnet18.pt\"\nmin_score = 0.25\nlabels_lang = \"zh\"\n[[inbox]]\npath = \"inbox\"\non_done = \"move\"\ndone_dir = \"inbox/.done\"\n[workers]\nthreads = 3\n[http]\nlisten = \"127.0.0.1:0\"\n"
+        );
+        let c = Config::parse(&file, &text).unwrap();
         let again = Config::parse(&dir.path().join("other.toml"), &c.describe()).unwrap();
         assert_eq!(again.describe().lines().skip(1).collect::<Vec<_>>(), c.describe().lines().skip(1).collect::<Vec<_>>());
         assert_eq!(again.workers.threads, 3);

@@ -1,14 +1,20 @@
 //! labeld: labels images as they arrive in inbox folders.
 //!
-//! The pipeline, in order: `config` → `watch` → `queue` → `infer` → `sink`. `app` wires the stages
-//! for each command.
+//! The pipeline, in order: `config` → `watch` → `queue` → `infer` → `sink`. Around it: `reload`
+//! (SIGHUP), `health` and `systemd` (readiness, watchdog), `http` (metrics, /predict, status page),
+//! `progress` (terminal progress bar). `app` wires them for each command.
 
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod health;
+pub mod http;
 pub mod infer;
 pub mod metrics;
+pub mod progress;
 pub mod queue;
+pub mod reload;
 pub mod shutdown;
 pub mod sink;
+pub mod systemd;
 pub mod watch;

@@ -1,9 +1,18 @@
-//! Where the time goes, per pipeline stage: shared counters every stage adds to, summarised when a
-//! run ends (and, later, exported).
+//! What labeld has done and where the time goes: counters every stage adds to, exported in the
+//! Prometheus text format at /metrics and summarised when a run ends.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -29,7 +38,7 @@ impl Stage {
 }
 
 /// Total time spent in each stage; cheap to clone and share.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, Debug)]
 pub struct StageTimes(Arc<[AtomicU64; 5]>);
 
 impl StageTimes {
@@ -48,5 +57,225 @@ impl StageTimes {
             .map(|s| format!("{}={:.2}", s.name(), self.total(*s).as_secs_f64() * 1e3 / images.max(1) as f64))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+}
+
+type LabelSet = Vec<(String, String)>;
+
+/// Every counter labeld exports. Clones share the same counters.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub times: StageTimes,
+    images: Family<LabelSet, Counter>,
+    pub batches: Counter,
+    pub batch_size: Histogram,
+    pub latency: Histogram,
+    pub csv_write_errors: Counter,
+    pub sidecar_write_errors: Counter,
+    reloads: Family<LabelSet, Counter>,
+    model_info: Family<LabelSet, Gauge>,
+    /// Queue depth, images in flight and the recent rate, read at scrape time.
+    live: Arc<LiveGauges>,
+}
+
+/// Values that are read when asked for rather than counted.
+#[derive(Default)]
+struct LiveGauges {
+    queue_depth: Mutex<Option<Box<dyn Fn() -> usize + Send + Sync>>>,
+    in_flight: Mutex<Option<Box<dyn Fn() -> usize + Send + Sync>>>,
+    recent: Mutex<VecDeque<Instant>>,
+}
+
+impl std::fmt::Debug for LiveGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveGauges")
+    }
+}
+
+/// The window `images_per_second` averages over.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("labeld");
+        let images = Family::<LabelSet, Counter>::default();
+        registry.register("images", "Images labelled, by result status", images.clone());
+        let batches = Counter::default();
+        registry.register("batches", "Forward passes run", batches.clone());
+        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        registry.register("batch_size", "Images per forward pass", batch_size.clone());
+        let latency = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register_with_unit(
+            "latency",
+            "From a file being complete to its result being written",
+            prometheus_client::registry::Unit::Seconds,
+            latency.clone(),
+        );
+        let csv_write_errors = Counter::default();
+        registry.register("csv_write_errors", "Failed writes to the CSV results log (retried)", csv_write_errors.clone());
+        let sidecar_write_errors = Counter::default();
+        registry.register("sidecar_write_errors", "Failed sidecar writes (retried)", sidecar_write_errors.clone());
+        let reloads = Family::<LabelSet, Counter>::default();
+        registry.register("config_reloads", "SIGHUP config reloads, by result", reloads.clone());
+        let model_info = Family::<LabelSet, Gauge>::default();
+        registry.register("model", "The model in use (value 1)", model_info.clone());
+        let times = StageTimes::default();
+        let live = Arc::new(LiveGauges::default());
+        registry.register_collector(Box::new(Collected { times: times.clone(), live: live.clone() }));
+        Metrics {
+            registry: Arc::new(registry),
+            times,
+            images,
+            batches,
+            batch_size,
+            latency,
+            csv_write_errors,
+            sidecar_write_errors,
+            reloads,
+            model_info,
+            live,
+        }
+    }
+
+    /// Where queue depth and in-flight counts are read from at scrape time.
+    pub fn observe_queue(
+        &self,
+        depth: impl Fn() -> usize + Send + Sync + 'static,
+        in_flight: impl Fn() -> usize + Send + Sync + 'static,
+    ) {
+        *self.live.queue_depth.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(depth));
+        *self.live.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(in_flight));
+    }
+
+    /// One image's result was written (or returned to an HTTP client).
+    pub fn image_done(&self, status: &str, latency: Duration) {
+        self.images.get_or_create(&vec![("status".into(), status.into())]).inc();
+        self.latency.observe(latency.as_secs_f64());
+        let now = Instant::now();
+        let mut recent = self.live.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.push_back(now);
+        while recent.front().is_some_and(|t| now.duration_since(*t) > RATE_WINDOW) {
+            recent.pop_front();
+        }
+    }
+
+    pub fn images(&self, status: &str) -> u64 {
+        self.images.get_or_create(&vec![("status".into(), status.into())]).get()
+    }
+
+    pub fn batch(&self, size: usize) {
+        self.batches.inc();
+        self.batch_size.observe(size as f64);
+    }
+
+    /// Images per second over the last ten seconds.
+    pub fn images_per_second(&self) -> f64 {
+        let now = Instant::now();
+        let recent = self.live.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let n = recent.iter().filter(|t| now.duration_since(**t) <= RATE_WINDOW).count();
+        n as f64 / RATE_WINDOW.as_secs_f64()
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.live.queue_depth.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.live.in_flight.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f())
+    }
+
+    pub fn reload(&self, result: &str) {
+        self.reloads.get_or_create(&vec![("result".into(), result.into())]).inc();
+    }
+
+    pub fn set_model(&self, name: &str, precision: &str) {
+        self.model_info.clear();
+        self.model_info.get_or_create(&vec![("name".into(), name.into()), ("precision".into(), precision.into())]).set(1);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Collected {
+    times: StageTimes,
+    live: Arc<LiveGauges>,
+}
+
+impl prometheus_client::collector::Collector for Collected {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        {
+            let mut family = encoder.encode_descriptor(
+                "stage_seconds",
+                "Time spent per pipeline stage (summed over threads)",
+                None,
+                MetricType::Counter,
+            )?;
+            for s in Stage::ALL {
+                let labels = [("stage", s.name())];
+                ConstCounter::new(self.times.total(s).as_secs_f64()).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let read = |f: &Mutex<Option<Box<dyn Fn() -> usize + Send + Sync>>>| {
+            f.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |f| f()) as i64
+        };
+        let depth = ConstGauge::new(read(&self.live.queue_depth));
+        depth.encode(encoder.encode_descriptor("queue_depth", "Ready images waiting for a worker", None, MetricType::Gauge)?)?;
+        let in_flight = ConstGauge::new(read(&self.live.in_flight));
+        in_flight.encode(encoder.encode_descriptor(
+            "in_flight",
+            "Images queued or being labelled, not yet written",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_family_with_its_values() {
+        let m = Metrics::new();
+        m.observe_queue(|| 3, || 5);
+        m.image_done("ok", Duration::from_millis(40));
+        m.image_done("error", Duration::from_millis(10));
+        m.batch(2);
+        m.times.add(Stage::Decode, Duration::from_millis(1500));
+        m.set_model("efficientnet_lite0", "fp32");
+        let text = m.encode();
+        for want in [
+            "labeld_images_total{status=\"ok\"} 1",
+            "labeld_images_total{status=\"error\"} 1",
+            "labeld_batches_total 1",
+            "labeld_batch_size_bucket{le=\"2.0\"} 1",
+            "labeld_latency_seconds_count 2",
+            "labeld_stage_seconds_total{stage=\"decode\"} 1.5",
+            "labeld_queue_depth 3",
+            "labeld_in_flight 5",
+            "labeld_model{name=\"efficientnet_lite0\",precision=\"fp32\"} 1",
+            "labeld_csv_write_errors_total 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert!((m.images_per_second() - 0.2).abs() < 1e-9);
     }
 }

@@ -18,11 +18,27 @@ pub struct ReadyFile {
     pub path: PathBuf,
     /// When labeld decided the file was complete; latency is measured from here.
     pub ready_at: Instant,
+    /// Set for an image sent to `POST /predict`: its bytes, and where its result goes instead of a
+    /// sidecar and a CSV row.
+    pub upload: Option<Upload>,
 }
 
 impl ReadyFile {
     pub fn new(path: PathBuf) -> Self {
-        ReadyFile { path, ready_at: Instant::now() }
+        ReadyFile { path, ready_at: Instant::now(), upload: None }
+    }
+}
+
+/// An image posted over HTTP.
+#[derive(Clone)]
+pub struct Upload {
+    pub bytes: Arc<[u8]>,
+    pub reply: tokio::sync::mpsc::Sender<crate::sink::record::Record>,
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Upload({} bytes)", self.bytes.len())
     }
 }
 
@@ -102,6 +118,22 @@ impl QueueSender {
                     self.in_flight.done(&f.path);
                     return Pushed::ShuttingDown;
                 }
+            }
+        }
+    }
+
+    /// Queues an uploaded image. It has no path to claim, so it skips the in-flight set; like files,
+    /// it waits while the queue is full.
+    pub fn push_upload(&self, file: ReadyFile) -> Pushed {
+        let mut file = file;
+        loop {
+            if self.shutdown.is_triggered() {
+                return Pushed::ShuttingDown;
+            }
+            match self.tx.send_timeout(file, Duration::from_millis(100)) {
+                Ok(()) => return Pushed::Queued,
+                Err(SendTimeoutError::Timeout(f)) => file = f,
+                Err(SendTimeoutError::Disconnected(_)) => return Pushed::ShuttingDown,
             }
         }
     }

@@ -44,7 +44,7 @@ impl Shutdown {
         std::thread::Builder::new().name("signals".into()).spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    tracing::info!("SIGHUP: reopening the results log");
+                    tracing::info!("SIGHUP: reloading the config and reopening the results log");
                     on_hangup();
                     continue;
                 }

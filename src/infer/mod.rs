@@ -6,16 +6,21 @@ pub mod model;
 pub mod preprocess;
 pub mod worker;
 
-use std::time::Instant;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
+use crate::config::ModelConfig;
 use crate::error::ImageError;
 use crate::queue::ReadyFile;
+use labels::Labels;
 
 /// One ranked class for one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
     pub class_id: usize,
     pub label: String,
+    /// The English name, when `label` is a translation.
+    pub label_en: Option<String>,
     pub score: f32,
 }
 
@@ -25,10 +30,47 @@ pub struct Outcome {
     pub file: ReadyFile,
     pub result: Result<Vec<Prediction>, ImageError>,
     pub finished_at: Instant,
+    /// A small JPEG of the crop the model saw (only when the status page is on).
+    pub thumb: Option<Vec<u8>>,
 }
 
 /// What a worker sends on after each batch.
 #[derive(Debug)]
 pub struct BatchDone {
     pub outcomes: Vec<Outcome>,
+    /// The model that produced these results.
+    pub model: Arc<str>,
+    /// `[model] min_score` in force for this batch.
+    pub min_score: Option<f32>,
+}
+
+/// Everything the workers take from the config for one batch. Replaced as a whole on reload; each
+/// batch uses one `InferSettings` from its first image to its result.
+#[derive(Debug)]
+pub struct InferSettings {
+    pub model: ModelConfig,
+    pub labels: Arc<Labels>,
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    /// Make thumbnails for the status page.
+    pub thumbnails: bool,
+}
+
+/// The settings in force now, shared by every worker.
+#[derive(Clone, Debug)]
+pub struct LiveSettings(Arc<RwLock<Arc<InferSettings>>>);
+
+impl LiveSettings {
+    pub fn new(s: InferSettings) -> Self {
+        LiveSettings(Arc::new(RwLock::new(Arc::new(s))))
+    }
+
+    pub fn get(&self) -> Arc<InferSettings> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Workers pick the new settings up at their next batch.
+    pub fn set(&self, s: InferSettings) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(s);
+    }
 }

@@ -21,6 +21,9 @@ pub struct Preprocessor {
     resizer: Resizer,
     jpeg: Option<turbojpeg::Decompressor>,
     times: StageTimes,
+    /// When set, each image's crop is also kept as a small JPEG (for the status page).
+    thumbnails: bool,
+    thumb: Option<Vec<u8>>,
 }
 
 impl Preprocessor {
@@ -30,7 +33,20 @@ impl Preprocessor {
 
     /// A preprocessor that adds its read/decode/resize time to `times`.
     pub fn with_times(cfg: Preprocess, times: StageTimes) -> Self {
-        Preprocessor { cfg, resizer: Resizer::new(), jpeg: None, times }
+        Preprocessor { cfg, resizer: Resizer::new(), jpeg: None, times, thumbnails: false, thumb: None }
+    }
+
+    pub fn config(&self) -> &Preprocess {
+        &self.cfg
+    }
+
+    pub fn set_thumbnails(&mut self, on: bool) {
+        self.thumbnails = on;
+    }
+
+    /// The thumbnail of the image processed last, if thumbnails are on and it decoded.
+    pub fn take_thumb(&mut self) -> Option<Vec<u8>> {
+        self.thumb.take()
     }
 
     /// Number of floats one image produces.
@@ -59,6 +75,7 @@ impl Preprocessor {
         let cropped = self.resize_and_crop(rgb?)?;
         normalize_into(&cropped, self.cfg.crop, &self.cfg.mean, &self.cfg.std, out);
         self.times.add(Stage::Resize, t.elapsed());
+        self.thumb = if self.thumbnails { thumbnail_jpeg(&cropped, self.cfg.crop) } else { None };
         Ok(())
     }
 
@@ -281,6 +298,33 @@ pub fn normalize_into(hwc: &[u8], crop: u32, mean: &[f32; 3], std: &[f32; 3], ou
     }
 }
 
+/// The crop the model saw, box-averaged down to at most 112 px a side, as a JPEG.
+fn thumbnail_jpeg(hwc: &[u8], crop: u32) -> Option<Vec<u8>> {
+    let step = crop.div_ceil(112).max(1) as usize;
+    let crop = crop as usize;
+    let side = crop / step;
+    let mut px = Vec::with_capacity(side * side * 3);
+    for ty in 0..side {
+        for tx in 0..side {
+            let mut sum = [0u32; 3];
+            for y in ty * step..(ty + 1) * step {
+                for x in tx * step..(tx + 1) * step {
+                    let i = (y * crop + x) * 3;
+                    for c in 0..3 {
+                        sum[c] += u32::from(hwc[i + c]);
+                    }
+                }
+            }
+            px.extend(sum.map(|v| (v / (step * step) as u32) as u8));
+        }
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80)
+        .encode(&px, side as u32, side as u32, image::ExtendedColorType::Rgb8)
+        .ok()?;
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +344,16 @@ mod tests {
         assert_eq!(scale_denominator(640, 427, 256), 1); // 214 < 256 at 1/2
         assert_eq!(scale_denominator(512, 512, 256), 2);
         assert_eq!(scale_denominator(300, 200, 256), 1);
+    }
+
+    #[test]
+    fn thumbnail_is_a_small_jpeg_of_the_crop() {
+        let crop: Vec<u8> = (0..224 * 224).flat_map(|_| [200u8, 30, 30]).collect();
+        let jpeg = thumbnail_jpeg(&crop, 224).unwrap();
+        let img = image::load_from_memory(&jpeg).unwrap().into_rgb8();
+        assert_eq!(img.dimensions(), (112, 112));
+        let p = img.get_pixel(56, 56);
+        assert!(p[0] > 180 && p[1] < 60, "{p:?}");
     }
 
     #[test]

@@ -4,26 +4,29 @@
 //! Output failures (disk full, read-only folder) do not lose results: what could not be written is
 //! kept and retried with back-off (0.5 s doubling to 30 s), and the images stay in flight meanwhile.
 
+pub mod archive;
 pub mod record;
+pub mod recent;
 pub mod result_log;
 pub mod sidecar;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::config::InboxConfig;
+use crate::config::{Config, InboxConfig, LabelSource, LabelsLang, OnDone};
 use crate::error::{Fatal, ImageError};
 use crate::infer::{BatchDone, Outcome};
-use crate::metrics::{Stage, StageTimes};
+use crate::metrics::{Metrics, Stage};
 use crate::queue::InFlight;
-use record::Record;
-use result_log::ResultLog;
+use recent::Recent;
+use record::{Record, Status};
+use result_log::{Columns, ResultLog};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
@@ -31,59 +34,87 @@ pub struct Totals {
     pub errors: u64,
 }
 
-pub struct Sink {
-    handle: JoinHandle<Totals>,
-    reopen: Arc<AtomicBool>,
+/// The parts of the config the sink uses; replaced as a whole on reload.
+#[derive(Debug, Clone)]
+pub struct OutputSettings {
+    pub csv: PathBuf,
+    pub columns: Columns,
+    pub inboxes: Vec<InboxConfig>,
 }
 
-/// Set by SIGHUP: the results log is reopened before the next write.
-#[derive(Clone)]
-pub struct ReopenLog(Arc<AtomicBool>);
+impl OutputSettings {
+    pub fn from_config(c: &Config) -> Self {
+        let english = c.model.labels == LabelSource::ImageNet && c.model.labels_lang != LabelsLang::En;
+        OutputSettings {
+            csv: c.csv.clone(),
+            columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some() },
+            inboxes: c.inboxes.clone(),
+        }
+    }
+}
 
-impl ReopenLog {
-    pub fn request(&self) {
-        self.0.store(true, Ordering::SeqCst);
+pub struct Sink {
+    handle: JoinHandle<Totals>,
+    control: SinkControl,
+}
+
+/// Asks the running sink to reopen its log (SIGHUP) or to take new settings (reload). Both happen
+/// between batches.
+#[derive(Clone)]
+pub struct SinkControl {
+    reopen: Arc<AtomicBool>,
+    next: Arc<Mutex<Option<OutputSettings>>>,
+}
+
+impl SinkControl {
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::SeqCst);
+    }
+
+    pub fn reconfigure(&self, s: OutputSettings) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
 }
 
 impl Sink {
-    /// Opens the results log (failing here is fatal) and starts writing results as batches arrive.
-    /// The sink ends when every worker has dropped its sender.
+    /// Opens the results log (failing here is fatal), completes what a crash interrupted, and starts
+    /// writing results as batches arrive. The sink ends when every worker has dropped its sender.
     pub fn start(
-        csv: &Path,
-        top_k: usize,
-        model: String,
-        inboxes: Vec<InboxConfig>,
+        settings: OutputSettings,
         in_flight: InFlight,
         rx: Receiver<BatchDone>,
         in_flight_max: usize,
-        times: StageTimes,
+        metrics: Metrics,
+        recent: Recent,
     ) -> Result<Sink, Fatal> {
-        let log = ResultLog::open(csv, top_k)
-            .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", csv.display()), e))?;
+        let log = ResultLog::open(&settings.csv, settings.columns)
+            .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
         finish_interrupted_batch(&log, in_flight_max);
-        let reopen = Arc::new(AtomicBool::new(false));
+        for ib in &settings.inboxes {
+            archive::finish(ib);
+        }
+        let control = SinkControl { reopen: Arc::new(AtomicBool::new(false)), next: Arc::new(Mutex::new(None)) };
         let writer = Writer {
             log,
-            model,
-            inboxes,
+            inboxes: settings.inboxes,
             in_flight,
-            reopen: reopen.clone(),
+            control: control.clone(),
             rows: Vec::new(),
             sidecars: Vec::new(),
             backoff: Backoff::default(),
             totals: Totals::default(),
-            times,
+            metrics,
+            recent,
         };
         let handle = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| Fatal::io("cannot start sink thread", e))?;
-        Ok(Sink { handle, reopen })
+        Ok(Sink { handle, control })
     }
 
-    pub fn reopen_handle(&self) -> ReopenLog {
-        ReopenLog(self.reopen.clone())
+    pub fn control(&self) -> SinkControl {
+        self.control.clone()
     }
 
     pub fn join(self) -> Totals {
@@ -142,17 +173,17 @@ impl Backoff {
 
 struct Writer {
     log: ResultLog,
-    model: String,
     inboxes: Vec<InboxConfig>,
     in_flight: InFlight,
-    reopen: Arc<AtomicBool>,
+    control: SinkControl,
     /// CSV rows not yet written.
     rows: Vec<Record>,
     /// Sidecars not yet written: (record, image path).
     sidecars: Vec<(Record, PathBuf)>,
     backoff: Backoff,
     totals: Totals,
-    times: StageTimes,
+    metrics: Metrics,
+    recent: Recent,
 }
 
 impl Writer {
@@ -168,10 +199,14 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            if self.reopen.swap(false, Ordering::SeqCst) {
+            if self.control.reopen.swap(false, Ordering::SeqCst) {
                 if let Err(e) = self.log.reopen() {
                     tracing::error!(csv = %self.log.path().display(), error = %e, "cannot reopen results log");
                 }
+            }
+            let next = self.control.next.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(next) = next {
+                self.reconfigure(next);
             }
             if self.backoff.due() {
                 self.flush();
@@ -188,33 +223,67 @@ impl Writer {
         self.totals
     }
 
+    /// New settings from a reload. Rows not yet written go to the new log.
+    fn reconfigure(&mut self, next: OutputSettings) {
+        if next.csv != self.log.path() || next.columns != self.log.columns() {
+            match ResultLog::open(&next.csv, next.columns) {
+                Ok(log) => {
+                    tracing::info!(csv = %next.csv.display(), "results log now {}", next.csv.display());
+                    self.log = log;
+                }
+                Err(e) => tracing::error!(csv = %next.csv.display(), error = %e, "cannot open the new results log; still writing to {}", self.log.path().display()),
+            }
+        }
+        for ib in &next.inboxes {
+            let before = self.inboxes.iter().find(|o| o.path == ib.path).map(|o| &o.on_done);
+            if ib.on_done != OnDone::Keep && before != Some(&ib.on_done) {
+                archive::finish(ib);
+            }
+        }
+        self.inboxes = next.inboxes;
+    }
+
     fn accept(&mut self, batch: BatchDone) {
         for o in batch.outcomes {
             let o = self.quarantine(o);
-            let record = Record::new(&o, &self.model, Instant::now());
-            match &o.result {
-                Ok(_) => self.totals.ok += 1,
-                Err(e) => {
-                    self.totals.errors += 1;
-                    tracing::warn!(path = %o.file.path.display(), error = %e, "image not labelled");
+            let now = Instant::now();
+            let record = Record::new(&o, &batch.model, batch.min_score, now);
+            self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.file.ready_at));
+            self.recent.push(record.clone(), o.thumb.clone());
+            match &o.file.upload {
+                // An HTTP upload's result goes back to its client only: no row, no sidecar.
+                Some(u) => {
+                    let _ = u.reply.try_send(record);
                 }
+                None => self.keep(o, record),
             }
-            // A file that vanished before it was read gets its CSV row but no sidecar beside nothing.
-            if !matches!(o.result, Err(ImageError::Vanished)) {
-                self.sidecars.push((record.clone(), o.file.path.clone()));
-            } else {
-                self.in_flight.done(&o.file.path);
-            }
-            self.rows.push(record);
         }
         self.flush();
+    }
+
+    /// Counts an inbox image's result and queues its row and sidecar for writing.
+    fn keep(&mut self, o: Outcome, record: Record) {
+        match &o.result {
+            Ok(_) => self.totals.ok += 1,
+            Err(e) => {
+                self.totals.errors += 1;
+                tracing::warn!(path = %o.file.path.display(), error = %e, "image not labelled");
+            }
+        }
+        // A file that vanished before it was read gets its CSV row but no sidecar beside nothing.
+        if !matches!(o.result, Err(ImageError::Vanished)) {
+            self.sidecars.push((record.clone(), o.file.path.clone()));
+        } else {
+            self.in_flight.done(&o.file.path);
+        }
+        self.rows.push(record);
     }
 
     /// Writes pending rows, then pending sidecars (only once their rows are safely in the log).
     fn flush(&mut self) {
         let t = Instant::now();
         self.write_pending();
-        self.times.add(Stage::Write, t.elapsed());
+        self.metrics.times.add(Stage::Write, t.elapsed());
     }
 
     fn write_pending(&mut self) {
@@ -222,6 +291,7 @@ impl Writer {
             match self.log.append(&self.rows) {
                 Ok(()) => self.rows.clear(),
                 Err(e) => {
+                    self.metrics.csv_write_errors.inc();
                     let retry = self.backoff.failed();
                     tracing::error!(csv = %self.log.path().display(), error = %e, rows = self.rows.len(), retry_in = ?retry, "cannot write to results log");
                 }
@@ -233,6 +303,7 @@ impl Writer {
         let pending_rows: BTreeSet<&str> = self.rows.iter().map(|r| r.path.as_str()).collect();
         let mut dirs = BTreeSet::<PathBuf>::new();
         let mut failed = Vec::new();
+        let mut done = Vec::new();
         let mut first_error = None;
         for (record, image) in std::mem::take(&mut self.sidecars) {
             if pending_rows.contains(record.path.as_str()) {
@@ -244,9 +315,10 @@ impl Writer {
                     if let Some(d) = image.parent() {
                         dirs.insert(d.to_path_buf());
                     }
-                    self.in_flight.done(&image);
+                    done.push((record.status, image));
                 }
                 Err(e) => {
+                    self.metrics.sidecar_write_errors.inc();
                     first_error.get_or_insert_with(|| (image.clone(), e.to_string()));
                     failed.push((record, image));
                 }
@@ -256,6 +328,17 @@ impl Writer {
             if let Err(e) = sidecar::sync_dir(&d) {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot sync folder");
             }
+        }
+        // Labelled for good: archive per the inbox's on_done, then let the image be seen again.
+        for (status, image) in done {
+            if status == Status::Ok {
+                if let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) {
+                    if let Err(e) = archive::apply(ib, &image) {
+                        tracing::error!(path = %image.display(), on_done = ib.on_done.as_str(), error = %e, "cannot archive labelled image; it stays in the inbox (retried at the next start)");
+                    }
+                }
+            }
+            self.in_flight.done(&image);
         }
         self.sidecars = failed;
         if let Some((image, e)) = first_error {
@@ -269,6 +352,9 @@ impl Writer {
     /// Moves a failed image into its inbox's quarantine folder (same relative path), if one is set.
     fn quarantine(&self, mut o: Outcome) -> Outcome {
         let Err(err) = &o.result else { return o };
+        if o.file.upload.is_some() {
+            return o;
+        }
         if matches!(err, ImageError::Vanished) {
             return o;
         }
@@ -290,7 +376,7 @@ impl Writer {
     }
 }
 
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {
         Err(e) if e.raw_os_error() == Some(18) => {
             // EXDEV: quarantine on another filesystem.

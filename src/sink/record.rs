@@ -15,6 +15,9 @@ pub struct Record {
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top: Option<Vec<Top>>,
+    /// With `[model] min_score`: whether the top-1 score reached it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confident: Option<bool>,
     /// From the file being ready to its result being written.
     pub latency_ms: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,12 +45,15 @@ pub struct Top {
     pub rank: usize,
     pub class_id: usize,
     pub label: String,
+    /// The English class name, when `label` is a translation (`labels_lang`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_en: Option<String>,
     /// Softmax probability in [0, 1].
     pub score: f64,
 }
 
 impl Record {
-    pub fn new(o: &Outcome, model: &str, now: Instant) -> Record {
+    pub fn new(o: &Outcome, model: &str, min_score: Option<f32>, now: Instant) -> Record {
         let latency = now.saturating_duration_since(o.file.ready_at).as_secs_f64() * 1e3;
         let (status, top, error) = match &o.result {
             Ok(preds) => (
@@ -60,6 +66,7 @@ impl Record {
                             rank: i + 1,
                             class_id: p.class_id,
                             label: p.label.clone(),
+                            label_en: p.label_en.clone(),
                             score: round(f64::from(p.score), 1e6),
                         })
                         .collect(),
@@ -68,12 +75,21 @@ impl Record {
             ),
             Err(e) => (Status::Error, None, Some(e.to_string())),
         };
+        let confident = match (&o.result, min_score) {
+            (Ok(preds), Some(min)) => Some(preds.first().is_some_and(|p| p.score >= min)),
+            _ => None,
+        };
+        let path = match &o.file.upload {
+            Some(_) => "(upload)".to_string(),
+            None => o.file.path.to_string_lossy().into_owned(),
+        };
         Record {
-            path: o.file.path.to_string_lossy().into_owned(),
+            path,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             model: model.to_string(),
             status,
             top,
+            confident,
             latency_ms: round(latency, 10.0),
             error,
         }

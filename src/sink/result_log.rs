@@ -17,32 +17,67 @@ use super::record::{Record, Status, Top};
 
 pub struct ResultLog {
     path: PathBuf,
-    top_k: usize,
+    columns: Columns,
     file: File,
 }
 
-pub fn header(top_k: usize) -> Vec<String> {
+/// Which columns a row has: `top_k` (class, label, score) groups, plus `labelN_en` after each label
+/// when labels are translated, plus a trailing `confident` with `[model] min_score`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Columns {
+    pub top_k: usize,
+    pub english: bool,
+    pub confident: bool,
+}
+
+impl Columns {
+    pub fn plain(top_k: usize) -> Self {
+        Columns { top_k, english: false, confident: false }
+    }
+
+    fn per_rank(&self) -> usize {
+        if self.english { 4 } else { 3 }
+    }
+
+    fn len(&self) -> usize {
+        3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident)
+    }
+}
+
+pub fn header(c: Columns) -> Vec<String> {
     let mut h = vec!["time".to_string(), "path".into(), "status".into()];
-    for i in 1..=top_k {
-        h.extend([format!("class{i}"), format!("label{i}"), format!("score{i}")]);
+    for i in 1..=c.top_k {
+        h.extend([format!("class{i}"), format!("label{i}")]);
+        if c.english {
+            h.push(format!("label{i}_en"));
+        }
+        h.push(format!("score{i}"));
     }
     h.extend(["latency_ms".to_string(), "error".into(), "model".into()]);
+    if c.confident {
+        h.push("confident".into());
+    }
     h
 }
 
 impl ResultLog {
     /// Opens `path` for appending, repairing a torn last line; writes the header if the file is new
-    /// or empty.
-    pub fn open(path: &Path, top_k: usize) -> std::io::Result<ResultLog> {
+    /// or empty. A log whose header names other columns (top_k, labels_lang or min_score changed) is
+    /// renamed aside to `<name>.<time>.csv` first, so every file has one header that fits its rows.
+    pub fn open(path: &Path, columns: Columns) -> std::io::Result<ResultLog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        set_aside_if_other_columns(path, columns)?;
         let file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
         repair_torn_tail(&file, path)?;
-        let mut log = ResultLog { path: path.to_path_buf(), top_k, file };
+        let mut log = ResultLog { path: path.to_path_buf(), columns, file };
         log.write_header_if_empty()?;
-        log.warn_on_header_mismatch();
         Ok(log)
+    }
+
+    pub fn columns(&self) -> Columns {
+        self.columns
     }
 
     pub fn path(&self) -> &Path {
@@ -73,8 +108,9 @@ impl ResultLog {
     }
 
     fn parse_row(&self, row: &csv::StringRecord) -> Option<Record> {
-        let k = self.top_k;
-        if row.len() != 3 + 3 * k + 3 || row.get(0) == Some("time") {
+        let c = self.columns;
+        let (k, per) = (c.top_k, c.per_rank());
+        if row.len() != c.len() || row.get(0) == Some("time") {
             return None;
         }
         let status = match row.get(2)? {
@@ -84,21 +120,27 @@ impl ResultLog {
         };
         let mut top = Vec::new();
         for i in 0..k {
-            let (c, l, sc) = (row.get(3 + 3 * i)?, row.get(4 + 3 * i)?, row.get(5 + 3 * i)?);
-            if c.is_empty() {
+            let at = 3 + per * i;
+            let (class, label) = (row.get(at)?, row.get(at + 1)?);
+            if class.is_empty() {
                 continue;
             }
-            top.push(Top { rank: i + 1, class_id: c.parse().ok()?, label: l.to_string(), score: sc.parse().ok()? });
+            let label_en = c.english.then(|| row.get(at + 2).unwrap_or_default().to_string());
+            let score = row.get(at + per - 1)?;
+            top.push(Top { rank: i + 1, class_id: class.parse().ok()?, label: label.to_string(), label_en, score: score.parse().ok()? });
         }
-        let error = row.get(4 + 3 * k).filter(|e| !e.is_empty()).map(String::from);
+        let tail = 3 + per * k;
+        let error = row.get(tail + 1).filter(|e| !e.is_empty()).map(String::from);
+        let confident = if c.confident { row.get(tail + 3).and_then(|v| v.parse().ok()) } else { None };
         Some(Record {
             time: row.get(0)?.to_string(),
             path: row.get(1)?.to_string(),
             status,
             top: (status == Status::Ok).then_some(top),
-            latency_ms: row.get(3 + 3 * k)?.parse().ok()?,
+            confident,
+            latency_ms: row.get(tail)?.parse().ok()?,
             error,
-            model: row.get(5 + 3 * k)?.to_string(),
+            model: row.get(tail + 2)?.to_string(),
         })
     }
 
@@ -107,7 +149,7 @@ impl ResultLog {
         self.reopen_if_rotated()?;
         let mut buf = Vec::with_capacity(256 * records.len());
         if self.file.metadata()?.len() == 0 {
-            buf.extend(self.encode(&[header(self.top_k)])?);
+            buf.extend(self.encode(&[header(self.columns)])?);
         }
         let rows: Vec<Vec<String>> = records.iter().map(|r| self.row(r)).collect();
         buf.extend(self.encode(&rows)?);
@@ -117,7 +159,7 @@ impl ResultLog {
 
     /// Starts writing to whatever file the path names now (SIGHUP).
     pub fn reopen(&mut self) -> std::io::Result<()> {
-        let fresh = ResultLog::open(&self.path, self.top_k)?;
+        let fresh = ResultLog::open(&self.path, self.columns)?;
         *self = fresh;
         tracing::info!(csv = %self.path.display(), "results log reopened");
         Ok(())
@@ -134,38 +176,29 @@ impl ResultLog {
 
     fn write_header_if_empty(&mut self) -> std::io::Result<()> {
         if self.file.metadata()?.len() == 0 {
-            let h = self.encode(&[header(self.top_k)])?;
+            let h = self.encode(&[header(self.columns)])?;
             self.file.write_all(&h)?;
             self.file.sync_data()?;
         }
         Ok(())
     }
 
-    fn warn_on_header_mismatch(&self) {
-        let want = header(self.top_k).join(",");
-        let mut first = String::new();
-        if let Ok(f) = File::open(&self.path) {
-            let _ = f.take(4096).read_to_string(&mut first);
-        }
-        let first = first.lines().next().unwrap_or("");
-        if first != want {
-            tracing::warn!(
-                csv = %self.path.display(),
-                "results log has a different header (top_k changed?); new rows use: {want}"
-            );
-        }
-    }
-
     fn row(&self, r: &Record) -> Vec<String> {
         let mut row: Vec<String> = vec![r.time.clone(), r.path.clone(), r.status.as_str().into()];
         let top = r.top.as_deref().unwrap_or(&[]);
-        for i in 0..self.top_k {
-            match top.get(i) {
-                Some(t) => row.extend([t.class_id.to_string(), t.label.clone(), format!("{:.6}", t.score)]),
-                None => row.extend([String::new(), String::new(), String::new()]),
+        for i in 0..self.columns.top_k {
+            let t = top.get(i);
+            row.push(t.map(|t| t.class_id.to_string()).unwrap_or_default());
+            row.push(t.map(|t| t.label.clone()).unwrap_or_default());
+            if self.columns.english {
+                row.push(t.and_then(|t| t.label_en.clone()).unwrap_or_default());
             }
+            row.push(t.map(|t| format!("{:.6}", t.score)).unwrap_or_default());
         }
         row.extend([format!("{:.1}", r.latency_ms), r.error.clone().unwrap_or_default(), r.model.clone()]);
+        if self.columns.confident {
+            row.push(r.confident.map(|c| c.to_string()).unwrap_or_default());
+        }
         row
     }
 
@@ -176,6 +209,38 @@ impl ResultLog {
         }
         w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))
     }
+}
+
+/// A non-empty log whose first line is not `columns`' header is renamed to `<stem>.<UTC time>.<ext>`.
+fn set_aside_if_other_columns(path: &Path, columns: Columns) -> std::io::Result<()> {
+    let mut first = String::new();
+    match File::open(path) {
+        Ok(f) => {
+            f.take(64 * 1024).read_to_string(&mut first).ok();
+        }
+        Err(_) => return Ok(()),
+    }
+    let Some(line) = first.lines().next() else { return Ok(()) };
+    let want = csv::WriterBuilder::new().from_writer(Vec::new());
+    let want = {
+        let mut w = want;
+        w.write_record(header(columns))?;
+        String::from_utf8_lossy(&w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?).trim_end().to_string()
+    };
+    if line == want {
+        return Ok(());
+    }
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let aside = path.with_file_name(format!("{stem}.{stamp}{ext}"));
+    std::fs::rename(path, &aside)?;
+    tracing::warn!(
+        csv = %path.display(),
+        old = %aside.display(),
+        "the results log's columns changed (top_k, labels_lang or min_score): the old log was renamed and a new one started"
+    );
+    Ok(())
 }
 
 /// Cuts a partial last line (left by a crash mid-write) back to the last complete row.
@@ -213,7 +278,8 @@ mod tests {
             time: "2026-01-01T00:00:00.000Z".into(),
             model: "m".into(),
             status: Status::Ok,
-            top: Some(vec![Top { rank: 1, class_id: 7, label: "cock, \"rooster\"".into(), score: 0.5 }]),
+            top: Some(vec![Top { rank: 1, class_id: 7, label: "cock, \"rooster\"".into(), label_en: None, score: 0.5 }]),
+            confident: None,
             latency_ms: 1.0,
             error: None,
         }
@@ -227,8 +293,8 @@ mod tests {
     fn header_once_then_quoted_rows() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.csv");
-        ResultLog::open(&p, 1).unwrap().append(&[rec("/a,b.jpg")]).unwrap();
-        ResultLog::open(&p, 1).unwrap().append(&[rec("/c.jpg")]).unwrap();
+        ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/a,b.jpg")]).unwrap();
+        ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/c.jpg")]).unwrap();
         let l = lines(&p);
         assert_eq!(l[0], "time,path,status,class1,label1,score1,latency_ms,error,model");
         assert_eq!(l[1], "2026-01-01T00:00:00.000Z,\"/a,b.jpg\",ok,7,\"cock, \"\"rooster\"\"\",0.500000,1.0,,m");
@@ -239,7 +305,7 @@ mod tests {
     fn rows_read_back_as_the_records_written() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.csv");
-        let mut log = ResultLog::open(&p, 1).unwrap();
+        let mut log = ResultLog::open(&p, Columns::plain(1)).unwrap();
         let mut err = rec("/bad.jpg");
         err.status = Status::Error;
         err.top = None;
@@ -253,13 +319,48 @@ mod tests {
     }
 
     #[test]
+    fn translated_labels_and_confidence_get_their_own_columns_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        let cols = Columns { top_k: 1, english: true, confident: true };
+        let mut log = ResultLog::open(&p, cols).unwrap();
+        let mut r = rec("/a.jpg");
+        r.top = Some(vec![Top { rank: 1, class_id: 281, label: "虎斑猫".into(), label_en: Some("tabby".into()), score: 0.5 }]);
+        r.confident = Some(false);
+        log.append(std::slice::from_ref(&r)).unwrap();
+        let l = lines(&p);
+        assert_eq!(l[0], "time,path,status,class1,label1,label1_en,score1,latency_ms,error,model,confident");
+        assert_eq!(l[1], "2026-01-01T00:00:00.000Z,/a.jpg,ok,281,虎斑猫,tabby,0.500000,1.0,,m,false");
+        assert_eq!(log.last_records(1), vec![r]);
+    }
+
+    #[test]
+    fn a_log_with_other_columns_is_set_aside_not_mixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/a.jpg")]).unwrap();
+        ResultLog::open(&p, Columns::plain(3)).unwrap().append(&[rec("/b.jpg")]).unwrap();
+        let l = lines(&p);
+        assert_eq!(l[0], header(Columns::plain(3)).join(","));
+        assert_eq!(l.len(), 2);
+        let aside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).filter(|x| x != &p).collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        let name = aside[0].file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("r.") && name.ends_with(".csv"), "{name}");
+        assert_eq!(lines(&aside[0]).len(), 2);
+        // The same columns again: appended, nothing set aside.
+        ResultLog::open(&p, Columns::plain(3)).unwrap().append(&[rec("/c.jpg")]).unwrap();
+        assert_eq!(lines(&p).len(), 3);
+    }
+
+    #[test]
     fn a_torn_last_row_is_cut_off_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.csv");
-        ResultLog::open(&p, 1).unwrap().append(&[rec("/a.jpg")]).unwrap();
+        ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/a.jpg")]).unwrap();
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"2026-01-01T00:00:00.000Z,/b.jp").unwrap();
-        ResultLog::open(&p, 1).unwrap().append(&[rec("/c.jpg")]).unwrap();
+        ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/c.jpg")]).unwrap();
         let l = lines(&p);
         assert_eq!(l.len(), 3, "{l:?}");
         assert!(l[2].contains("/c.jpg"));
@@ -269,7 +370,7 @@ mod tests {
     fn follows_rename_rotation_and_copytruncate() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.csv");
-        let mut log = ResultLog::open(&p, 1).unwrap();
+        let mut log = ResultLog::open(&p, Columns::plain(1)).unwrap();
         log.append(&[rec("/1.jpg")]).unwrap();
         // logrotate `create`: rename away, new empty file at the path.
         std::fs::rename(&p, dir.path().join("r.csv.1")).unwrap();

@@ -1,0 +1,213 @@
+//! The optional HTTP endpoint (`[http] listen`): Prometheus /metrics, /healthz and /readyz,
+//! `POST /predict` through the same queue and workers as inbox images, and a status page at `/`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::config::HttpConfig;
+use crate::error::Fatal;
+use crate::health::Health;
+use crate::infer::LiveSettings;
+use crate::metrics::Metrics;
+use crate::queue::{Pushed, QueueSender, ReadyFile, Upload};
+use crate::shutdown::Shutdown;
+use crate::sink::recent::Recent;
+use crate::sink::record::Status;
+
+const PAGE: &str = include_str!("status.html");
+
+/// How long `POST /predict` waits for its result before answering 503.
+const PREDICT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Metrics,
+    pub health: Health,
+    pub recent: Recent,
+    pub queue: QueueSender,
+    pub live: LiveSettings,
+    pub stall_limit: Duration,
+    pub token: Option<Arc<str>>,
+}
+
+/// Binds `cfg.listen` (failing to is fatal) and serves until `shutdown`.
+pub async fn serve(cfg: &HttpConfig, state: HttpState, shutdown: Shutdown) -> Result<tokio::task::JoinHandle<()>, Fatal> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| Fatal::io(format!("cannot listen on {} ([http] listen)", cfg.listen), e))?;
+    let addr = listener.local_addr().map_err(|e| Fatal::io("cannot read the HTTP address", e))?;
+    if state.token.is_some() {
+        tracing::info!(%addr, "HTTP on: requests need Authorization: Bearer <token> (except /healthz, /readyz)");
+    } else {
+        tracing::info!(%addr, "HTTP on (loopback, no token)");
+    }
+    let app = router(state, cfg.max_body_bytes);
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    }))
+}
+
+fn router(state: HttpState, max_body: usize) -> Router {
+    let guarded = Router::new()
+        .route("/", get(page))
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
+        .route("/thumb/{id}", get(thumb))
+        .route("/predict", post(predict))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).merge(guarded).with_state(state)
+}
+
+/// With a token set, every guarded request must carry it: `Authorization: Bearer <token>`, or
+/// `?token=` for a browser opening the status page.
+async fn authorize(State(s): State<HttpState>, req: Request, next: Next) -> Response {
+    let Some(token) = &s.token else { return next.run(req).await };
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let query = req.uri().query().and_then(|q| {
+        q.split('&').find_map(|kv| kv.strip_prefix("token=")).map(|t| t.replace("%2B", "+").replace("%2F", "/"))
+    });
+    if [bearer, query].iter().flatten().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) {
+        next.run(req).await
+    } else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong token (Authorization: Bearer <token>)");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        r
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, axum::Json(json!({ "error": msg.into() }))).into_response()
+}
+
+async fn healthz(State(s): State<HttpState>) -> Response {
+    match s.health.stalled(s.stall_limit) {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some((thread, d)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{thread} stuck for {} s\n", d.as_secs())).into_response()
+        }
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: loading the model or setting up watches\n").into_response()
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn status(State(s): State<HttpState>) -> Response {
+    let settings = s.live.get();
+    axum::Json(json!({
+        "model": settings.model.name,
+        "precision": settings.model.precision.as_str(),
+        "ready": s.health.is_ready(),
+        "images_per_s": (s.metrics.images_per_second() * 10.0).round() / 10.0,
+        "queue_depth": s.metrics.queue_depth(),
+        "in_flight": s.metrics.in_flight(),
+        "ok": s.metrics.images("ok"),
+        "errors": s.metrics.images("error"),
+        "recent": s.recent.list(),
+    }))
+    .into_response()
+}
+
+async fn thumb(State(s): State<HttpState>, Path(id): Path<u64>) -> Response {
+    match s.recent.thumb(id) {
+        Some(jpeg) => ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "max-age=3600")], jpeg.to_vec()).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such thumbnail (only the last 50 results have one)"),
+    }
+}
+
+/// The original service's API: an image body (raw, or multipart field `file`) → top-k JSON.
+async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Request) -> Response {
+    if !s.health.is_ready() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "not ready yet");
+    }
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let bytes = if multipart {
+        match image_field(req, &s).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        }
+    } else {
+        match Bytes::from_request(req, &s).await {
+            Ok(b) => b,
+            Err(e) => return error(e.status(), e.body_text()),
+        }
+    };
+    if bytes.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "empty body: send the image as the request body or as multipart field \"file\"");
+    }
+    let (reply, mut result) = tokio::sync::mpsc::channel(1);
+    let mut file = ReadyFile::new("(upload)".into());
+    file.upload = Some(Upload { bytes: Arc::from(&bytes[..]), reply });
+    let queue = s.queue.clone();
+    let pushed = tokio::task::spawn_blocking(move || queue.push_upload(file)).await;
+    if !matches!(pushed, Ok(Pushed::Queued)) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match tokio::time::timeout(PREDICT_TIMEOUT, result.recv()).await {
+        Ok(Some(record)) => {
+            let code = if record.status == Status::Ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+            let mut body = serde_json::to_value(&record).unwrap_or_default();
+            if let Some(o) = body.as_object_mut() {
+                o.remove("path");
+            }
+            (code, axum::Json(body)).into_response()
+        }
+        Ok(None) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "timed out waiting for a worker"),
+    }
+}
+
+async fn image_field(req: Request, s: &HttpState) -> Result<Bytes, Response> {
+    let mut mp = Multipart::from_request(req, s).await.map_err(|e| error(e.status(), e.body_text()))?;
+    loop {
+        match mp.next_field().await {
+            Ok(Some(field)) if field.name() == Some("file") => {
+                return field.bytes().await.map_err(|e| error(e.status(), e.body_text()));
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(error(StatusCode::BAD_REQUEST, "multipart body has no field named \"file\"")),
+            Err(e) => return Err(error(e.status(), e.body_text())),
+        }
+    }
+}

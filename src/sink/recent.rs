@@ -1,0 +1,51 @@
+//! The last results, newest first, with thumbnails: what the status page shows.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use super::record::Record;
+
+/// How many results the status page keeps.
+pub const KEEP: usize = 50;
+
+#[derive(Clone, Default)]
+pub struct Recent(Arc<Mutex<Inner>>);
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    items: VecDeque<RecentResult>,
+}
+
+#[derive(Clone, Serialize)]
+pub struct RecentResult {
+    pub id: u64,
+    #[serde(flatten)]
+    pub record: Record,
+    pub has_thumb: bool,
+    #[serde(skip)]
+    pub thumb: Option<Arc<Vec<u8>>>,
+}
+
+impl Recent {
+    pub fn push(&self, record: Record, thumb: Option<Vec<u8>>) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.items.push_front(RecentResult { id, record, has_thumb: thumb.is_some(), thumb: thumb.map(Arc::new) });
+        inner.items.truncate(KEEP);
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<RecentResult> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).items.iter().cloned().collect()
+    }
+
+    /// The thumbnail of a result still in the list.
+    pub fn thumb(&self, id: u64) -> Option<Arc<Vec<u8>>> {
+        let inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.items.iter().find(|r| r.id == id).and_then(|r| r.thumb.clone())
+    }
+}
