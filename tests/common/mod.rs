@@ -15,9 +15,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_labeld");
 /// 0, 1, 2 (and 0 elsewhere): a red image is class 0 ("tench"), green is 1 ("goldfish"), blue is 2
 /// ("great white shark"). Accepts any batch size.
 pub fn channel_mean_model(path: &Path) {
+    channel_mean_model_to(path, [0, 1, 2]);
+}
+
+/// Like `channel_mean_model`, with the red, green and blue means going to `classes`.
+pub fn channel_mean_model_to(path: &Path, classes: [usize; 3]) {
     let mut w = vec![0f32; 3 * 1000];
     for c in 0..3 {
-        w[c * 1000 + c] = 10.0;
+        w[c * 1000 + classes[c]] = 10.0;
     }
     let weight = Tensor::from_slice(&w).view([3, 1000]);
     let example = Tensor::zeros([2, 3, 224, 224], (Kind::Float, Device::Cpu));
@@ -88,6 +93,33 @@ fn resnet18(p: &nn::Path) -> impl ModuleT + use<> {
 }
 
 /// A solid-colour RGB image written in the format its extension names.
+/// A channel-mean model (as above) whose forward pass never returns for a bright image (mean of the
+/// normalized input above 1.5, e.g. white): a hung worker. Scripted with Debian's PyTorch, since a
+/// data-dependent loop cannot be traced.
+pub fn hanging_model(path: &Path) {
+    let script = r#"
+import sys, torch
+class Hang(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        w = torch.zeros(3, 1000)
+        for c in range(3):
+            w[c, c] = 10.0
+        self.register_buffer("w", w)
+    def forward(self, x):
+        m = x.mean()
+        while bool(m > 1.5):
+            m = m * 1.0
+        return x.mean([2, 3]) @ self.w
+torch.jit.script(Hang()).save(sys.argv[1])
+"#;
+    // TorchScript reads the class's source, so the script must be a file.
+    let py = path.with_extension("py");
+    std::fs::write(&py, script).unwrap();
+    let out = Command::new("/usr/bin/python3").arg(&py).arg(path).output().expect("run /usr/bin/python3");
+    assert!(out.status.success(), "cannot script the hanging model: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn solid(path: &Path, rgb: [u8; 3], w: u32, h: u32) {
     image::RgbImage::from_pixel(w, h, image::Rgb(rgb)).save(path).expect("write test image");
 }
@@ -154,9 +186,15 @@ impl Setup {
     }
 
     pub fn spawn_daemon(&self) -> Daemon {
+        self.spawn_daemon_with(&[])
+    }
+
+    /// Starts `labeld run` with extra environment variables and waits for "ready".
+    pub fn spawn_daemon_with(&self, env: &[(&str, &str)]) -> Daemon {
         let log = self.dir.path().join("daemon.log");
         let child = self
             .labeld()
+            .envs(env.iter().copied())
             .args(["run", "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())
@@ -204,6 +242,20 @@ impl Daemon {
             assert!(t.elapsed() < timeout, "no {needle:?} in the daemon log after {timeout:?}:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The address the daemon's HTTP endpoint listens on (from its log).
+    pub fn http_addr(&self) -> String {
+        self.wait_for_log("HTTP on", Duration::from_secs(30));
+        let log = self.log_text();
+        let line = log.lines().find(|l| l.contains("HTTP on")).unwrap();
+        let at = line.find("addr=").expect("addr= in the HTTP line") + 5;
+        line[at..].split_whitespace().next().unwrap().to_string()
+    }
+
+    /// Number of times `needle` appears in the log.
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log_text().matches(needle).count()
     }
 
     pub fn signal(&self, sig: i32) {
