@@ -5,7 +5,7 @@ CARGO ?= cargo
 CONFIG ?= config/labeld.toml
 BIN := target/release/labeld
 
-.PHONY: run test bench setup deps libtorch model build golden clean-deps
+.PHONY: run test bench deb setup deps libtorch model build golden clean-deps
 
 run: setup build
 	$(BIN) run --config $(CONFIG)
@@ -18,6 +18,10 @@ setup: deps model
 # labeld vs the reference Python pipeline on the same files and model (see README "Speed").
 bench: setup build
 	python3 benches/bench.py
+
+# target/deb/labeld_<version>_amd64.deb: binary, private libtorch, model, unit, /etc/labeld/labeld.toml.
+deb: setup build
+	scripts/build-deb.sh
 
 deps:
 	scripts/setup-system.sh

@@ -5,12 +5,13 @@
 #
 #   scripts/build-deb.sh [OUT_DIR]        (run by `make deb` after set-up and the release build)
 #   LABELD_DEB_COMPRESS=none|zstd|xz      compression (default zstd)
+#   LABELD_BIN=PATH                       the labeld binary to package (default target/release/labeld)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-target/deb}
 COMPRESS=${LABELD_DEB_COMPRESS:-zstd}
-BIN=target/release/labeld
+BIN=${LABELD_BIN:-target/release/labeld}
 MODEL=models/default.pt
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 ARCH=$(dpkg --print-architecture)

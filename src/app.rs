@@ -40,6 +40,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     }
     metrics.set_model(&config.model.name, config.model.precision.as_str());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
+    let hung_tx = done_tx.clone();
     let sink = Sink::start(
         OutputSettings::from_config(&config),
         in_flight,
@@ -70,7 +71,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let started = Instant::now();
 
     if once {
-        drop(upload_queue);
+        drop((upload_queue, hung_tx));
         let progress = crate::progress::bar(None);
         let ticker = progress.clone().map(|pb| spawn_progress(pb, metrics.clone(), shutdown.clone()));
         let found = watch::scan_backlog(&config.inboxes, &feeder.sender(), &shutdown);
@@ -104,7 +105,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             thumbnails,
             watch: None,
         };
-        runtime.block_on(serve(control, upload_queue, health, recent, reload_rx, shutdown.clone()))?;
+        runtime.block_on(serve(control, upload_queue, hung_tx, health, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
         workers.join();
     }
@@ -126,6 +127,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
 async fn serve(
     mut control: Control,
     upload_queue: QueueSender,
+    hung_tx: crossbeam_channel::Sender<BatchDone>,
     health: Health,
     recent: Recent,
     mut reload_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
@@ -153,7 +155,8 @@ async fn serve(
     health.set_ready(true);
     tracing::info!("ready");
     control.systemd.ready(&crate::systemd::summary(&control.metrics));
-    let supervisor = control.systemd.supervise(health.clone(), control.metrics.clone(), shutdown.clone());
+    let supervisor =
+        control.systemd.supervise(health.clone(), control.metrics.clone(), control.live.clone(), hung_tx, shutdown.clone());
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,

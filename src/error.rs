@@ -66,4 +66,6 @@ pub enum ImageError {
     Preprocess(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    #[error("not labelled: its batch was stuck in {thread} for over {secs} s (hung worker); not retried, so a bad image cannot stall labeld again after a restart")]
+    Hung { thread: String, secs: u64 },
 }

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::queue::ReadyFile;
+
 #[derive(Clone)]
 pub struct Health(Arc<Inner>);
 
@@ -20,6 +22,18 @@ pub struct Slot {
     /// Milliseconds since `epoch` + 1 when the current step began; 0 while idle.
     busy_since: AtomicU64,
     epoch: Instant,
+    /// The images of the current step.
+    work: Mutex<Vec<ReadyFile>>,
+}
+
+/// A thread stuck in one step.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    pub thread: String,
+    pub for_: Duration,
+    /// When the step began (identifies it across checks).
+    pub since_ms: u64,
+    pub files: Vec<ReadyFile>,
 }
 
 /// Marks a slot busy until dropped.
@@ -28,11 +42,14 @@ pub struct Busy<'a>(&'a Slot);
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.busy_since.store(0, Ordering::Relaxed);
+        self.0.work.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
 impl Slot {
-    pub fn busy(&self) -> Busy<'_> {
+    /// Marks the slot busy with `files` until the returned guard is dropped.
+    pub fn busy(&self, files: &[ReadyFile]) -> Busy<'_> {
+        *self.work.lock().unwrap_or_else(|e| e.into_inner()) = files.to_vec();
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         self.busy_since.store(now, Ordering::Relaxed);
         Busy(self)
@@ -56,7 +73,12 @@ impl Health {
     }
 
     pub fn slot(&self, name: impl Into<String>) -> Arc<Slot> {
-        let slot = Arc::new(Slot { name: name.into(), busy_since: AtomicU64::new(0), epoch: self.0.epoch });
+        let slot = Arc::new(Slot {
+            name: name.into(),
+            busy_since: AtomicU64::new(0),
+            epoch: self.0.epoch,
+            work: Mutex::new(Vec::new()),
+        });
         self.0.slots.lock().unwrap_or_else(|e| e.into_inner()).push(slot.clone());
         slot
     }
@@ -70,14 +92,28 @@ impl Health {
         self.0.ready.load(Ordering::SeqCst)
     }
 
-    /// The thread that has been stuck in one step the longest, if any for more than `limit`.
-    pub fn stalled(&self, limit: Duration) -> Option<(String, Duration)> {
+    /// Every thread stuck in one step for more than `limit`, longest first.
+    pub fn stalls(&self, limit: Duration) -> Vec<Stall> {
         let slots = self.0.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots
+        let mut out: Vec<Stall> = slots
             .iter()
-            .filter_map(|s| s.busy_for().map(|d| (s.name.clone(), d)))
-            .filter(|(_, d)| *d > limit)
-            .max_by_key(|(_, d)| *d)
+            .filter_map(|s| {
+                let for_ = s.busy_for().filter(|d| *d > limit)?;
+                Some(Stall {
+                    thread: s.name.clone(),
+                    for_,
+                    since_ms: s.busy_since.load(Ordering::Relaxed),
+                    files: s.work.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| std::cmp::Reverse(s.for_));
+        out
+    }
+
+    /// The thread stuck the longest, if any for more than `limit`.
+    pub fn stalled(&self, limit: Duration) -> Option<(String, Duration)> {
+        self.stalls(limit).into_iter().next().map(|s| (s.thread, s.for_))
     }
 }
 
@@ -91,11 +127,13 @@ mod tests {
         let a = h.slot("infer-0");
         let _idle = h.slot("decode-0");
         assert_eq!(h.stalled(Duration::ZERO), None);
-        let busy = a.busy();
+        let busy = a.busy(&[ReadyFile::new("/in/a.jpg".into())]);
         std::thread::sleep(Duration::from_millis(30));
         let (name, d) = h.stalled(Duration::from_millis(10)).unwrap();
         assert_eq!(name, "infer-0");
         assert!(d >= Duration::from_millis(30));
+        let stall = &h.stalls(Duration::from_millis(10))[0];
+        assert_eq!(stall.files[0].path, std::path::PathBuf::from("/in/a.jpg"));
         assert_eq!(h.stalled(Duration::from_secs(5)), None);
         drop(busy);
         assert_eq!(h.stalled(Duration::ZERO), None);

@@ -77,7 +77,7 @@ fn sections(described: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for line in described.lines().filter(|l| !l.starts_with('#')) {
         if line.starts_with('[') {
-            if !out.last().is_some_and(|(n, _)| n == line) {
+            if out.last().is_none_or(|(n, _)| n != line) {
                 out.push((line.to_string(), String::new()));
             }
         } else if let Some((_, text)) = out.last_mut() {

@@ -1,13 +1,19 @@
 //! Speaking to systemd over `NOTIFY_SOCKET` (`Type=notify`): READY=1 once the model is loaded and
 //! every inbox watched, STATUS= with queue depth and images/s, WATCHDOG=1 only while the workers make
-//! progress, RELOADING=1 / STOPPING=1. Without `NOTIFY_SOCKET` every call is a no-op.
+//! progress, RELOADING=1 / STOPPING=1. Without `NOTIFY_SOCKET` nothing is sent, but the supervisor
+//! still records the images of a stuck worker.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
 use sd_notify::NotifyState;
 
-use crate::health::Health;
+use crate::error::ImageError;
+use crate::health::{Health, Stall};
+use crate::infer::{BatchDone, LiveSettings, Outcome};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -58,46 +64,70 @@ impl Systemd {
         sd_notify::watchdog_enabled().map_or(DEFAULT_STALL, |wd| wd / 2)
     }
 
-    /// Sends STATUS= (and WATCHDOG=1 while no worker is stuck) until shutdown.
-    pub fn supervise(self, health: Health, metrics: Metrics, shutdown: Shutdown) -> Option<JoinHandle<()>> {
-        if !self.enabled {
-            return None;
-        }
-        let watchdog = sd_notify::watchdog_enabled();
-        let tick = watchdog.map_or(Duration::from_secs(2), |wd| (wd / 2).min(Duration::from_secs(2)));
+    /// Until shutdown: checks that the workers make progress and sends STATUS= (and WATCHDOG=1 while
+    /// none is stuck). The images of a stuck step get an error record at once (through `results`),
+    /// so that after the restart the watchdog causes they are not tried again.
+    pub fn supervise(
+        self,
+        health: Health,
+        metrics: Metrics,
+        live: LiveSettings,
+        results: Sender<BatchDone>,
+        shutdown: Shutdown,
+    ) -> Option<JoinHandle<()>> {
+        let watchdog = if self.enabled { sd_notify::watchdog_enabled() } else { None };
+        let tick = watchdog.map_or(Duration::from_secs(1), |wd| (wd / 2).min(Duration::from_secs(1)));
         let limit = Self::stall_limit();
         if let Some(wd) = watchdog {
             tracing::info!(interval_ms = wd.as_millis() as u64, hung_after_ms = limit.as_millis() as u64, "systemd watchdog on");
         }
-        let spawned = std::thread::Builder::new().name("systemd".into()).spawn(move || {
-            let mut was_stuck = false;
+        let spawned = std::thread::Builder::new().name("supervisor".into()).spawn(move || {
+            let mut reported: HashSet<(String, u64)> = HashSet::new();
             while !shutdown.is_triggered() {
                 let summary = summary(&metrics);
-                match health.stalled(limit) {
-                    None => {
-                        if was_stuck {
-                            tracing::info!("workers are making progress again");
-                            was_stuck = false;
-                        }
-                        self.send(&[NotifyState::Watchdog, NotifyState::Status(&summary)]);
+                let stalls = health.stalls(limit);
+                for stall in &stalls {
+                    if reported.insert((stall.thread.clone(), stall.since_ms)) {
+                        record_hung(stall, &live, &results);
                     }
-                    Some((thread, secs)) => {
-                        if !was_stuck {
-                            tracing::error!(
-                                thread = %thread,
-                                stuck_s = secs.as_secs(),
-                                "a worker has been stuck in one step too long: withholding the watchdog ping so systemd restarts labeld"
-                            );
-                            was_stuck = true;
-                        }
-                        let status = format!("{thread} stuck for {} s; {summary}", secs.as_secs());
+                }
+                reported.retain(|(t, since)| stalls.iter().any(|s| &s.thread == t && s.since_ms == *since));
+                match stalls.first() {
+                    None => self.send(&[NotifyState::Watchdog, NotifyState::Status(&summary)]),
+                    Some(stall) => {
+                        let status = format!("{} stuck for {} s; {summary}", stall.thread, stall.for_.as_secs());
                         self.send(&[NotifyState::Status(&status)]);
                     }
                 }
                 std::thread::sleep(tick);
             }
         });
-        spawned.map_err(|e| tracing::error!(error = %e, "cannot start the systemd notifier")).ok()
+        spawned.map_err(|e| tracing::error!(error = %e, "cannot start the supervisor thread")).ok()
+    }
+}
+
+/// Logs a stuck step and hands an error record for each of its images to the sink.
+fn record_hung(stall: &Stall, live: &LiveSettings, results: &Sender<BatchDone>) {
+    let files: Vec<String> = stall.files.iter().map(|f| f.path.display().to_string()).collect();
+    tracing::error!(
+        thread = %stall.thread,
+        stuck_s = stall.for_.as_secs(),
+        images = ?files,
+        "a worker is stuck in one step: its images get an error record, and the watchdog ping is withheld so systemd restarts labeld"
+    );
+    let settings = live.get();
+    let outcomes: Vec<Outcome> = stall
+        .files
+        .iter()
+        .map(|f| Outcome {
+            file: f.clone(),
+            result: Err(ImageError::Hung { thread: stall.thread.clone(), secs: stall.for_.as_secs() }),
+            finished_at: Instant::now(),
+            thumb: None,
+        })
+        .collect();
+    if !outcomes.is_empty() {
+        let _ = results.send(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: None });
     }
 }
 

@@ -91,7 +91,7 @@ fn systemd_hears_ready_then_watchdog_pings_with_status_then_reloading_and_stoppi
 }
 
 #[test]
-fn a_hung_worker_stops_the_watchdog_pings() {
+fn a_hung_worker_stops_the_watchdog_pings_and_its_image_is_not_tried_again() {
     let s = Setup::new("channel_mean", "").with_workers("count = 1\nmax_batch = 1\n");
     let hang = s.dir.path().join("models/hang.pt");
     hanging_model(&hang);
@@ -107,14 +107,35 @@ fn a_hung_worker_stops_the_watchdog_pings() {
     n.wait_for("WATCHDOG=1", WAIT);
 
     // A white image makes the model spin forever: the worker is stuck, the pings stop.
-    solid(&s.inbox.join("white.png"), [255, 255, 255], 32, 32);
-    d.wait_for_log("withholding the watchdog ping", WAIT);
+    let white = s.inbox.join("white.png");
+    solid(&white, [255, 255, 255], 32, 32);
+    d.wait_for_log("watchdog ping is withheld", WAIT);
     let stuck = n.wait_for("STATUS=infer-0 stuck", WAIT);
     assert!(!stuck.contains("WATCHDOG=1"), "{stuck}");
     let after = n.drain(Duration::from_secs(3));
     assert!(!after.is_empty(), "status updates keep coming");
     assert!(after.iter().all(|m| !m.lines().any(|l| l == "WATCHDOG=1")), "a hung worker must stop the pings: {after:?}");
-    assert!(d.log_text().contains("thread=infer-0"), "the log names the stuck thread");
+    let log = d.log_text();
+    assert!(log.contains("thread=infer-0") && log.contains("white.png"), "the log names the thread and the image:\n{log}");
+
+    // The image that hung it has an error record, so the restart systemd makes does not hang again.
+    let side = wait_for_sidecar(&white, WAIT);
+    assert_eq!(side["status"], "error");
+    assert!(side["error"].as_str().unwrap().contains("hung worker"), "{side}");
+    drop(d); // as systemd's watchdog would: SIGKILL
+    let rows = s.rows();
+    assert_eq!(rows.iter().filter(|r| r[1].ends_with("/white.png")).count(), 1);
+
+    let (mut n, socket) = {
+        std::fs::remove_file(s.dir.path().join("notify.sock")).unwrap();
+        Notifications::bind(s.dir.path())
+    };
+    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    n.wait_for("READY=1", WAIT);
+    let pings = n.drain(Duration::from_secs(2));
+    assert!(pings.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).count() >= 2, "{pings:?}");
+    assert!(d.stop().success());
+    assert_eq!(s.rows().len(), 2, "nothing labelled twice");
 }
 
 #[test]

@@ -146,7 +146,7 @@ impl Worker {
     fn infer(&mut self, batch: Prepared) -> BatchDone {
         let Prepared { settings, files, data, mut results, thumbs, prep_ms } = batch;
         let slot = self.slot.clone();
-        let busy = slot.busy();
+        let busy = slot.busy(&files);
         let swapped = self.use_settings(&settings);
         let n_ok = results.iter().filter(|r| r.is_none()).count();
         let infer_started = Instant::now();
@@ -231,7 +231,7 @@ fn prepare_batches(
         if files.is_empty() {
             return;
         }
-        let busy = slot.busy();
+        let busy = slot.busy(&files);
         let now = live.get();
         if !Arc::ptr_eq(&now, &settings) {
             settings = now;

@@ -10,7 +10,7 @@ pub mod recent;
 pub mod result_log;
 pub mod sidecar;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -105,6 +105,7 @@ impl Sink {
             totals: Totals::default(),
             metrics,
             recent,
+            abandoned: HashSet::new(),
         };
         let handle = std::thread::Builder::new()
             .name("sink".into())
@@ -184,6 +185,8 @@ struct Writer {
     totals: Totals,
     metrics: Metrics,
     recent: Recent,
+    /// Images recorded as hung (by path and queue time): a result arriving for one later is dropped.
+    abandoned: HashSet<(PathBuf, Instant)>,
 }
 
 impl Writer {
@@ -245,6 +248,13 @@ impl Writer {
 
     fn accept(&mut self, batch: BatchDone) {
         for o in batch.outcomes {
+            let key = (o.file.path.clone(), o.file.ready_at);
+            if matches!(o.result, Err(ImageError::Hung { .. })) {
+                self.abandoned.insert(key);
+            } else if self.abandoned.remove(&key) {
+                tracing::warn!(path = %o.file.path.display(), "a stuck worker finished after all; its image already has a hung record, result dropped");
+                continue;
+            }
             let o = self.quarantine(o);
             let now = Instant::now();
             let record = Record::new(&o, &batch.model, batch.min_score, now);
