@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages labeld needs to build (libturbojpeg, pkg-config), to export the model
 # (python3-torch, python3-torchvision), to measure peak memory in `make bench` (time), to check the
-# systemd unit (systemd-analyze), to build the .deb (patchelf) and to test the status page (chromium).
+# systemd unit (systemd-analyze) and the syscalls its filter allows (strace), to build the .deb
+# (patchelf) and to test the status page (chromium).
 # Installs only what is missing; a no-op once done.
 set -euo pipefail
 
-PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision time
+PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision time strace
           systemd patchelf chromium)
 
 missing=()

@@ -70,24 +70,20 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let feeder = Feeder::start(queue_tx)?;
     let started = Instant::now();
 
+    let mut progress = None;
     if once {
         drop((upload_queue, hung_tx));
-        let progress = crate::progress::bar(None);
-        let ticker = progress.clone().map(|pb| spawn_progress(pb, metrics.clone(), shutdown.clone()));
+        let bar = crate::progress::bar(None);
+        let stop_ticker = Shutdown::new();
+        let ticker = bar.clone().map(|pb| spawn_progress(pb, metrics.clone(), stop_ticker.clone()));
         let found = watch::scan_backlog(&config.inboxes, &feeder.sender(), &shutdown);
-        if let Some(pb) = &progress {
+        if let Some(pb) = &bar {
             pb.set_length(found as u64);
         }
         tracing::info!(images = found, "backlog queued");
         feeder.finish(); // closes the queue once everything is in it: workers drain it and stop
         workers.join();
-        shutdown.trigger(); // stops the progress ticker
-        if let Some(t) = ticker {
-            let _ = t.join();
-        }
-        if let Some(pb) = progress {
-            pb.finish();
-        }
+        progress = bar.map(|pb| (pb, ticker, stop_ticker));
     } else {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -110,6 +106,14 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         workers.join();
     }
     let totals = sink.join();
+    if let Some((pb, ticker, stop_ticker)) = progress {
+        stop_ticker.trigger();
+        if let Some(t) = ticker {
+            let _ = t.join();
+        }
+        pb.set_position(totals.ok + totals.errors);
+        pb.finish();
+    }
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         ok = totals.ok,
@@ -143,6 +147,8 @@ async fn serve(
                 live: control.live.clone(),
                 stall_limit: Systemd::stall_limit(),
                 token: cfg.token.as_deref().map(Arc::from),
+                shutdown: shutdown.clone(),
+                max_body: cfg.max_body_bytes,
             };
             Some(crate::http::serve(&cfg, state, shutdown.clone()).await?)
         }

@@ -258,20 +258,25 @@ pub struct ModelConfig {
     pub labels_lang: LabelsLang,
     /// Results whose top-1 score is below this are marked `confident: false`.
     pub min_score: Option<f32>,
+    /// The model file as it was when the config was read: a file replaced in place, or a link
+    /// pointed elsewhere, is a different model at the same path.
+    pub file_id: Option<FileId>,
 }
+
+/// (device, inode, modification time), links followed.
+pub type FileId = (u64, u64, std::time::SystemTime);
 
 impl ModelConfig {
     /// Whether switching from `self` to `other` needs the model file loaded again.
     pub fn needs_reload(&self, other: &ModelConfig) -> bool {
         self.path != other.path
+            || self.file_id != other.file_id
             || self.precision != other.precision
             || self.preprocess.crop != other.preprocess.crop
-            || model_identity(&self.path) != model_identity(&other.path)
     }
 }
 
-/// The model file as it is on disk now (a replaced file or a re-pointed link counts as a change).
-fn model_identity(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.dev(), m.ino(), m.modified().ok()?))
@@ -432,6 +437,7 @@ impl Config {
         let path = absolute(&cwd, model);
         check_model_file(&self.file, &path)?;
         self.model.name = model_stem(&path);
+        self.model.file_id = file_id(&path);
         self.model.path = path;
         Ok(self)
     }
@@ -683,6 +689,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         }
     };
 
+    let file_id = file_id(&model_path);
     Ok(Config {
         file: file.to_path_buf(),
         model: ModelConfig {
@@ -702,6 +709,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             precision: m.precision,
             labels_lang: m.labels_lang,
             min_score: m.min_score,
+            file_id,
         },
         inboxes,
         csv,

@@ -1,9 +1,14 @@
 //! The systemd unit and the Debian package, checked with Debian's own tools.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_labeld");
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, RED, Setup, solid, wait_for_sidecar};
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// `systemd-analyze verify` on a unit file, with its ExecStart binary pointed at `bin` (verify
@@ -119,4 +124,100 @@ fn the_deb_unpacks_to_a_binary_that_finds_its_libtorch_through_the_rpath_and_cla
     assert_eq!(r["top"][0]["label"], "espresso", "{r}");
 
     verify_unit(&root.join("lib/systemd/system/labeld.service"), &bin, out_dir.path());
+}
+
+/// The system calls a systemd syscall-filter group allows, groups expanded.
+fn syscall_group(group: &str) -> BTreeSet<String> {
+    let out = Command::new("systemd-analyze").arg("syscall-filter").output().expect("run systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        if line.starts_with('@') {
+            current = Some(line.trim().to_string());
+            groups.entry(line.trim().to_string()).or_default();
+        } else if let (Some(g), Some(member)) = (&current, line.strip_prefix("    ")) {
+            if !member.starts_with('#') && !member.trim().is_empty() {
+                groups.get_mut(g).unwrap().push(member.trim().to_string());
+            }
+        }
+    }
+    fn expand(g: &str, groups: &HashMap<String, Vec<String>>, out: &mut BTreeSet<String>) {
+        for m in groups.get(g).unwrap_or_else(|| panic!("no syscall group {g}")) {
+            if m.starts_with('@') { expand(m, groups, out) } else { out.insert(m.clone()); }
+        }
+    }
+    let mut out = BTreeSet::new();
+    expand(group, &groups, &mut out);
+    out
+}
+
+#[test]
+fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
+    // The unit kills labeld (SIGSYS) on any call outside SystemCallFilter=@system-service: trace a
+    // daemon through start, a labelled image, an HTTP upload, a reload and a stop, and compare.
+    let unit = std::fs::read_to_string(Path::new(ROOT).join("systemd/labeld.service")).unwrap();
+    assert!(unit.contains("SystemCallFilter=@system-service\n"));
+    let allowed = syscall_group("@system-service");
+    assert!(allowed.contains("openat") && allowed.contains("futex"), "{allowed:?}");
+
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n");
+    let trace = s.dir.path().join("strace.log");
+    let log = s.dir.path().join("daemon.log");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(BIN)
+        .args(["run", "--config"])
+        .arg(&s.config)
+        .env("LABELD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("run strace (Debian package strace, installed by scripts/setup-system.sh)");
+    let wait_log = |needle: &str| {
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
+            assert!(t.elapsed() < Duration::from_secs(120), "no {needle:?} in\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_log("ready");
+    solid(&s.inbox.join("red.png"), RED, 64, 64);
+    wait_for_sidecar(&s.inbox.join("red.png"), Duration::from_secs(60));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().find(|l| l.contains("HTTP on")).unwrap();
+    let addr = line[line.find("addr=").unwrap() + 5..].split_whitespace().next().unwrap().to_string();
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(32, 32, image::Rgb(RED)).write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let r = ureq::post(format!("http://{addr}/predict")).send(&png.into_inner()[..]).unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let pid = String::from_utf8(Command::new("pgrep").args(["-P", &strace.id().to_string()]).output().unwrap().stdout).unwrap();
+    let pid = pid.trim().to_string();
+    assert!(!pid.is_empty(), "labeld's pid under strace");
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    wait_log("config reloaded");
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = strace.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "labeld did not stop under strace");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "labeld exit under strace: {status:?}");
+
+    let used: BTreeSet<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(' ')?.1.trim_start();
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            (!name.is_empty() && rest[name.len()..].starts_with('(')).then_some(name)
+        })
+        .collect();
+    assert!(used.len() > 30 && used.contains("inotify_add_watch") && used.contains("accept4"), "{used:?}");
+    let outside: Vec<_> = used.difference(&allowed).collect();
+    assert!(outside.is_empty(), "system calls outside @system-service (the unit would kill labeld): {outside:?}");
 }

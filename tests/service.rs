@@ -201,11 +201,25 @@ fn sighup_swaps_in_a_new_model_between_batches() {
     let side = wait_for_sidecar(&s.inbox.join("after.png"), WAIT);
     assert_eq!((top1(&side), side["model"].as_str().unwrap()), ((7, "cock".into()), "shifted"));
     assert!(d.log_text().contains("worker switched model"));
+
+    // The same path, a new file behind it (as `make model` or a deploy tool replaces it).
+    let staged = s.dir.path().join("models/.staged.pt");
+    channel_mean_model_to(&staged, [4, 5, 6]);
+    std::fs::rename(&staged, &other).unwrap();
+    d.signal(1);
+    let t = Instant::now();
+    while d.count_in_log("config reloaded") < 2 {
+        assert!(t.elapsed() < WAIT, "second reload not applied:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    solid(&s.inbox.join("replaced.png"), RED, 32, 32);
+    let side = wait_for_sidecar(&s.inbox.join("replaced.png"), WAIT);
+    assert_eq!((top1(&side), side["model"].as_str().unwrap()), ((4, "hammerhead".into()), "shifted"));
     let rows = {
         d.stop();
         s.rows()
     };
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.len(), 3);
 }
 
 #[test]
@@ -340,7 +354,7 @@ fn chinese_labels_carry_the_english_name_and_min_score_marks_unsure_results() {
 }
 
 #[test]
-fn classify_on_a_terminal_shows_a_progress_bar_with_images_per_second() {
+fn classify_and_run_once_on_a_terminal_show_a_progress_bar_with_images_per_second() {
     let s = Setup::new("channel_mean", "");
     for i in 0..40 {
         solid(&s.inbox.join(format!("{i}.png")), RED, 64, 64);
@@ -351,6 +365,13 @@ fn classify_on_a_terminal_shows_a_progress_bar_with_images_per_second() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tty = String::from_utf8_lossy(&out.stdout);
     assert!(tty.contains("40/40 images") && tty.contains("img/s"), "no progress bar on the terminal:\n{tty}");
+
+    // `run --once` over the backlog: the bar ends at the full count.
+    let cmd = format!("{BIN} run --once --config {}", s.config.display());
+    let out = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && tty.contains("40/40 images") && tty.contains("img/s"), "{tty}");
+    assert_eq!(s.rows().len(), 40);
 
     // Not a terminal: no bar, JSON only.
     let out = s.labeld().args(["classify", "--model"]).arg(&s.model).arg(&s.inbox).output().unwrap();

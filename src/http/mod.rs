@@ -37,6 +37,8 @@ pub struct HttpState {
     pub live: LiveSettings,
     pub stall_limit: Duration,
     pub token: Option<Arc<str>>,
+    pub shutdown: Shutdown,
+    pub max_body: usize,
 }
 
 /// Binds `cfg.listen` (failing to is fatal) and serves until `shutdown`.
@@ -158,6 +160,12 @@ async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Request) -
     if !s.health.is_ready() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "not ready yet");
     }
+    // Refused before any of the body is read (a client sending `Expect: 100-continue`, as curl does for
+    // large files, then never sends it).
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > s.max_body) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, format!("image larger than {} bytes ([http] max_body_mb)", s.max_body));
+    }
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -184,7 +192,12 @@ async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Request) -
     if !matches!(pushed, Ok(Pushed::Queued)) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    match tokio::time::timeout(PREDICT_TIMEOUT, result.recv()).await {
+    let waited = tokio::select! {
+        r = tokio::time::timeout(PREDICT_TIMEOUT, result.recv()) => r,
+        // Workers stop after their current batch: a queued upload would never be answered.
+        _ = s.shutdown.wait() => Ok(None),
+    };
+    match waited {
         Ok(Some(record)) => {
             let code = if record.status == Status::Ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
             let mut body = serde_json::to_value(&record).unwrap_or_default();
