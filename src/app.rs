@@ -216,17 +216,14 @@ impl Control {
         self.systemd.reloading();
         let (old, thumbnails) = (self.config.clone(), self.thumbnails);
         let file = old.file.clone();
-        let prepared = tokio::task::spawn_blocking(move || reload::prepare(&old, &file, thumbnails)).await;
+        let labels_now = self.live.get().labels.len();
+        let prepared = tokio::task::spawn_blocking(move || reload::prepare(&old, labels_now, &file, thumbnails))
+            .await
+            .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
         let r = match prepared {
-            Ok(Ok(r)) => r,
-            Ok(Err(reason)) => {
+            Ok(r) => r,
+            Err(reason) => {
                 tracing::error!(config = %self.config.file.display(), "config reload rejected, the running config stays: {reason}");
-                self.metrics.reload("rejected");
-                self.systemd.ready(&crate::systemd::summary(&self.metrics));
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "config reload failed, the running config stays");
                 self.metrics.reload("rejected");
                 self.systemd.ready(&crate::systemd::summary(&self.metrics));
                 return;

@@ -33,9 +33,10 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
     }
 }
 
-/// Reads `file` and checks it against the running config `old`. Blocking: loads the new model once
-/// when it changed, to be sure it works before any worker switches to it.
-pub fn prepare(old: &Config, file: &Path, thumbnails: bool) -> Result<Reload, String> {
+/// Reads `file` and checks it against the running config `old` (whose label list has `old_labels`
+/// names). Blocking: loads the new model once when it changed, to be sure it works before any
+/// worker switches to it.
+pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool) -> Result<Reload, String> {
     let mut new = Config::load(file).map_err(|e| e.to_string())?;
     let w = (&old.workers, &new.workers);
     if (w.0.count, w.0.threads, w.0.queue) != (w.1.count, w.1.threads, w.1.queue) {
@@ -50,7 +51,7 @@ pub fn prepare(old: &Config, file: &Path, thumbnails: bool) -> Result<Reload, St
     }
     let labels = Arc::new(Labels::load(&new.model.labels, new.model.labels_lang).map_err(|e| e.to_string())?);
     let settings = infer_settings(&new, labels, thumbnails);
-    if old.model.needs_reload(&new.model) || Labels::load(&old.model.labels, old.model.labels_lang).map(|l| l.len()).ok() != Some(settings.labels.len()) {
+    if old.model.needs_reload(&new.model) || old_labels != settings.labels.len() {
         worker::load(&settings).map_err(|e| format!("{e}; keeping the running model"))?;
     }
     let (before, after) = (sections(&old.describe()), sections(&new.describe()));

@@ -141,7 +141,7 @@ fn off_loopback_needs_a_token_and_every_guarded_request_must_carry_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("[http] token"));
 
-    s.edit_config("listen = \"0.0.0.0:0\"\n", "listen = \"0.0.0.0:0\"\ntoken = \"s3cret-token\"\n");
+    s.edit_config("listen = \"0.0.0.0:0\"\n", "listen = \"0.0.0.0:0\"\ntoken = \"s3cret+tok/en\"\n");
     let d = s.spawn_daemon();
     assert!(d.log_text().contains("requests need Authorization: Bearer"), "{}", d.log_text());
     let port = d.http_addr().rsplit(':').next().unwrap().to_string();
@@ -153,16 +153,17 @@ fn off_loopback_needs_a_token_and_every_guarded_request_must_carry_it() {
     assert_eq!(code, 401, "{r}");
     let wrong = agent().get(format!("{base}/metrics")).header("Authorization", "Bearer nope").call().unwrap();
     assert_eq!(wrong.status().as_u16(), 401);
-    let mut ok = agent().get(format!("{base}/metrics")).header("Authorization", "Bearer s3cret-token").call().unwrap();
+    let mut ok = agent().get(format!("{base}/metrics")).header("Authorization", "Bearer s3cret+tok/en").call().unwrap();
     assert_eq!(ok.status().as_u16(), 200);
     assert!(ok.body_mut().read_to_string().unwrap().contains("labeld_images_total"));
     let mut r = agent()
         .post(format!("{base}/predict"))
-        .header("Authorization", "Bearer s3cret-token")
+        .header("Authorization", "Bearer s3cret+tok/en")
         .send(&png(RED)[..])
         .unwrap();
     assert_eq!(r.status().as_u16(), 200, "{}", r.body_mut().read_to_string().unwrap());
-    assert_eq!(get(&format!("{base}/?token=s3cret-token")).0, 200, "a browser can open the page with ?token=");
+    assert_eq!(get(&format!("{base}/?token=s3cret%2Btok%2Fen")).0, 200, "a browser can open the page with ?token=");
+    assert_eq!(get(&format!("{base}/?token=s3cret")).0, 401);
 }
 
 #[test]

@@ -83,9 +83,9 @@ async fn authorize(State(s): State<HttpState>, req: Request, next: Next) -> Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let query = req.uri().query().and_then(|q| {
-        q.split('&').find_map(|kv| kv.strip_prefix("token=")).map(|t| t.replace("%2B", "+").replace("%2F", "/"))
-    });
+    let query = axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.get("token").cloned());
     if [bearer, query].iter().flatten().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) {
         next.run(req).await
     } else {
