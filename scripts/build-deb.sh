@@ -66,7 +66,7 @@ Version: $VERSION
 Architecture: $ARCH
 Maintainer: labeld developers <labeld@localhost>
 Installed-Size: $SIZE
-Depends: libc6 (>= 2.34), libstdc++6 (>= 12), libgcc-s1, libturbojpeg0 (>= 1:2.1), adduser | systemd
+Depends: libc6 (>= 2.34), libstdc++6 (>= 12), libgcc-s1, libturbojpeg0 (>= 1:2.1), procps, adduser | systemd
 Section: graphics
 Priority: optional
 Description: labels images as they arrive in inbox folders
