@@ -737,29 +737,10 @@ fn check_side_folder(inbox: &Path, folder: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// CPUs this process may use: the cgroup v2 quota (`cpu.max`, e.g. systemd's CPUQuota=) when one is
-/// set, else the CPUs it may run on.
+/// CPUs this process may use: the cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`; systemd's
+/// CPUQuota= sets it) when one is set, else the CPUs it may run on. The standard library reads both.
 pub fn cpu_budget() -> usize {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let quota = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|c| cgroup_v2_path(&c))
-        .and_then(|rel| std::fs::read_to_string(Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/')).join("cpu.max")).ok())
-        .and_then(|m| cpus_from_cpu_max(&m));
-    quota.map_or(cpus, |q| q.min(cpus))
-}
-
-/// The unified hierarchy's line of /proc/self/cgroup: `0::/system.slice/labeld.service`.
-fn cgroup_v2_path(proc_cgroup: &str) -> Option<String> {
-    proc_cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_string)
-}
-
-/// `cpu.max` is "max 100000" (no quota) or "<quota> <period>" in microseconds; 150000 100000 → 2.
-fn cpus_from_cpu_max(text: &str) -> Option<usize> {
-    let mut it = text.split_whitespace();
-    let quota: u64 = it.next()?.parse().ok()?;
-    let period: u64 = it.next()?.parse().ok()?;
-    (period > 0).then(|| quota.div_ceil(period).max(1) as usize)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -880,17 +861,6 @@ mod tests {
         assert_eq!(c.inboxes[0].path, dir.path().join("inbox"));
         assert_eq!(c.csv, dir.path().join("results.csv"));
         assert_eq!(c.model.name, "efficientnet_lite0");
-    }
-
-    #[test]
-    fn cpu_quota_is_read_from_cgroup_v2() {
-        assert_eq!(cpus_from_cpu_max("max 100000\n"), None);
-        assert_eq!(cpus_from_cpu_max("100000 100000\n"), Some(1));
-        assert_eq!(cpus_from_cpu_max("150000 100000\n"), Some(2));
-        assert_eq!(cpus_from_cpu_max("20000 100000\n"), Some(1));
-        assert_eq!(cgroup_v2_path("0::/system.slice/labeld.service\n").as_deref(), Some("/system.slice/labeld.service"));
-        assert_eq!(cgroup_v2_path("4:cpu,cpuacct:/x\n"), None);
-        assert!(cpu_budget() >= 1);
     }
 
     #[test]
