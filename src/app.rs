@@ -100,6 +100,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             systemd,
             thumbnails,
             watch: None,
+            health: health.clone(),
         };
         runtime.block_on(serve(control, upload_queue, hung_tx, health, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
@@ -194,6 +195,8 @@ struct Control {
     systemd: Systemd,
     thumbnails: bool,
     watch: Option<(Watch, Shutdown)>,
+    /// Not ready while the inboxes are not watched.
+    health: Health,
 }
 
 impl Control {
@@ -233,12 +236,16 @@ impl Control {
         self.sink.reconfigure(r.output);
         self.metrics.set_model(&r.config.model.name, r.config.model.precision.as_str());
         self.config = r.config;
-        if r.inboxes_changed {
+        if r.inboxes_changed || self.watch.is_none() {
             self.stop_watch().await;
-            if let Err(e) = self.start_watch() {
-                // The queue, workers and sink keep running; files arriving now are found by the next
-                // reload's or restart's scan.
-                tracing::error!(error = %e, "cannot watch the new inboxes");
+            match self.start_watch() {
+                Ok(()) => self.health.set_ready(true),
+                Err(e) => {
+                    // The queue, workers and sink keep running; files arriving now are found by the
+                    // next reload's or restart's scan. /readyz says so meanwhile.
+                    tracing::error!(error = %e, "cannot watch the new inboxes; not ready until a reload or restart watches them");
+                    self.health.set_ready(false);
+                }
             }
         }
         self.metrics.reload("applied");

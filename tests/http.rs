@@ -206,3 +206,31 @@ fn the_status_page_shows_a_labelled_image_in_headless_chromium() {
     assert!(dom.contains("id=\"ok\">1<"), "the labelled count is shown");
     assert!(dom.contains("channel_mean (fp32)"));
 }
+
+#[test]
+fn readyz_is_503_while_a_reloaded_inbox_cannot_be_watched() {
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n");
+    let d = s.spawn_daemon();
+    let base = format!("http://{}", d.http_addr());
+    assert_eq!(get(&format!("{base}/readyz")).0, 200);
+    let good = std::fs::read_to_string(&s.config).unwrap();
+
+    // Valid config, but the inbox cannot be created (/proc takes no new folders).
+    std::fs::write(&s.config, good.replace("path = \"inbox\"", "path = \"/proc/labeld-inbox\"")).unwrap();
+    d.signal(1);
+    d.wait_for_log("cannot watch the new inboxes", WAIT);
+    let (code, body) = get(&format!("{base}/readyz"));
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(get(&format!("{base}/healthz")).0, 200, "alive, just not ready");
+
+    std::fs::write(&s.config, good).unwrap();
+    d.signal(1);
+    let t = Instant::now();
+    while get(&format!("{base}/readyz")).0 != 200 {
+        assert!(t.elapsed() < WAIT, "not ready again after a good reload:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    solid(&s.inbox.join("back.png"), GREEN, 32, 32);
+    assert_eq!(top1(&wait_for_sidecar(&s.inbox.join("back.png"), WAIT)), (1, "goldfish".into()));
+    assert!(d.stop().success());
+}
