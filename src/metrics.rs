@@ -126,6 +126,13 @@ impl Metrics {
         registry.register("config_reloads", "SIGHUP config reloads, by result", reloads.clone());
         let model_info = Family::<LabelSet, Gauge>::default();
         registry.register("model", "The model in use (value 1)", model_info.clone());
+        // Every label value is there from the start, at 0, so rates and alerts work before the first event.
+        for status in ["ok", "error"] {
+            images.get_or_create(&vec![("status".into(), status.into())]);
+        }
+        for result in ["applied", "rejected"] {
+            reloads.get_or_create(&vec![("result".into(), result.into())]);
+        }
         let times = StageTimes::default();
         let live = Arc::new(LiveGauges::default());
         registry.register_collector(Box::new(Collected { times: times.clone(), live: live.clone() }));
@@ -250,6 +257,19 @@ impl prometheus_client::collector::Collector for Collected {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_start_at_zero_for_every_label_value() {
+        let text = Metrics::new().encode();
+        for want in [
+            "labeld_images_total{status=\"ok\"} 0",
+            "labeld_images_total{status=\"error\"} 0",
+            "labeld_config_reloads_total{result=\"rejected\"} 0",
+            "labeld_batches_total 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
 
     #[test]
     fn exposition_has_every_family_with_its_values() {
