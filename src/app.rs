@@ -102,7 +102,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             watch: None,
             health: health.clone(),
         };
-        runtime.block_on(serve(control, upload_queue, hung_tx, health, recent, reload_rx, shutdown.clone()))?;
+        runtime.block_on(serve(control, upload_queue, hung_tx, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
         workers.join();
     }
@@ -133,11 +133,11 @@ async fn serve(
     mut control: Control,
     upload_queue: QueueSender,
     hung_tx: crossbeam_channel::Sender<BatchDone>,
-    health: Health,
     recent: Recent,
     mut reload_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
     shutdown: Shutdown,
 ) -> Result<(), Fatal> {
+    let health = control.health.clone();
     let http = match control.config.http.clone() {
         Some(cfg) => {
             let state = crate::http::HttpState {

@@ -128,10 +128,10 @@ impl Metrics {
         registry.register("model", "The model in use (value 1)", model_info.clone());
         // Every label value is there from the start, at 0, so rates and alerts work before the first event.
         for status in ["ok", "error"] {
-            images.get_or_create(&vec![("status".into(), status.into())]);
+            let _ = images.get_or_create(&vec![("status".into(), status.into())]);
         }
         for result in ["applied", "rejected"] {
-            reloads.get_or_create(&vec![("result".into(), result.into())]);
+            let _ = reloads.get_or_create(&vec![("result".into(), result.into())]);
         }
         let times = StageTimes::default();
         let live = Arc::new(LiveGauges::default());

@@ -5,7 +5,7 @@
 //! leftovers, and archives images labelled before on_done was set, at start and on reload.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::record::{Record, Status};
 use super::sidecar::{self, sidecar_path};
@@ -16,11 +16,7 @@ pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
     match &ib.on_done {
         OnDone::Keep => Ok(()),
         OnDone::Move(dir) => {
-            let dest = destination(ib, dir, image)?;
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            super::move_file(image, &dest)?;
+            let dest = super::move_under(&ib.path, dir, image)?;
             super::move_file(&sidecar_path(image), &sidecar_path(&dest))?;
             if let Some(parent) = dest.parent() {
                 sidecar::sync_dir(parent)?;
@@ -32,13 +28,6 @@ pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
             remove_if_present(&sidecar_path(image))
         }
     }
-}
-
-fn destination(ib: &InboxConfig, dir: &Path, image: &Path) -> io::Result<PathBuf> {
-    let rel = image
-        .strip_prefix(&ib.path)
-        .map_err(|_| io::Error::other(format!("{} is not in inbox {}", image.display(), ib.path.display())))?;
-    Ok(dir.join(rel))
 }
 
 fn remove_if_present(p: &Path) -> io::Result<()> {
@@ -76,7 +65,7 @@ pub fn finish(ib: &InboxConfig) -> usize {
                 continue;
             }
             let done = match &ib.on_done {
-                OnDone::Move(dir) => match destination(ib, dir, &image) {
+                OnDone::Move(dir) => match super::path_under(&ib.path, dir, &image) {
                     Ok(dest) if dest.exists() => super::move_file(path, &sidecar_path(&dest)),
                     _ => continue,
                 },

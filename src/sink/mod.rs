@@ -370,11 +370,8 @@ impl Writer {
         }
         let Some(ib) = self.inboxes.iter().find(|ib| o.file.path.starts_with(&ib.path)) else { return o };
         let Some(q) = &ib.quarantine else { return o };
-        let Ok(rel) = o.file.path.strip_prefix(&ib.path) else { return o };
-        let dest = q.join(rel);
-        let moved = dest.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|_| move_file(&o.file.path, &dest));
-        match moved {
-            Ok(()) => {
+        match move_under(&ib.path, q, &o.file.path) {
+            Ok(dest) => {
                 tracing::info!(from = %o.file.path.display(), to = %dest.display(), "moved to quarantine");
                 let old = std::mem::replace(&mut o.file.path, dest);
                 // The image left the inbox: release its old path too.
@@ -386,10 +383,29 @@ impl Writer {
     }
 }
 
+/// Moves `image` from `inbox` to the same relative path under `dir` (quarantine, done_dir), creating
+/// folders as needed; returns where it went.
+pub(crate) fn move_under(inbox: &Path, dir: &Path, image: &Path) -> std::io::Result<PathBuf> {
+    let dest = path_under(inbox, dir, image)?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    move_file(image, &dest)?;
+    Ok(dest)
+}
+
+/// `image`'s path relative to `inbox`, placed under `dir`.
+pub(crate) fn path_under(inbox: &Path, dir: &Path, image: &Path) -> std::io::Result<PathBuf> {
+    let rel = image
+        .strip_prefix(inbox)
+        .map_err(|_| std::io::Error::other(format!("{} is not in inbox {}", image.display(), inbox.display())))?;
+    Ok(dir.join(rel))
+}
+
 pub(crate) fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {
         Err(e) if e.raw_os_error() == Some(18) => {
-            // EXDEV: quarantine on another filesystem.
+            // EXDEV: destination on another filesystem.
             std::fs::copy(from, to)?;
             std::fs::remove_file(from)
         }

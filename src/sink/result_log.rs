@@ -149,10 +149,10 @@ impl ResultLog {
         self.reopen_if_rotated()?;
         let mut buf = Vec::with_capacity(256 * records.len());
         if self.file.metadata()?.len() == 0 {
-            buf.extend(self.encode(&[header(self.columns)])?);
+            buf.extend(encode(&[header(self.columns)])?);
         }
         let rows: Vec<Vec<String>> = records.iter().map(|r| self.row(r)).collect();
-        buf.extend(self.encode(&rows)?);
+        buf.extend(encode(&rows)?);
         self.file.write_all(&buf)?;
         self.file.sync_data()
     }
@@ -176,7 +176,7 @@ impl ResultLog {
 
     fn write_header_if_empty(&mut self) -> std::io::Result<()> {
         if self.file.metadata()?.len() == 0 {
-            let h = self.encode(&[header(self.columns)])?;
+            let h = encode(&[header(self.columns)])?;
             self.file.write_all(&h)?;
             self.file.sync_data()?;
         }
@@ -202,13 +202,15 @@ impl ResultLog {
         row
     }
 
-    fn encode(&self, rows: &[Vec<String>]) -> std::io::Result<Vec<u8>> {
-        let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
-        for r in rows {
-            w.write_record(r)?;
-        }
-        w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Rows as RFC 4180 CSV lines.
+fn encode(rows: &[Vec<String>]) -> std::io::Result<Vec<u8>> {
+    let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
+    for r in rows {
+        w.write_record(r)?;
     }
+    w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// A non-empty log whose first line is not `columns`' header is renamed to `<stem>.<UTC time>.<ext>`.
@@ -221,13 +223,8 @@ fn set_aside_if_other_columns(path: &Path, columns: Columns) -> std::io::Result<
         Err(_) => return Ok(()),
     }
     let Some(line) = first.lines().next() else { return Ok(()) };
-    let want = csv::WriterBuilder::new().from_writer(Vec::new());
-    let want = {
-        let mut w = want;
-        w.write_record(header(columns))?;
-        String::from_utf8_lossy(&w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?).trim_end().to_string()
-    };
-    if line == want {
+    let want = encode(&[header(columns)])?;
+    if line.as_bytes() == want.trim_ascii_end() {
         return Ok(());
     }
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string().replace(':', "");
