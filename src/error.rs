@@ -50,6 +50,9 @@ impl Fatal {
 pub enum ImageError {
     #[error("cannot read file: {0}")]
     Read(String),
+    /// A passing fault (permissions, I/O, file still changing): retried later, never recorded.
+    #[error("cannot read file now: {0} (retried)")]
+    Fault(String),
     #[error("file not found (removed before it could be read?)")]
     Vanished,
     #[error("not a regular file ({0}); skipped")]

@@ -5,6 +5,7 @@
 //! `progress` (terminal progress bar). `app` wires them for each command.
 
 pub mod app;
+pub mod beneath;
 pub mod config;
 pub mod error;
 pub mod health;

@@ -21,11 +21,13 @@ pub struct ReadyFile {
     /// Set for an image sent to `POST /predict`: its bytes, and where its result goes instead of a
     /// sidecar and a CSV row.
     pub upload: Option<Upload>,
+    /// The version of the file that was read (set by the worker when it reads the file).
+    pub identity: Option<crate::beneath::Identity>,
 }
 
 impl ReadyFile {
     pub fn new(path: PathBuf) -> Self {
-        ReadyFile { path, ready_at: Instant::now(), upload: None }
+        ReadyFile { path, ready_at: Instant::now(), upload: None, identity: None }
     }
 }
 

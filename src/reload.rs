@@ -30,6 +30,7 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
         max_batch: c.workers.max_batch,
         max_delay: c.workers.max_delay,
         thumbnails,
+        inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect(),
     }
 }
 

@@ -46,7 +46,7 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
             }
         };
         let name = entry.file_name().to_string_lossy();
-        if is_stale_temp(&name) {
+        if crate::beneath::is_temp_name(&name) {
             // A sidecar temp file left by a crash mid-write (the finished sidecar never replaced it).
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => tracing::info!(path = %entry.path().display(), "removed temp file left by an interrupted write"),
@@ -77,17 +77,6 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
         }
     }
     found
-}
-
-/// labeld's sidecar temp files: `.<image>.json.<pid>.tmp` (see `sink::sidecar::write_atomic`).
-fn is_stale_temp(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
-        return false;
-    };
-    match rest.rsplit_once('.') {
-        Some((stem, pid)) => stem.ends_with(".json") && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
-        None => false,
-    }
 }
 
 fn kind_of(ft: std::fs::FileType) -> &'static str {

@@ -47,12 +47,20 @@ fn once_labels_the_backlog_and_exits_zero() {
     let (header, rows) = read_csv(&s.csv);
     assert_eq!(
         header.iter().collect::<Vec<_>>().join(","),
-        "time,path,status,class1,label1,score1,class2,label2,score2,class3,label3,score3,latency_ms,error,model"
+        "time,path,status,class1,label1,score1,class2,label2,score2,class3,label3,score3,latency_ms,error,model,file_id"
     );
     assert_eq!(rows.len(), 3);
     let red = rows.iter().find(|r| r[1].ends_with("/red.png")).expect("row for red.png");
     assert_eq!((&red[2], &red[3], &red[4]), ("ok", "0", "tench"));
     assert_eq!(&red[14], "channel_mean");
+    // Row and sidecar name the version of the file they describe.
+    let meta = std::fs::metadata(s.inbox.join("red.png")).unwrap();
+    let side = read_sidecar(&s.inbox.join("red.png"));
+    assert_eq!(side["file"]["inode"].as_u64(), Some(std::os::unix::fs::MetadataExt::ino(&meta)));
+    assert_eq!(side["file"]["size"].as_u64(), Some(meta.len()));
+    let f = &side["file"];
+    let key = ["dev", "inode", "size", "mtime_ns", "ctime_ns"].map(|k| f[k].to_string()).join(":");
+    assert_eq!(red[15], key);
 
     // A second run finds nothing new: no double labelling.
     let out = s.run_once();

@@ -116,17 +116,25 @@ fn sixteen_bit_and_grayscale_pngs_match_their_8_bit_rgb_versions() {
 #[test]
 fn files_that_vanish_or_are_not_regular_are_told_apart() {
     let dir = tempfile::tempdir().unwrap();
-    assert_eq!(read_image_file(&dir.path().join("gone.jpg"), 1 << 20), Err(ImageError::Vanished));
-    assert_eq!(read_image_file(dir.path(), 1 << 20), Err(ImageError::NotRegular("directory")));
-    let target = dir.path().join("t.jpg");
+    let root = dir.path();
+    let read = |p: &std::path::Path, max| read_image_file(root, p, max).map(|(b, _)| b);
+    assert_eq!(read(&root.join("gone.jpg"), 1 << 20), Err(ImageError::Vanished));
+    std::fs::create_dir(root.join("d.jpg")).unwrap();
+    assert_eq!(read(&root.join("d.jpg"), 1 << 20), Err(ImageError::NotRegular("directory")));
+    let target = root.join("t.jpg");
     std::fs::write(&target, b"x").unwrap();
-    std::os::unix::fs::symlink(&target, dir.path().join("l.jpg")).unwrap();
-    assert_eq!(read_image_file(&dir.path().join("l.jpg"), 1 << 20), Err(ImageError::NotRegular("symbolic link")));
-    let fifo = dir.path().join("f.jpg");
+    std::os::unix::fs::symlink(&target, root.join("l.jpg")).unwrap();
+    assert_eq!(read(&root.join("l.jpg"), 1 << 20), Err(ImageError::NotRegular("symbolic link (not followed)")));
+    // A folder that is a link: the file behind it is not read.
+    std::os::unix::fs::symlink(root, root.join("linked")).unwrap();
+    assert_eq!(read(&root.join("linked/t.jpg"), 1 << 20), Err(ImageError::NotRegular("symbolic link (not followed)")));
+    let fifo = root.join("f.jpg");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    assert_eq!(read_image_file(&fifo, 1 << 20), Err(ImageError::NotRegular("FIFO")));
+    assert_eq!(read(&fifo, 1 << 20), Err(ImageError::NotRegular("FIFO")));
     std::fs::write(&target, vec![1u8; 2000]).unwrap();
-    assert!(matches!(read_image_file(&target, 1000), Err(ImageError::Read(m)) if m.contains("max_file_mb")));
+    assert!(matches!(read(&target, 1000), Err(ImageError::Read(m)) if m.contains("max_file_mb")));
+    let (bytes, id) = read_image_file(root, &target, 1 << 20).unwrap();
+    assert_eq!((bytes.len(), id.size), (2000, 2000));
 }
 
 #[test]

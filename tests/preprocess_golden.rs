@@ -42,7 +42,8 @@ fn labeld_matches_torchvision_on_real_photos() {
     assert!(photos.len() >= 6, "golden data covers too few photos");
     for (name, entry) in photos {
         let mut ours = Vec::new();
-        pre.load(&data(name), &mut ours).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let path = data(name);
+        pre.load(path.parent().unwrap(), &path, &mut ours, &mut None).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(ours.len(), 3 * 224 * 224);
 
         // torchvision's crop, normalized with the same formula ToTensor + Normalize use.

@@ -54,6 +54,8 @@ pub struct InferSettings {
     pub max_delay: Duration,
     /// Make thumbnails for the status page.
     pub thumbnails: bool,
+    /// The inbox roots: files are read beneath the one they lie in, never through a link.
+    pub inboxes: Vec<std::path::PathBuf>,
 }
 
 /// The settings in force now, shared by every worker.

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use crate::config::Preprocess;
 use crate::metrics::{Stage, StageTimes};
+use crate::beneath::Identity;
 use crate::error::ImageError;
 
 /// One per worker: holds the resizer's scratch buffers and the JPEG decoder between images.
@@ -58,12 +59,16 @@ impl Preprocessor {
         self.len() == 0
     }
 
-    /// Reads, decodes and preprocesses one file, appending its tensor data to `out`.
-    pub fn load(&mut self, path: &Path, out: &mut Vec<f32>) -> Result<(), ImageError> {
+    /// Reads (beneath the inbox `root`), decodes and preprocesses one file, appending its tensor data
+    /// to `out`. `read` is set to the identity of the file version read, also when it does not decode:
+    /// the error record is about that version.
+    pub fn load(&mut self, root: &Path, path: &Path, out: &mut Vec<f32>, read: &mut Option<Identity>) -> Result<(), ImageError> {
         let t = Instant::now();
-        let bytes = read_image_file(path, self.cfg.max_file_bytes);
+        let file = read_image_file(root, path, self.cfg.max_file_bytes);
         self.times.add(Stage::Read, t.elapsed());
-        self.process(&bytes?, out)
+        let (bytes, identity) = file?;
+        *read = Some(identity);
+        self.process(&bytes, out)
     }
 
     /// Decodes `bytes` and appends the normalized image (HWC order) to `out`.
@@ -195,48 +200,36 @@ impl Preprocessor {
     }
 }
 
-/// Reads an image file without following a symbolic link and without blocking on a FIFO or device.
-pub fn read_image_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ImageError> {
-    use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path);
-    let file = match file {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ImageError::Vanished),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(ImageError::NotRegular("symbolic link")),
-        Err(e) => return Err(ImageError::Read(e.to_string())),
-    };
-    let meta = file.metadata().map_err(|e| ImageError::Read(e.to_string()))?;
-    let ft = meta.file_type();
-    if !ft.is_file() {
-        return Err(ImageError::NotRegular(if ft.is_dir() {
-            "directory"
-        } else if ft.is_fifo() {
-            "FIFO"
-        } else if ft.is_socket() {
-            "socket"
-        } else {
-            "device"
-        }));
+/// Reads an image file beneath its inbox `root` without following a symbolic link at any component
+/// and without blocking on a FIFO or device; returns its bytes and the identity of the version read.
+/// A verdict on the file (not there, not a regular file, empty, too big) is an `ImageError` for its
+/// record; a passing fault (permissions, I/O, descriptors, still being written) is `ImageError::Fault`,
+/// which is retried and never recorded.
+pub fn read_image_file(root: &Path, path: &Path, max_bytes: u64) -> Result<(Vec<u8>, Identity), ImageError> {
+    use crate::beneath::{Beneath, ReadError, is_link_refusal};
+    let at = Beneath::new(root, path).map_err(|e| ImageError::Read(e.to_string()))?;
+    match at.read(max_bytes) {
+        Ok((bytes, _)) if bytes.is_empty() => Err(ImageError::Empty),
+        Ok(read) => Ok(read),
+        Err(ReadError::Open(e)) if e.kind() == std::io::ErrorKind::NotFound => Err(ImageError::Vanished),
+        Err(ReadError::Open(e)) if is_link_refusal(&e) => Err(ImageError::NotRegular("symbolic link (not followed)")),
+        Err(ReadError::Open(e) | ReadError::Io(e)) => Err(fault_or_verdict(e)),
+        Err(ReadError::NotRegular(kind)) => Err(ImageError::NotRegular(kind)),
+        Err(ReadError::TooBig(len)) => {
+            Err(ImageError::Read(format!("file is {len} bytes, over the limit of {max_bytes} ([limits] max_file_mb)")))
+        }
+        Err(ReadError::Changing) => Err(ImageError::Fault("the file changed while it was read (still being written)".into())),
     }
-    if meta.len() == 0 {
-        return Err(ImageError::Empty);
+}
+
+/// I/O errors that say something about the moment, not the image, are faults to retry.
+fn fault_or_verdict(e: std::io::Error) -> ImageError {
+    match e.raw_os_error() {
+        Some(libc::EACCES | libc::EPERM | libc::EIO | libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR | libc::ESTALE | libc::ETIMEDOUT) => {
+            ImageError::Fault(e.to_string())
+        }
+        _ => ImageError::Read(e.to_string()),
     }
-    if meta.len() > max_bytes {
-        return Err(ImageError::Read(format!(
-            "file is {} bytes, over the limit of {max_bytes} ([limits] max_file_mb)",
-            meta.len()
-        )));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| ImageError::Read(e.to_string()))?;
-    if bytes.is_empty() {
-        return Err(ImageError::Empty);
-    }
-    Ok(bytes)
 }
 
 /// The EXIF orientation of a JPEG (APP1 "Exif" segment), if it has one.

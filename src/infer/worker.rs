@@ -1,6 +1,7 @@
 //! Worker threads: each owns one `Classifier` and runs batches through it, while a helper thread of
 //! its own reads, decodes and resizes the next batch.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -227,7 +228,7 @@ fn prepare_batches(
     let mut pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
     let mut batcher = Batcher::new(settings.max_batch, settings.max_delay);
     loop {
-        let files = batcher.next(rx, shutdown);
+        let mut files = batcher.next(rx, shutdown);
         if files.is_empty() {
             return;
         }
@@ -245,10 +246,13 @@ fn prepare_batches(
         let mut data = Vec::with_capacity(pre.len() * files.len());
         let mut results = Vec::with_capacity(files.len());
         let mut thumbs = Vec::with_capacity(files.len());
-        for f in &files {
+        for f in &mut files {
             let loaded = match &f.upload {
                 Some(u) => pre.process(&u.bytes, &mut data),
-                None => pre.load(&f.path, &mut data),
+                None => {
+                    let root = crate::beneath::root_of(settings.inboxes.iter().map(PathBuf::as_path), &f.path);
+                    pre.load(root, &f.path, &mut data, &mut f.identity)
+                }
             };
             results.push(loaded.err().map(Err));
             thumbs.push(pre.take_thumb());

@@ -10,7 +10,8 @@ pub mod recent;
 pub mod result_log;
 pub mod sidecar;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
+use crate::beneath::{self, Identity};
 use crate::config::{Config, InboxConfig, LabelSource, LabelsLang, OnDone};
 use crate::error::{Fatal, ImageError};
 use crate::infer::{BatchDone, Outcome};
@@ -89,7 +91,7 @@ impl Sink {
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open(&settings.csv, settings.columns)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
-        finish_interrupted_batch(&log, in_flight_max);
+        finish_interrupted_batch(&log, in_flight_max, &settings.inboxes);
         for ib in &settings.inboxes {
             archive::finish(ib);
         }
@@ -126,20 +128,28 @@ impl Sink {
 /// A crash between a batch's CSV rows and its sidecars leaves images whose row exists but whose
 /// sidecar does not. Their result is in the row: write the sidecar from it instead of labelling the
 /// image again (which would add a second row). Only the last `n` rows can be in that state.
-fn finish_interrupted_batch(log: &ResultLog, n: usize) {
+fn finish_interrupted_batch(log: &ResultLog, n: usize, inboxes: &[InboxConfig]) {
     let mut done = 0;
     for record in log.last_records(n) {
         let image = PathBuf::from(&record.path);
         let Ok(meta) = std::fs::symlink_metadata(&image) else { continue };
-        if !meta.is_file() || sidecar::is_labelled(&image) {
+        let root = beneath::root_of(inboxes.iter().map(|i| i.path.as_path()), &image);
+        if !meta.is_file() || sidecar::is_labelled_under(root, &image) {
             continue;
         }
         // The row must be about this version of the file, not one replaced since.
-        let row_time = humantime::parse_rfc3339(&record.time).ok();
-        if !matches!((row_time, meta.modified()), (Some(t), Ok(m)) if m <= t) {
+        let same_version = match record.file {
+            Some(id) => id == Identity::of(&meta),
+            None => {
+                let row_time = humantime::parse_rfc3339(&record.time).ok();
+                matches!((row_time, meta.modified()), (Some(t), Ok(m)) if m <= t)
+            }
+        };
+        if !same_version {
             continue;
         }
-        match sidecar::write(&record, &image) {
+        let root = beneath::root_of(inboxes.iter().map(|i| i.path.as_path()), &image);
+        match sidecar::write(&record, root, &image) {
             Ok(_) => done += 1,
             Err(e) => tracing::warn!(path = %image.display(), error = %e, "cannot complete sidecar from the results log"),
         }
@@ -273,6 +283,12 @@ impl Writer {
 
     /// Counts an inbox image's result and queues its row and sidecar for writing.
     fn keep(&mut self, o: Outcome, record: Record) {
+        if let Err(ImageError::Fault(e)) = &o.result {
+            // Not a verdict on the image: no record; it is read again when next seen.
+            tracing::warn!(path = %o.file.path.display(), error = %e, "cannot read image now; not recorded");
+            self.in_flight.done(&o.file.path);
+            return;
+        }
         match &o.result {
             Ok(_) => self.totals.ok += 1,
             Err(e) => {
@@ -311,7 +327,7 @@ impl Writer {
             return;
         }
         let pending_rows: BTreeSet<&str> = self.rows.iter().map(|r| r.path.as_str()).collect();
-        let mut dirs = BTreeSet::<PathBuf>::new();
+        let mut dirs = BTreeMap::<PathBuf, OwnedFd>::new();
         let mut failed = Vec::new();
         let mut done = Vec::new();
         let mut first_error = None;
@@ -320,12 +336,18 @@ impl Writer {
                 failed.push((record, image));
                 continue;
             }
-            match sidecar::write(&record, &image) {
-                Ok(_) => {
+            let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), &image);
+            match sidecar::write(&record, root, &image) {
+                Ok(dir) => {
                     if let Some(d) = image.parent() {
-                        dirs.insert(d.to_path_buf());
+                        dirs.insert(d.to_path_buf(), dir);
                     }
                     done.push((record.status, image));
+                }
+                // The image's folder is gone or became a link: its row stands; a sidecar cannot be placed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound || beneath::is_link_refusal(&e) => {
+                    tracing::warn!(path = %image.display(), error = %e, "no sidecar written: the image's folder is gone or is a link (not followed); the CSV row stands");
+                    self.in_flight.done(&image);
                 }
                 Err(e) => {
                     self.metrics.sidecar_write_errors.inc();
@@ -334,8 +356,8 @@ impl Writer {
                 }
             }
         }
-        for d in dirs {
-            if let Err(e) = sidecar::sync_dir(&d) {
+        for (d, fd) in dirs {
+            if let Err(e) = beneath::sync_dir(&fd) {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot sync folder");
             }
         }
@@ -365,7 +387,7 @@ impl Writer {
         if o.file.upload.is_some() {
             return o;
         }
-        if matches!(err, ImageError::Vanished) {
+        if matches!(err, ImageError::Vanished | ImageError::Fault(_)) {
             return o;
         }
         let Some(ib) = self.inboxes.iter().find(|ib| o.file.path.starts_with(&ib.path)) else { return o };

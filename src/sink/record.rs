@@ -4,6 +4,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::beneath::Identity;
 use crate::infer::Outcome;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -22,6 +23,9 @@ pub struct Record {
     pub latency_ms: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The version of the image file this record describes (absent for uploads and files never read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<Identity>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -92,6 +96,22 @@ impl Record {
             confident,
             latency_ms: round(latency, 10.0),
             error,
+            file: o.file.identity,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn example() -> Record {
+        Record {
+            path: "/in/a.jpg".into(),
+            time: "2026-01-01T00:00:00.000Z".into(),
+            model: "m".into(),
+            status: Status::Ok,
+            top: Some(vec![Top { rank: 1, class_id: 0, label: "tench".into(), label_en: None, score: 0.5 }]),
+            confident: None,
+            latency_ms: 1.0,
+            error: None,
+            file: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::record::{Record, Status, Top};
+use crate::beneath::Identity;
 
 pub struct ResultLog {
     path: PathBuf,
@@ -22,7 +23,8 @@ pub struct ResultLog {
 }
 
 /// Which columns a row has: `top_k` (class, label, score) groups, plus `labelN_en` after each label
-/// when labels are translated, plus a trailing `confident` with `[model] min_score`.
+/// when labels are translated, plus a trailing `confident` with `[model] min_score`, then `file_id`
+/// (the identity of the file version the row describes, `dev:inode:size:mtime_ns:ctime_ns`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Columns {
     pub top_k: usize,
@@ -40,7 +42,7 @@ impl Columns {
     }
 
     fn len(&self) -> usize {
-        3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident)
+        3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident) + 1
     }
 }
 
@@ -57,6 +59,7 @@ pub fn header(c: Columns) -> Vec<String> {
     if c.confident {
         h.push("confident".into());
     }
+    h.push("file_id".into());
     h
 }
 
@@ -132,6 +135,7 @@ impl ResultLog {
         let tail = 3 + per * k;
         let error = row.get(tail + 1).filter(|e| !e.is_empty()).map(String::from);
         let confident = if c.confident { row.get(tail + 3).and_then(|v| v.parse().ok()) } else { None };
+        let file = row.get(c.len() - 1).and_then(Identity::from_key);
         Some(Record {
             time: row.get(0)?.to_string(),
             path: row.get(1)?.to_string(),
@@ -141,6 +145,7 @@ impl ResultLog {
             latency_ms: row.get(tail)?.parse().ok()?,
             error,
             model: row.get(tail + 2)?.to_string(),
+            file,
         })
     }
 
@@ -199,6 +204,7 @@ impl ResultLog {
         if self.columns.confident {
             row.push(r.confident.map(|c| c.to_string()).unwrap_or_default());
         }
+        row.push(r.file.map(Identity::to_key).unwrap_or_default());
         row
     }
 
@@ -279,6 +285,7 @@ mod tests {
             confident: None,
             latency_ms: 1.0,
             error: None,
+            file: Some(Identity { dev: 1, inode: 2, size: 3, mtime_ns: 4, ctime_ns: 5 }),
         }
     }
 
@@ -293,8 +300,8 @@ mod tests {
         ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/a,b.jpg")]).unwrap();
         ResultLog::open(&p, Columns::plain(1)).unwrap().append(&[rec("/c.jpg")]).unwrap();
         let l = lines(&p);
-        assert_eq!(l[0], "time,path,status,class1,label1,score1,latency_ms,error,model");
-        assert_eq!(l[1], "2026-01-01T00:00:00.000Z,\"/a,b.jpg\",ok,7,\"cock, \"\"rooster\"\"\",0.500000,1.0,,m");
+        assert_eq!(l[0], "time,path,status,class1,label1,score1,latency_ms,error,model,file_id");
+        assert_eq!(l[1], "2026-01-01T00:00:00.000Z,\"/a,b.jpg\",ok,7,\"cock, \"\"rooster\"\"\",0.500000,1.0,,m,1:2:3:4:5");
         assert_eq!(l.len(), 3);
     }
 
@@ -326,8 +333,8 @@ mod tests {
         r.confident = Some(false);
         log.append(std::slice::from_ref(&r)).unwrap();
         let l = lines(&p);
-        assert_eq!(l[0], "time,path,status,class1,label1,label1_en,score1,latency_ms,error,model,confident");
-        assert_eq!(l[1], "2026-01-01T00:00:00.000Z,/a.jpg,ok,281,虎斑猫,tabby,0.500000,1.0,,m,false");
+        assert_eq!(l[0], "time,path,status,class1,label1,label1_en,score1,latency_ms,error,model,confident,file_id");
+        assert_eq!(l[1], "2026-01-01T00:00:00.000Z,/a.jpg,ok,281,虎斑猫,tabby,0.500000,1.0,,m,false,1:2:3:4:5");
         assert_eq!(log.last_records(1), vec![r]);
     }
 

@@ -1,61 +1,96 @@
 //! `<image>.json` beside each image, written so that a crash leaves either no sidecar or a whole one:
-//! temp file in the same folder → fsync → rename.
+//! temp file in the same folder → fsync → rename, all beneath the inbox root without following links
+//! (`beneath`). The sidecar records the identity of the file version it describes; "already labelled"
+//! means the sidecar's identity is the file's identity now.
 
-use std::fs::File;
-use std::io::Write;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use super::record::Record;
+use crate::beneath::{self, Beneath, Identity};
 
-/// `a.jpg` → `a.jpg.json`.
+/// The longest file name Linux file systems take (NAME_MAX).
+const NAME_MAX: usize = 255;
+
+/// `a.jpg` → `a.jpg.json`. A name too long for that (over 250 bytes) gets
+/// `<its first 233 bytes>~<16 hex of a hash of the whole name>.json`, which always fits and is the same
+/// at every start.
 pub fn sidecar_path(image: &Path) -> PathBuf {
-    let mut s = image.as_os_str().to_owned();
-    s.push(".json");
-    PathBuf::from(s)
+    let name = image.file_name().unwrap_or_default();
+    image.with_file_name(sidecar_name(name))
 }
 
-/// True when `image` already has a sidecar at least as new as the image itself.
-pub fn is_labelled(image: &Path) -> bool {
-    let (Ok(img), Ok(side)) = (std::fs::metadata(image), std::fs::metadata(sidecar_path(image))) else {
+fn sidecar_name(name: &OsStr) -> OsString {
+    let bytes = name.as_bytes();
+    if bytes.len() + ".json".len() <= NAME_MAX {
+        let mut s = name.to_owned();
+        s.push(".json");
+        return s;
+    }
+    let keep = NAME_MAX - ".json".len() - 17;
+    // Cut on a UTF-8 boundary where the name is UTF-8, so the sidecar name stays readable.
+    let mut cut = keep;
+    while cut > 0 && std::str::from_utf8(&bytes[..cut]).is_err() && std::str::from_utf8(bytes).is_ok() {
+        cut -= 1;
+    }
+    let mut out = bytes[..cut].to_vec();
+    out.extend(format!("~{:016x}.json", fnv1a(bytes)).into_bytes());
+    OsString::from_vec(out)
+}
+
+/// FNV-1a, 64 bit: stable across builds and machines (unlike std's hasher).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The identity a sidecar records, if it exists, is a regular file and parses.
+pub fn recorded_identity(root: &Path, image: &Path) -> Option<Identity> {
+    let side = sidecar_path(image);
+    let (bytes, _) = Beneath::new(root, &side).ok()?.read(1 << 20).ok()?;
+    let record: Record = serde_json::from_slice(&bytes).ok()?;
+    record.file
+}
+
+/// True when `image` has a sidecar describing the file as it is now (same device, inode, size, mtime
+/// and ctime). Sidecars written before labeld recorded identities count when at least as new as the
+/// image. Neither the image nor the sidecar is followed through a link.
+pub fn is_labelled_under(root: &Path, image: &Path) -> bool {
+    let Ok(img) = Beneath::new(root, image).and_then(|b| b.metadata()) else {
         return false;
     };
-    if !side.is_file() {
+    if !img.is_file() {
         return false;
     }
-    match (img.modified(), side.modified()) {
-        (Ok(i), Ok(s)) => s >= i,
-        _ => true,
+    let side = sidecar_path(image);
+    let Ok((bytes, side_id)) = Beneath::new(root, &side).map_err(|_| ()).and_then(|b| b.read(1 << 20).map_err(|_| ())) else {
+        return false;
+    };
+    match serde_json::from_slice::<Record>(&bytes) {
+        Ok(Record { file: Some(id), .. }) => id == Identity::of(&img),
+        // An older sidecar without an identity: judged by time, as labeld did before.
+        _ => side_id.mtime_ns >= Identity::of(&img).mtime_ns,
     }
 }
 
-pub fn write(record: &Record, image: &Path) -> std::io::Result<PathBuf> {
-    let dest = sidecar_path(image);
+/// `is_labelled_under` with the image's own folder as the root: for callers that do not know the inbox.
+pub fn is_labelled(image: &Path) -> bool {
+    is_labelled_under(image.parent().unwrap_or(Path::new("/")), image)
+}
+
+/// Writes the sidecar of `image` (which lies under `root`) and returns the folder to sync.
+pub fn write(record: &Record, root: &Path, image: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     let mut json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
     json.push(b'\n');
-    write_atomic(&dest, &json)?;
-    Ok(dest)
-}
-
-/// Writes `bytes` to `dest` through a dotfile temp (which the watcher ignores) and a rename.
-pub fn write_atomic(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, dest)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let at = Beneath::new(root, image)?;
+    let dir = at.open_parent()?;
+    beneath::write_atomic_in(&dir, &sidecar_name(at.file_name()), &json)?;
+    Ok(dir)
 }
 
 /// Makes renames in `dir` durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -69,26 +104,47 @@ mod tests {
     }
 
     #[test]
-    fn atomic_write_leaves_no_temp_file_and_replaces_old_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let dest = dir.path().join("a.jpg.json");
-        write_atomic(&dest, b"old").unwrap();
-        write_atomic(&dest, b"new").unwrap();
-        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("a.jpg.json")]);
+    fn a_name_too_long_for_a_sidecar_gets_a_short_stable_one() {
+        let long = format!("/in/{}.jpg", "é".repeat(124)); // 252 bytes
+        let side = sidecar_path(Path::new(&long));
+        let name = side.file_name().unwrap().as_bytes();
+        assert!(name.len() <= NAME_MAX, "{}", name.len());
+        assert!(side.to_str().is_some(), "cut on a character boundary");
+        assert!(side.to_string_lossy().ends_with(".json"));
+        assert_eq!(side, sidecar_path(Path::new(&long)));
+        let other = format!("/in/{}.png", "é".repeat(124));
+        assert_ne!(side, sidecar_path(Path::new(&other)));
     }
 
     #[test]
-    fn an_image_newer_than_its_sidecar_is_not_labelled() {
+    fn a_sidecar_describes_one_version_of_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("a.jpg");
         std::fs::write(&img, b"x").unwrap();
-        assert!(!is_labelled(&img));
-        std::fs::write(sidecar_path(&img), b"{}").unwrap();
+        assert!(!is_labelled_under(dir.path(), &img));
+        let mut r = Record::example();
+        r.file = Some(Identity::of(&std::fs::metadata(&img).unwrap()));
+        write(&r, dir.path(), &img).unwrap();
+        assert!(is_labelled_under(dir.path(), &img));
+        assert_eq!(recorded_identity(dir.path(), &img), r.file);
+        // Replaced by a file with an older mtime: not labelled any more.
+        let old = std::fs::metadata(&img).unwrap().modified().unwrap() - std::time::Duration::from_secs(3600);
+        let tmp = dir.path().join("b");
+        std::fs::write(&tmp, b"y").unwrap();
+        std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(old).unwrap();
+        std::fs::rename(&tmp, &img).unwrap();
+        assert!(!is_labelled_under(dir.path(), &img));
+    }
+
+    #[test]
+    fn an_old_sidecar_without_identity_is_judged_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.jpg");
+        std::fs::write(&img, b"x").unwrap();
+        std::fs::write(sidecar_path(&img), serde_json::to_vec(&Record::example()).unwrap()).unwrap();
         assert!(is_labelled(&img));
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-        File::options().write(true).open(&img).unwrap().set_modified(later).unwrap();
+        std::fs::File::options().write(true).open(&img).unwrap().set_modified(later).unwrap();
         assert!(!is_labelled(&img));
     }
 }

@@ -1,0 +1,336 @@
+//! The one way labeld touches files inside an inbox: every open, stat and rename resolves the path
+//! relative to the inbox root with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symbolic
+//! link at any component (a planted link, a linked folder, a folder swapped for a link mid-flight) is
+//! refused by the kernel instead of followed out of the inbox. The root itself is the operator's
+//! configured path and is followed like any path in the config.
+//!
+//! Files are opened non-blocking (a FIFO never blocks a thread) and their type is checked on the open
+//! descriptor. New files are created `O_CREAT | O_EXCL` under unpredictable names, then renamed.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+/// Which version of a file was labelled: what its sidecar records, and what "already labelled"
+/// compares. A replacement (new inode), a rewrite in place (size, mtime or ctime) and an `mv`/`cp -p`
+/// of an old file (ctime cannot be set back) all change it; clocks and timestamps alone cannot fool it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub dev: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Identity {
+    pub fn of(meta: &std::fs::Metadata) -> Identity {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Identity {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// `dev:inode:size:mtime_ns:ctime_ns`, as the CSV's `file_id` column carries it.
+    pub fn to_key(self) -> String {
+        format!("{}:{}:{}:{}:{}", self.dev, self.inode, self.size, self.mtime_ns, self.ctime_ns)
+    }
+
+    pub fn from_key(s: &str) -> Option<Identity> {
+        let mut it = s.split(':');
+        let id = Identity {
+            dev: it.next()?.parse().ok()?,
+            inode: it.next()?.parse().ok()?,
+            size: it.next()?.parse().ok()?,
+            mtime_ns: it.next()?.parse().ok()?,
+            ctime_ns: it.next()?.parse().ok()?,
+        };
+        it.next().is_none().then_some(id)
+    }
+}
+
+/// A path inside an inbox, split into the root (followed as configured) and the part below it
+/// (never followed through a link).
+#[derive(Debug, Clone, Copy)]
+pub struct Beneath<'a> {
+    root: &'a Path,
+    rel: &'a Path,
+}
+
+impl<'a> Beneath<'a> {
+    /// `path` must lie under `root` lexically and have no `..` or `.` components below it.
+    pub fn new(root: &'a Path, path: &'a Path) -> io::Result<Beneath<'a>> {
+        let rel = path.strip_prefix(root).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not inside {}", path.display(), root.display()))
+        })?;
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a plain path below its inbox", path.display())));
+        }
+        Ok(Beneath { root, rel })
+    }
+
+    fn open_root(&self) -> io::Result<OwnedFd> {
+        let root = if self.root.as_os_str().is_empty() { Path::new(".") } else { self.root };
+        let f = File::options().read(true).custom_flags_dir().open(root)?;
+        Ok(f.into())
+    }
+
+    fn open_with(&self, flags: OFlags, mode: Mode, rel: &Path) -> io::Result<OwnedFd> {
+        let root = self.open_root()?;
+        let rel: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        Ok(rustix::fs::openat2(&root, rel, flags | OFlags::CLOEXEC, mode, resolve)?)
+    }
+
+    /// Opens the file for reading without following a link and without blocking on a FIFO.
+    pub fn open_read(&self) -> io::Result<File> {
+        Ok(self.open_with(OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY, Mode::empty(), self.rel)?.into())
+    }
+
+    /// The file's metadata (of a link itself, never its target), or NotFound.
+    pub fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        let fd = self.open_with(OFlags::PATH | OFlags::NOFOLLOW, Mode::empty(), self.rel)?;
+        File::from(fd).metadata()
+    }
+
+    /// The folder holding the file.
+    pub fn open_parent(&self) -> io::Result<OwnedFd> {
+        let parent = self.rel.parent().unwrap_or(Path::new(""));
+        self.open_with(OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty(), parent)
+    }
+
+    pub fn file_name(&self) -> &'a std::ffi::OsStr {
+        self.rel.file_name().unwrap_or_default()
+    }
+
+    /// Reads the whole file (at most `max` bytes, else an error naming the size). The identity is taken
+    /// from the open descriptor before and after reading: if they differ the file was being written
+    /// while read, which is reported as `Changing`.
+    pub fn read(&self, max: u64) -> Result<(Vec<u8>, Identity), ReadError> {
+        let file = self.open_read().map_err(ReadError::Open)?;
+        let before = file.metadata().map_err(ReadError::Io)?;
+        if !before.file_type().is_file() {
+            return Err(ReadError::NotRegular(kind_of(before.file_type())));
+        }
+        if before.len() > max {
+            return Err(ReadError::TooBig(before.len()));
+        }
+        let mut bytes = Vec::with_capacity(before.len() as usize);
+        (&file).take(max + 1).read_to_end(&mut bytes).map_err(ReadError::Io)?;
+        let after = file.metadata().map_err(ReadError::Io)?;
+        if bytes.len() as u64 > max {
+            return Err(ReadError::TooBig(bytes.len() as u64));
+        }
+        let id = Identity::of(&after);
+        if Identity::of(&before) != id || bytes.len() as u64 != after.len() {
+            return Err(ReadError::Changing);
+        }
+        Ok((bytes, id))
+    }
+}
+
+/// The inbox root `path` lies under (the longest match), or, for a path in no inbox (`classify`), its
+/// own folder: then only the file name itself is guarded against links.
+pub fn root_of<'a>(roots: impl IntoIterator<Item = &'a Path>, path: &'a Path) -> &'a Path {
+    roots
+        .into_iter()
+        .filter(|r| path.starts_with(r) && path != *r)
+        .max_by_key(|r| r.as_os_str().len())
+        .unwrap_or_else(|| path.parent().unwrap_or(Path::new("/")))
+}
+
+/// Why `Beneath::read` failed; the caller decides what is a verdict on the image and what a fault.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The open itself failed (NotFound, ELOOP for a link, EXDEV/ELOOP for a path through a link, EACCES…).
+    Open(io::Error),
+    Io(io::Error),
+    NotRegular(&'static str),
+    TooBig(u64),
+    /// Size or times changed while reading: still being written.
+    Changing,
+}
+
+/// What kind of non-regular file this is, for error records and log lines.
+pub fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        "symbolic link (not followed)"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
+/// True when the open failed because a component of the path is a symbolic link.
+pub fn is_link_refusal(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV))
+}
+
+/// Writes `bytes` as `name` in the folder `dir` (an open descriptor): a temp file created
+/// `O_CREAT | O_EXCL | O_NOFOLLOW` under a random dot-name (which the watcher ignores), fsynced, then
+/// renamed over `name`. A link planted at any name cannot redirect the write; a rename replaces a link
+/// at `name` itself, never its target. The caller syncs `dir` when the rename must be durable.
+pub fn write_atomic_in(dir: &OwnedFd, name: &std::ffi::OsStr, bytes: &[u8]) -> io::Result<()> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let (tmp, fd) = loop {
+        let tmp = temp_name();
+        match rustix::fs::openat(dir, &tmp, flags, Mode::from_raw_mode(0o644)) {
+            Ok(fd) => break (tmp, fd),
+            Err(e) if e == rustix::io::Errno::EXIST => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let result = (|| {
+        let mut f = File::from(fd);
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        rustix::fs::renameat(dir, &tmp, dir, name)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
+    }
+    result
+}
+
+/// Makes renames in the folder durable.
+pub fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
+    Ok(rustix::fs::fsync(dir)?)
+}
+
+/// `.labeld-<16 hex>.tmp`: short (so any sidecar name fits) and unpredictable (so it cannot be
+/// planted in advance).
+fn temp_name() -> PathBuf {
+    let mut r = [0u8; 8];
+    if rustix::rand::getrandom(&mut r, rustix::rand::GetRandomFlags::empty()).is_err() {
+        // No entropy source: the O_EXCL create still refuses a planted name; only predictability is lost.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        r = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    PathBuf::from(format!(".labeld-{:016x}{TEMP_SUFFIX}", u64::from_le_bytes(r)))
+}
+
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// labeld's temp files: `.labeld-<16 hex>.tmp`, and the older `.<name>.json.<pid>.tmp`.
+pub fn is_temp_name(name: &str) -> bool {
+    if let Some(hex) = name.strip_prefix(".labeld-").and_then(|n| n.strip_suffix(TEMP_SUFFIX)) {
+        return hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    }
+    let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(TEMP_SUFFIX)) else {
+        return false;
+    };
+    match rest.rsplit_once('.') {
+        Some((stem, pid)) => stem.ends_with(".json") && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()),
+        None => false,
+    }
+}
+
+trait DirFlags {
+    fn custom_flags_dir(&mut self) -> &mut Self;
+}
+
+impl DirFlags for std::fs::OpenOptions {
+    fn custom_flags_dir(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_DIRECTORY | libc::O_PATH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_link_at_any_component_is_refused_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (inbox, outside) = (d.path().join("inbox"), d.path().join("outside"));
+        std::fs::create_dir_all(inbox.join("real")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("a.jpg"), b"secret").unwrap();
+        std::fs::write(inbox.join("real/a.jpg"), b"mine").unwrap();
+        symlink(&outside, inbox.join("linked")).unwrap();
+        symlink(outside.join("a.jpg"), inbox.join("b.jpg")).unwrap();
+        let read = |p: &Path| Beneath::new(&inbox, p).unwrap().read(1 << 20);
+        assert_eq!(read(&inbox.join("real/a.jpg")).unwrap().0, b"mine");
+        for p in [inbox.join("linked/a.jpg"), inbox.join("b.jpg")] {
+            match read(&p) {
+                Err(ReadError::Open(e)) => assert!(is_link_refusal(&e), "{p:?}: {e}"),
+                other => panic!("{p:?} was read through a link: {other:?}"),
+            }
+        }
+        assert!(Beneath::new(&inbox, &inbox.join("real/../../outside/a.jpg")).is_err());
+        assert!(Beneath::new(&inbox, &outside.join("a.jpg")).is_err());
+    }
+
+    #[test]
+    fn a_fifo_is_reported_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("f.jpg");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        match Beneath::new(d.path(), &fifo).unwrap().read(100) {
+            Err(ReadError::NotRegular(k)) => assert_eq!(k, "FIFO"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn atomic_write_replaces_a_planted_link_and_never_writes_through_it() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("results.csv");
+        std::fs::write(&target, b"precious").unwrap();
+        let dir = d.path().join("inbox");
+        std::fs::create_dir(&dir).unwrap();
+        symlink(&target, dir.join("a.jpg.json")).unwrap();
+        let fd: OwnedFd = File::open(&dir).unwrap().into();
+        write_atomic_in(&fd, "a.jpg.json".as_ref(), b"{}").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(dir.join("a.jpg.json")).unwrap().is_file());
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a.jpg.json")], "no temp file left");
+    }
+
+    #[test]
+    fn identity_changes_with_replacement_and_round_trips_as_a_key() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.jpg");
+        std::fs::write(&p, b"one").unwrap();
+        let a = Identity::of(&std::fs::metadata(&p).unwrap());
+        let old_mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::fs::write(d.path().join("b"), b"two").unwrap();
+        let f = File::options().write(true).open(d.path().join("b")).unwrap();
+        f.set_modified(old_mtime).unwrap();
+        std::fs::rename(d.path().join("b"), &p).unwrap();
+        let b = Identity::of(&std::fs::metadata(&p).unwrap());
+        assert_ne!(a, b, "an old-mtime replacement is a new identity");
+        assert_eq!(Identity::from_key(&a.to_key()), Some(a));
+        assert_eq!(Identity::from_key("1:2:3"), None);
+    }
+
+    #[test]
+    fn temp_names_are_recognised() {
+        assert!(is_temp_name(".labeld-0123456789abcdef.tmp"));
+        assert!(is_temp_name(".a.jpg.json.1234.tmp"));
+        assert!(!is_temp_name(".labeld-xyz.tmp"));
+        assert!(!is_temp_name("a.jpg"));
+        assert!(temp_name().to_string_lossy().len() < 32);
+    }
+}
