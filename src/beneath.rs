@@ -214,24 +214,27 @@ pub fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
     Ok(rustix::fs::fsync(dir)?)
 }
 
-/// `.labeld-<16 hex>.tmp`: short (so any sidecar name fits) and unpredictable (so it cannot be
-/// planted in advance).
+/// `.labeld-<pid>-<16 hex>.tmp`: short (so any sidecar name fits), unpredictable (so it cannot be
+/// planted in advance), and naming its writer (so a rescan never removes a write in progress).
 fn temp_name() -> PathBuf {
     let mut r = [0u8; 8];
     if rustix::rand::getrandom(&mut r, rustix::rand::GetRandomFlags::empty()).is_err() {
         // No entropy source: the O_EXCL create still refuses a planted name; only predictability is lost.
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        r = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+        r = (t.as_nanos() as u64).to_le_bytes();
     }
-    PathBuf::from(format!(".labeld-{:016x}{TEMP_SUFFIX}", u64::from_le_bytes(r)))
+    PathBuf::from(format!(".labeld-{}-{:016x}{TEMP_SUFFIX}", std::process::id(), u64::from_le_bytes(r)))
 }
 
 const TEMP_SUFFIX: &str = ".tmp";
 
-/// labeld's temp files: `.labeld-<16 hex>.tmp`, and the older `.<name>.json.<pid>.tmp`.
-pub fn is_temp_name(name: &str) -> bool {
-    if let Some(hex) = name.strip_prefix(".labeld-").and_then(|n| n.strip_suffix(TEMP_SUFFIX)) {
-        return hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+/// A temp file left by an earlier labeld process (a crash mid-write): `.labeld-<pid>-<hex>.tmp` of
+/// another pid, or the older `.<name>.json.<pid>.tmp`. This process's own temps are never stale.
+pub fn is_stale_temp(name: &str) -> bool {
+    if let Some(rest) = name.strip_prefix(".labeld-").and_then(|n| n.strip_suffix(TEMP_SUFFIX)) {
+        let Some((pid, hex)) = rest.split_once('-') else { return false };
+        let ours = pid.parse::<u32>().ok() == Some(std::process::id());
+        return !ours && hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit());
     }
     let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(TEMP_SUFFIX)) else {
         return false;
@@ -326,11 +329,13 @@ mod tests {
     }
 
     #[test]
-    fn temp_names_are_recognised() {
-        assert!(is_temp_name(".labeld-0123456789abcdef.tmp"));
-        assert!(is_temp_name(".a.jpg.json.1234.tmp"));
-        assert!(!is_temp_name(".labeld-xyz.tmp"));
-        assert!(!is_temp_name("a.jpg"));
-        assert!(temp_name().to_string_lossy().len() < 32);
+    fn only_other_processes_temp_files_are_stale() {
+        assert!(is_stale_temp(".labeld-1-0123456789abcdef.tmp"));
+        assert!(is_stale_temp(".a.jpg.json.1234.tmp"));
+        let ours = temp_name().to_string_lossy().into_owned();
+        assert!(!is_stale_temp(&ours), "{ours}");
+        assert!(ours.len() < 40);
+        assert!(!is_stale_temp(".labeld-1-xyz.tmp"));
+        assert!(!is_stale_temp("a.jpg"));
     }
 }

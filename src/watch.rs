@@ -46,7 +46,7 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
             }
         };
         let name = entry.file_name().to_string_lossy();
-        if crate::beneath::is_temp_name(&name) {
+        if crate::beneath::is_stale_temp(&name) {
             // A sidecar temp file left by a crash mid-write (the finished sidecar never replaced it).
             match std::fs::remove_file(entry.path()) {
                 Ok(()) => tracing::info!(path = %entry.path().display(), "removed temp file left by an interrupted write"),

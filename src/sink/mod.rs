@@ -345,8 +345,8 @@ impl Writer {
                     done.push((record.status, image));
                 }
                 // The image's folder is gone or became a link: its row stands; a sidecar cannot be placed.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound || beneath::is_link_refusal(&e) => {
-                    tracing::warn!(path = %image.display(), error = %e, "no sidecar written: the image's folder is gone or is a link (not followed); the CSV row stands");
+                Err(e @ sidecar::WriteError::NoFolder(_)) => {
+                    tracing::warn!(path = %image.display(), error = %e, "no sidecar written; the CSV row stands");
                     self.in_flight.done(&image);
                 }
                 Err(e) => {

@@ -78,12 +78,25 @@ pub fn is_labelled(image: &Path) -> bool {
     is_labelled_under(image.parent().unwrap_or(Path::new("/")), image)
 }
 
+/// Why a sidecar was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The image's folder is gone, or is (or lies behind) a link: no sidecar can ever be placed there.
+    #[error("the image's folder is gone or is a link (not followed): {0}")]
+    NoFolder(std::io::Error),
+    /// Disk full, read-only, permissions…: worth retrying.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Writes the sidecar of `image` (which lies under `root`) and returns the folder to sync.
-pub fn write(record: &Record, root: &Path, image: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+pub fn write(record: &Record, root: &Path, image: &Path) -> Result<std::os::fd::OwnedFd, WriteError> {
     let mut json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
     json.push(b'\n');
-    let at = Beneath::new(root, image)?;
-    let dir = at.open_parent()?;
+    let at = Beneath::new(root, image).map_err(WriteError::NoFolder)?;
+    let dir = at.open_parent().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound || beneath::is_link_refusal(&e) { WriteError::NoFolder(e) } else { WriteError::Io(e) }
+    })?;
     beneath::write_atomic_in(&dir, &sidecar_name(at.file_name()), &json)?;
     Ok(dir)
 }
