@@ -149,7 +149,7 @@ async fn serve(
                 stall_limit: Systemd::stall_limit(),
                 token: cfg.token.as_deref().map(Arc::from),
                 shutdown: shutdown.clone(),
-                max_body: cfg.max_body_bytes,
+                uploads: crate::http::UploadLimits::new(&cfg),
             };
             Some(crate::http::serve(&cfg, state, shutdown.clone()).await?)
         }

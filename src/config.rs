@@ -88,6 +88,14 @@ struct RawHttp {
     token: Option<String>,
     #[serde(default = "default_max_body_mb")]
     max_body_mb: u64,
+    #[serde(default = "default_max_uploads")]
+    max_uploads: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_header_timeout_s")]
+    header_timeout_s: u64,
+    #[serde(default = "default_body_timeout_s")]
+    body_timeout_s: u64,
 }
 
 /// Numeric precision of inference.
@@ -237,6 +245,18 @@ fn default_max_file_mb() -> u64 {
 }
 fn default_max_body_mb() -> u64 {
     32
+}
+fn default_max_uploads() -> usize {
+    8
+}
+fn default_max_connections() -> usize {
+    256
+}
+fn default_header_timeout_s() -> u64 {
+    10
+}
+fn default_body_timeout_s() -> u64 {
+    30
 }
 
 /// Where class names come from.
@@ -404,6 +424,14 @@ pub struct HttpConfig {
     /// Bearer token every request except /healthz and /readyz must carry. Required off loopback.
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// `POST /predict` requests being read or labelled at once; more are answered 503 unread.
+    pub max_uploads: usize,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// A request's headers (or the next one on a kept-alive connection) must arrive within this.
+    pub header_timeout: Duration,
+    /// An upload's whole body must arrive within this, else 408.
+    pub body_timeout: Duration,
 }
 
 impl Config {
@@ -486,7 +514,15 @@ impl Config {
         );
         s += &format!("\n[limits]\nmax_pixels = {}\nmax_file_mb = {}\n", p.max_pixels, p.max_file_bytes / (1024 * 1024));
         if let Some(h) = &self.http {
-            s += &format!("\n[http]\nlisten = \"{}\"\nmax_body_mb = {}\n", h.listen, h.max_body_bytes / (1024 * 1024));
+            s += &format!(
+                "\n[http]\nlisten = \"{}\"\nmax_body_mb = {}\nmax_uploads = {}\nmax_connections = {}\nheader_timeout_s = {}\nbody_timeout_s = {}\n",
+                h.listen,
+                h.max_body_bytes / (1024 * 1024),
+                h.max_uploads,
+                h.max_connections,
+                h.header_timeout.as_secs(),
+                h.body_timeout.as_secs()
+            );
             if h.token.is_some() {
                 s += "token = \"(set, not shown)\"\n";
             }
@@ -685,7 +721,18 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             if h.max_body_mb == 0 || h.max_body_mb > 1024 {
                 return Err(err("[http] max_body_mb", format!("must be 1..=1024, got {}", h.max_body_mb)));
             }
-            Some(HttpConfig { listen, token, max_body_bytes: (h.max_body_mb * 1024 * 1024) as usize })
+            let within = |key: &str, v: u64, max: u64| {
+                if (1..=max).contains(&v) { Ok(v) } else { Err(err(key, format!("must be 1..={max}, got {v}"))) }
+            };
+            Some(HttpConfig {
+                listen,
+                token,
+                max_body_bytes: (h.max_body_mb * 1024 * 1024) as usize,
+                max_uploads: within("[http] max_uploads", h.max_uploads as u64, 1024)? as usize,
+                max_connections: within("[http] max_connections", h.max_connections as u64, 65536)? as usize,
+                header_timeout: Duration::from_secs(within("[http] header_timeout_s", h.header_timeout_s, 3600)?),
+                body_timeout: Duration::from_secs(within("[http] body_timeout_s", h.body_timeout_s, 3600)?),
+            })
         }
     };
 
@@ -891,6 +938,22 @@ mod tests {
         assert_eq!(c.http.unwrap().token.as_deref(), Some("s3cret"));
         let e = Config::parse(&file, &format!("{MINIMAL}[http]\nlisten = \"localhost\"\n")).unwrap_err();
         assert_eq!(e.key, "[http] listen");
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_are_checked() {
+        let (_dir, file) = setup();
+        let http = "[http]\nlisten = \"127.0.0.1:0\"\n";
+        let h = Config::parse(&file, &format!("{MINIMAL}{http}")).unwrap().http.unwrap();
+        assert_eq!((h.max_uploads, h.max_connections), (8, 256));
+        assert_eq!((h.header_timeout, h.body_timeout), (Duration::from_secs(10), Duration::from_secs(30)));
+        for (key, bad) in [("max_uploads", 0), ("max_connections", 0), ("header_timeout_s", 0), ("body_timeout_s", 3601)] {
+            let e = Config::parse(&file, &format!("{MINIMAL}{http}{key} = {bad}\n")).unwrap_err();
+            assert_eq!(e.key, format!("[http] {key}"));
+            assert!(e.reason.contains(&format!("got {bad}")), "{e}");
+        }
+        let h = Config::parse(&file, &format!("{MINIMAL}{http}max_uploads = 2\nbody_timeout_s = 1\n")).unwrap().http.unwrap();
+        assert_eq!((h.max_uploads, h.body_timeout), (2, Duration::from_secs(1)));
     }
 
     #[test]

@@ -60,6 +60,32 @@ impl StageTimes {
     }
 }
 
+/// Why the HTTP endpoint turned a client away (`labeld_http_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `[http] max_uploads` uploads were already in progress: 503 before the body was read.
+    Busy,
+    /// The declared body was over `[http] max_body_mb`: 413 before the body was read.
+    TooLarge,
+    /// The body did not arrive within `[http] body_timeout_s`: 408.
+    BodyTimeout,
+    /// The request headers did not arrive within `[http] header_timeout_s`: connection closed.
+    HeaderTimeout,
+}
+
+impl Refused {
+    pub const ALL: [Refused; 4] = [Refused::Busy, Refused::TooLarge, Refused::BodyTimeout, Refused::HeaderTimeout];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Refused::Busy => "busy",
+            Refused::TooLarge => "too_large",
+            Refused::BodyTimeout => "body_timeout",
+            Refused::HeaderTimeout => "header_timeout",
+        }
+    }
+}
+
 type LabelSet = Vec<(String, String)>;
 
 /// Every counter labeld exports. Clones share the same counters.
@@ -75,6 +101,7 @@ pub struct Metrics {
     pub sidecar_write_errors: Counter,
     reloads: Family<LabelSet, Counter>,
     model_info: Family<LabelSet, Gauge>,
+    http_refused: Family<LabelSet, Counter>,
     /// Queue depth, images in flight and the recent rate, read at scrape time.
     live: Arc<LiveGauges>,
 }
@@ -126,12 +153,17 @@ impl Metrics {
         registry.register("config_reloads", "SIGHUP config reloads, by result", reloads.clone());
         let model_info = Family::<LabelSet, Gauge>::default();
         registry.register("model", "The model in use (value 1)", model_info.clone());
+        let http_refused = Family::<LabelSet, Counter>::default();
+        registry.register("http_refused", "HTTP requests turned away, by reason", http_refused.clone());
         // Every label value is there from the start, at 0, so rates and alerts work before the first event.
         for status in ["ok", "error"] {
             let _ = images.get_or_create(&vec![("status".into(), status.into())]);
         }
         for result in ["applied", "rejected"] {
             let _ = reloads.get_or_create(&vec![("result".into(), result.into())]);
+        }
+        for reason in Refused::ALL {
+            let _ = http_refused.get_or_create(&vec![("reason".into(), reason.name().into())]);
         }
         let times = StageTimes::default();
         let live = Arc::new(LiveGauges::default());
@@ -147,6 +179,7 @@ impl Metrics {
             sidecar_write_errors,
             reloads,
             model_info,
+            http_refused,
             live,
         }
     }
@@ -200,6 +233,10 @@ impl Metrics {
 
     pub fn reload(&self, result: &str) {
         self.reloads.get_or_create(&vec![("result".into(), result.into())]).inc();
+    }
+
+    pub fn http_refused(&self, reason: Refused) {
+        self.http_refused.get_or_create(&vec![("reason".into(), reason.name().into())]).inc();
     }
 
     pub fn set_model(&self, name: &str, precision: &str) {
@@ -266,6 +303,8 @@ mod tests {
             "labeld_images_total{status=\"error\"} 0",
             "labeld_config_reloads_total{result=\"rejected\"} 0",
             "labeld_batches_total 0",
+            "labeld_http_refused_total{reason=\"busy\"} 0",
+            "labeld_http_refused_total{reason=\"header_timeout\"} 0",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -1,13 +1,18 @@
 //! The optional HTTP endpoint (`[http] listen`): Prometheus /metrics, /healthz and /readyz,
 //! `POST /predict` through the same queue and workers as inbox images, and a status page at `/`.
+//! Connections are bounded in `connections`, uploads in `upload`.
+
+mod connections;
+mod upload;
+
+pub use upload::UploadLimits;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,15 +23,11 @@ use crate::error::Fatal;
 use crate::health::Health;
 use crate::infer::LiveSettings;
 use crate::metrics::Metrics;
-use crate::queue::{Pushed, QueueSender, ReadyFile, Upload};
+use crate::queue::QueueSender;
 use crate::shutdown::Shutdown;
 use crate::sink::recent::Recent;
-use crate::sink::record::Status;
 
 const PAGE: &str = include_str!("status.html");
-
-/// How long `POST /predict` waits for its result before answering 503.
-const PREDICT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -38,7 +39,7 @@ pub struct HttpState {
     pub stall_limit: Duration,
     pub token: Option<Arc<str>>,
     pub shutdown: Shutdown,
-    pub max_body: usize,
+    pub uploads: UploadLimits,
 }
 
 /// Binds `cfg.listen` (failing to is fatal) and serves until `shutdown`.
@@ -52,22 +53,19 @@ pub async fn serve(cfg: &HttpConfig, state: HttpState, shutdown: Shutdown) -> Re
     } else {
         tracing::info!(%addr, "HTTP on (loopback, no token)");
     }
-    let app = router(state, cfg.max_body_bytes);
-    Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await }).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    }))
+    let connections = connections::Connections::new(listener, cfg, state.metrics.clone());
+    let app = router(state);
+    Ok(tokio::spawn(connections.serve(app, shutdown)))
 }
 
-fn router(state: HttpState, max_body: usize) -> Router {
+fn router(state: HttpState) -> Router {
+    let max_body = state.uploads.max_body();
     let guarded = Router::new()
         .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
         .route("/thumb/{id}", get(thumb))
-        .route("/predict", post(predict))
+        .route("/predict", post(upload::predict))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
     Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).merge(guarded).with_state(state)
@@ -152,75 +150,5 @@ async fn thumb(State(s): State<HttpState>, Path(id): Path<u64>) -> Response {
     match s.recent.thumb(id) {
         Some(jpeg) => ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "max-age=3600")], jpeg.to_vec()).into_response(),
         None => error(StatusCode::NOT_FOUND, "no such thumbnail (only the last 50 results have one)"),
-    }
-}
-
-/// The original service's API: an image body (raw, or multipart field `file`) → top-k JSON.
-async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Request) -> Response {
-    if !s.health.is_ready() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "not ready yet");
-    }
-    // Refused before any of the body is read (a client sending `Expect: 100-continue`, as curl does for
-    // large files, then never sends it).
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > s.max_body) {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, format!("image larger than {} bytes ([http] max_body_mb)", s.max_body));
-    }
-    let multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let bytes = if multipart {
-        match image_field(req, &s).await {
-            Ok(b) => b,
-            Err(r) => return r,
-        }
-    } else {
-        match Bytes::from_request(req, &s).await {
-            Ok(b) => b,
-            Err(e) => return error(e.status(), e.body_text()),
-        }
-    };
-    if bytes.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "empty body: send the image as the request body or as multipart field \"file\"");
-    }
-    let (reply, mut result) = tokio::sync::mpsc::channel(1);
-    let mut file = ReadyFile::new("(upload)".into());
-    file.upload = Some(Upload { bytes: Arc::from(&bytes[..]), reply });
-    let queue = s.queue.clone();
-    let pushed = tokio::task::spawn_blocking(move || queue.push_upload(file)).await;
-    if !matches!(pushed, Ok(Pushed::Queued)) {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    }
-    let waited = tokio::select! {
-        r = tokio::time::timeout(PREDICT_TIMEOUT, result.recv()) => r,
-        // Workers stop after their current batch: a queued upload would never be answered.
-        _ = s.shutdown.wait() => Ok(None),
-    };
-    match waited {
-        Ok(Some(record)) => {
-            let code = if record.status == Status::Ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
-            let mut body = serde_json::to_value(&record).unwrap_or_default();
-            if let Some(o) = body.as_object_mut() {
-                o.remove("path");
-            }
-            (code, axum::Json(body)).into_response()
-        }
-        Ok(None) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "timed out waiting for a worker"),
-    }
-}
-
-async fn image_field(req: Request, s: &HttpState) -> Result<Bytes, Response> {
-    let mut mp = Multipart::from_request(req, s).await.map_err(|e| error(e.status(), e.body_text()))?;
-    loop {
-        match mp.next_field().await {
-            Ok(Some(field)) if field.name() == Some("file") => {
-                return field.bytes().await.map_err(|e| error(e.status(), e.body_text()));
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) => return Err(error(StatusCode::BAD_REQUEST, "multipart body has no field named \"file\"")),
-            Err(e) => return Err(error(e.status(), e.body_text())),
-        }
     }
 }
