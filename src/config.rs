@@ -947,6 +947,8 @@ mod tests {
         let h = Config::parse(&file, &format!("{MINIMAL}{http}")).unwrap().http.unwrap();
         assert_eq!((h.max_uploads, h.max_connections), (8, 256));
         assert_eq!((h.header_timeout, h.body_timeout), (Duration::from_secs(10), Duration::from_secs(30)));
+        let shown = Config::parse(&file, &format!("{MINIMAL}{http}")).unwrap().describe();
+        assert!(shown.contains("max_uploads = 8\nmax_connections = 256\nheader_timeout_s = 10\nbody_timeout_s = 30\n"), "{shown}");
         for (key, bad) in [("max_uploads", 0), ("max_connections", 0), ("header_timeout_s", 0), ("body_timeout_s", 3601)] {
             let e = Config::parse(&file, &format!("{MINIMAL}{http}{key} = {bad}\n")).unwrap_err();
             assert_eq!(e.key, format!("[http] {key}"));

@@ -234,3 +234,212 @@ fn readyz_is_503_while_a_reloaded_inbox_cannot_be_watched() {
     assert_eq!(top1(&wait_for_sidecar(&s.inbox.join("back.png"), WAIT)), (1, "goldfish".into()));
     assert!(d.stop().success());
 }
+
+/// An RGB PNG of noise (which does not compress) of about `bytes` bytes.
+fn noise_png(bytes: usize) -> Vec<u8> {
+    let side = ((bytes / 3) as f64).sqrt() as u32;
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let img = image::RgbImage::from_fn(side, side, |_, _| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        image::Rgb([x as u8, (x >> 8) as u8, (x >> 16) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// One reply read off a raw connection: status, headers (lower-case names) and body.
+struct Reply {
+    code: u16,
+    headers: String,
+    body: String,
+}
+
+/// Reads a response head (up to the blank line) and, unless it is `100 Continue`, the rest to EOF.
+fn read_reply(c: &mut std::net::TcpStream) -> std::io::Result<Reply> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        if c.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("closed after {head:?}")));
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let code = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut body = String::new();
+    if code != 100 {
+        c.read_to_string(&mut body)?;
+    }
+    Ok(Reply { code, headers: head, body })
+}
+
+/// `POST /predict` of `image` on a fresh connection; with `expect_continue` the body is sent only
+/// after the server's `100 Continue` (as curl does for large files).
+fn raw_predict(addr: &str, image: &[u8], expect_continue: bool) -> std::io::Result<Reply> {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(WAIT))?;
+    let expect = if expect_continue { "Expect: 100-continue\r\n" } else { "" };
+    write!(
+        c,
+        "POST /predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/png\r\nContent-Length: {}\r\n{expect}Connection: close\r\n\r\n",
+        image.len()
+    )?;
+    if expect_continue {
+        let first = read_reply(&mut c)?;
+        if first.code != 100 {
+            return Ok(first);
+        }
+    }
+    c.write_all(image)?;
+    read_reply(&mut c)
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmHWM` is the peak resident set).
+fn proc_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap_or_else(|| panic!("no {field} in\n{status}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+const FLOOD: usize = 200;
+const UPLOAD_BYTES: usize = 5 * 1024 * 1024;
+
+#[test]
+fn a_flood_of_large_uploads_is_answered_in_bounded_memory() {
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_mb = 8\nmax_uploads = 8\n");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    let image = std::sync::Arc::new(noise_png(UPLOAD_BYTES));
+    assert!(image.len() > UPLOAD_BYTES - 64 * 1024, "the test image is {} bytes", image.len());
+    let rss_before = proc_kib(d.pid(), "VmRSS");
+
+    let start = std::sync::Arc::new(std::sync::Barrier::new(FLOOD));
+    let clients: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            let (addr, image, start) = (addr.clone(), image.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                raw_predict(&addr, &image, i % 2 == 0)
+            })
+        })
+        .collect();
+    let replies: Vec<Reply> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| c.join().unwrap().unwrap_or_else(|e| panic!("upload {i} got no answer: {e}")))
+        .collect();
+    let peak = proc_kib(d.pid(), "VmHWM");
+
+    let (mut labelled, mut busy) = (0, 0);
+    for r in &replies {
+        match r.code {
+            200 => {
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.body));
+                assert_eq!(v["status"], "ok", "{v}");
+                labelled += 1;
+            }
+            503 => {
+                assert!(r.headers.contains("\r\nretry-after: 1\r\n"), "{}", r.headers);
+                assert!(r.body.contains("max_uploads"), "{}", r.body);
+                busy += 1;
+            }
+            other => panic!("upload answered {other}: {}{}", r.headers, r.body),
+        }
+    }
+    assert!(labelled >= 1 && busy >= 1, "{labelled} labelled, {busy} refused");
+    assert_eq!(get(&format!("http://{addr}/healthz")), (200, "ok\n".into()));
+    let (_, m) = get(&format!("http://{addr}/metrics"));
+    assert_eq!(metric(&m, "labeld_http_refused_total{reason=\"busy\"}"), busy as f64);
+    assert_eq!(metric(&m, "labeld_images_total{status=\"ok\"}"), labelled as f64);
+
+    // Unbounded, the 200 bodies alone are 1000 MiB, held two or three times over. Bounded: 8 uploads
+    // of 5 MiB, each held at most three times (hyper's chunks, the collected body, the queued copy),
+    // plus one decoded image and the read buffers of the refused connections being drained.
+    let growth_mib = peak.saturating_sub(rss_before) / 1024;
+    eprintln!(
+        "{FLOOD} x {:.1} MiB uploads: {labelled} labelled, {busy} refused; labeld RSS {} MiB before, peak {} MiB (+{growth_mib} MiB)",
+        image.len() as f64 / (1024.0 * 1024.0),
+        rss_before / 1024,
+        peak / 1024
+    );
+    assert!(growth_mib < 400, "peak RSS grew by {growth_mib} MiB");
+    assert!(peak / 1024 < 1024, "peak RSS {} MiB", peak / 1024);
+    assert!(d.stop().success());
+}
+
+/// Writes `bytes` one at a time, `gap` apart, until the server closes the connection; returns how
+/// many it took (all of them if the server never did).
+fn trickle(c: &mut std::net::TcpStream, bytes: &[u8], gap: Duration) -> usize {
+    use std::io::{Read, Write};
+    c.set_read_timeout(Some(gap)).unwrap();
+    for (i, b) in bytes.iter().enumerate() {
+        if c.write_all(&[*b]).is_err() {
+            return i;
+        }
+        match c.read(&mut [0u8; 512]) {
+            Ok(0) => return i + 1,
+            Ok(_) => panic!("the server answered a half-sent request instead of closing it"),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return i + 1,
+        }
+    }
+    bytes.len()
+}
+
+/// Everything the server sends until it closes the connection; panics if it is still open after `WAIT`.
+fn read_until_closed(c: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    match c.read_to_end(&mut got) {
+        Ok(_) => String::from_utf8_lossy(&got).into_owned(),
+        Err(e) => panic!("connection still open after {WAIT:?} ({e}), having sent {:?}", String::from_utf8_lossy(&got)),
+    }
+}
+
+#[test]
+fn slow_and_stalled_clients_are_cut_off_and_the_next_request_works() {
+    use std::io::Write;
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nheader_timeout_s = 1\nbody_timeout_s = 2\n");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+
+    // Half a body, then nothing: 408 once body_timeout_s has passed, and the connection closed.
+    let image = png(RED);
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    write!(c, "POST /predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n", image.len())
+        .unwrap();
+    c.write_all(&image[..image.len() / 2]).unwrap();
+    let t = Instant::now();
+    let r = read_reply(&mut c).unwrap_or_else(|e| panic!("no 408 for a stalled body: {e}"));
+    assert_eq!(r.code, 408, "{}{}", r.headers, r.body);
+    assert!(r.body.contains("body_timeout_s"), "{}", r.body);
+    assert!(t.elapsed() >= Duration::from_millis(1500), "408 before the client stalled for body_timeout_s");
+
+    // Headers a byte every 100 ms (the whole line would take 30 s): closed once header_timeout_s passed.
+    let slow = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Slow: {}\r\n\r\n", "a".repeat(300));
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    let sent = trickle(&mut c, slow.as_bytes(), Duration::from_millis(100));
+    assert!(sent < slow.len(), "a client sending its headers byte by byte was never cut off");
+    // A connection that never sends a request, or none after its first, is closed too.
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    assert_eq!(read_until_closed(&mut idle), "", "an idle connection stayed open");
+    let mut kept = std::net::TcpStream::connect(&addr).unwrap();
+    write!(kept, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let answered = read_until_closed(&mut kept);
+    assert!(answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok\n"), "{answered}");
+
+    // The daemon is fine: a normal upload right after is labelled.
+    let (code, r) = post(&format!("http://{addr}/predict"), "image/png", &png(GREEN));
+    assert_eq!((code, r["top"][0]["label"].as_str()), (200, Some("goldfish")), "{r}");
+    let (_, m) = get(&format!("http://{addr}/metrics"));
+    assert_eq!(metric(&m, "labeld_http_refused_total{reason=\"body_timeout\"}"), 1.0);
+    assert!(metric(&m, "labeld_http_refused_total{reason=\"header_timeout\"}") >= 1.0);
+    assert!(d.stop().success());
+}
