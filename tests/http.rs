@@ -443,3 +443,40 @@ fn slow_and_stalled_clients_are_cut_off_and_the_next_request_works() {
     assert!(metric(&m, "labeld_http_refused_total{reason=\"header_timeout\"}") >= 1.0);
     assert!(d.stop().success());
 }
+
+/// Open sockets of a process (its listener and its connections).
+fn sockets(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[test]
+fn connections_beyond_max_connections_wait_in_the_kernel_queue() {
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nheader_timeout_s = 2\n");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    let before = sockets(d.pid());
+
+    // Six clients that connect and say nothing: two are taken, the rest wait their turn.
+    let silent: Vec<_> = (0..6).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let t = Instant::now();
+    while sockets(d.pid()) < before + 2 {
+        assert!(t.elapsed() < WAIT, "the daemon never accepted the silent clients");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..20 {
+        let open = sockets(d.pid());
+        assert!(open <= before + 2, "{open} sockets open with max_connections = 2 (had {before})");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    // Each silent one is closed after header_timeout_s, so a real request behind them is served.
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut c, format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let answered = read_until_closed(&mut c);
+    assert!(answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok\n"), "{answered}");
+    drop(silent);
+    assert!(d.stop().success());
+}

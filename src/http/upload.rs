@@ -16,6 +16,7 @@ use super::{HttpState, error};
 use crate::config::HttpConfig;
 use crate::metrics::Refused;
 use crate::queue::{Pushed, ReadyFile, Upload};
+use crate::shutdown::Shutdown;
 use crate::sink::record::Status;
 
 /// How long `POST /predict` waits for its result before answering 503.
@@ -63,7 +64,7 @@ pub async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Reques
     // Held until the reply is built: the body, its copy in the queue and the worker's result.
     let Ok(_permit) = limits.permits.clone().try_acquire_owned() else {
         s.metrics.http_refused(Refused::Busy);
-        return busy(req, limits);
+        return busy(req, &s);
     };
     let bytes = match tokio::time::timeout(limits.body_timeout, read_image(req, &headers, &s)).await {
         Ok(Ok(bytes)) => bytes,
@@ -84,11 +85,12 @@ pub async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Reques
 /// 503 with `Retry-After`, sent at once. A body the client is already sending is read and thrown
 /// away a chunk at a time, so it sees this answer rather than a reset connection; one that waits for
 /// `100 Continue` is never asked for its body.
-fn busy(req: Request, limits: &UploadLimits) -> Response {
+fn busy(req: Request, s: &HttpState) -> Response {
+    let limits = &s.uploads;
     let waits_for_continue =
         req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if !waits_for_continue {
-        tokio::spawn(discard(req.into_body(), limits.max_body, limits.body_timeout));
+        tokio::spawn(discard(req.into_body(), limits.clone(), s.shutdown.clone()));
     }
     let mut r = error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -98,18 +100,22 @@ fn busy(req: Request, limits: &UploadLimits) -> Response {
     r
 }
 
-/// Reads and drops up to `limit` bytes of `body` within `within`; past either the connection closes.
-async fn discard(mut body: Body, limit: usize, within: Duration) {
+/// Reads and drops up to `max_body` bytes of `body` within `body_timeout`; past either, or at
+/// shutdown, the body is dropped and the connection closes.
+async fn discard(mut body: Body, limits: UploadLimits, shutdown: Shutdown) {
     let drain = async {
         let mut seen = 0;
         while let Some(Ok(frame)) = body.frame().await {
             seen += frame.data_ref().map_or(0, |d| d.len());
-            if seen > limit {
+            if seen > limits.max_body {
                 break;
             }
         }
     };
-    let _ = tokio::time::timeout(within, drain).await;
+    tokio::select! {
+        _ = tokio::time::timeout(limits.body_timeout, drain) => {}
+        _ = shutdown.wait() => {}
+    }
 }
 
 fn body_timed_out(within: Duration) -> Response {
