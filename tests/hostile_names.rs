@@ -1,0 +1,204 @@
+//! Hostile names and unreadable files: the real binary, real inotify, real files. Every name the
+//! file system takes is labelled exactly once, with its sidecar at the documented name, and stays
+//! labelled across restarts; a file that cannot be read now is a fault (no record), labelled once it
+//! can be.
+
+mod common;
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// The documented sidecar name: `<name>.json`, or when that exceeds 255 bytes,
+/// `<first 233 bytes, cut on a UTF-8 boundary>~<16 hex of FNV-1a 64 of the name>.json`.
+fn documented_sidecar(image: &Path) -> PathBuf {
+    let name = image.file_name().unwrap().as_bytes();
+    if name.len() + 5 <= 255 {
+        let mut s = image.as_os_str().to_owned();
+        s.push(".json");
+        return s.into();
+    }
+    let mut cut = 233;
+    while std::str::from_utf8(name).is_ok() && std::str::from_utf8(&name[..cut]).is_err() {
+        cut -= 1;
+    }
+    let hash = name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let mut out = name[..cut].to_vec();
+    out.extend(format!("~{hash:016x}.json").into_bytes());
+    image.with_file_name(OsString::from_vec(out))
+}
+
+fn stage_and_drop(s: &Setup, name: &OsStr, rgb: [u8; 3]) -> PathBuf {
+    let staged = s.dir.path().join("staged.png");
+    solid(&staged, rgb, 32, 32);
+    let to = s.inbox.join(name);
+    std::fs::rename(&staged, &to).unwrap();
+    to
+}
+
+/// Waits until the row count has not changed for `quiet`, and returns the rows.
+fn settled_rows(s: &Setup, quiet: Duration) -> Vec<csv::StringRecord> {
+    let (mut n, mut since) = (usize::MAX, Instant::now());
+    loop {
+        let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
+        if rows.len() != n {
+            (n, since) = (rows.len(), Instant::now());
+        } else if since.elapsed() >= quiet {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < timeout, "{what} after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Labels each name once, checks one row and one sidecar each, then restarts twice: no new rows.
+fn each_labelled_once_across_restarts(names: &[OsString]) {
+    let s = Setup::new("channel_mean", "");
+    let d = s.spawn_daemon();
+    let images: Vec<PathBuf> = names.iter().map(|n| stage_and_drop(&s, n, GREEN)).collect();
+    for img in &images {
+        let side = documented_sidecar(img);
+        wait_for(&format!("no sidecar {:?}", side), LONG, || side.exists());
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&side).unwrap()).unwrap();
+        assert_eq!(top1(&v).0, 1, "{side:?}");
+    }
+    let rows = settled_rows(&s, Duration::from_secs(1));
+    assert_eq!(rows.len(), images.len(), "one row per image: {rows:?}");
+    let (header, _) = read_csv(&s.csv);
+    let path_at = header.iter().position(|h| h == "path").unwrap();
+    for img in &images {
+        let want = img.to_string_lossy();
+        assert_eq!(rows.iter().filter(|r| r[path_at] == *want).count(), 1, "one row for {want:?}: {rows:?}");
+        let sidecars = std::fs::read_dir(&s.inbox).unwrap().flatten().filter(|e| e.path() == documented_sidecar(img)).count();
+        assert_eq!(sidecars, 1);
+    }
+    let files = std::fs::read_dir(&s.inbox).unwrap().count();
+    assert_eq!(files, 2 * images.len(), "only images and their sidecars in the inbox");
+    assert!(d.stop().success());
+    for restart in 1..=2 {
+        let d = s.spawn_daemon();
+        d.wait_for_log("scan done", LONG);
+        let again = settled_rows(&s, Duration::from_secs(2));
+        assert_eq!(again.len(), images.len(), "restart {restart} relabelled: {again:?}");
+        assert!(d.stop().success());
+    }
+    println!("names: {} images, {} rows, 2 restarts added none", images.len(), rows.len());
+}
+
+#[test]
+fn long_and_odd_utf8_names_are_labelled_once() {
+    let names: Vec<OsString> = vec![
+        format!("a{}.png", "é".repeat(125)).into(), // 255 bytes: the longest name; hashed sidecar
+        format!("b{}.png", "é".repeat(123)).into(), // 251 bytes: just too long for `.json`
+        format!("{}.png", "é".repeat(123)).into(),  // 250 bytes: `.json` fits exactly
+        "new\nline, \"quoted\" 'single'.png".into(),
+    ];
+    for n in &names[..3] {
+        assert!([255, 251, 250].contains(&n.len()), "{}", n.len());
+    }
+    each_labelled_once_across_restarts(&names);
+}
+
+#[test]
+fn a_non_utf8_name_is_labelled_once() {
+    each_labelled_once_across_restarts(&[OsString::from_vec(b"\xff\xfe.png".to_vec())]);
+}
+
+/// `labeld run` as user nobody (65534), with its own log; killed on drop.
+struct Nobody {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Nobody {
+    fn start(s: &Setup) -> Nobody {
+        let log = s.dir.path().join("nobody.log");
+        let child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "run", "--config"])
+            .arg(&s.config)
+            .env("LABELD_LOG", "info")
+            .env_remove("LABELD_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start labeld under setpriv");
+        let n = Nobody { child, log };
+        wait_for("no \"scan done\" in the log", LONG, || n.log().contains("scan done"));
+        n
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(t.elapsed() < LONG, "labeld did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nobody {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sh(cmd: &str) {
+    let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(st.success(), "{cmd}");
+}
+
+#[test]
+fn an_unreadable_image_is_a_fault_not_a_verdict() {
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        println!("skipped: setpriv is not installed");
+        return;
+    }
+    let s = Setup::new("channel_mean", "");
+    let backlog = s.inbox.join("backlog.png");
+    solid(&backlog, RED, 32, 32);
+    sh(&format!("chmod 000 '{}' && chown -R 65534:65534 '{}'", backlog.display(), s.dir.path().display()));
+    let d = Nobody::start(&s);
+    let staged = s.dir.path().join("staged.png");
+    solid(&staged, GREEN, 32, 32);
+    sh(&format!("chown 65534:65534 '{0}' && chmod 000 '{0}'", staged.display()));
+    let live = s.inbox.join("live.png");
+    std::fs::rename(&staged, &live).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
+    assert!(rows.is_empty(), "an unreadable image got a row: {rows:?}\n{}", d.log());
+    assert!(!sidecar(&backlog).exists() && !sidecar(&live).exists(), "an unreadable image got a sidecar");
+    let faults = d.log().lines().filter(|l| l.contains("not recorded")).count();
+    assert!(faults >= 2, "each unreadable image is logged as a fault:\n{}", d.log());
+
+    sh(&format!("chmod 644 '{}' '{}'", backlog.display(), live.display()));
+    d.stop();
+    let d = Nobody::start(&s);
+    let t = Instant::now();
+    wait_for("the images were not labelled once readable", LONG, || sidecar(&backlog).exists() && sidecar(&live).exists());
+    let took = t.elapsed();
+    let rows = settled_rows(&s, Duration::from_secs(1));
+    assert_eq!(rows.len(), 2, "exactly one row per image: {rows:?}");
+    assert_eq!(top1(&read_sidecar(&backlog)).0, 0);
+    assert_eq!(top1(&read_sidecar(&live)).0, 1);
+    d.stop();
+    println!("permission fault: {faults} fault lines, 0 rows while unreadable; 2 rows {took:?} after chmod + restart");
+}
