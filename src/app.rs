@@ -45,7 +45,6 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         OutputSettings::from_config(&config),
         in_flight,
         done_rx,
-        config.workers.count * config.workers.max_batch * 2,
         metrics.clone(),
         recent.clone(),
     )?;

@@ -1,13 +1,18 @@
-//! `on_done`: once an image has its row and its sidecar, move both to `done_dir` or delete both.
+//! Where an image goes once its row and its sidecar are durable: an ok image per `on_done` (moved to
+//! `done_dir` or deleted, with its sidecar), a failed one to its inbox's `quarantine` (with its error
+//! sidecar). Nothing is moved before its record is written, so a crash can never leave an image out of
+//! the inbox without a row and a sidecar (quarantine and done folders are not scanned).
 //!
 //! The image goes first, then its sidecar, so a crash in between leaves a sidecar without its image
 //! (never an image without a sidecar, which would be labelled twice). `finish` completes such
-//! leftovers, and archives images labelled before on_done was set, at start and on reload.
+//! leftovers, and sets aside images labelled before on_done or quarantine was set (or while a crash
+//! stopped it), at start and on reload.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::record::{Record, Status};
+use super::relocate::{self, move_sidecar, move_under, path_under};
 use super::sidecar::{self, sidecar_path};
 use crate::config::{InboxConfig, OnDone};
 
@@ -16,18 +21,23 @@ pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
     match &ib.on_done {
         OnDone::Keep => Ok(()),
         OnDone::Move(dir) => {
-            let dest = super::move_under(&ib.path, dir, image)?;
-            super::move_file(&sidecar_path(image), &sidecar_path(&dest))?;
-            if let Some(parent) = dest.parent() {
-                sidecar::sync_dir(parent)?;
-            }
-            Ok(())
+            let dest = move_under(&ib.path, dir, image)?;
+            move_sidecar(image, &dest)
         }
         OnDone::Delete => {
             std::fs::remove_file(image)?;
             remove_if_present(&sidecar_path(image))
         }
     }
+}
+
+/// Moves one failed image of `ib` (and its error sidecar) into the inbox's quarantine, if it has one;
+/// returns where the image went.
+pub fn quarantine(ib: &InboxConfig, image: &Path) -> io::Result<Option<PathBuf>> {
+    let Some(q) = &ib.quarantine else { return Ok(None) };
+    let dest = move_under(&ib.path, q, image)?;
+    move_sidecar(image, &dest)?;
+    Ok(Some(dest))
 }
 
 fn remove_if_present(p: &Path) -> io::Result<()> {
@@ -44,10 +54,11 @@ fn read_sidecar(image: &Path) -> Option<Record> {
     (Path::new(&r.path) == image).then_some(r)
 }
 
-/// Archives every image of `ib` that already has an ok sidecar, and finishes archiving interrupted
-/// by a crash (a sidecar left behind by its image). Returns how many files were handled.
+/// Sets aside every image of `ib` that already has its sidecar (ok → on_done, error → quarantine), and
+/// finishes moves interrupted by a crash (a sidecar left behind by its image). Returns how many files
+/// were handled.
 pub fn finish(ib: &InboxConfig) -> usize {
-    if ib.on_done == OnDone::Keep || !ib.path.is_dir() {
+    if (ib.on_done == OnDone::Keep && ib.quarantine.is_none()) || !ib.path.is_dir() {
         return 0;
     }
     let mut handled = 0;
@@ -59,35 +70,45 @@ pub fn finish(ib: &InboxConfig) -> usize {
         let path = entry.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if let Some(image_name) = name.strip_suffix(".json") {
-            // A sidecar whose image is gone: the image was archived and the crash came before its sidecar.
             let image = path.with_file_name(image_name);
-            if !ib.wants(&image) || image.exists() || read_sidecar(&image).is_none() {
-                continue;
+            if ib.wants(&image) && !image.exists() {
+                if let Some(done) = follow_image(ib, &image) {
+                    report(path, done, &mut handled);
+                }
             }
-            let done = match &ib.on_done {
-                OnDone::Move(dir) => match super::path_under(&ib.path, dir, &image) {
-                    Ok(dest) if dest.exists() => super::move_file(path, &sidecar_path(&dest)),
-                    _ => continue,
-                },
-                OnDone::Delete => remove_if_present(path),
-                OnDone::Keep => continue,
+        } else if ib.wants(path) && sidecar::is_labelled_under(&ib.path, path) {
+            let done = match read_sidecar(path).map(|r| r.status) {
+                Some(Status::Ok) if ib.on_done != OnDone::Keep => apply(ib, path),
+                Some(Status::Error) if ib.quarantine.is_some() => quarantine(ib, path).map(drop),
+                _ => continue,
             };
             report(path, done, &mut handled);
-        } else if ib.wants(path) && sidecar::is_labelled(path) {
-            if read_sidecar(path).is_some_and(|r| r.status == Status::Ok) {
-                report(path, apply(ib, path), &mut handled);
-            }
         }
     }
     if handled > 0 {
-        tracing::info!(inbox = %ib.path.display(), on_done = ib.on_done.as_str(), files = handled, "archived images labelled earlier");
+        tracing::info!(inbox = %ib.path.display(), on_done = ib.on_done.as_str(), files = handled, "set aside images labelled earlier");
     }
     handled
+}
+
+/// A sidecar whose image is gone: the image was set aside and a crash came before its sidecar
+/// followed. Moves it to the image (or deletes it, for on_done = "delete"); None if it is not that.
+fn follow_image(ib: &InboxConfig, image: &Path) -> Option<io::Result<()>> {
+    let record = read_sidecar(image)?;
+    let dir = match (record.status, &ib.on_done, &ib.quarantine) {
+        (Status::Ok, OnDone::Move(dir), _) => dir,
+        (Status::Ok, OnDone::Delete, _) => return Some(remove_if_present(&sidecar_path(image))),
+        (Status::Error, _, Some(q)) => q,
+        _ => return None,
+    };
+    let wanted = path_under(&ib.path, dir, image).ok()?;
+    let dest = relocate::moved_without_sidecar(&wanted)?;
+    Some(move_sidecar(image, &dest))
 }
 
 fn report(path: &Path, r: io::Result<()>, handled: &mut usize) {
     match r {
         Ok(()) => *handled += 1,
-        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot archive"),
+        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot move out of the inbox; retried at the next start"),
     }
 }

@@ -1,5 +1,11 @@
 //! Sink: for each batch, appends the CSV rows (fsynced), then writes each image's JSON sidecar, then
-//! releases the images from the in-flight set. Failed images can be moved to their inbox's quarantine.
+//! sets the image aside (ok → `on_done`, failed → the inbox's quarantine) and releases it from the
+//! in-flight set. That order is the exactly-once promise: an image leaves the inbox only with a
+//! durable row and sidecar, and an image with a row but no sidecar (crash, stop) gets its sidecar from
+//! the row at the next start instead of a second labelling.
+//!
+//! Rows and sidecars keep the path the image was found at in the inbox, also for images moved to
+//! `done_dir` or quarantine afterwards (possibly under a numbered name, `IMG_0001~1.jpg`).
 //!
 //! Output failures (disk full, read-only folder) do not lose results: what could not be written is
 //! kept and retried with back-off (0.5 s doubling to 30 s), and the images stay in flight meanwhile.
@@ -7,10 +13,11 @@
 pub mod archive;
 pub mod record;
 pub mod recent;
+pub mod relocate;
 pub mod result_log;
 pub mod sidecar;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,13 +92,12 @@ impl Sink {
         settings: OutputSettings,
         in_flight: InFlight,
         rx: Receiver<BatchDone>,
-        in_flight_max: usize,
         metrics: Metrics,
         recent: Recent,
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open(&settings.csv, settings.columns)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
-        finish_interrupted_batch(&log, in_flight_max, &settings.inboxes);
+        finish_interrupted_batches(&log, &settings.inboxes);
         for ib in &settings.inboxes {
             archive::finish(ib);
         }
@@ -125,37 +131,57 @@ impl Sink {
     }
 }
 
-/// A crash between a batch's CSV rows and its sidecars leaves images whose row exists but whose
-/// sidecar does not. Their result is in the row: write the sidecar from it instead of labelling the
-/// image again (which would add a second row). Only the last `n` rows can be in that state.
-fn finish_interrupted_batch(log: &ResultLog, n: usize, inboxes: &[InboxConfig]) {
+/// A crash or a stop between a batch's CSV rows and its sidecars leaves images whose row exists but
+/// whose sidecar does not (a stop while sidecar writes kept failing can leave any number of them).
+/// Their result is in the row: write the sidecar from it instead of labelling the image again (which
+/// would add a second row). Cost: one sequential read of the whole log at start and a stat per row;
+/// memory holds only the rows whose image still needs its sidecar.
+fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
+    let records = match log.records() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(csv = %log.path().display(), error = %e, "cannot read the results log back; images with a row but no sidecar will be labelled again");
+            return;
+        }
+    };
+    // The latest row of a path decides: an image labelled, replaced and labelled again has two.
+    let mut missing = HashMap::<String, Record>::new();
+    for record in records {
+        if needs_sidecar(&record, inboxes) {
+            missing.insert(record.path.clone(), record);
+        } else {
+            missing.remove(&record.path);
+        }
+    }
     let mut done = 0;
-    for record in log.last_records(n) {
+    for record in missing.into_values() {
         let image = PathBuf::from(&record.path);
-        let Ok(meta) = std::fs::symlink_metadata(&image) else { continue };
-        let root = beneath::root_of(inboxes.iter().map(|i| i.path.as_path()), &image);
-        if !meta.is_file() || sidecar::is_labelled_under(root, &image) {
-            continue;
-        }
-        // The row must be about this version of the file, not one replaced since.
-        let same_version = match record.file {
-            Some(id) => id == Identity::of(&meta),
-            None => {
-                let row_time = humantime::parse_rfc3339(&record.time).ok();
-                matches!((row_time, meta.modified()), (Some(t), Ok(m)) if m <= t)
-            }
-        };
-        if !same_version {
-            continue;
-        }
         let root = beneath::root_of(inboxes.iter().map(|i| i.path.as_path()), &image);
         match sidecar::write(&record, root, &image) {
             Ok(_) => done += 1,
-            Err(e) => tracing::warn!(path = %image.display(), error = %e, "cannot complete sidecar from the results log"),
+            Err(e) => tracing::warn!(path = %image.display(), error = %e, "cannot complete sidecar from the results log; the image will be labelled again"),
         }
     }
     if done > 0 {
-        tracing::info!(sidecars = done, "completed the sidecars of a batch interrupted by a crash, from the results log");
+        tracing::info!(sidecars = done, "completed sidecars from the results log (rows written before a crash or stop, sidecars not)");
+    }
+}
+
+/// The row's image is still there, has no up-to-date sidecar, and is the version the row is about.
+fn needs_sidecar(record: &Record, inboxes: &[InboxConfig]) -> bool {
+    let image = Path::new(&record.path);
+    let Ok(meta) = std::fs::symlink_metadata(image) else { return false };
+    let root = beneath::root_of(inboxes.iter().map(|i| i.path.as_path()), image);
+    if !meta.is_file() || sidecar::is_labelled_under(root, image) {
+        return false;
+    }
+    // Not a file replaced since the row was written.
+    match record.file {
+        Some(id) => id == Identity::of(&meta),
+        None => {
+            let row_time = humantime::parse_rfc3339(&record.time).ok();
+            matches!((row_time, meta.modified()), (Some(t), Ok(m)) if m <= t)
+        }
     }
 }
 
@@ -248,8 +274,9 @@ impl Writer {
             }
         }
         for ib in &next.inboxes {
-            let before = self.inboxes.iter().find(|o| o.path == ib.path).map(|o| &o.on_done);
-            if ib.on_done != OnDone::Keep && before != Some(&ib.on_done) {
+            let before = self.inboxes.iter().find(|o| o.path == ib.path).map(|o| (&o.on_done, &o.quarantine));
+            let sets_aside = ib.on_done != OnDone::Keep || ib.quarantine.is_some();
+            if sets_aside && before != Some((&ib.on_done, &ib.quarantine)) {
                 archive::finish(ib);
             }
         }
@@ -265,7 +292,6 @@ impl Writer {
                 tracing::warn!(path = %o.file.path.display(), "a stuck worker finished after all; its image already has a hung record, result dropped");
                 continue;
             }
-            let o = self.quarantine(o);
             let now = Instant::now();
             let record = Record::new(&o, &batch.model, batch.min_score, now);
             self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.file.ready_at));
@@ -361,15 +387,9 @@ impl Writer {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot sync folder");
             }
         }
-        // Labelled for good: archive per the inbox's on_done, then let the image be seen again.
+        // Recorded for good (row fsynced, sidecar written and synced): only now may the image leave the inbox.
         for (status, image) in done {
-            if status == Status::Ok {
-                if let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) {
-                    if let Err(e) = archive::apply(ib, &image) {
-                        tracing::error!(path = %image.display(), on_done = ib.on_done.as_str(), error = %e, "cannot archive labelled image; it stays in the inbox (retried at the next start)");
-                    }
-                }
-            }
+            self.set_aside(status, &image);
             self.in_flight.done(&image);
         }
         self.sidecars = failed;
@@ -381,56 +401,20 @@ impl Writer {
         }
     }
 
-    /// Moves a failed image into its inbox's quarantine folder (same relative path), if one is set.
-    fn quarantine(&self, mut o: Outcome) -> Outcome {
-        let Err(err) = &o.result else { return o };
-        if o.file.upload.is_some() {
-            return o;
-        }
-        if matches!(err, ImageError::Vanished | ImageError::Fault(_)) {
-            return o;
-        }
-        let Some(ib) = self.inboxes.iter().find(|ib| o.file.path.starts_with(&ib.path)) else { return o };
-        let Some(q) = &ib.quarantine else { return o };
-        match move_under(&ib.path, q, &o.file.path) {
-            Ok(dest) => {
-                tracing::info!(from = %o.file.path.display(), to = %dest.display(), "moved to quarantine");
-                let old = std::mem::replace(&mut o.file.path, dest);
-                // The image left the inbox: release its old path too.
-                self.in_flight.done(&old);
+    /// An ok image goes per its inbox's on_done, a failed one to its quarantine (both with their sidecar).
+    fn set_aside(&self, status: Status, image: &Path) {
+        let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) else { return };
+        match status {
+            Status::Ok => {
+                if let Err(e) = archive::apply(ib, image) {
+                    tracing::error!(path = %image.display(), on_done = ib.on_done.as_str(), error = %e, "cannot archive labelled image; it stays in the inbox (retried at the next start)");
+                }
             }
-            Err(e) => tracing::error!(path = %o.file.path.display(), quarantine = %q.display(), error = %e, "cannot move to quarantine; error sidecar stays beside the image"),
+            Status::Error => match archive::quarantine(ib, image) {
+                Ok(Some(dest)) => tracing::info!(from = %image.display(), to = %dest.display(), "moved to quarantine"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(path = %image.display(), error = %e, "cannot move to quarantine; the image and its error sidecar stay in the inbox (retried at the next start)"),
+            },
         }
-        o
-    }
-}
-
-/// Moves `image` from `inbox` to the same relative path under `dir` (quarantine, done_dir), creating
-/// folders as needed; returns where it went.
-pub(crate) fn move_under(inbox: &Path, dir: &Path, image: &Path) -> std::io::Result<PathBuf> {
-    let dest = path_under(inbox, dir, image)?;
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    move_file(image, &dest)?;
-    Ok(dest)
-}
-
-/// `image`'s path relative to `inbox`, placed under `dir`.
-pub(crate) fn path_under(inbox: &Path, dir: &Path, image: &Path) -> std::io::Result<PathBuf> {
-    let rel = image
-        .strip_prefix(inbox)
-        .map_err(|_| std::io::Error::other(format!("{} is not in inbox {}", image.display(), inbox.display())))?;
-    Ok(dir.join(rel))
-}
-
-pub(crate) fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    match std::fs::rename(from, to) {
-        Err(e) if e.raw_os_error() == Some(18) => {
-            // EXDEV: destination on another filesystem.
-            std::fs::copy(from, to)?;
-            std::fs::remove_file(from)
-        }
-        other => other,
     }
 }

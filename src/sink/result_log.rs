@@ -1,8 +1,10 @@
 //! The CSV results log: one row per image, appended.
 //!
 //! Crash safety: each batch's rows go out in one `write` and are fsynced before that batch's sidecars
-//! are written, so an image with a sidecar always has its row. A row torn by a crash can only be the
-//! last line; `open` cuts it off (that image has no sidecar yet and is labelled again).
+//! are written, so an image with a sidecar always has its row. A failed write or fsync (disk full, I/O
+//! error) is cut back to the length before it (`set_len`) and the batch retried whole later, so a torn
+//! row can never end up inside the file; only a crash mid-write can tear one, and only the last line,
+//! which `open` cuts off (that image has no sidecar yet and is labelled again).
 //!
 //! Rotation: rows go to whatever file the path names now. Renamed away (logrotate `create`) or
 //! replaced → reopened at the next batch (or at once on SIGHUP via `reopen`); truncated in place
@@ -20,6 +22,8 @@ pub struct ResultLog {
     path: PathBuf,
     columns: Columns,
     file: File,
+    /// After a failed append: the length to cut the file back to before anything else is written.
+    torn_after: Option<u64>,
 }
 
 /// Which columns a row has: `top_k` (class, label, score) groups, plus `labelN_en` after each label
@@ -74,7 +78,7 @@ impl ResultLog {
         set_aside_if_other_columns(path, columns)?;
         let file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
         repair_torn_tail(&file, path)?;
-        let mut log = ResultLog { path: path.to_path_buf(), columns, file };
+        let mut log = ResultLog { path: path.to_path_buf(), columns, file, torn_after: None };
         log.write_header_if_empty()?;
         Ok(log)
     }
@@ -87,27 +91,13 @@ impl ResultLog {
         &self.path
     }
 
-    /// The last `n` rows of the log, parsed back into records (rows that do not parse are skipped).
-    pub fn last_records(&self, n: usize) -> Vec<Record> {
-        let Ok(mut f) = File::open(&self.path) else { return Vec::new() };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let tail_len = len.min((n as u64 + 1) * 2048);
-        if f.seek(SeekFrom::Start(len - tail_len)).is_err() {
-            return Vec::new();
-        }
-        let mut tail = Vec::new();
-        if f.read_to_end(&mut tail).is_err() {
-            return Vec::new();
-        }
-        if tail_len < len {
-            // Started mid-row: drop the partial first line.
-            let cut = tail.iter().position(|b| *b == b'\n').map_or(tail.len(), |i| i + 1);
-            tail.drain(..cut);
-        }
-        let mut r = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(&tail[..]);
-        let rows: Vec<csv::StringRecord> = r.records().filter_map(Result::ok).collect();
-        let start = rows.len().saturating_sub(n);
-        rows[start..].iter().filter_map(|row| self.parse_row(row)).collect()
+    /// Every row of the log, front to back, parsed back into records (rows that do not parse are
+    /// skipped). Streams: memory does not grow with the log.
+    pub fn records(&self) -> std::io::Result<impl Iterator<Item = Record> + '_> {
+        let file = File::open(&self.path)?;
+        // csv::Reader reads through its own buffer, a BufReader of this capacity.
+        let reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(64 * 1024).from_reader(file);
+        Ok(reader.into_records().filter_map(Result::ok).filter_map(move |row| self.parse_row(&row)))
     }
 
     fn parse_row(&self, row: &csv::StringRecord) -> Option<Record> {
@@ -149,21 +139,52 @@ impl ResultLog {
         })
     }
 
-    /// Appends one row per record in a single write, then fsyncs.
+    /// Appends one row per record in a single write, then fsyncs. Whole or nothing: on any error the
+    /// file is cut back to its length before the write, so a retry never leaves a torn row inside.
     pub fn append(&mut self, records: &[Record]) -> std::io::Result<()> {
+        self.cut_back()?;
         self.reopen_if_rotated()?;
+        let before = self.file.metadata()?.len();
         let mut buf = Vec::with_capacity(256 * records.len());
-        if self.file.metadata()?.len() == 0 {
+        if before == 0 {
             buf.extend(encode(&[header(self.columns)])?);
         }
         let rows: Vec<Vec<String>> = records.iter().map(|r| self.row(r)).collect();
         buf.extend(encode(&rows)?);
-        self.file.write_all(&buf)?;
-        self.file.sync_data()
+        self.write_whole(&buf, before)
+    }
+
+    /// Appends `bytes` and fsyncs; on a write or fsync error (ENOSPC, EIO…) removes what landed.
+    fn write_whole(&mut self, bytes: &[u8], before: u64) -> std::io::Result<()> {
+        let result = self.file.write_all(bytes).and_then(|()| self.file.sync_data());
+        if result.is_err() {
+            self.torn_after = Some(before);
+            if let Err(e) = self.cut_back() {
+                tracing::warn!(csv = %self.path.display(), error = %e, "cannot remove a partly written batch yet; retried before the next write");
+            }
+        }
+        result
+    }
+
+    /// Cuts off what a failed write left, if anything. Until that succeeds nothing else is appended.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        let Some(before) = self.torn_after else { return Ok(()) };
+        let now = self.file.metadata()?.len();
+        // Shorter than before the write: emptied under it (copytruncate), so what is there is only ours.
+        let keep = if now < before { 0 } else { before };
+        self.file.set_len(keep)?;
+        self.file.sync_data()?;
+        self.torn_after = None;
+        if now > keep {
+            tracing::warn!(csv = %self.path.display(), bytes = now - keep, "removed a partly written batch; it is written again whole");
+        }
+        Ok(())
     }
 
     /// Starts writing to whatever file the path names now (SIGHUP).
     pub fn reopen(&mut self) -> std::io::Result<()> {
+        // Leave the old file whole: a rotated-away log keeps no torn tail either.
+        self.cut_back()?;
         let fresh = ResultLog::open(&self.path, self.columns)?;
         *self = fresh;
         tracing::info!(csv = %self.path.display(), "results log reopened");
@@ -182,8 +203,7 @@ impl ResultLog {
     fn write_header_if_empty(&mut self) -> std::io::Result<()> {
         if self.file.metadata()?.len() == 0 {
             let h = encode(&[header(self.columns)])?;
-            self.file.write_all(&h)?;
-            self.file.sync_data()?;
+            self.write_whole(&h, 0)?;
         }
         Ok(())
     }
@@ -316,10 +336,10 @@ mod tests {
         err.error = Some("cannot decode image: x, \"y\"".into());
         let all: Vec<Record> = (0..50).map(|i| rec(&format!("/{i}.jpg"))).chain([err.clone()]).collect();
         log.append(&all).unwrap();
-        let back = log.last_records(3);
-        assert_eq!(back.len(), 3);
-        assert_eq!(back[2], err);
-        assert_eq!(back[0], rec("/48.jpg"));
+        let back: Vec<Record> = log.records().unwrap().collect();
+        assert_eq!(back.len(), 51, "the header is not a record");
+        assert_eq!(back[50], err);
+        assert_eq!(back[48], rec("/48.jpg"));
     }
 
     #[test]
@@ -335,7 +355,7 @@ mod tests {
         let l = lines(&p);
         assert_eq!(l[0], "time,path,status,class1,label1,label1_en,score1,latency_ms,error,model,confident,file_id");
         assert_eq!(l[1], "2026-01-01T00:00:00.000Z,/a.jpg,ok,281,虎斑猫,tabby,0.500000,1.0,,m,false,1:2:3:4:5");
-        assert_eq!(log.last_records(1), vec![r]);
+        assert_eq!(log.records().unwrap().collect::<Vec<_>>(), vec![r]);
     }
 
     #[test]
@@ -389,5 +409,44 @@ mod tests {
         let l = lines(&p);
         assert_eq!(l.len(), 2, "{l:?}");
         assert!(l[0].starts_with("time,") && l[1].contains("/3.jpg"));
+    }
+
+    #[test]
+    fn what_a_failed_write_left_is_cut_off_before_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        let mut log = ResultLog::open(&p, Columns::plain(1)).unwrap();
+        log.append(&[rec("/a.jpg")]).unwrap();
+        // As ENOSPC halfway through a batch leaves it: whole rows, then a torn one.
+        let before = std::fs::metadata(&p).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"2026-01-01T00:00:00.000Z,/b.jpg,ok,7,x,0.5,1.0,,m\n2026-01-01T00:00:00.000Z,\"/c,").unwrap();
+        log.torn_after = Some(before);
+        log.append(&[rec("/b.jpg"), rec("/c.jpg")]).unwrap();
+        let paths: Vec<String> = log.records().unwrap().map(|r| r.path).collect();
+        assert_eq!(paths, ["/a.jpg", "/b.jpg", "/c.jpg"]);
+        // Emptied (copytruncate) between the failed write and the cut: only that write's bytes are there.
+        OpenOptions::new().write(true).open(&p).unwrap().set_len(0).unwrap();
+        f.write_all(b"time,pa").unwrap();
+        log.torn_after = Some(before);
+        log.append(&[rec("/d.jpg")]).unwrap();
+        let l = lines(&p);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert!(l[0].starts_with("time,") && l[1].contains("/d.jpg"));
+    }
+
+    #[test]
+    fn long_rows_read_back_however_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        let cols = Columns { top_k: 100, english: true, confident: false };
+        let mut log = ResultLog::open(&p, cols).unwrap();
+        let mut r = rec(&format!("/{}/图片.jpg", "长路径".repeat(60)));
+        r.top = Some((0..100).map(|i| Top { rank: i + 1, class_id: i, label: "大白鲨，食人鲨".into(), label_en: Some("great white shark".into()), score: 0.01 }).collect());
+        for _ in 0..20 {
+            log.append(&vec![r.clone(); 50]).unwrap();
+        }
+        assert!(std::fs::metadata(&p).unwrap().len() > 1000 * 4096, "rows longer than 4 KB");
+        assert_eq!(log.records().unwrap().filter(|x| *x == r).count(), 1000);
     }
 }

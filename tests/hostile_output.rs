@@ -1,0 +1,247 @@
+//! Exactly-once output whatever the fault, against the real binary: the CSV log on a disk that fills
+//! up, a stop while sidecar writes fail (long rows), reused names with on_done = "move", and the
+//! quarantine's crash windows.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes `path` until the filesystem is full; returns the bytes written.
+fn fill(path: &Path) -> u64 {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![b'x'; 1024];
+    let mut written = 0;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => return written,
+            Ok(n) => written += n as u64,
+        }
+    }
+}
+
+/// Rows per path; panics (read_csv) if any line does not parse with the header's column count.
+fn rows_per_path(csv: &Path) -> HashMap<String, usize> {
+    let (_, rows) = read_csv(csv);
+    let mut per = HashMap::new();
+    for r in &rows {
+        *per.entry(r[1].to_string()).or_default() += 1;
+    }
+    per
+}
+
+fn assert_exactly_one_row_each(csv: &Path, images: &[PathBuf]) {
+    let per = rows_per_path(csv);
+    for img in images {
+        assert_eq!(per.get(img.to_str().unwrap()), Some(&1), "{}: rows {per:?}", img.display());
+    }
+    assert_eq!(per.len(), images.len(), "rows for other paths: {per:?}");
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < WAIT, "{what} not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const COLOURS: [[u8; 3]; 3] = [RED, GREEN, BLUE];
+
+#[test]
+fn a_full_disk_under_the_results_log_leaves_no_torn_row_and_no_duplicate() {
+    let s = Setup::new("channel_mean", "");
+    let out = s.dir.path().join("out");
+    let _fs = match Tmpfs::mount(&out, "256k") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot mount a tmpfs for the results log ({e})");
+            return;
+        }
+    };
+    let csv = out.join("results.csv");
+    s.edit_config("csv = \"results.csv\"", &format!("csv = {:?}", csv.to_str().unwrap()));
+    // Longer rows: a batch crosses a page boundary of the full tmpfs and lands only in part.
+    s.edit_config("[[inbox]]", "top_k = 20\n\n[[inbox]]");
+    let d = s.spawn_daemon();
+    let filler = out.join("filler");
+    fill(&filler);
+    let mut images = Vec::new();
+    for i in 0..40 {
+        let img = s.inbox.join(format!("full-{i:02}.png"));
+        solid(&img, COLOURS[i % 3], 16, 16);
+        images.push(img);
+        if i == 20 {
+            d.wait_for_log("cannot write to results log", WAIT);
+        }
+    }
+    d.wait_for_log("cannot write to results log", WAIT);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(images.iter().all(|i| !sidecar(i).exists()), "a sidecar before its row");
+    std::fs::remove_file(&filler).unwrap();
+    for img in &images {
+        wait_for_sidecar(img, WAIT);
+    }
+    assert!(d.stop().success());
+    let log = std::fs::read_to_string(s.dir.path().join("daemon.log")).unwrap_or_default();
+    eprintln!(
+        "full disk: {} failed appends, {} partly written batches cut back",
+        log.matches("cannot write to results log").count(),
+        log.matches("removed a partly written batch").count()
+    );
+    assert_exactly_one_row_each(&csv, &images);
+    for (i, img) in images.iter().enumerate() {
+        let v = read_sidecar(img);
+        assert_eq!(top1(&v).0, (i % 3) as u64, "{}: {v}", img.display());
+    }
+    // Every line, raw: the header's column count (read_csv checked the parsed rows), nothing torn.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.ends_with('\n'));
+    assert_eq!(text.lines().count(), images.len() + 1, "one line per row plus the header");
+}
+
+#[test]
+fn a_stop_while_sidecar_writes_fail_then_a_restart_gives_each_image_one_row_and_one_sidecar() {
+    let s = Setup::new("channel_mean", "");
+    // Long rows: 100 ranks of Chinese labels, in a folder with a long name.
+    s.edit_config("[[inbox]]", "top_k = 100\nlabels_lang = \"zh\"\n\n[[inbox]]");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\nrecursive = true\n");
+    let deep = s.inbox.join("相机".repeat(30)).join("a-rather-long-folder-name-for-a-camera-line-".repeat(3));
+    std::fs::create_dir_all(&deep).unwrap();
+    let images: Vec<PathBuf> = (0..40).map(|i| deep.join(format!("IMG_{i:04}.png"))).collect();
+    for img in &images {
+        // A folder squatting on the sidecar's name makes every sidecar write fail.
+        std::fs::create_dir(sidecar(img)).unwrap();
+        std::fs::write(sidecar(img).join("keep"), b"x").unwrap();
+    }
+    let d = s.spawn_daemon();
+    for (i, img) in images.iter().enumerate() {
+        solid(img, COLOURS[i % 3], 16, 16);
+    }
+    wait_until("40 rows", || s.csv.exists() && rows_per_path(&s.csv).len() == images.len());
+    d.wait_for_log("cannot write sidecar", WAIT);
+    assert!(d.stop().success());
+    let row_bytes = std::fs::metadata(&s.csv).unwrap().len() / images.len() as u64;
+    eprintln!("rows of about {row_bytes} bytes");
+    assert!(row_bytes > 2048, "the rows are long");
+    for img in &images {
+        std::fs::remove_dir_all(sidecar(img)).unwrap();
+    }
+
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_exactly_one_row_each(&s.csv, &images);
+    for (i, img) in images.iter().enumerate() {
+        let v = read_sidecar(img);
+        assert_eq!(v["status"], "ok", "{}: {v}", img.display());
+        assert_eq!(top1(&v).0, (i % 3) as u64, "{}", img.display());
+        assert_eq!(v["top"].as_array().unwrap().len(), 100);
+    }
+}
+
+#[test]
+fn reused_names_with_on_done_move_are_archived_side_by_side_never_overwritten() {
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
+    let done = s.dir.path().join("done");
+    let d = s.spawn_daemon();
+    let img = s.inbox.join("IMG_0001.jpg");
+    let archived = ["IMG_0001.jpg", "IMG_0001~1.jpg", "IMG_0001~2.jpg"].map(|n| done.join(n));
+    for (i, colour) in COLOURS.iter().enumerate() {
+        solid(&img, *colour, 32, 32);
+        wait_until("the image archived", || sidecar(&archived[i]).exists() && !img.exists());
+    }
+    assert!(d.stop().success());
+    for (i, a) in archived.iter().enumerate() {
+        let v = read_sidecar(a);
+        assert_eq!(top1(&v).0, i as u64, "{}: {v}", a.display());
+        // The sidecar describes the image beside it: its pixels are that colour.
+        let px = image::open(a).unwrap().to_rgb8().get_pixel(16, 16).0;
+        let brightest = (0..3).max_by_key(|c| px[*c]).unwrap();
+        assert_eq!(brightest, i, "{}: {px:?}", a.display());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&done).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names.len(), 6, "three images and three sidecars: {names:?}");
+    let rows = s.rows();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r[1] == *img.to_str().unwrap()), "rows keep the inbox path");
+}
+
+#[test]
+fn quarantine_happens_only_after_the_record_and_its_crash_windows_heal_at_start() {
+    let s = Setup::new("channel_mean", "");
+    let rejects = s.dir.path().join("rejects");
+    let broken = s.inbox.join("broken.jpg");
+
+    // Labelled without a quarantine: an error row and an error sidecar, the image stays.
+    std::fs::write(&broken, b"\xFF\xD8\xFF garbage").unwrap();
+    assert!(s.run_once().status.success());
+    assert_eq!(read_sidecar(&broken)["status"], "error");
+    let error_sidecar = std::fs::read(sidecar(&broken)).unwrap();
+
+    // A crash between the error row and the sidecar: the sidecar comes from the row at start, then the
+    // image goes to the new quarantine with it; no second row.
+    std::fs::remove_file(sidecar(&broken)).unwrap();
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\nquarantine = \"rejects\"\n");
+    assert!(s.run_once().status.success());
+    assert!(!broken.exists() && !sidecar(&broken).exists());
+    let v = read_sidecar(&rejects.join("broken.jpg"));
+    assert_eq!((&v["status"], &v["path"]), (&"error".into(), &broken.to_str().unwrap().into()), "the record keeps the inbox path");
+    assert_exactly_one_row_each(&s.csv, std::slice::from_ref(&broken));
+
+    // A crash after the row and the sidecar, before the move: the image and its error sidecar wait in
+    // the inbox, and are moved at the next start, not labelled again (the name is taken: ~1).
+    std::fs::write(&broken, b"\xFF\xD8\xFF other garbage").unwrap();
+    std::fs::write(sidecar(&broken), &error_sidecar).unwrap();
+    let d = s.spawn_daemon();
+    assert!(!broken.exists() && !sidecar(&broken).exists());
+    assert_eq!(read_sidecar(&rejects.join("broken~1.jpg"))["status"], "error");
+    assert_eq!(std::fs::read(rejects.join("broken~1.jpg")).unwrap(), b"\xFF\xD8\xFF other garbage");
+
+    // Live: a failed image gets its row and error sidecar, then moves (under a free name) with it.
+    std::fs::write(&broken, b"not an image at all").unwrap();
+    wait_until("the failed image quarantined", || sidecar(&rejects.join("broken~2.jpg")).exists());
+    assert!(d.stop().success());
+    assert_eq!(std::fs::read(rejects.join("broken~2.jpg")).unwrap(), b"not an image at all");
+    assert_eq!(rows_per_path(&s.csv).get(broken.to_str().unwrap()), Some(&2), "one row per version of the file");
+
+    // A crash between the image's move and its sidecar's: the sidecar follows its image at start.
+    std::fs::write(&broken, b"\xFF\xD8\xFF third").unwrap();
+    let mut rec: serde_json::Value = serde_json::from_slice(&error_sidecar).unwrap();
+    rec["error"] = "cannot decode image: third".into();
+    std::fs::write(sidecar(&broken), serde_json::to_vec(&rec).unwrap()).unwrap();
+    std::fs::rename(&broken, rejects.join("broken~3.jpg")).unwrap();
+    assert!(s.run_once().status.success());
+    assert!(!sidecar(&broken).exists());
+    assert_eq!(read_sidecar(&rejects.join("broken~3.jpg"))["error"], "cannot decode image: third");
+    assert_eq!(read_sidecar(&rejects.join("broken~1.jpg"))["status"], "error", "the others keep theirs");
+    assert_eq!(rows_per_path(&s.csv).get(broken.to_str().unwrap()), Some(&2), "no row added at start");
+}
