@@ -170,6 +170,8 @@ fn reused_names_with_on_done_move_are_archived_side_by_side_never_overwritten() 
     let s = Setup::new("channel_mean", "");
     s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
     let done = s.dir.path().join("done");
+    // On another filesystem when a tmpfs can be mounted: the moves are then copies (EXDEV).
+    let _fs = Tmpfs::mount(&done, "16m").map_err(|e| eprintln!("done_dir on the inbox's filesystem (no tmpfs: {e})")).ok();
     let d = s.spawn_daemon();
     let img = s.inbox.join("IMG_0001.jpg");
     let archived = ["IMG_0001.jpg", "IMG_0001~1.jpg", "IMG_0001~2.jpg"].map(|n| done.join(n));

@@ -256,7 +256,7 @@ impl Writer {
             tracing::error!(
                 rows = self.rows.len(),
                 sidecars = self.sidecars.len(),
-                "stopping with results that could not be written; images without a sidecar are labelled again at the next start"
+                "stopping with results that could not be written; images with a row get their sidecar from the results log at the next start, images without one are labelled again"
             );
         }
         self.totals
