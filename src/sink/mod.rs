@@ -145,14 +145,18 @@ fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
         }
     };
     // The latest row of a path decides: an image labelled, replaced and labelled again has two.
+    let started = Instant::now();
+    let mut rows = 0u64;
     let mut missing = HashMap::<String, Record>::new();
     for record in records {
+        rows += 1;
         if needs_sidecar(&record, inboxes) {
             missing.insert(record.path.clone(), record);
         } else {
             missing.remove(&record.path);
         }
     }
+    tracing::info!(csv = %log.path().display(), rows, missing = missing.len(), seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "results log read back");
     let mut done = 0;
     for record in missing.into_values() {
         let image = PathBuf::from(&record.path);
