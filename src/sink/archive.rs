@@ -22,11 +22,11 @@ pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
         OnDone::Keep => Ok(()),
         OnDone::Move(dir) => {
             let dest = move_under(&ib.path, dir, image)?;
-            move_sidecar(image, &dest)
+            move_sidecar(&ib.path, image, &dest)
         }
         OnDone::Delete => {
-            std::fs::remove_file(image)?;
-            remove_if_present(&sidecar_path(image))
+            relocate::remove(&ib.path, image)?;
+            remove_if_present(&ib.path, &sidecar_path(image))
         }
     }
 }
@@ -36,12 +36,12 @@ pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
 pub fn quarantine(ib: &InboxConfig, image: &Path) -> io::Result<Option<PathBuf>> {
     let Some(q) = &ib.quarantine else { return Ok(None) };
     let dest = move_under(&ib.path, q, image)?;
-    move_sidecar(image, &dest)?;
+    move_sidecar(&ib.path, image, &dest)?;
     Ok(Some(dest))
 }
 
-fn remove_if_present(p: &Path) -> io::Result<()> {
-    match std::fs::remove_file(p) {
+fn remove_if_present(inbox: &Path, p: &Path) -> io::Result<()> {
+    match relocate::remove(inbox, p) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
@@ -97,13 +97,13 @@ fn follow_image(ib: &InboxConfig, image: &Path) -> Option<io::Result<()>> {
     let record = read_sidecar(image)?;
     let dir = match (record.status, &ib.on_done, &ib.quarantine) {
         (Status::Ok, OnDone::Move(dir), _) => dir,
-        (Status::Ok, OnDone::Delete, _) => return Some(remove_if_present(&sidecar_path(image))),
+        (Status::Ok, OnDone::Delete, _) => return Some(remove_if_present(&ib.path, &sidecar_path(image))),
         (Status::Error, _, Some(q)) => q,
         _ => return None,
     };
     let wanted = path_under(&ib.path, dir, image).ok()?;
     let dest = relocate::moved_without_sidecar(&wanted)?;
-    Some(move_sidecar(image, &dest))
+    Some(move_sidecar(&ib.path, image, &dest))
 }
 
 fn report(path: &Path, r: io::Result<()>, handled: &mut usize) {

@@ -5,16 +5,23 @@
 //!
 //! "Not taken" is decided by the kernel, not by a check before the move: `renameat2(RENAME_NOREPLACE)`
 //! on the same filesystem; across filesystems a copy into an `O_CREAT|O_EXCL` temp file beside the
-//! destination, then the same no-replace rename.
+//! destination, then the same no-replace rename. The source is reached beneath the inbox root without
+//! following links (`beneath`), so a folder swapped for a link cannot make labeld move a file from
+//! outside the inbox; the destination folder is the operator's own.
 
-use std::ffi::{CString, OsString};
-use std::fs::{self, File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::sidecar::{self, sidecar_path};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use super::sidecar::sidecar_path;
+use crate::beneath::{self, Beneath};
 
 /// More images of one name than this in one folder is an operator problem, not a reason to loop.
 const MAX_SUFFIX: u32 = 100_000;
@@ -23,16 +30,16 @@ const MAX_SUFFIX: u32 = 100_000;
 /// folders as needed, under the first free numbered name; returns where it went.
 pub fn move_under(inbox: &Path, dir: &Path, image: &Path) -> io::Result<PathBuf> {
     let wanted = path_under(inbox, dir, image)?;
-    if let Some(parent) = wanted.parent() {
-        fs::create_dir_all(parent)?;
-    }
+    let src = Beneath::new(inbox, image)?;
+    let src_dir = src.open_parent()?;
+    let dest_dir = open_dest_dir(&wanted)?;
     for n in 0..MAX_SUFFIX {
         let dest = numbered(&wanted, n);
         // A stray sidecar on the name would be taken for this image's.
         if fs::symlink_metadata(sidecar_path(&dest)).is_ok() {
             continue;
         }
-        match move_no_replace(image, &dest) {
+        match move_at(&src_dir, src.file_name(), &dest_dir, file_name(&dest)) {
             Ok(()) => return Ok(dest),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", image.display(), dest.display()))),
@@ -41,15 +48,34 @@ pub fn move_under(inbox: &Path, dir: &Path, image: &Path) -> io::Result<PathBuf>
     Err(io::Error::other(format!("{MAX_SUFFIX} files named like {} already: clear that folder", wanted.display())))
 }
 
-/// Moves the sidecar of `image` beside `dest`, where the image went, and makes both moves durable.
-pub fn move_sidecar(image: &Path, dest: &Path) -> io::Result<()> {
+/// Moves the sidecar of `image` (in `inbox`) beside `dest`, where the image went, and makes both
+/// moves durable.
+pub fn move_sidecar(inbox: &Path, image: &Path, dest: &Path) -> io::Result<()> {
     let (from, to) = (sidecar_path(image), sidecar_path(dest));
-    move_no_replace(&from, &to)
+    let src = Beneath::new(inbox, &from)?;
+    let src_dir = src.open_parent()?;
+    let dest_dir = open_dest_dir(&to)?;
+    move_at(&src_dir, src.file_name(), &dest_dir, file_name(&to))
         .map_err(|e| io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", from.display(), to.display())))?;
-    for d in [dest.parent(), image.parent()].into_iter().flatten() {
-        sidecar::sync_dir(d)?;
-    }
-    Ok(())
+    beneath::sync_dir(&dest_dir)?;
+    beneath::sync_dir(&src_dir)
+}
+
+/// Deletes `path` (in `inbox`) without following a link on the way (`on_done = "delete"`).
+pub fn remove(inbox: &Path, path: &Path) -> io::Result<()> {
+    let at = Beneath::new(inbox, path)?;
+    Ok(rustix::fs::unlinkat(at.open_parent()?, at.file_name(), AtFlags::empty())?)
+}
+
+/// The folder `dest` goes in, created if needed (it is the operator's: followed as configured).
+fn open_dest_dir(dest: &Path) -> io::Result<OwnedFd> {
+    let parent = dest.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent)?;
+    Ok(rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+}
+
+fn file_name(p: &Path) -> &OsStr {
+    p.file_name().unwrap_or_default()
 }
 
 /// `image`'s path relative to `inbox`, placed under `dir`.
@@ -109,71 +135,65 @@ fn split_name(path: &Path) -> (Vec<u8>, Vec<u8>) {
     (stem, ext)
 }
 
-/// Moves `from` to `to`, failing with `AlreadyExists` if `to` exists; across filesystems copies.
-pub fn move_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    match rename_no_replace(from, to) {
+/// Moves `from` to `to` (names in open folders), failing with `AlreadyExists` if `to` exists;
+/// across filesystems copies, then removes `from`.
+fn move_at(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
+    match rename_no_replace(from_dir, from, to_dir, to) {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            copy_no_replace(from, to)?;
-            fs::remove_file(from)
+            copy_no_replace(from_dir, from, to_dir, to)?;
+            Ok(rustix::fs::unlinkat(from_dir, from, AtFlags::empty())?)
         }
         other => other,
     }
 }
 
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let (f, t) = (c_path(from)?, c_path(to)?);
-    // SAFETY: both are valid NUL-terminated paths that outlive the call.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
+fn rename_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
+    match rustix::fs::renameat_with(from_dir, from, to_dir, to, RenameFlags::NOREPLACE) {
         // A filesystem without RENAME_NOREPLACE (some network ones): link(2) refuses an existing name too.
-        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
-            fs::hard_link(from, to)?;
-            fs::remove_file(from)
+        Err(Errno::INVAL) | Err(Errno::NOSYS) => {
+            rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty())?;
+            Ok(rustix::fs::unlinkat(from_dir, from, AtFlags::empty())?)
         }
-        _ => Err(e),
+        other => Ok(other?),
     }
 }
 
 /// Copies `from` into a fresh temp file beside `to` (contents, permissions, mtime, fsynced), then
 /// renames it to `to` unless that exists. The source is left in place.
-fn copy_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let (tmp, mut out) = create_temp_beside(to)?;
+fn copy_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
+    let read = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let mut src = File::from(rustix::fs::openat(from_dir, from, read, Mode::empty())?);
+    let meta = src.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let (tmp, mut out) = create_temp_in(to_dir)?;
     let result = (|| {
-        let mut src = File::open(from)?;
-        let meta = src.metadata()?;
         io::copy(&mut src, &mut out)?;
         out.set_permissions(meta.permissions())?;
-        // is_labelled compares the image's mtime with its sidecar's: keep the original one.
+        // Keep the original mtime: the copy is the same image.
         out.set_modified(meta.modified()?)?;
         out.sync_all()?;
-        rename_no_replace(&tmp, to)
+        rename_no_replace(to_dir, &tmp, to_dir, to)
     })();
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = rustix::fs::unlinkat(to_dir, &tmp, AtFlags::empty());
     }
     result
 }
 
-/// `.<name>.<pid>.<n>.part` beside `to`, created with O_CREAT|O_EXCL (a dotfile: never an image).
-fn create_temp_beside(to: &Path) -> io::Result<(PathBuf, File)> {
-    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+/// `.labeld-move-<pid>-<n>.part` in `dir`, created with O_CREAT|O_EXCL (a dotfile: never an image).
+fn create_temp_in(dir: &OwnedFd) -> io::Result<(OsString, File)> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     for n in 0..MAX_SUFFIX {
-        let tmp = to.with_file_name(format!(".{name}.{}.{n}.part", std::process::id()));
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => return Ok((tmp, f)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+        let tmp = OsString::from(format!(".labeld-move-{}-{n}.part", std::process::id()));
+        match rustix::fs::openat(dir, &tmp, flags, Mode::from_raw_mode(0o600)) {
+            Ok(fd) => return Ok((tmp, File::from(fd))),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(io::Error::other(format!("no free temp name beside {}", to.display())))
-}
-
-fn c_path(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{} has a NUL byte", p.display())))
+    Err(io::Error::other("no free temp name for a copy"))
 }
 
 #[cfg(test)]
@@ -202,7 +222,7 @@ mod tests {
             fs::write(&img, content).unwrap();
             fs::write(sidecar_path(&img), content).unwrap();
             let dest = move_under(&inbox, &done, &img).unwrap();
-            move_sidecar(&img, &dest).unwrap();
+            move_sidecar(&inbox, &img, &dest).unwrap();
         }
         for (n, content) in [(0, b"one"), (1, b"two"), (2, b"thr")] {
             let img = numbered(&done.join("IMG_0001.jpg"), n);
@@ -210,6 +230,18 @@ mod tests {
             assert_eq!(fs::read(sidecar_path(&img)).unwrap(), content);
         }
         assert_eq!(fs::read_dir(&inbox).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_folder_swapped_for_a_link_is_not_followed_out_of_the_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, done, outside) = (dir.path().join("in"), dir.path().join("done"), dir.path().join("outside"));
+        fs::create_dir_all(&inbox).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("a.jpg"), b"not yours").unwrap();
+        std::os::unix::fs::symlink(&outside, inbox.join("cam")).unwrap();
+        assert!(move_under(&inbox, &done, &inbox.join("cam/a.jpg")).is_err());
+        assert_eq!(fs::read(outside.join("a.jpg")).unwrap(), b"not yours");
     }
 
     #[test]
@@ -233,10 +265,12 @@ mod tests {
         let (from, to) = (dir.path().join("a"), dir.path().join("b"));
         fs::write(&from, b"new").unwrap();
         fs::write(&to, b"old").unwrap();
-        assert_eq!(copy_no_replace(&from, &to).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        let fd: OwnedFd = File::open(dir.path()).unwrap().into();
+        let copy = || copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("b"));
+        assert_eq!(copy().unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&to).unwrap(), b"old");
         fs::remove_file(&to).unwrap();
-        copy_no_replace(&from, &to).unwrap();
+        copy().unwrap();
         assert_eq!(fs::read(&to).unwrap(), b"new");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temp file left");
     }
