@@ -206,7 +206,6 @@ fn quarantine_happens_only_after_the_record_and_its_crash_windows_heal_at_start(
     std::fs::write(&broken, b"\xFF\xD8\xFF garbage").unwrap();
     assert!(s.run_once().status.success());
     assert_eq!(read_sidecar(&broken)["status"], "error");
-    let error_sidecar = std::fs::read(sidecar(&broken)).unwrap();
 
     // A crash between the error row and the sidecar: the sidecar comes from the row at start, then the
     // image goes to the new quarantine with it; no second row.
@@ -219,30 +218,42 @@ fn quarantine_happens_only_after_the_record_and_its_crash_windows_heal_at_start(
     assert_exactly_one_row_each(&s.csv, std::slice::from_ref(&broken));
 
     // A crash after the row and the sidecar, before the move: the image and its error sidecar wait in
-    // the inbox, and are moved at the next start, not labelled again (the name is taken: ~1).
-    std::fs::write(&broken, b"\xFF\xD8\xFF other garbage").unwrap();
-    std::fs::write(sidecar(&broken), &error_sidecar).unwrap();
+    // the inbox (made here by a run without the quarantine), and are moved at the next start, not
+    // labelled again (the name is taken: ~1).
+    let without_quarantine = |f: &dyn Fn()| {
+        s.edit_config("quarantine = \"rejects\"\n", "");
+        f();
+        s.edit_config("settle_ms = 200\n", "settle_ms = 200\nquarantine = \"rejects\"\n");
+    };
+    without_quarantine(&|| {
+        std::fs::write(&broken, b"\xFF\xD8\xFF other garbage").unwrap();
+        assert!(s.run_once().status.success());
+        assert_eq!(read_sidecar(&broken)["status"], "error");
+    });
     let d = s.spawn_daemon();
     assert!(!broken.exists() && !sidecar(&broken).exists());
     assert_eq!(read_sidecar(&rejects.join("broken~1.jpg"))["status"], "error");
     assert_eq!(std::fs::read(rejects.join("broken~1.jpg")).unwrap(), b"\xFF\xD8\xFF other garbage");
+    assert_eq!(read_sidecar(&rejects.join("broken.jpg")), v, "the first one untouched");
 
     // Live: a failed image gets its row and error sidecar, then moves (under a free name) with it.
     std::fs::write(&broken, b"not an image at all").unwrap();
     wait_until("the failed image quarantined", || sidecar(&rejects.join("broken~2.jpg")).exists());
     assert!(d.stop().success());
     assert_eq!(std::fs::read(rejects.join("broken~2.jpg")).unwrap(), b"not an image at all");
-    assert_eq!(rows_per_path(&s.csv).get(broken.to_str().unwrap()), Some(&2), "one row per version of the file");
 
     // A crash between the image's move and its sidecar's: the sidecar follows its image at start.
-    std::fs::write(&broken, b"\xFF\xD8\xFF third").unwrap();
-    let mut rec: serde_json::Value = serde_json::from_slice(&error_sidecar).unwrap();
-    rec["error"] = "cannot decode image: third".into();
-    std::fs::write(sidecar(&broken), serde_json::to_vec(&rec).unwrap()).unwrap();
+    without_quarantine(&|| {
+        std::fs::write(&broken, b"\xFF\xD8\xFF third").unwrap();
+        assert!(s.run_once().status.success());
+    });
+    let third = read_sidecar(&broken);
     std::fs::rename(&broken, rejects.join("broken~3.jpg")).unwrap();
     assert!(s.run_once().status.success());
     assert!(!sidecar(&broken).exists());
-    assert_eq!(read_sidecar(&rejects.join("broken~3.jpg"))["error"], "cannot decode image: third");
+    assert_eq!(read_sidecar(&rejects.join("broken~3.jpg")), third);
     assert_eq!(read_sidecar(&rejects.join("broken~1.jpg"))["status"], "error", "the others keep theirs");
-    assert_eq!(rows_per_path(&s.csv).get(broken.to_str().unwrap()), Some(&2), "no row added at start");
+    let rows = rows_per_path(&s.csv);
+    assert_eq!(rows.get(broken.to_str().unwrap()), Some(&4), "one row per version of the file, none added at a start: {rows:?}");
+    assert_eq!(std::fs::read_dir(&rejects).unwrap().count(), 8, "four images, four sidecars");
 }
