@@ -257,3 +257,62 @@ fn quarantine_happens_only_after_the_record_and_its_crash_windows_heal_at_start(
     assert_eq!(rows.get(broken.to_str().unwrap()), Some(&4), "one row per version of the file, none added at a start: {rows:?}");
     assert_eq!(std::fs::read_dir(&rejects).unwrap().count(), 8, "four images, four sidecars");
 }
+
+fn files_in(dir: &Path) -> usize {
+    walkdir::WalkDir::new(dir).into_iter().filter_map(Result::ok).filter(|e| e.file_type().is_file()).count()
+}
+
+/// SIGKILL at random moments while images are labelled, archived and quarantined: afterwards every
+/// image has exactly one row and sits, with the sidecar that describes it, in done or in quarantine.
+#[test]
+fn sigkill_while_archiving_and_quarantining_loses_nothing_and_labels_nothing_twice() {
+    let n = 240;
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\nquarantine = \"rejects\"\n");
+    let (done, rejects) = (s.dir.path().join("done"), s.dir.path().join("rejects"));
+    let broken = |i: usize| i % 8 == 0;
+    let mut images = Vec::new();
+    for i in 0..n {
+        let sub = s.inbox.join(format!("cam{}", i % 3));
+        std::fs::create_dir_all(&sub).unwrap();
+        let img = if broken(i) { sub.join(format!("{i:04}.jpg")) } else { sub.join(format!("{i:04}.png")) };
+        if broken(i) {
+            std::fs::write(&img, b"\xFF\xD8\xFF not really").unwrap();
+        } else {
+            solid(&img, COLOURS[i % 3], 24, 24);
+        }
+        images.push(img);
+    }
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("seed {seed}");
+    for _ in 0..4 {
+        let d = s.spawn_daemon();
+        let target = files_in(&done) + files_in(&rejects) + 10 + (seed % 60) as usize;
+        let t = Instant::now();
+        while files_in(&done) + files_in(&rejects) < target.min(2 * n) && t.elapsed() < WAIT {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(Duration::from_micros(200 + seed % 3000));
+        }
+        d.signal(9);
+        drop(d);
+        eprintln!("killed with {} files set aside of {}", files_in(&done) + files_in(&rejects), 2 * n);
+    }
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_exactly_one_row_each(&s.csv, &images);
+    for (i, img) in images.iter().enumerate() {
+        let rel = img.strip_prefix(&s.inbox).unwrap();
+        let moved = if broken(i) { rejects.join(rel) } else { done.join(rel) };
+        let v = read_sidecar(&moved);
+        assert_eq!(v["path"], img.to_str().unwrap());
+        if broken(i) {
+            assert_eq!(v["status"], "error", "{}: {v}", moved.display());
+        } else {
+            assert_eq!(top1(&v).0, (i % 3) as u64, "{}: {v}", moved.display());
+        }
+    }
+    assert_eq!(files_in(&s.inbox), 0, "nothing left in the inbox");
+    assert_eq!(files_in(&done) + files_in(&rejects), 2 * n, "one image and one sidecar each, no extra copies");
+}
