@@ -97,7 +97,16 @@ impl ResultLog {
         let file = File::open(&self.path)?;
         // csv::Reader reads through its own buffer, a BufReader of this capacity.
         let reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(64 * 1024).from_reader(file);
-        Ok(reader.into_records().filter_map(Result::ok).filter_map(move |row| self.parse_row(&row)))
+        let rows = reader.into_records().map_while(|row| match row {
+            Ok(row) => Some(Some(row)),
+            // A read error would come back at every call: stop there.
+            Err(e) if e.is_io_error() => {
+                tracing::warn!(error = %e, "cannot read the rest of the results log");
+                None
+            }
+            Err(_) => Some(None),
+        });
+        Ok(rows.flatten().filter_map(move |row| self.parse_row(&row)))
     }
 
     fn parse_row(&self, row: &csv::StringRecord) -> Option<Record> {
@@ -448,5 +457,17 @@ mod tests {
         }
         assert!(std::fs::metadata(&p).unwrap().len() > 1000 * 4096, "rows longer than 4 KB");
         assert_eq!(log.records().unwrap().filter(|x| *x == r).count(), 1000);
+    }
+
+    #[test]
+    fn a_row_that_does_not_parse_is_skipped_not_the_end_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        let mut log = ResultLog::open(&p, Columns::plain(1)).unwrap();
+        log.append(&[rec("/a.jpg")]).unwrap();
+        OpenOptions::new().append(true).open(&p).unwrap().write_all(b"\xff\xfe,junk\n").unwrap();
+        log.append(&[rec("/b.jpg")]).unwrap();
+        let paths: Vec<String> = log.records().unwrap().map(|r| r.path).collect();
+        assert_eq!(paths, ["/a.jpg", "/b.jpg"]);
     }
 }
