@@ -144,9 +144,9 @@ fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
             return;
         }
     };
-    // The latest row of a path decides: an image labelled, replaced and labelled again has two.
     let started = Instant::now();
     let mut rows = 0u64;
+    // The latest row of a path decides: an image labelled, replaced and labelled again has two.
     let mut missing = HashMap::<String, Record>::new();
     for record in records {
         rows += 1;
