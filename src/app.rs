@@ -201,7 +201,7 @@ struct Control {
 impl Control {
     fn start_watch(&mut self) -> Result<(), Fatal> {
         let stop = Shutdown::new();
-        let watch = Watch::start(self.config.inboxes.clone(), self.feeder.clone(), stop.clone())?;
+        let watch = Watch::start(self.config.inboxes.clone(), self.feeder.clone(), self.health.clone(), stop.clone())?;
         self.watch = Some((watch, stop));
         Ok(())
     }

@@ -382,11 +382,14 @@ impl InboxConfig {
     }
 }
 
+/// Matches on the name's raw bytes, so a name that is not UTF-8 is judged by its extension too.
 pub fn is_candidate_name(path: &Path, matcher: &GlobSet) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(name) = path.file_name() else {
         return false;
     };
-    !name.starts_with('.') && !name.ends_with(".json") && matcher.is_match(name)
+    let bytes = name.as_bytes();
+    !bytes.starts_with(b".") && !bytes.ends_with(b".json") && matcher.is_match(Path::new(name))
 }
 
 /// Compiles `include` patterns; they match file names, case-insensitively.
@@ -883,6 +886,9 @@ mod tests {
         assert!(!ib.wants(Path::new("/x/.a.jpg")));
         assert!(!ib.wants(Path::new("/x/notes.txt")));
         assert!(ib.wants(&ib.path.join("cam1/a.jpg")));
+        use std::os::unix::ffi::OsStrExt;
+        assert!(ib.wants(Path::new(std::ffi::OsStr::from_bytes(b"/x/caf\xe9.JPG"))), "a Latin-1 name is an image too");
+        assert!(!ib.wants(Path::new(std::ffi::OsStr::from_bytes(b"/x/caf\xe9.txt"))));
         assert!(!ib.wants(&ib.path.join(".quarantine/cam1/a.jpg")));
     }
 

@@ -12,6 +12,8 @@ pub struct Health(Arc<Inner>);
 
 struct Inner {
     ready: AtomicBool,
+    /// Inbox folders that are gone (deleted or moved away) while watched: not ready meanwhile.
+    missing: Mutex<std::collections::BTreeSet<std::path::PathBuf>>,
     epoch: Instant,
     slots: Mutex<Vec<Arc<Slot>>>,
 }
@@ -69,7 +71,12 @@ impl Default for Health {
 
 impl Health {
     pub fn new() -> Self {
-        Health(Arc::new(Inner { ready: AtomicBool::new(false), epoch: Instant::now(), slots: Mutex::new(Vec::new()) }))
+        Health(Arc::new(Inner {
+            ready: AtomicBool::new(false),
+            missing: Mutex::default(),
+            epoch: Instant::now(),
+            slots: Mutex::new(Vec::new()),
+        }))
     }
 
     pub fn slot(&self, name: impl Into<String>) -> Arc<Slot> {
@@ -89,7 +96,22 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::SeqCst)
+        self.0.ready.load(Ordering::SeqCst) && self.missing_inboxes().is_empty()
+    }
+
+    /// Marks an inbox folder as gone (or back).
+    pub fn set_inbox_missing(&self, inbox: &std::path::Path, missing: bool) {
+        let mut m = self.0.missing.lock().unwrap_or_else(|e| e.into_inner());
+        if missing {
+            m.insert(inbox.to_path_buf());
+        } else {
+            m.remove(inbox);
+        }
+    }
+
+    /// Inbox folders that are gone right now.
+    pub fn missing_inboxes(&self) -> Vec<std::path::PathBuf> {
+        self.0.missing.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 
     /// Every thread stuck in one step for more than `limit`, longest first.

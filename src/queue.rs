@@ -45,20 +45,84 @@ impl std::fmt::Debug for Upload {
 }
 
 /// Images queued or being labelled right now.
-#[derive(Clone, Default)]
-pub struct InFlight(Arc<Mutex<HashSet<PathBuf>>>);
+///
+/// A path pushed again while it is in flight (its file was replaced while the old content was being
+/// labelled) is remembered and handed back through `resubmissions` when released, so the newest
+/// content is checked too.
+#[derive(Clone)]
+pub struct InFlight(Arc<Shared>);
+
+struct Shared {
+    claims: Mutex<Claims>,
+    resubmit_tx: Sender<Resubmit>,
+    resubmit_rx: Receiver<Resubmit>,
+}
+
+#[derive(Default)]
+struct Claims {
+    held: HashSet<PathBuf>,
+    /// Held paths that were pushed again meanwhile.
+    again: HashSet<PathBuf>,
+}
+
+/// A released path to push again once `due` has come.
+#[derive(Debug)]
+pub struct Resubmit {
+    pub path: PathBuf,
+    pub due: Instant,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        let (resubmit_tx, resubmit_rx) = crossbeam_channel::unbounded();
+        InFlight(Arc::new(Shared { claims: Mutex::default(), resubmit_tx, resubmit_rx }))
+    }
+}
 
 impl InFlight {
-    fn insert(&self, p: &Path) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(p.to_path_buf())
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.0.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Claims `p`; if it is already claimed, remembers that it was wanted again.
+    fn claim(&self, p: &Path) -> bool {
+        let mut c = self.claims();
+        if c.held.contains(p) {
+            c.again.insert(p.to_path_buf());
+            return false;
+        }
+        c.held.insert(p.to_path_buf())
+    }
+
+    /// Releases `p`; a push refused meanwhile is handed back for resubmission now.
     pub fn done(&self, p: &Path) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(p);
+        let mut c = self.claims();
+        c.held.remove(p);
+        if c.again.remove(p) {
+            self.resubmit(p, Instant::now());
+        }
+    }
+
+    /// Releases `p` and hands it back for resubmission after `after` (a fault worth retrying).
+    pub fn retry_after(&self, p: &Path, after: Duration) {
+        let mut c = self.claims();
+        c.held.remove(p);
+        c.again.remove(p);
+        self.resubmit(p, Instant::now() + after);
+    }
+
+    fn resubmit(&self, p: &Path, due: Instant) {
+        // Never fails: the receiving end lives in `self`.
+        let _ = self.0.resubmit_tx.send(Resubmit { path: p.to_path_buf(), due });
+    }
+
+    /// Paths to push again (read by the feeder).
+    pub fn resubmissions(&self) -> Receiver<Resubmit> {
+        self.0.resubmit_rx.clone()
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.claims().held.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -100,7 +164,7 @@ impl QueueSender {
     /// Like `push`, but first asks `needed` (once the image is claimed, so the answer cannot go stale
     /// because its result was being written at that moment).
     pub fn push_if(&self, file: ReadyFile, needed: impl Fn(&Path) -> bool) -> Pushed {
-        if !self.in_flight.insert(&file.path) {
+        if !self.in_flight.claim(&file.path) {
             return Pushed::AlreadyInFlight;
         }
         if !needed(&file.path) {
@@ -213,6 +277,37 @@ mod tests {
         let got = rx.recv().unwrap();
         tx.in_flight().done(&got.path);
         assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+    }
+
+    #[test]
+    fn a_push_refused_while_in_flight_is_handed_back_on_release() {
+        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
+        let again = tx.in_flight().resubmissions();
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+        assert!(again.try_recv().is_err(), "nothing to hand back yet");
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::AlreadyInFlight);
+        tx.in_flight().done(&rx.recv().unwrap().path);
+        let r = again.try_recv().expect("the refused push comes back once the path is released");
+        assert_eq!(r.path, PathBuf::from("/a.jpg"));
+        assert!(r.due <= Instant::now());
+        assert!(tx.in_flight().is_empty());
+        // Released again without a refused push in between: nothing more comes back.
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+        tx.in_flight().done(&rx.recv().unwrap().path);
+        assert!(again.try_recv().is_err());
+    }
+
+    #[test]
+    fn retry_after_releases_the_claim_and_hands_the_path_back_later() {
+        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
+        let again = tx.in_flight().resubmissions();
+        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
+        let before = Instant::now();
+        tx.in_flight().retry_after(&rx.recv().unwrap().path, Duration::from_secs(3));
+        assert!(tx.in_flight().is_empty(), "the claim is released at once");
+        let r = again.try_recv().unwrap();
+        assert_eq!(r.path, PathBuf::from("/a.jpg"));
+        assert!(r.due >= before + Duration::from_secs(3));
     }
 
     #[test]

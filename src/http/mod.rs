@@ -111,8 +111,13 @@ async fn healthz(State(s): State<HttpState>) -> Response {
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {
+    let missing = s.health.missing_inboxes();
     if s.health.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
+    } else if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+        let body = format!("not ready: inbox folder missing (recreate it): {}\n", list.join(", "));
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: loading the model or setting up watches\n").into_response()
     }

@@ -319,6 +319,13 @@ impl Writer {
             self.in_flight.done(&o.file.path);
             return;
         }
+        // A file that vanished before it was read (deleted, or its folder renamed: it is queued again
+        // under its new path) gets no row and no sidecar.
+        if matches!(o.result, Err(ImageError::Vanished)) {
+            tracing::info!(path = %o.file.path.display(), "gone before it was read; no row");
+            self.in_flight.done(&o.file.path);
+            return;
+        }
         match &o.result {
             Ok(_) => self.totals.ok += 1,
             Err(e) => {
@@ -326,12 +333,7 @@ impl Writer {
                 tracing::warn!(path = %o.file.path.display(), error = %e, "image not labelled");
             }
         }
-        // A file that vanished before it was read gets its CSV row but no sidecar beside nothing.
-        if !matches!(o.result, Err(ImageError::Vanished)) {
-            self.sidecars.push((record.clone(), o.file.path.clone()));
-        } else {
-            self.in_flight.done(&o.file.path);
-        }
+        self.sidecars.push((record.clone(), o.file.path.clone()));
         self.rows.push(record);
     }
 

@@ -1,0 +1,132 @@
+//! The feeder: moves ready files into the bounded queue from its own thread, so a full queue never
+//! stalls event handling, and pushes again what the in-flight set hands back (a file replaced while
+//! it was being labelled, a fault to retry later).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::error::Fatal;
+use crate::queue::{Pushed, QueueSender, ReadyFile, Resubmit};
+use crate::sink::sidecar::is_labelled;
+
+pub struct Feeder {
+    tx: Sender<ReadyFile>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Feeder {
+    pub fn start(queue: QueueSender) -> Result<Feeder, Fatal> {
+        let (tx, rx) = crossbeam_channel::unbounded::<ReadyFile>();
+        let resubmits = queue.in_flight().resubmissions();
+        let handle = std::thread::Builder::new()
+            .name("feeder".into())
+            .spawn(move || feed(rx, resubmits, queue))
+            .map_err(|e| Fatal::io("cannot start feeder thread", e))?;
+        Ok(Feeder { tx, handle })
+    }
+
+    pub fn sender(&self) -> Sender<ReadyFile> {
+        self.tx.clone()
+    }
+
+    /// Waits until everything handed over so far is queued (or shutdown began).
+    pub fn finish(self) {
+        drop(self.tx);
+        let _ = self.handle.join();
+    }
+}
+
+/// Blocks on its inputs and on the earliest retry deadline; ends when every sender of ready files is
+/// gone or shutdown began.
+fn feed(rx: Receiver<ReadyFile>, resubmits: Receiver<Resubmit>, queue: QueueSender) {
+    let mut later: BinaryHeap<Reverse<(Instant, PathBuf)>> = BinaryHeap::new();
+    loop {
+        let timer = match later.peek() {
+            Some(Reverse((due, _))) => crossbeam_channel::at(*due),
+            None => crossbeam_channel::never(),
+        };
+        let pushed = crossbeam_channel::select! {
+            recv(rx) -> file => match file {
+                Ok(file) => offer(&queue, file),
+                Err(_) => break,
+            },
+            recv(resubmits) -> r => match r {
+                Ok(r) if r.due <= Instant::now() => offer(&queue, ReadyFile::new(r.path)),
+                Ok(r) => {
+                    later.push(Reverse((r.due, r.path)));
+                    Pushed::Queued
+                }
+                Err(_) => break,
+            },
+            recv(timer) -> _ => {
+                let mut pushed = Pushed::Queued;
+                while later.peek().is_some_and(|Reverse((due, _))| *due <= Instant::now()) && pushed != Pushed::ShuttingDown {
+                    if let Some(Reverse((_, path))) = later.pop() {
+                        pushed = offer(&queue, ReadyFile::new(path));
+                    }
+                }
+                pushed
+            },
+        };
+        if pushed == Pushed::ShuttingDown {
+            break;
+        }
+    }
+    if !later.is_empty() {
+        tracing::info!(images = later.len(), "images waiting for a retry are left for the next start's scan");
+    }
+}
+
+/// The image may have been labelled since it was seen (duplicate events, rescans, resubmissions).
+fn offer(queue: &QueueSender, file: ReadyFile) -> Pushed {
+    queue.push_if(file, |p| !is_labelled(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::queue::{InFlight, bounded};
+    use crate::shutdown::Shutdown;
+
+    #[test]
+    fn a_retried_path_is_queued_again_after_its_delay_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.jpg");
+        std::fs::write(&img, b"x").unwrap();
+        let in_flight = InFlight::default();
+        let (tx, rx) = bounded(4, in_flight.clone(), Shutdown::new());
+        let feeder = Feeder::start(tx).unwrap();
+        feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
+        let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let released = Instant::now();
+        in_flight.retry_after(&first.path, Duration::from_millis(300));
+        let again = rx.recv_timeout(Duration::from_secs(5)).expect("queued again after the delay");
+        assert_eq!(again.path, img);
+        assert!(released.elapsed() >= Duration::from_millis(300), "queued again too early");
+        in_flight.done(&again.path);
+        feeder.finish();
+    }
+
+    #[test]
+    fn a_replacement_refused_while_in_flight_is_queued_once_the_old_one_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.jpg");
+        std::fs::write(&img, b"x").unwrap();
+        let in_flight = InFlight::default();
+        let (tx, rx) = bounded(4, in_flight.clone(), Shutdown::new());
+        let feeder = Feeder::start(tx).unwrap();
+        feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
+        let old = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        feeder.sender().send(ReadyFile::new(img.clone())).unwrap(); // the replacement's event
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "not while the old content is in flight");
+        in_flight.done(&old.path);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().path, img);
+        feeder.finish();
+    }
+}

@@ -1,0 +1,102 @@
+//! The start-up scan and every rescan: images under an inbox (or a folder in it) that need labelling.
+//! Never follows a symbolic link, not even when the folder scanned is one (only the configured inbox
+//! root may be a link).
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::config::InboxConfig;
+use crate::sink::sidecar::is_labelled;
+
+/// What a scan of an inbox found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Unlabelled images that are not changing.
+    pub ready: Vec<PathBuf>,
+    /// Unlabelled images modified within the settle interval: maybe still being written.
+    pub unsettled: Vec<PathBuf>,
+    /// Symbolic links met (never followed); the caller reports each once.
+    pub links: Vec<PathBuf>,
+    /// Folders that could not be read, with why; the caller reports each once.
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+/// Finds images under `inbox` (or `dir`, a folder inside it) that have no up-to-date sidecar.
+pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
+    let mut found = Scan::default();
+    let depth = if inbox.recursive { usize::MAX } else { 1 };
+    let walker = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .follow_root_links(dir == inbox.path)
+        .max_depth(depth)
+        .into_iter();
+    // Skip dot-folders (a hidden quarantine, other tools' state).
+    let walker = walker.filter_entry(|e| e.depth() == 0 || !(e.file_type().is_dir() && is_dot_name(e.file_name())));
+    for entry in walker {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let path = e.path().map_or_else(|| dir.to_path_buf(), Path::to_path_buf);
+                let why = e.io_error().map_or_else(|| e.to_string(), |io| io.to_string());
+                found.unreadable.push((path, why));
+                continue;
+            }
+        };
+        let name = entry.file_name().to_string_lossy();
+        if crate::beneath::is_stale_temp(&name) {
+            // A sidecar temp file left by a crash mid-write (the finished sidecar never replaced it).
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(path = %entry.path().display(), "removed temp file left by an interrupted write"),
+                Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale temp file"),
+            }
+            continue;
+        }
+        if entry.file_type().is_symlink() && entry.depth() > 0 {
+            found.links.push(entry.into_path());
+            continue;
+        }
+        if entry.file_type().is_dir() || !inbox.wants(entry.path()) {
+            continue;
+        }
+        if !entry.file_type().is_file() {
+            tracing::warn!(path = %entry.path().display(), kind = kind_of(entry.file_type()), "skipped: not a regular file");
+            continue;
+        }
+        if is_labelled(entry.path()) {
+            continue;
+        }
+        let recent = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_none_or(|age| age < inbox.settle);
+        if recent {
+            found.unsettled.push(entry.into_path());
+        } else {
+            found.ready.push(entry.into_path());
+        }
+    }
+    found
+}
+
+/// Dot-folders are not watched or scanned (a hidden quarantine, other tools' state).
+pub(super) fn is_dot_name(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    name.as_bytes().first() == Some(&b'.')
+}
+
+pub(super) fn kind_of(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_symlink() {
+        "symbolic link (not followed)"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
