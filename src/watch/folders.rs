@@ -39,7 +39,8 @@ struct Root {
 enum Via {
     /// Every folder that has an inotify watch.
     Inotify(BTreeSet<PathBuf>),
-    Poll(PollWatcher),
+    /// Kept only to stay alive: dropping it stops the polling.
+    Poll { _watcher: PollWatcher },
     Nothing,
 }
 
@@ -97,7 +98,7 @@ impl Folders {
             let config = notify::Config::default().with_poll_interval(ib.poll_interval).with_follow_symlinks(false);
             let mut p = PollWatcher::new(handler(&self.events), config).map_err(|e| format!("cannot start polling: {e}"))?;
             p.watch(&path, mode(ib.recursive)).map_err(|e| format!("cannot poll: {e}"))?;
-            self.roots[i].via = Via::Poll(p);
+            self.roots[i].via = Via::Poll { _watcher: p };
         }
         self.roots[i].identity = Some((meta.dev(), meta.ino()));
         tracing::info!(
