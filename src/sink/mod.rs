@@ -319,10 +319,11 @@ impl Writer {
             self.in_flight.done(&o.file.path);
             return;
         }
-        // A file that vanished before it was read (deleted, or its folder renamed: it is queued again
-        // under its new path) gets no row and no sidecar.
-        if matches!(o.result, Err(ImageError::Vanished)) {
-            tracing::info!(path = %o.file.path.display(), "gone before it was read; no row");
+        // A file that vanished before it was read, or since (deleted, or its folder renamed: it is
+        // queued again under its new path), gets no row and no sidecar.
+        let gone = std::fs::symlink_metadata(&o.file.path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+        if gone || matches!(o.result, Err(ImageError::Vanished)) {
+            tracing::info!(path = %o.file.path.display(), "gone from its path before its result was written; no row");
             self.in_flight.done(&o.file.path);
             return;
         }
