@@ -321,7 +321,6 @@ fn a_folder_renamed_mid_backlog_gives_no_row_for_the_old_paths_queued_images() {
 }
 
 #[test]
-#[ignore = "needs the sink slice's identity-based is_labelled: by timestamps the old content's sidecar looks newer than the replacement"]
 fn an_image_replaced_while_in_flight_ends_with_the_new_contents_labels() {
     let s = Setup::new("channel_mean", "");
     let d = s.spawn_daemon();
