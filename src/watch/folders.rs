@@ -179,16 +179,14 @@ impl Folders {
     /// it. If it was an inbox folder itself, checks it at once; returns that inbox if it is back
     /// (watched again, to be rescanned).
     pub fn path_left(&mut self, path: &Path) -> Option<usize> {
-        let inotify = &mut self.inotify;
         for root in &mut self.roots {
             if let Via::Inotify(set) = &mut root.via {
-                set.retain(|d| {
-                    let gone = d.starts_with(path);
-                    if gone {
-                        let _ = inotify.unwatch(d); // usually already dropped by the kernel
-                    }
-                    !gone
-                });
+                // Sorted paths: `path` and everything under it follow each other from `path` on.
+                let gone: Vec<PathBuf> = set.range(path.to_path_buf()..).take_while(|d| d.starts_with(path)).cloned().collect();
+                for d in gone {
+                    let _ = self.inotify.unwatch(&d); // usually already dropped by the kernel
+                    set.remove(&d);
+                }
             }
         }
         let i = self.roots.iter().position(|r| r.inbox.path == path)?;
@@ -264,4 +262,60 @@ fn handler(events: &EventSender) -> impl Fn(notify::Result<Event>) + Send + 'sta
 
 fn mode(recursive: bool) -> RecursiveMode {
     if recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{OnDone, default_include, image_matcher};
+
+    fn inbox(path: &Path) -> InboxConfig {
+        InboxConfig {
+            path: path.to_path_buf(),
+            recursive: true,
+            include: default_include(),
+            matcher: image_matcher(&default_include()).unwrap(),
+            settle: Duration::from_millis(200),
+            quarantine: None,
+            poll: false,
+            poll_interval: Duration::from_secs(1),
+            on_done: OnDone::Keep,
+        }
+    }
+
+    fn watched(f: &Folders) -> Vec<PathBuf> {
+        match &f.roots[0].via {
+            Via::Inotify(set) => set.iter().cloned().collect(),
+            _ => panic!("not watched by inotify"),
+        }
+    }
+
+    #[test]
+    fn links_and_dot_folders_are_not_watched_and_a_folder_that_left_takes_its_sub_folders_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("in");
+        for d in ["a/b", "a-x", ".hidden", "../outside/deep"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::os::unix::fs::symlink(dir.path().join("outside"), root.join("link")).unwrap();
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let health = Health::new();
+        let mut f = Folders::start(&[inbox(&root)], tx, health.clone()).unwrap();
+        let rel = |f: &Folders| watched(f).iter().map(|p| p.strip_prefix(&root).unwrap().display().to_string()).collect::<Vec<_>>();
+        assert_eq!(rel(&f), ["", "a", "a/b", "a-x"]);
+        assert_eq!(f.path_left(&root.join("a")), None);
+        assert_eq!(rel(&f), ["", "a-x"]);
+
+        // The inbox itself gone: missing (not ready) until it is back, then watched again.
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(f.path_left(&root), None);
+        assert_eq!(health.missing_inboxes(), [root.clone()]);
+        assert!(f.check_roots().is_empty(), "still gone");
+        std::fs::create_dir_all(root.join("new")).unwrap();
+        assert_eq!(f.check_roots(), [0]);
+        assert_eq!(rel(&f), ["", "new"]);
+        assert!(health.missing_inboxes().is_empty());
+    }
 }
