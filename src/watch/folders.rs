@@ -56,8 +56,8 @@ impl Folders {
             .map_err(|e| Fatal::Other(format!("cannot start the file watcher: {e}")))?;
         let roots = inboxes.iter().map(|ib| Root { inbox: ib.clone(), identity: None, via: Via::Nothing }).collect();
         let mut folders = Folders { inotify, events, roots, health, notices: Notices::default() };
-        for i in 0..inboxes.len() {
-            let path = &inboxes[i].path;
+        for (i, ib) in inboxes.iter().enumerate() {
+            let path = &ib.path;
             if !path.exists() {
                 std::fs::create_dir_all(path)
                     .map_err(|e| Fatal::io(format!("cannot create inbox {}", path.display()), e))?;
@@ -311,7 +311,7 @@ mod tests {
         // The inbox itself gone: missing (not ready) until it is back, then watched again.
         std::fs::remove_dir_all(&root).unwrap();
         assert_eq!(f.path_left(&root), None);
-        assert_eq!(health.missing_inboxes(), [root.clone()]);
+        assert_eq!(health.missing_inboxes(), std::slice::from_ref(&root));
         assert!(f.check_roots().is_empty(), "still gone");
         std::fs::create_dir_all(root.join("new")).unwrap();
         assert_eq!(f.check_roots(), [0]);

@@ -201,10 +201,10 @@ impl Stage {
                 }
             }
             Ok(m) if m.is_dir() => {
-                if self.folders.folder_appeared(path) {
-                    if let Some((i, _)) = self.inbox_of(path) {
-                        self.spawn_scan(i, path.to_path_buf(), false);
-                    }
+                if self.folders.folder_appeared(path)
+                    && let Some((i, _)) = self.inbox_of(path)
+                {
+                    self.spawn_scan(i, path.to_path_buf(), false);
                 }
             }
             Ok(_) => self.ready_now(path),
