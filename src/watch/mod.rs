@@ -45,8 +45,9 @@ impl Watch {
     pub fn start(inboxes: Vec<InboxConfig>, feeder: Sender<ReadyFile>, health: Health, shutdown: Shutdown) -> Result<Watch, Fatal> {
         let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel::<notify::Result<Event>>();
         let folders = Folders::start(&inboxes, ev_tx, health)?;
-        let (scan_tx, scan_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Scan)>();
-        let stage = Stage { inboxes: Arc::new(inboxes), folders, settler: Settler::default(), feeder, scan_tx };
+        let (scan_tx, scan_rx) = tokio::sync::mpsc::unbounded_channel::<Scanned>();
+        let stage =
+            Stage { inboxes: Arc::new(inboxes), folders, settler: Settler::default(), feeder, scan_tx, rescans: Rescans::default() };
         let task = tokio::spawn(stage.run(ev_rx, scan_rx, shutdown));
         Ok(Watch { task })
     }
@@ -66,7 +67,27 @@ fn is_watch_limit(e: &notify::Error) -> bool {
     }
 }
 
-type ScanSender = tokio::sync::mpsc::UnboundedSender<(usize, Scan)>;
+/// Why a scan runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Why {
+    Startup,
+    /// Every inbox, after lost events.
+    Full,
+    /// One folder or inbox that appeared or came back.
+    Part,
+}
+
+/// A finished scan: of which inbox, why, and what it found.
+type Scanned = (usize, Why, Scan);
+type ScanSender = tokio::sync::mpsc::UnboundedSender<Scanned>;
+
+/// Full rescans run one at a time: an overflow storm asks for hundreds, and one more after the
+/// running one sees everything they would have.
+#[derive(Default)]
+struct Rescans {
+    running: usize,
+    again: bool,
+}
 
 /// The state of the watch task.
 struct Stage {
@@ -75,17 +96,18 @@ struct Stage {
     settler: Settler,
     feeder: Sender<ReadyFile>,
     scan_tx: ScanSender,
+    rescans: Rescans,
 }
 
 impl Stage {
     async fn run(
         mut self,
         mut events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<Event>>,
-        mut scans: tokio::sync::mpsc::UnboundedReceiver<(usize, Scan)>,
+        mut scans: tokio::sync::mpsc::UnboundedReceiver<Scanned>,
         shutdown: Shutdown,
     ) {
         for i in 0..self.inboxes.len() {
-            self.spawn_scan(i, self.inboxes[i].path.clone(), true);
+            self.spawn_scan(i, self.inboxes[i].path.clone(), Why::Startup);
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -94,7 +116,7 @@ impl Stage {
         loop {
             tokio::select! {
                 _ = shutdown.wait() => break,
-                Some((i, found)) = scans.recv() => self.scanned(i, found),
+                Some((i, why, found)) = scans.recv() => self.scanned(i, why, found),
                 Some(ev) = events.recv() => match ev {
                     Ok(ev) => self.handle_event(ev),
                     Err(e) if is_watch_limit(&e) => {
@@ -111,14 +133,20 @@ impl Stage {
                 }
                 _ = roots.tick() => {
                     for i in self.folders.check_roots() {
-                        self.spawn_scan(i, self.inboxes[i].path.clone(), false);
+                        self.spawn_scan(i, self.inboxes[i].path.clone(), Why::Part);
                     }
                 }
             }
         }
     }
 
-    fn scanned(&mut self, i: usize, found: Scan) {
+    fn scanned(&mut self, i: usize, why: Why, found: Scan) {
+        if why == Why::Full {
+            self.rescans.running -= 1;
+            if self.rescans.running == 0 && std::mem::take(&mut self.rescans.again) {
+                self.rescan_all();
+            }
+        }
         for p in &found.links {
             self.folders.notices.link(p);
         }
@@ -133,24 +161,29 @@ impl Stage {
         }
     }
 
-    fn spawn_scan(&self, i: usize, dir: PathBuf, is_startup: bool) {
+    fn spawn_scan(&self, i: usize, dir: PathBuf, why: Why) {
         let (inboxes, tx) = (self.inboxes.clone(), self.scan_tx.clone());
         tokio::task::spawn_blocking(move || {
             let found = scan(&inboxes[i], &dir);
-            if is_startup {
+            if why == Why::Startup {
                 tracing::info!(
                     inbox = %inboxes[i].path.display(),
                     backlog = found.ready.len() + found.unsettled.len(),
                     "start-up scan done"
                 );
             }
-            let _ = tx.send((i, found));
+            let _ = tx.send((i, why, found));
         });
     }
 
-    fn rescan_all(&self) {
+    fn rescan_all(&mut self) {
+        if self.rescans.running > 0 {
+            self.rescans.again = true;
+            return;
+        }
+        self.rescans.running = self.inboxes.len();
         for (i, ib) in self.inboxes.iter().enumerate() {
-            self.spawn_scan(i, ib.path.clone(), false);
+            self.spawn_scan(i, ib.path.clone(), Why::Full);
         }
     }
 
@@ -204,7 +237,7 @@ impl Stage {
                 if self.folders.folder_appeared(path)
                     && let Some((i, _)) = self.inbox_of(path)
                 {
-                    self.spawn_scan(i, path.to_path_buf(), false);
+                    self.spawn_scan(i, path.to_path_buf(), Why::Part);
                 }
             }
             Ok(_) => self.ready_now(path),
@@ -217,7 +250,7 @@ impl Stage {
     fn left(&mut self, path: &Path) {
         self.settler.forget_under(path);
         if let Some(i) = self.folders.path_left(path) {
-            self.spawn_scan(i, self.inboxes[i].path.clone(), false);
+            self.spawn_scan(i, self.inboxes[i].path.clone(), Why::Part);
         }
     }
 
