@@ -99,6 +99,7 @@ pub struct Metrics {
     pub latency: Histogram,
     pub csv_write_errors: Counter,
     pub sidecar_write_errors: Counter,
+    pub read_faults: Counter,
     reloads: Family<LabelSet, Counter>,
     model_info: Family<LabelSet, Gauge>,
     http_refused: Family<LabelSet, Counter>,
@@ -149,6 +150,8 @@ impl Metrics {
         registry.register("csv_write_errors", "Failed writes to the CSV results log (retried)", csv_write_errors.clone());
         let sidecar_write_errors = Counter::default();
         registry.register("sidecar_write_errors", "Failed sidecar writes (retried)", sidecar_write_errors.clone());
+        let read_faults = Counter::default();
+        registry.register("read_faults", "Images that could not be read for a passing reason (permissions, I/O, still changing); retried, not recorded", read_faults.clone());
         let reloads = Family::<LabelSet, Counter>::default();
         registry.register("config_reloads", "SIGHUP config reloads, by result", reloads.clone());
         let model_info = Family::<LabelSet, Gauge>::default();
@@ -177,6 +180,7 @@ impl Metrics {
             latency,
             csv_write_errors,
             sidecar_write_errors,
+            read_faults,
             reloads,
             model_info,
             http_refused,
@@ -331,6 +335,7 @@ mod tests {
             "labeld_in_flight 5",
             "labeld_model{name=\"efficientnet_lite0\",precision=\"fp32\"} 1",
             "labeld_csv_write_errors_total 0",
+            "labeld_read_faults_total 0",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

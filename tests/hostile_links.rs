@@ -283,7 +283,6 @@ fn a_fifo_named_like_an_image_never_hangs_the_daemon() {
 }
 
 #[test]
-#[ignore = "watch.rs Settler::observe drops a non-regular file silently on its create event: no log line (fix belongs in the watcher rewrite)"]
 fn a_fifo_created_live_is_logged() {
     fifos_never_hang("backlog.png", |s| {
         mkfifo(&s.inbox.join("live.png"));

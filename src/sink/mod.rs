@@ -114,6 +114,7 @@ impl Sink {
             metrics,
             recent,
             abandoned: HashSet::new(),
+            faults: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
             .name("sink".into())
@@ -189,6 +190,10 @@ fn needs_sidecar(record: &Record, inboxes: &[InboxConfig]) -> bool {
     }
 }
 
+const FAULT_RETRY_FIRST: Duration = Duration::from_millis(500);
+const FAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+const MAX_FAULTS_TRACKED: usize = 100_000;
+
 #[derive(Default)]
 struct Backoff {
     delay: Option<Duration>,
@@ -225,6 +230,8 @@ struct Writer {
     totals: Totals,
     metrics: Metrics,
     recent: Recent,
+    /// Read faults per image not yet read since, for the retry back-off.
+    faults: HashMap<PathBuf, u32>,
     /// Images recorded as hung (by path and queue time): a result arriving for one later is dropped.
     abandoned: HashSet<(PathBuf, Instant)>,
 }
@@ -296,6 +303,11 @@ impl Writer {
                 tracing::warn!(path = %o.file.path.display(), "a stuck worker finished after all; its image already has a hung record, result dropped");
                 continue;
             }
+            if let (Err(ImageError::Fault(e)), None) = (&o.result, &o.file.upload) {
+                self.retry_later(&o.file.path, e);
+                continue;
+            }
+            self.faults.remove(&o.file.path);
             let now = Instant::now();
             let record = Record::new(&o, &batch.model, batch.min_score, now);
             self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.file.ready_at));
@@ -311,14 +323,23 @@ impl Writer {
         self.flush();
     }
 
+    /// A passing fault is not a verdict on the image: no record; the image is tried again after a
+    /// back-off that doubles per failure (0.5 s to 5 min), so a permission fixed later is picked up.
+    fn retry_later(&mut self, path: &Path, error: &str) {
+        let tries = self.faults.entry(path.to_path_buf()).or_insert(0);
+        *tries += 1;
+        let delay = FAULT_RETRY_FIRST.saturating_mul(1 << (*tries - 1).min(10)).min(FAULT_RETRY_MAX);
+        self.metrics.read_faults.inc();
+        tracing::warn!(path = %path.display(), error, tries = *tries, retry_in = ?delay, "cannot read image now; not recorded, retried");
+        self.in_flight.retry_after(path, delay);
+        if self.faults.len() > MAX_FAULTS_TRACKED {
+            // Only the back-off length is lost: a forgotten path restarts at the first delay.
+            self.faults.clear();
+        }
+    }
+
     /// Counts an inbox image's result and queues its row and sidecar for writing.
     fn keep(&mut self, o: Outcome, record: Record) {
-        if let Err(ImageError::Fault(e)) = &o.result {
-            // Not a verdict on the image: no record; it is read again when next seen.
-            tracing::warn!(path = %o.file.path.display(), error = %e, "cannot read image now; not recorded");
-            self.in_flight.done(&o.file.path);
-            return;
-        }
         // A file that vanished before it was read, or since (deleted, or its folder renamed: it is
         // queued again under its new path), gets no row and no sidecar.
         let gone = std::fs::symlink_metadata(&o.file.path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);

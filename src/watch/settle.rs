@@ -78,6 +78,9 @@ impl Settler {
             return;
         };
         if !meta.is_file() {
+            if !meta.is_dir() {
+                tracing::warn!(path = %path.display(), kind = crate::beneath::kind_of(meta.file_type()), "skipped: not a regular file");
+            }
             return;
         }
         let (len, mtime) = (meta.len(), meta.modified().ok());
