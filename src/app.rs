@@ -123,6 +123,12 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         "stopped"
     );
     tracing::info!("ms per image: {}", metrics.times.per_image(totals.ok + totals.errors));
+    if let Some(f) = shutdown.failure() {
+        return Err(Fatal::ThreadDied { thread: f.thread, reason: f.reason });
+    }
+    if once && shutdown.is_triggered() {
+        return Err(Fatal::Unfinished("interrupted by a signal".into()));
+    }
     Ok(totals)
 }
 
@@ -277,7 +283,7 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     let (queue_tx, queue_rx) = queue::bounded(config.workers.queue, InFlight::default(), shutdown.clone());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
     let live = LiveSettings::new(reload::infer_settings(&config, labels, false));
-    let workers = Workers::start(live, &config.workers, queue_rx, done_tx, shutdown, Metrics::new(), Health::new())?;
+    let workers = Workers::start(live, &config.workers, queue_rx, done_tx, shutdown.clone(), Metrics::new(), Health::new())?;
     let feeder = std::thread::spawn(move || {
         for f in files {
             queue_tx.push(queue::ReadyFile::new(f));
@@ -306,6 +312,9 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     }
     let _ = feeder.join();
     workers.join();
+    if let Some(f) = shutdown.failure() {
+        return Err(Fatal::ThreadDied { thread: f.thread, reason: f.reason });
+    }
     Ok(totals)
 }
 

@@ -27,6 +27,12 @@ pub enum Fatal {
     Model { path: PathBuf, reason: String },
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// A long-lived thread died (a panic outside the per-image boundary, or an unexpected exit).
+    #[error("thread {thread} died: {reason}; labeld stops so that its supervisor (systemd) restarts it")]
+    ThreadDied { thread: String, reason: String },
+    /// `run --once` stopped before every image had a result.
+    #[error("stopped before the backlog was labelled ({0}); run it again to label the rest")]
+    Unfinished(String),
     #[error("{0}")]
     Other(String),
 }
@@ -65,6 +71,15 @@ pub enum ImageError {
     TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
     #[error("cannot decode image: {0}")]
     Decode(String),
+    #[error(
+        "image is {width}x{height}; scaling its shorter side to {resize} needs {to_width}x{to_height} ({pixels} pixels) in memory, \
+         over the limit of {limit} pixels ([limits] max_pixels): its aspect ratio is too extreme"
+    )]
+    ResizeTooLarge { width: u32, height: u32, resize: u32, to_width: u64, to_height: u64, pixels: u64, limit: u64 },
+    #[error("preprocessing crashed on this image ({0}); recorded so that it is not tried again")]
+    Crashed(String),
+    #[error("the model failed on this image: {0} (the model still works on its test input, so the image is at fault)")]
+    ModelRejected(String),
     #[error("cannot preprocess image: {0}")]
     Preprocess(String),
     #[error("inference failed: {0}")]

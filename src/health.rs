@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::queue::ReadyFile;
+use crate::shutdown::Shutdown;
 
 #[derive(Clone)]
 pub struct Health(Arc<Inner>);
@@ -16,6 +17,47 @@ struct Inner {
     missing: Mutex<std::collections::BTreeSet<std::path::PathBuf>>,
     epoch: Instant,
     slots: Mutex<Vec<Arc<Slot>>>,
+    /// Long-lived threads that died: (thread, why).
+    dead: Mutex<Vec<(String, String)>>,
+    /// Why the model fails even on its test input, while it does.
+    model_failing: Mutex<Option<String>>,
+}
+
+/// Held by a long-lived thread for its whole life: if the thread unwinds (a panic outside the
+/// per-image boundary) or calls `died`, /healthz turns 503 and labeld shuts down with a failure, so
+/// that systemd restarts it instead of a daemon that answers 200 and labels nothing.
+pub struct Lifeline {
+    thread: String,
+    health: Health,
+    shutdown: Shutdown,
+}
+
+impl Lifeline {
+    /// Records that the thread stops for `reason` though labeld is not done.
+    pub fn died(&self, reason: &str) {
+        tracing::error!(thread = %self.thread, "thread died: {reason}; labeld stops and exits non-zero so that it is restarted");
+        self.health.0.dead.lock().unwrap_or_else(|e| e.into_inner()).push((self.thread.clone(), reason.to_string()));
+        self.shutdown.fail(&self.thread, reason);
+    }
+}
+
+impl Drop for Lifeline {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.died("panicked (the panic message is logged above)");
+        }
+    }
+}
+
+/// Test hook: `LABELD_TEST_PANIC_THREAD=<thread name>` (read once) makes that thread panic outside
+/// any per-image boundary when it takes its first batch, so tests can check that a dead thread stops
+/// labeld with a non-zero exit. Unset in production; setting it only ever crashes the named thread.
+pub fn test_panic_hook(thread: &str) {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let target = TARGET.get_or_init(|| std::env::var("LABELD_TEST_PANIC_THREAD").ok());
+    if target.as_deref() == Some(thread) {
+        panic!("LABELD_TEST_PANIC_THREAD={thread}: panicking on purpose (test hook)");
+    }
 }
 
 /// One thread that does work in steps (a decode thread, an inference thread).
@@ -76,7 +118,48 @@ impl Health {
             missing: Mutex::default(),
             epoch: Instant::now(),
             slots: Mutex::new(Vec::new()),
+            dead: Mutex::new(Vec::new()),
+            model_failing: Mutex::new(None),
         }))
+    }
+
+    /// A guard for the long-lived thread `thread`; see `Lifeline`.
+    pub fn lifeline(&self, thread: impl Into<String>, shutdown: &Shutdown) -> Lifeline {
+        Lifeline { thread: thread.into(), health: self.clone(), shutdown: shutdown.clone() }
+    }
+
+    /// The first long-lived thread that died, and why.
+    pub fn dead_thread(&self) -> Option<(String, String)> {
+        self.0.dead.lock().unwrap_or_else(|e| e.into_inner()).first().cloned()
+    }
+
+    /// Why /healthz fails: a dead thread, or a thread stuck in one step for more than `limit`.
+    pub fn unhealthy(&self, limit: Duration) -> Option<String> {
+        if let Some((thread, reason)) = self.dead_thread() {
+            return Some(format!("thread {thread} died: {reason}"));
+        }
+        self.stalled(limit).map(|(thread, d)| format!("{thread} stuck for {} s", d.as_secs()))
+    }
+
+    /// The model fails on its own test input (`Some(why)`), or works again (`None`).
+    pub fn set_model_failing(&self, why: Option<String>) {
+        *self.0.model_failing.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why /readyz fails, if it does.
+    pub fn not_ready(&self) -> Option<String> {
+        if let Some((thread, reason)) = self.dead_thread() {
+            return Some(format!("thread {thread} died: {reason}"));
+        }
+        if let Some(why) = self.0.model_failing.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(format!("model failing: {why}; retrying"));
+        }
+        let missing = self.missing_inboxes();
+        if !missing.is_empty() {
+            let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+            return Some(format!("inbox folder missing (recreate it): {}", list.join(", ")));
+        }
+        (!self.0.ready.load(Ordering::SeqCst)).then(|| "loading the model or setting up watches".to_string())
     }
 
     pub fn slot(&self, name: impl Into<String>) -> Arc<Slot> {
@@ -95,8 +178,9 @@ impl Health {
         self.0.ready.store(ready, Ordering::SeqCst);
     }
 
+    /// Ready, the model working and no thread dead.
     pub fn is_ready(&self) -> bool {
-        self.0.ready.load(Ordering::SeqCst) && self.missing_inboxes().is_empty()
+        self.not_ready().is_none()
     }
 
     /// Marks an inbox folder as gone (or back).
@@ -159,5 +243,36 @@ mod tests {
         assert_eq!(h.stalled(Duration::from_secs(5)), None);
         drop(busy);
         assert_eq!(h.stalled(Duration::ZERO), None);
+    }
+
+    #[test]
+    fn a_thread_that_panics_makes_labeld_unhealthy_and_fails_the_shutdown() {
+        let (h, shutdown) = (Health::new(), Shutdown::new());
+        h.set_ready(true);
+        let line = h.lifeline("decode-0", &shutdown);
+        let _ = std::thread::spawn(move || {
+            let _line = line;
+            panic!("boom");
+        })
+        .join();
+        assert!(h.unhealthy(Duration::from_secs(60)).unwrap().contains("decode-0 died"));
+        assert!(!h.is_ready());
+        assert!(shutdown.is_triggered());
+        assert_eq!(shutdown.failure().unwrap().thread, "decode-0");
+        // A thread that returns normally is not a death.
+        let (h, shutdown) = (Health::new(), Shutdown::new());
+        drop(h.lifeline("sink", &shutdown));
+        assert_eq!(h.unhealthy(Duration::from_secs(60)), None);
+        assert!(!shutdown.is_triggered());
+    }
+
+    #[test]
+    fn a_failing_model_makes_labeld_not_ready_until_it_works_again() {
+        let h = Health::new();
+        h.set_ready(true);
+        h.set_model_failing(Some("probe: boom".into()));
+        assert!(h.not_ready().unwrap().starts_with("model failing: probe: boom"));
+        h.set_model_failing(None);
+        assert!(h.is_ready());
     }
 }

@@ -102,24 +102,16 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 async fn healthz(State(s): State<HttpState>) -> Response {
-    match s.health.stalled(s.stall_limit) {
+    match s.health.unhealthy(s.stall_limit) {
         None => (StatusCode::OK, "ok\n").into_response(),
-        Some((thread, d)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("{thread} stuck for {} s\n", d.as_secs())).into_response()
-        }
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {
-    let missing = s.health.missing_inboxes();
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
-        let body = format!("not ready: inbox folder missing (recreate it): {}\n", list.join(", "));
-        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: loading the model or setting up watches\n").into_response()
+    match s.health.not_ready() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
     }
 }
 

@@ -45,34 +45,70 @@ impl Classifier {
             )));
         }
         let classifier = Classifier { module, crop, classes: labels, kind };
-        for n in [1, 1, max_batch, max_batch] {
+        classifier.probe().map_err(|e| fail(format!("test forward pass on zeros failed: {e}")))?;
+        for n in [1, max_batch, max_batch] {
             let zeros = vec![0f32; n * 3 * (crop * crop) as usize];
             classifier.top_k(&zeros, n, 1).map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
         }
         Ok(classifier)
     }
 
+    /// The load-time test: one all-zero image must give one finite row of `classes` logits. Run again
+    /// when an image fails alone, to tell a bad image (probe passes) from a failing model.
+    pub fn probe(&self) -> Result<(), String> {
+        let zeros = vec![0f32; 3 * (self.crop * self.crop) as usize];
+        self.top_k(&zeros, 1, 1).map(drop)
+    }
+
     /// Runs `n` preprocessed images (concatenated HWC data) and returns the `k` best
-    /// (class, probability) pairs for each, best first.
+    /// (class, probability) pairs for each, best first. A model that raises, returns another shape
+    /// than `[n, classes]` or a non-finite logit is an error, never a panic.
     pub fn top_k(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Vec<(usize, f32)>>, String> {
         let k = k.min(self.classes) as i64;
-        let (scores, ids) = tch::no_grad(|| -> Result<(Vec<f32>, Vec<i64>), tch::TchError> {
-            // NHWC data seen as NCHW: a channels-last tensor, no copy.
-            let input = Tensor::f_from_slice(data)?
-                .f_view([n as i64, self.crop, self.crop, 3])?
-                .f_permute([0, 3, 1, 2])?
-                .f_to_kind(self.kind)?;
-            let logits = self.module.forward_ts(&[input])?;
-            let probs = logits.f_to_kind(Kind::Float)?.f_softmax(-1, Kind::Float)?;
-            let (values, indices) = probs.f_topk(k, -1, true, true)?;
-            Ok((Vec::<f32>::try_from(values.f_flatten(0, -1)?)?, Vec::<i64>::try_from(indices.f_flatten(0, -1)?)?))
-        })
-        .map_err(|e| first_line(&e.to_string()))?;
+        let run = || tch::no_grad(|| self.ranked(data, n, k));
+        let (scores, ids) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|p| format!("libtorch panicked: {}", panic_message(&*p)))??;
         let k = k as usize;
+        if scores.len() != n * k || ids.len() != n * k {
+            return Err(format!("top-{k} gave {} values for {n} images", scores.len()));
+        }
         Ok((0..n)
             .map(|i| (0..k).map(|j| (ids[i * k + j] as usize, scores[i * k + j])).collect())
             .collect())
     }
+
+    fn ranked(&self, data: &[f32], n: usize, k: i64) -> Result<(Vec<f32>, Vec<i64>), String> {
+        let tch_err = |e: tch::TchError| first_line(&e.to_string());
+        // NHWC data seen as NCHW: a channels-last tensor, no copy.
+        let input = Tensor::f_from_slice(data)
+            .and_then(|t| t.f_view([n as i64, self.crop, self.crop, 3]))
+            .and_then(|t| t.f_permute([0, 3, 1, 2]))
+            .and_then(|t| t.f_to_kind(self.kind))
+            .map_err(tch_err)?;
+        let logits = self.module.forward_ts(&[input]).map_err(tch_err)?;
+        let size = logits.size();
+        if size != [n as i64, self.classes as i64] {
+            return Err(format!("output shape {size:?} for {n} images; expected [{n}, {}]", self.classes));
+        }
+        let logits = logits.f_to_kind(Kind::Float).map_err(tch_err)?;
+        let finite = logits.f_isfinite().and_then(|t| t.f_all()).and_then(|t| t.f_int64_value(&[])).map_err(tch_err)?;
+        if finite == 0 {
+            return Err("output has NaN or infinite values".into());
+        }
+        let (values, indices) = logits.f_softmax(-1, Kind::Float).and_then(|p| p.f_topk(k, -1, true, true)).map_err(tch_err)?;
+        let values = values.f_flatten(0, -1).and_then(|t| Vec::<f32>::try_from(t)).map_err(tch_err)?;
+        let indices = indices.f_flatten(0, -1).and_then(|t| Vec::<i64>::try_from(t)).map_err(tch_err)?;
+        Ok((values, indices))
+    }
+}
+
+/// The text of a panic payload (a `&str` or `String`, as `panic!` makes).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }
 
 /// libtorch errors carry a C++ backtrace; operators need the first line.

@@ -116,6 +116,8 @@ impl Preprocessor {
         if pixels == 0 {
             return Err(ImageError::Decode(format!("image has no pixels ({width}x{height})")));
         }
+        // A few hundred bytes of PNG can say 1x16777216: refuse what the resize would need, too.
+        resize_plan(width, height, self.cfg.resize, self.cfg.max_pixels)?;
         let mut limits = Limits::default();
         // Room for the largest pixel format (16-bit RGBA) at the pixel limit, and no more.
         limits.max_alloc = Some(self.cfg.max_pixels.saturating_mul(8).saturating_add(64 << 20));
@@ -162,6 +164,8 @@ impl Preprocessor {
         // `resize` (after EXIF rotation the shorter side is the same).
         let denom = if self.cfg.scaled_decode { scale_denominator(width, height, 2 * self.cfg.resize) } else { 1 };
         let (sw, sh) = (width.div_ceil(denom), height.div_ceil(denom));
+        // The plan bounds the decode buffer (sw x sh) as well as the resize's.
+        resize_plan(sw, sh, self.cfg.resize, self.cfg.max_pixels)?;
         let mut buf = vec![0u8; sw as usize * sh as usize * 3];
         let out = turbojpeg::Image {
             pixels: buf.as_mut_slice(),
@@ -178,7 +182,7 @@ impl Preprocessor {
 
     fn resize_and_crop(&mut self, rgb: image::RgbImage) -> Result<Vec<u8>, ImageError> {
         let (w, h) = rgb.dimensions();
-        let (nw, nh) = resized_size(w, h, self.cfg.resize);
+        let (nw, nh) = resize_plan(w, h, self.cfg.resize, self.cfg.max_pixels)?;
         let resized = if (nw, nh) == (w, h) {
             rgb.into_raw()
         } else {
@@ -264,10 +268,41 @@ pub fn scale_denominator(w: u32, h: u32, min_side: u32) -> u32 {
 }
 
 /// torchvision's `Resize(int)`: the shorter side becomes `size`, the longer side scales and truncates.
+/// Only for sizes `resize_plan` accepted (the longer side of an extreme aspect ratio overflows u32).
 pub fn resized_size(w: u32, h: u32, size: u32) -> (u32, u32) {
+    let (nw, nh) = resized_size_u64(w, h, size);
+    (nw as u32, nh as u32)
+}
+
+fn resized_size_u64(w: u32, h: u32, size: u32) -> (u64, u64) {
     let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    let new_long = ((u64::from(size) * u64::from(long)) / u64::from(short)).max(1) as u32;
-    if w <= h { (size, new_long) } else { (new_long, size) }
+    let new_long = ((u64::from(size) * u64::from(long)) / u64::from(short).max(1)).max(1);
+    if w <= h { (u64::from(size), new_long) } else { (new_long, u64::from(size)) }
+}
+
+/// The resize target of a `w`x`h` image, checked before anything is allocated for it: the source,
+/// the target and fast_image_resize's intermediate image (source width x target height, for u8
+/// pixels) each fit in `max(w, nw) x max(h, nh)` pixels, which must not exceed `limit`.
+pub fn resize_plan(w: u32, h: u32, resize: u32, limit: u64) -> Result<(u32, u32), ImageError> {
+    let (nw, nh) = resized_size_u64(w, h, resize);
+    let pixels = nw.max(u64::from(w)).saturating_mul(nh.max(u64::from(h)));
+    if pixels > limit {
+        return Err(ImageError::ResizeTooLarge {
+            width: w,
+            height: h,
+            resize,
+            to_width: nw,
+            to_height: nh,
+            pixels,
+            limit,
+        });
+    }
+    // Both fit in u32: each is at most `pixels`, and a side over u32::MAX would need more than a
+    // limit anyone sets; refuse rather than wrap if one does.
+    match (u32::try_from(nw), u32::try_from(nh)) {
+        (Ok(nw), Ok(nh)) => Ok((nw, nh)),
+        _ => Err(ImageError::ResizeTooLarge { width: w, height: h, resize, to_width: nw, to_height: nh, pixels, limit }),
+    }
 }
 
 /// torchvision's `CenterCrop` offset: `int(round((len - crop) / 2))`, with Python's round-half-to-even.
@@ -328,6 +363,25 @@ mod tests {
         assert_eq!(resized_size(427, 640, 256), (256, 383)); // portrait
         assert_eq!(resized_size(512, 512, 256), (256, 256));
         assert_eq!(resized_size(1920, 1080, 256), (455, 256));
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_are_refused_before_the_resize_allocates() {
+        let limit = 100_000_000;
+        for (w, h) in [(3, 60_000), (1, 1_000_000), (1, 16_777_216), (16_777_216, 1)] {
+            match resize_plan(w, h, 256, limit) {
+                Err(ImageError::ResizeTooLarge { pixels, limit: l, .. }) => assert!(pixels > l, "{w}x{h}"),
+                other => panic!("{w}x{h}: {other:?}"),
+            }
+        }
+        // 1x16777216 at 256 is 256x2^32: the target's long side alone overflows u32.
+        let e = resize_plan(1, 16_777_216, 256, limit).unwrap_err().to_string();
+        assert!(e.contains("256x4294967296") && e.contains("[limits] max_pixels"), "{e}");
+        // Ordinary images, large and small, keep torchvision's size.
+        assert_eq!(resize_plan(10_000, 10_000, 256, limit), Ok((256, 256)));
+        assert_eq!(resize_plan(1920, 1080, 256, limit), Ok(resized_size(1920, 1080, 256)));
+        assert_eq!(resize_plan(40, 30, 256, limit), Ok((341, 256)));
+        assert_eq!(resize_plan(256, 1000, 256, limit), Ok((256, 1000)));
     }
 
     #[test]

@@ -1,21 +1,22 @@
 //! Worker threads: each owns one `Classifier` and runs batches through it, while a helper thread of
 //! its own reads, decodes and resizes the next batch.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
-use super::model::Classifier;
+use super::model::{Classifier, panic_message};
 use super::preprocess::Preprocessor;
 use super::{BatchDone, InferSettings, LiveSettings, Outcome, Prediction};
 use crate::config::WorkersConfig;
 use crate::error::{Fatal, ImageError};
-use crate::health::{Health, Slot};
+use crate::health::{Health, Lifeline, Slot};
 use crate::metrics::{Metrics, Stage};
-use crate::queue::{Batcher, QueueReceiver};
+use crate::queue::{Batcher, QueueReceiver, ReadyFile};
 use crate::shutdown::Shutdown;
 
 pub struct Workers {
@@ -26,7 +27,7 @@ impl Workers {
     /// Starts `cfg.count` workers and waits until each has loaded its model. Workers stop when the
     /// queue is closed and empty, or after their current batch once `shutdown` is triggered. Each
     /// batch uses the settings `live` holds when the batch starts; a changed model is loaded between
-    /// batches.
+    /// batches. A worker thread that dies stops labeld through `shutdown` (see `Lifeline`).
     pub fn start(
         live: LiveSettings,
         cfg: &WorkersConfig,
@@ -39,12 +40,21 @@ impl Workers {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), Fatal>>(cfg.count);
         let mut handles = Vec::new();
         for i in 0..cfg.count {
-            let (live, threads, rx, out, shutdown, ready_tx, metrics) =
-                (live.clone(), cfg.threads, rx.clone(), out.clone(), shutdown.clone(), ready_tx.clone(), metrics.clone());
+            let (live, threads, rx, out, shutdown, ready_tx, metrics, health) = (
+                live.clone(),
+                cfg.threads,
+                rx.clone(),
+                out.clone(),
+                shutdown.clone(),
+                ready_tx.clone(),
+                metrics.clone(),
+                health.clone(),
+            );
             let (infer_slot, decode_slot) = (health.slot(format!("infer-{i}")), health.slot(format!("decode-{i}")));
             let h = std::thread::Builder::new()
                 .name(format!("infer-{i}"))
                 .spawn(move || {
+                    let line = health.lifeline(format!("infer-{i}"), &shutdown);
                     tch::set_num_threads(threads as i32);
                     let settings = live.get();
                     let classifier = match load(&settings) {
@@ -58,8 +68,8 @@ impl Workers {
                         }
                     };
                     drop(ready_tx);
-                    let worker = Worker { settings, classifier, metrics, slot: infer_slot };
-                    worker.run(&live, &rx, &out, &shutdown, decode_slot);
+                    let worker = Worker { settings, classifier, metrics, slot: infer_slot, health, name: format!("infer-{i}") };
+                    worker.run(&live, &rx, &out, &shutdown, decode_slot, line);
                 })
                 .map_err(|e| Fatal::io("cannot start inference thread", e))?;
             handles.push(h);
@@ -103,29 +113,60 @@ struct Worker {
     classifier: Classifier,
     metrics: Metrics,
     slot: Arc<Slot>,
+    health: Health,
+    name: String,
 }
+
+/// One image's ranked (class, probability) pairs, or why the model failed on it alone.
+type Ranked = Result<Vec<(usize, f32)>, String>;
+
+/// Back-off while the model fails on its own test input: 0.5 s doubling to 30 s.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Worker {
     /// Decoding overlaps inference: a helper thread prepares the next batch (read, decode, resize)
     /// while this thread runs the model on the current one. Only plain `Vec<f32>`s cross threads.
-    fn run(mut self, live: &LiveSettings, rx: &QueueReceiver, out: &Sender<BatchDone>, shutdown: &Shutdown, decode_slot: Arc<Slot>) {
+    fn run(
+        mut self,
+        live: &LiveSettings,
+        rx: &QueueReceiver,
+        out: &Sender<BatchDone>,
+        shutdown: &Shutdown,
+        decode_slot: Arc<Slot>,
+        line: Lifeline,
+    ) {
         let (prepared_tx, prepared_rx) = crossbeam_channel::bounded::<Prepared>(1);
         std::thread::scope(|scope| {
+            // Held in here so that a panic below triggers shutdown before the scope waits for the
+            // decode thread (which only stops on shutdown or a closed queue).
+            let line = line;
             let times = self.metrics.times.clone();
-            let name = std::thread::current().name().unwrap_or("infer").replace("infer", "decode");
-            let prep = std::thread::Builder::new()
-                .name(name)
-                .spawn_scoped(scope, move || prepare_batches(live, times, rx, prepared_tx, shutdown, &decode_slot));
-            if let Err(e) = prep {
-                tracing::error!(error = %e, "cannot start decode thread");
-                return;
-            }
-            for batch in prepared_rx {
-                if out.send(self.infer(batch)).is_err() {
-                    return;
-                }
-            }
+            let name = self.name.replace("infer", "decode");
+            let decode_line = self.health.lifeline(name.clone(), shutdown);
+            let prep = std::thread::Builder::new().name(name.clone()).spawn_scoped(scope, move || {
+                let _line = decode_line;
+                prepare_batches(live, times, rx, prepared_tx, shutdown, &decode_slot, &name);
+            });
+            let prep = match prep {
+                Ok(h) => h,
+                Err(e) => return line.died(&format!("cannot start its decode thread: {e}")),
+            };
+            self.consume(prepared_rx, out, shutdown, &line);
+            // A panic there was recorded by the decode thread's own lifeline.
+            let _ = prep.join();
         });
+    }
+
+    /// Runs the prepared batches through the model until the decode thread stops.
+    fn consume(&mut self, prepared: Receiver<Prepared>, out: &Sender<BatchDone>, shutdown: &Shutdown, line: &Lifeline) {
+        for batch in prepared {
+            crate::health::test_panic_hook(&self.name);
+            let Some(done) = self.infer(batch, shutdown) else { return };
+            if out.send(done).is_err() {
+                return line.died("the sink stopped taking results");
+            }
+        }
     }
 
     /// Swaps in the model `s` names if it differs from the one loaded. On failure the batch gets
@@ -144,40 +185,34 @@ impl Worker {
         Ok(())
     }
 
-    fn infer(&mut self, batch: Prepared) -> BatchDone {
+    /// Labels one batch; `None` if shutdown came while the model was failing (the images then have
+    /// no record and are labelled after the restart).
+    fn infer(&mut self, batch: Prepared, shutdown: &Shutdown) -> Option<BatchDone> {
         let Prepared { settings, files, data, mut results, thumbs, prep_ms } = batch;
-        let slot = self.slot.clone();
-        let busy = slot.busy(&files);
-        let swapped = self.use_settings(&settings);
         let n_ok = results.iter().filter(|r| r.is_none()).count();
         let infer_started = Instant::now();
         if n_ok > 0 {
-            let tops = swapped.and_then(|()| self.classifier.top_k(&data, n_ok, settings.model.top_k));
-            match tops {
-                Ok(tops) => {
-                    let mut tops = tops.into_iter();
-                    for r in results.iter_mut().filter(|r| r.is_none()) {
-                        let top = tops.next().unwrap_or_default();
-                        *r = Some(Ok(top
-                            .into_iter()
-                            .map(|(class_id, score)| Prediction {
-                                class_id,
-                                label: settings.labels.name(class_id).to_string(),
-                                label_en: settings.labels.english(class_id).map(str::to_string),
-                                score,
-                            })
-                            .collect()));
-                    }
-                }
+            let swapped = {
+                let slot = self.slot.clone();
+                let _busy = slot.busy(&files);
+                self.use_settings(&settings)
+            };
+            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = match swapped {
+                Ok(()) => self
+                    .rank_until_the_model_works(&files, &data, n_ok, settings.model.top_k, shutdown)?
+                    .into_iter()
+                    .map(|r| r.map(|top| predictions(&settings, top)).map_err(ImageError::ModelRejected))
+                    .collect(),
                 Err(e) => {
                     tracing::error!(error = %e, images = n_ok, "inference failed for a batch");
-                    for r in results.iter_mut().filter(|r| r.is_none()) {
-                        *r = Some(Err(ImageError::Inference(e.clone())));
-                    }
+                    vec![Err(ImageError::Inference(e)); n_ok]
                 }
+            };
+            let mut labelled = labelled.into_iter();
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = labelled.next();
             }
         }
-        drop(busy);
         self.metrics.times.add(Stage::Inference, infer_started.elapsed());
         self.metrics.batch(files.len());
         let infer_ms = infer_started.elapsed().as_secs_f64() * 1e3;
@@ -200,15 +235,95 @@ impl Worker {
             infer_ms = format!("{infer_ms:.1}"),
             "batch"
         );
-        BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: settings.model.min_score }
+        Some(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: settings.model.min_score })
     }
+
+    /// Ranks `n` images. While the model fails even on its test input (a fault of the model, not of
+    /// the images) nothing is recorded: /readyz says "model failing" and the batch is tried again
+    /// after a back-off, until it works or shutdown (`None`).
+    fn rank_until_the_model_works(
+        &self,
+        files: &[ReadyFile],
+        data: &[f32],
+        n: usize,
+        k: usize,
+        shutdown: &Shutdown,
+    ) -> Option<Vec<Ranked>> {
+        let mut delay = RETRY_FIRST;
+        let mut failed = false;
+        loop {
+            // Busy only while the model runs: waiting out the back-off is not a hung worker.
+            let ranked = {
+                let _busy = self.slot.busy(files);
+                self.rank(data, n, k)
+            };
+            match ranked {
+                Ok(ranked) => {
+                    if failed {
+                        self.health.set_model_failing(None);
+                        tracing::info!(thread = %self.name, "the model works again");
+                    }
+                    return Some(ranked);
+                }
+                Err(e) => {
+                    failed = true;
+                    self.health.set_model_failing(Some(e.clone()));
+                    tracing::error!(
+                        thread = %self.name,
+                        images = n,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "the model fails even on its test input ({e}): a fault of the model, not of the images; \
+                         no record is written and the batch is tried again"
+                    );
+                    if shutdown.wait_timeout(delay) {
+                        return None;
+                    }
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    /// Ranks `n` images; a batch the model fails on is split in halves until the images at fault
+    /// are found, so their batch-mates are labelled. An image that fails alone is at fault only if
+    /// the model still passes its test input; otherwise the model is (`Err`).
+    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, String> {
+        match self.classifier.top_k(data, n, k) {
+            Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
+            Err(e) if n == 1 => match self.classifier.probe() {
+                Ok(()) => {
+                    tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
+                    Ok(vec![Err(e)])
+                }
+                Err(probe) => Err(format!("{e}; on its test input: {probe}")),
+            },
+            Err(e) => {
+                tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
+                let (half, per_image) = (n / 2, data.len() / n);
+                let mut ranked = self.rank(&data[..half * per_image], half, k)?;
+                ranked.extend(self.rank(&data[half * per_image..], n - half, k)?);
+                Ok(ranked)
+            }
+        }
+    }
+}
+
+fn predictions(settings: &InferSettings, top: Vec<(usize, f32)>) -> Vec<Prediction> {
+    top.into_iter()
+        .map(|(class_id, score)| Prediction {
+            class_id,
+            label: settings.labels.name(class_id).to_string(),
+            label_en: settings.labels.english(class_id).map(str::to_string),
+            score,
+        })
+        .collect()
 }
 
 /// A batch ready for the model: the images' tensor data (those that decoded) and, for those that
 /// did not, their error.
 struct Prepared {
     settings: Arc<InferSettings>,
-    files: Vec<crate::queue::ReadyFile>,
+    files: Vec<ReadyFile>,
     data: Vec<f32>,
     /// `None`: decoded, waiting for inference; `Some(Err)`: failed before inference.
     results: Vec<Option<Result<Vec<Prediction>, ImageError>>>,
@@ -223,6 +338,7 @@ fn prepare_batches(
     tx: Sender<Prepared>,
     shutdown: &Shutdown,
     slot: &Slot,
+    thread: &str,
 ) {
     let mut settings = live.get();
     let mut pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
@@ -232,6 +348,7 @@ fn prepare_batches(
         if files.is_empty() {
             return;
         }
+        crate::health::test_panic_hook(thread);
         let busy = slot.busy(&files);
         let now = live.get();
         if !Arc::ptr_eq(&now, &settings) {
@@ -247,13 +364,22 @@ fn prepare_batches(
         let mut results = Vec::with_capacity(files.len());
         let mut thumbs = Vec::with_capacity(files.len());
         for f in &mut files {
-            let loaded = match &f.upload {
-                Some(u) => pre.process(&u.bytes, &mut data),
-                None => {
-                    let root = crate::beneath::root_of(settings.inboxes.iter().map(PathBuf::as_path), &f.path);
-                    pre.load(root, &f.path, &mut data, &mut f.identity)
+            let mark = data.len();
+            let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| prepare_one(&mut pre, f, &settings.inboxes, &mut data)));
+            let loaded = match prepared {
+                Ok(loaded) => loaded,
+                Err(payload) => {
+                    let msg = panic_message(&*payload);
+                    tracing::error!(path = %f.path.display(), panic = %msg, "preprocessing panicked on an image: it gets an error record; rebuilding the preprocessor");
+                    // Its scratch buffers may be in any state after the unwind.
+                    pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
+                    pre.set_thumbnails(settings.thumbnails);
+                    Err(ImageError::Crashed(msg))
                 }
             };
+            if loaded.is_err() {
+                data.truncate(mark);
+            }
             results.push(loaded.err().map(Err));
             thumbs.push(pre.take_thumb());
         }
@@ -261,6 +387,17 @@ fn prepare_batches(
         drop(busy);
         if tx.send(Prepared { settings: settings.clone(), files, data, results, thumbs, prep_ms }).is_err() {
             return;
+        }
+    }
+}
+
+/// Read → decode → resize → normalize for one image, appending its tensor data to `data`.
+fn prepare_one(pre: &mut Preprocessor, f: &mut ReadyFile, inboxes: &[PathBuf], data: &mut Vec<f32>) -> Result<(), ImageError> {
+    match &f.upload {
+        Some(u) => pre.process(&u.bytes, data),
+        None => {
+            let root = crate::beneath::root_of(inboxes.iter().map(PathBuf::as_path), &f.path);
+            pre.load(root, &f.path, data, &mut f.identity)
         }
     }
 }
