@@ -111,7 +111,14 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "no message".into())
 }
 
-/// libtorch errors carry a C++ backtrace; operators need the first line.
+/// libtorch errors carry a C++ backtrace; operators need the first line. An exception raised inside
+/// a TorchScript model comes after the script's traceback: its last line says what the model raised.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).to_string()
+    let first = s.lines().next().unwrap_or(s);
+    if first.contains("failed in the TorchScript interpreter") {
+        if let Some(raised) = s.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+            return raised.to_string();
+        }
+    }
+    first.to_string()
 }
