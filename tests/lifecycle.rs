@@ -1,0 +1,122 @@
+//! How labeld ends: a second SIGTERM/SIGINT mid-batch exits at once with 128 + the signal (never a
+//! crash), and a long-lived thread that dies makes labeld exit non-zero so that systemd restarts it.
+//! The dying thread is made with the documented test hook `LABELD_TEST_PANIC_THREAD`: since a panic
+//! while preprocessing an image is now contained, no input can kill a worker thread.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn start(s: &Setup, env: &[(&str, &str)]) -> Running {
+        let log = s.dir.path().join("daemon.log");
+        let child = s
+            .labeld()
+            .envs(env.iter().copied())
+            .args(["run", "--config"])
+            .arg(&s.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start labeld");
+        let r = Running { child, log };
+        r.wait_for_log("ready");
+        r
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for_log(&self, needle: &str) {
+        let t = Instant::now();
+        while !self.log_text().contains(needle) {
+            assert!(t.elapsed() < WAIT, "no {needle:?} in the daemon log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t.elapsed() < WAIT, "labeld did not exit:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_second_signal_mid_batch_exits_at_once_with_128_plus_the_signal() {
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let s = Setup::new("channel_mean", "");
+        // A forward pass that never returns on a white image: labeld is mid-batch for good.
+        hanging_model(&s.model);
+        let mut d = Running::start(&s, &[]);
+        solid(&s.inbox.join("white.png"), [255, 255, 255], 64, 48);
+        std::thread::sleep(Duration::from_millis(1500));
+        d.signal(sig);
+        d.wait_for_log("stopping: no new files");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(d.child.try_wait().unwrap(), None, "labeld exited on the first signal, though its batch is not done");
+        d.signal(sig);
+        let status = d.wait_exit();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), None, "signal {sig}: labeld crashed: {status:?}\n{}", d.log_text());
+        assert_eq!(status.code(), Some(code), "signal {sig}:\n{}", d.log_text());
+        assert!(d.log_text().contains("second signal: exiting now"), "{}", d.log_text());
+        assert!(!sidecar(&s.inbox.join("white.png")).exists());
+    }
+}
+
+#[test]
+fn a_dead_decode_thread_stops_the_daemon_with_a_non_zero_exit() {
+    let s = Setup::new("channel_mean", "");
+    let mut d = Running::start(&s, &[("LABELD_TEST_PANIC_THREAD", "decode-0")]);
+    solid(&s.inbox.join("red.png"), RED, 64, 48);
+    let status = d.wait_exit();
+    let log = d.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("thread died") && log.contains("decode-0"), "{log}");
+    assert!(log.contains("thread decode-0 died"), "the exit names the thread:\n{log}");
+}
+
+#[test]
+fn run_once_exits_non_zero_when_an_inference_thread_dies() {
+    let s = Setup::new("channel_mean", "");
+    for i in 0..3 {
+        solid(&s.inbox.join(format!("red-{i}.png")), RED, 64, 48);
+    }
+    let out = s.labeld().env("LABELD_TEST_PANIC_THREAD", "infer-0").args(["run", "--once", "--config"]).arg(&s.config).output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("thread infer-0 died"), "{log}");
+    // Without the hook the same backlog is labelled and the exit is 0.
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(s.rows().len(), 3);
+}
