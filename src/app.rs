@@ -47,6 +47,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         done_rx,
         metrics.clone(),
         recent.clone(),
+        health.lifeline("sink", &shutdown),
     )?;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let sink_control = sink.control();
@@ -66,7 +67,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         health.clone(),
     )?;
     let upload_queue = queue_tx.clone();
-    let feeder = Feeder::start(queue_tx)?;
+    let feeder = Feeder::start(queue_tx, health.lifeline("feeder", &shutdown))?;
     let started = Instant::now();
 
     let mut progress = None;

@@ -21,6 +21,8 @@ struct Inner {
     dead: Mutex<Vec<(String, String)>>,
     /// Why the model fails even on its test input, while it does.
     model_failing: Mutex<Option<String>>,
+    /// Milliseconds since `epoch` of the last sign of progress: a batch done, or nothing in flight.
+    progress_at: AtomicU64,
 }
 
 /// Held by a long-lived thread for its whole life: if the thread unwinds (a panic outside the
@@ -120,7 +122,24 @@ impl Health {
             slots: Mutex::new(Vec::new()),
             dead: Mutex::new(Vec::new()),
             model_failing: Mutex::new(None),
+            progress_at: AtomicU64::new(0),
         }))
+    }
+
+    /// A worker finished a batch.
+    pub fn progressed(&self) {
+        self.0.progress_at.store(self.0.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long images have been in flight with none completed, if longer than `limit`. Asked once a
+    /// second by the supervisor; with nothing in flight there is nothing to wait for.
+    pub fn starved(&self, in_flight: usize, limit: Duration) -> Option<Duration> {
+        if in_flight == 0 {
+            self.progressed();
+            return None;
+        }
+        let since = Duration::from_millis(self.0.progress_at.load(Ordering::Relaxed));
+        Some(self.0.epoch.elapsed().saturating_sub(since)).filter(|d| *d > limit)
     }
 
     /// A guard for the long-lived thread `thread`; see `Lifeline`.
@@ -133,12 +152,17 @@ impl Health {
         self.0.dead.lock().unwrap_or_else(|e| e.into_inner()).first().cloned()
     }
 
-    /// Why /healthz fails: a dead thread, or a thread stuck in one step for more than `limit`.
-    pub fn unhealthy(&self, limit: Duration) -> Option<String> {
+    /// Why /healthz fails: a dead thread, a thread stuck in one step for more than `limit`, or
+    /// `in_flight` images with none completed for more than `limit` (liveness is progress).
+    pub fn unhealthy(&self, limit: Duration, in_flight: usize) -> Option<String> {
         if let Some((thread, reason)) = self.dead_thread() {
             return Some(format!("thread {thread} died: {reason}"));
         }
-        self.stalled(limit).map(|(thread, d)| format!("{thread} stuck for {} s", d.as_secs()))
+        if let Some((thread, d)) = self.stalled(limit) {
+            return Some(format!("{thread} stuck for {} s", d.as_secs()));
+        }
+        self.starved(in_flight, limit)
+            .map(|d| format!("no progress: {in_flight} images in flight and none completed for {} s", d.as_secs()))
     }
 
     /// The model fails on its own test input (`Some(why)`), or works again (`None`).
@@ -255,15 +279,29 @@ mod tests {
             panic!("boom");
         })
         .join();
-        assert!(h.unhealthy(Duration::from_secs(60)).unwrap().contains("decode-0 died"));
+        assert!(h.unhealthy(Duration::from_secs(60), 0).unwrap().contains("decode-0 died"));
         assert!(!h.is_ready());
         assert!(shutdown.is_triggered());
         assert_eq!(shutdown.failure().unwrap().thread, "decode-0");
         // A thread that returns normally is not a death.
         let (h, shutdown) = (Health::new(), Shutdown::new());
         drop(h.lifeline("sink", &shutdown));
-        assert_eq!(h.unhealthy(Duration::from_secs(60)), None);
+        assert_eq!(h.unhealthy(Duration::from_secs(60), 0), None);
         assert!(!shutdown.is_triggered());
+    }
+
+    #[test]
+    fn images_in_flight_with_none_completed_for_too_long_is_unhealthy() {
+        let h = Health::new();
+        let limit = Duration::from_millis(20);
+        assert_eq!(h.unhealthy(limit, 0), None);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(h.unhealthy(limit, 0), None, "idle is not a stall");
+        assert_eq!(h.starved(3, limit), None, "the wait starts when the images arrive");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(h.unhealthy(limit, 3).unwrap().starts_with("no progress: 3 images in flight"));
+        h.progressed();
+        assert_eq!(h.unhealthy(limit, 3), None);
     }
 
     #[test]

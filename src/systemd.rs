@@ -82,6 +82,7 @@ impl Systemd {
             tracing::info!(interval_ms = wd.as_millis() as u64, hung_after_ms = limit.as_millis() as u64, "systemd watchdog on");
         }
         let spawned = std::thread::Builder::new().name("supervisor".into()).spawn(move || {
+            let _line = health.lifeline("supervisor", &shutdown);
             let mut reported: HashSet<(String, u64)> = HashSet::new();
             while !shutdown.is_triggered() {
                 let summary = summary(&metrics);
@@ -92,12 +93,9 @@ impl Systemd {
                     }
                 }
                 reported.retain(|(t, since)| stalls.iter().any(|s| &s.thread == t && s.since_ms == *since));
-                match stalls.first() {
+                match health.unhealthy(limit, metrics.in_flight()) {
                     None => self.send(&[NotifyState::Watchdog, NotifyState::Status(&summary)]),
-                    Some(stall) => {
-                        let status = format!("{} stuck for {} s; {summary}", stall.thread, stall.for_.as_secs());
-                        self.send(&[NotifyState::Status(&status)]);
-                    }
+                    Some(why) => self.send(&[NotifyState::Status(&format!("{why}; {summary}"))]),
                 }
                 std::thread::sleep(tick);
             }

@@ -163,17 +163,31 @@ fn a_model_that_fails_on_its_test_input_too_is_retried_and_the_image_labelled_on
 }
 
 #[test]
-fn shutdown_is_not_held_up_by_a_model_that_never_works_again_and_nothing_is_recorded() {
-    let s = setup(BROKEN_AFTER_LOAD, "count = 1\nmax_batch = 4\n");
-    let d = s.spawn_daemon();
+fn a_model_that_never_works_again_is_unhealthy_records_nothing_and_does_not_hold_up_shutdown() {
+    let s = setup(BROKEN_AFTER_LOAD, &format!("count = 1\nmax_batch = 4\n{HTTP}"));
+    // A 4 s watchdog: an image in flight for over 2 s with nothing completed is no progress.
+    let d = s.spawn_daemon_with(&[("WATCHDOG_USEC", "4000000")]);
+    let base = format!("http://{}", d.http_addr());
     let red = s.inbox.join("red.png");
     solid(&red, RED, 64, 48);
-    // Stopped during the 2 s back-off: waiting is not sleeping.
-    d.wait_for_log("retry_in_ms=2000", WAIT);
+    d.wait_for_log("retry_in_ms=4000", WAIT);
+    let (code, body) = get(&format!("{base}/readyz"));
+    assert_eq!(code, 503, "{body}");
+    let t = Instant::now();
+    loop {
+        let (code, body) = get(&format!("{base}/healthz"));
+        if code == 503 {
+            assert!(body.contains("no progress: 1 images in flight"), "{body}");
+            break;
+        }
+        assert!(t.elapsed() < WAIT, "/healthz stayed 200 while nothing was labelled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stopped during the 4 s back-off: waiting is not sleeping.
     let status = d.stop();
     assert!(status.success(), "exit {status:?}");
     let log = std::fs::read_to_string(s.dir.path().join("daemon.log")).unwrap();
-    assert!(!log.contains("retry_in_ms=4000"), "shutdown waited out the back-off:\n{log}");
+    assert!(!log.contains("retry_in_ms=8000"), "shutdown waited out the back-off:\n{log}");
     assert!(!sidecar(&red).exists(), "a model fault left a permanent record");
     assert!(s.rows().is_empty());
 

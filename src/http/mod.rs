@@ -102,7 +102,7 @@ fn error(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 async fn healthz(State(s): State<HttpState>) -> Response {
-    match s.health.unhealthy(s.stall_limit) {
+    match s.health.unhealthy(s.stall_limit, s.metrics.in_flight()) {
         None => (StatusCode::OK, "ok\n").into_response(),
         Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }

@@ -166,6 +166,7 @@ impl Worker {
             if out.send(done).is_err() {
                 return line.died("the sink stopped taking results");
             }
+            self.health.progressed();
         }
     }
 

@@ -30,6 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::beneath::{self, Identity};
 use crate::config::{Config, InboxConfig, LabelSource, LabelsLang, OnDone};
 use crate::error::{Fatal, ImageError};
+use crate::health::Lifeline;
 use crate::infer::{BatchDone, Outcome};
 use crate::metrics::{Metrics, Stage};
 use crate::queue::InFlight;
@@ -94,6 +95,7 @@ impl Sink {
         rx: Receiver<BatchDone>,
         metrics: Metrics,
         recent: Recent,
+        lifeline: Lifeline,
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open(&settings.csv, settings.columns)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
@@ -118,7 +120,10 @@ impl Sink {
         };
         let handle = std::thread::Builder::new()
             .name("sink".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                let _line = lifeline;
+                writer.run(rx)
+            })
             .map_err(|e| Fatal::io("cannot start sink thread", e))?;
         Ok(Sink { handle, control })
     }

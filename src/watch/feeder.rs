@@ -10,6 +10,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::error::Fatal;
+use crate::health::Lifeline;
 use crate::queue::{Pushed, QueueSender, ReadyFile, Resubmit};
 use crate::sink::sidecar::is_labelled;
 
@@ -19,12 +20,15 @@ pub struct Feeder {
 }
 
 impl Feeder {
-    pub fn start(queue: QueueSender) -> Result<Feeder, Fatal> {
+    pub fn start(queue: QueueSender, lifeline: Lifeline) -> Result<Feeder, Fatal> {
         let (tx, rx) = crossbeam_channel::unbounded::<ReadyFile>();
         let resubmits = queue.in_flight().resubmissions();
         let handle = std::thread::Builder::new()
             .name("feeder".into())
-            .spawn(move || feed(rx, resubmits, queue))
+            .spawn(move || {
+                let _line = lifeline;
+                feed(rx, resubmits, queue)
+            })
             .map_err(|e| Fatal::io("cannot start feeder thread", e))?;
         Ok(Feeder { tx, handle })
     }
