@@ -282,8 +282,10 @@ fn resized_size_u64(w: u32, h: u32, size: u32) -> (u64, u64) {
 
 /// The resize target of a `w`x`h` image, checked before anything is allocated for it: the source,
 /// the target and fast_image_resize's intermediate image (source width x target height, for u8
-/// pixels) each fit in `max(w, nw) x max(h, nh)` pixels, which must not exceed `limit`.
-pub fn resize_plan(w: u32, h: u32, resize: u32, limit: u64) -> Result<(u32, u32), ImageError> {
+/// pixels) each fit in `max(w, nw) x max(h, nh)` pixels, which must not exceed `max_pixels`, or
+/// `4 x resize²` if that is more (a small image scaled up is never refused, however low the limit).
+pub fn resize_plan(w: u32, h: u32, resize: u32, max_pixels: u64) -> Result<(u32, u32), ImageError> {
+    let limit = max_pixels.max(4 * u64::from(resize) * u64::from(resize));
     let (nw, nh) = resized_size_u64(w, h, resize);
     let pixels = nw.max(u64::from(w)).saturating_mul(nh.max(u64::from(h)));
     if pixels > limit {
@@ -382,6 +384,10 @@ mod tests {
         assert_eq!(resize_plan(1920, 1080, 256, limit), Ok(resized_size(1920, 1080, 256)));
         assert_eq!(resize_plan(40, 30, 256, limit), Ok((341, 256)));
         assert_eq!(resize_plan(256, 1000, 256, limit), Ok((256, 1000)));
+        // A low limit still lets a small image be scaled up to the model's size.
+        assert_eq!(resize_plan(100, 100, 256, 10_000), Ok((256, 256)));
+        assert_eq!(resize_plan(100, 50, 256, 10_000), Ok((512, 256)));
+        assert!(resize_plan(100, 10, 256, 10_000).is_err());
     }
 
     #[test]
