@@ -24,6 +24,7 @@ use crate::watch::{self, Feeder, Watch};
 /// `labeld run`: label the backlog, then (unless `once`) watch the inboxes until SIGTERM/SIGINT,
 /// re-reading the config on SIGHUP.
 pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
+    crate::health::note_panics();
     let shutdown = Shutdown::new();
     let metrics = Metrics::new();
     let health = Health::new();
@@ -277,6 +278,7 @@ fn spawn_progress(pb: indicatif::ProgressBar, metrics: Metrics, shutdown: Shutdo
 /// `labeld classify`: label files and folders now, print one JSON record per image to stdout, write
 /// nothing else. Returns how many images could not be labelled.
 pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
+    crate::health::note_panics();
     let shutdown = Shutdown::new();
     let labels = Arc::new(Labels::load(&config.model.labels, config.model.labels_lang)?);
     let files = expand(&config, paths)?;

@@ -46,9 +46,30 @@ impl Lifeline {
 impl Drop for Lifeline {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.died("panicked (the panic message is logged above)");
+            let what = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| "see the message above".into());
+            self.died(&format!("panicked: {what}"));
         }
     }
+}
+
+thread_local! {
+    /// The message and place of this thread's latest panic, for its `Lifeline`.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps each panic's message for the panicking thread's `Lifeline`, so the death record says why;
+/// the default hook still prints it (with a backtrace if asked for).
+pub fn note_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+            let what = format!("{}{place}", crate::infer::model::panic_message(info.payload()));
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(what));
+            default(info);
+        }));
+    });
 }
 
 /// Test hook: `LABELD_TEST_PANIC_THREAD=<thread name>` (read once) makes that thread panic outside
@@ -274,12 +295,14 @@ mod tests {
         let (h, shutdown) = (Health::new(), Shutdown::new());
         h.set_ready(true);
         let line = h.lifeline("decode-0", &shutdown);
+        note_panics();
         let _ = std::thread::spawn(move || {
             let _line = line;
             panic!("boom");
         })
         .join();
-        assert!(h.unhealthy(Duration::from_secs(60), 0).unwrap().contains("decode-0 died"));
+        let why = h.unhealthy(Duration::from_secs(60), 0).unwrap();
+        assert!(why.contains("decode-0 died: panicked: boom at src/health.rs"), "{why}");
         assert!(!h.is_ready());
         assert!(shutdown.is_triggered());
         assert_eq!(shutdown.failure().unwrap().thread, "decode-0");

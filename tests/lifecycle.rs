@@ -102,7 +102,7 @@ fn a_dead_decode_thread_stops_the_daemon_with_a_non_zero_exit() {
     let log = d.log_text();
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("thread died") && log.contains("decode-0"), "{log}");
-    assert!(log.contains("thread decode-0 died"), "the exit names the thread:\n{log}");
+    assert!(log.contains("thread decode-0 died: panicked: LABELD_TEST_PANIC_THREAD=decode-0"), "the exit names the thread and why:\n{log}");
 }
 
 #[test]
