@@ -171,10 +171,12 @@ async fn serve(
     control.systemd.ready(&crate::systemd::summary(&control.metrics));
     let supervisor =
         control.systemd.supervise(health.clone(), control.metrics.clone(), control.live.clone(), hung_tx, shutdown.clone());
+    let mut watch_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
             Some(()) = reload_rx.recv() => control.reload().await,
+            _ = watch_check.tick() => control.check_watch(&shutdown),
         }
     }
     control.systemd.stopping();
@@ -212,6 +214,15 @@ impl Control {
         let watch = Watch::start(self.config.inboxes.clone(), self.feeder.clone(), self.health.clone(), stop.clone())?;
         self.watch = Some((watch, stop));
         Ok(())
+    }
+
+    /// A watch task that ended without being stopped (a panic) stops labeld with a failure.
+    fn check_watch(&self, shutdown: &Shutdown) {
+        if let Some((watch, stop)) = &self.watch {
+            if watch.is_finished() && !stop.is_triggered() {
+                self.health.lifeline("watcher", shutdown).died("the inbox watch task ended unexpectedly (a panic is logged above)");
+            }
+        }
     }
 
     async fn stop_watch(&mut self) {

@@ -170,8 +170,8 @@ impl Worker {
         }
     }
 
-    /// Swaps in the model `s` names if it differs from the one loaded. On failure the batch gets
-    /// error records (the reload was checked beforehand, so this is a model file changed since).
+    /// Swaps in the model `s` names if it differs from the one loaded. A failure is a fault of the
+    /// model (the reload checked it, so the file changed since): retried like a failing model.
     fn use_settings(&mut self, s: &Arc<InferSettings>) -> Result<(), String> {
         if Arc::ptr_eq(&self.settings, s) {
             return Ok(());
@@ -193,22 +193,11 @@ impl Worker {
         let n_ok = results.iter().filter(|r| r.is_none()).count();
         let infer_started = Instant::now();
         if n_ok > 0 {
-            let swapped = {
-                let slot = self.slot.clone();
-                let _busy = slot.busy(&files);
-                self.use_settings(&settings)
-            };
-            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = match swapped {
-                Ok(()) => self
-                    .rank_until_the_model_works(&files, &data, n_ok, settings.model.top_k, shutdown)?
-                    .into_iter()
-                    .map(|r| r.map(|top| predictions(&settings, top)).map_err(ImageError::ModelRejected))
-                    .collect(),
-                Err(e) => {
-                    tracing::error!(error = %e, images = n_ok, "inference failed for a batch");
-                    vec![Err(ImageError::Inference(e)); n_ok]
-                }
-            };
+            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = self
+                .rank_until_the_model_works(&settings, &files, &data, n_ok, shutdown)?
+                .into_iter()
+                .map(|r| r.map(|top| predictions(&settings, top)).map_err(ImageError::ModelRejected))
+                .collect();
             let mut labelled = labelled.into_iter();
             for r in results.iter_mut().filter(|r| r.is_none()) {
                 *r = labelled.next();
@@ -239,24 +228,26 @@ impl Worker {
         Some(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: settings.model.min_score })
     }
 
-    /// Ranks `n` images. While the model fails even on its test input (a fault of the model, not of
-    /// the images) nothing is recorded: /readyz says "model failing" and the batch is tried again
-    /// after a back-off, until it works or shutdown (`None`).
+    /// Ranks `n` images with the model `settings` name. While the model cannot be loaded or fails
+    /// even on its test input (a fault of the model, not of the images) nothing is recorded: /readyz
+    /// says "model failing" and the batch is tried again after a back-off, until it works or
+    /// shutdown (`None`).
     fn rank_until_the_model_works(
-        &self,
+        &mut self,
+        settings: &Arc<InferSettings>,
         files: &[ReadyFile],
         data: &[f32],
         n: usize,
-        k: usize,
         shutdown: &Shutdown,
     ) -> Option<Vec<Ranked>> {
         let mut delay = RETRY_FIRST;
         let mut failed = false;
+        let slot = self.slot.clone();
         loop {
             // Busy only while the model runs: waiting out the back-off is not a hung worker.
             let ranked = {
-                let _busy = self.slot.busy(files);
-                self.rank(data, n, k)
+                let _busy = slot.busy(files);
+                self.use_settings(settings).and_then(|()| self.rank(data, n, settings.model.top_k))
             };
             match ranked {
                 Ok(ranked) => {
@@ -273,7 +264,7 @@ impl Worker {
                         thread = %self.name,
                         images = n,
                         retry_in_ms = delay.as_millis() as u64,
-                        "the model fails even on its test input ({e}): a fault of the model, not of the images; \
+                        "the model cannot label anything ({e}): a fault of the model, not of the images; \
                          no record is written and the batch is tried again"
                     );
                     if shutdown.wait_timeout(delay) {

@@ -52,6 +52,11 @@ impl Watch {
         Ok(Watch { task })
     }
 
+    /// The watch task ended (only its shutdown should end it).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Waits for the watch task to end (it ends on shutdown).
     pub async fn join(self) {
         let _ = self.task.await;
