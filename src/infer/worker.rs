@@ -356,21 +356,12 @@ fn prepare_batches(
         let mut results = Vec::with_capacity(files.len());
         let mut thumbs = Vec::with_capacity(files.len());
         for f in &mut files {
-            let mark = data.len();
-            let prepared = std::panic::catch_unwind(AssertUnwindSafe(|| prepare_one(&mut pre, f, &settings.inboxes, &mut data)));
-            let loaded = match prepared {
-                Ok(loaded) => loaded,
-                Err(payload) => {
-                    let msg = panic_message(&*payload);
-                    tracing::error!(path = %f.path.display(), panic = %msg, "preprocessing panicked on an image: it gets an error record; rebuilding the preprocessor");
-                    // Its scratch buffers may be in any state after the unwind.
-                    pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
-                    pre.set_thumbnails(settings.thumbnails);
-                    Err(ImageError::Crashed(msg))
-                }
-            };
-            if loaded.is_err() {
-                data.truncate(mark);
+            let loaded = contained(&mut data, |data| prepare_one(&mut pre, f, &settings.inboxes, data));
+            if let Err(ImageError::Crashed(panic)) = &loaded {
+                tracing::error!(path = %f.path.display(), %panic, "preprocessing panicked on an image: it gets an error record; rebuilding the preprocessor");
+                // Its scratch buffers may be in any state after the unwind.
+                pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
+                pre.set_thumbnails(settings.thumbnails);
             }
             results.push(loaded.err().map(Err));
             thumbs.push(pre.take_thumb());
@@ -383,6 +374,18 @@ fn prepare_batches(
     }
 }
 
+/// Runs one image's preprocessing `step` inside a panic boundary: a panic becomes that image's error
+/// (`Crashed`), and a failed step leaves no partial tensor data in `data`.
+fn contained(data: &mut Vec<f32>, step: impl FnOnce(&mut Vec<f32>) -> Result<(), ImageError>) -> Result<(), ImageError> {
+    let mark = data.len();
+    let done = std::panic::catch_unwind(AssertUnwindSafe(|| step(data)))
+        .unwrap_or_else(|payload| Err(ImageError::Crashed(panic_message(&*payload))));
+    if done.is_err() {
+        data.truncate(mark);
+    }
+    done
+}
+
 /// Read → decode → resize → normalize for one image, appending its tensor data to `data`.
 fn prepare_one(pre: &mut Preprocessor, f: &mut ReadyFile, inboxes: &[PathBuf], data: &mut Vec<f32>) -> Result<(), ImageError> {
     match &f.upload {
@@ -391,5 +394,29 @@ fn prepare_one(pre: &mut Preprocessor, f: &mut ReadyFile, inboxes: &[PathBuf], d
             let root = crate::beneath::root_of(inboxes.iter().map(PathBuf::as_path), &f.path);
             pre.load(root, &f.path, data, &mut f.identity)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_preprocessing_is_that_images_error_and_leaves_no_partial_data() {
+        let mut data = vec![1.0, 2.0, 3.0];
+        let r = contained(&mut data, |d| {
+            d.extend([4.0, 5.0]);
+            panic!("resize target overflow");
+        });
+        assert_eq!(r, Err(ImageError::Crashed("resize target overflow".into())));
+        assert!(r.unwrap_err().to_string().contains("preprocessing crashed on this image (resize target overflow)"));
+        assert_eq!(data, [1.0, 2.0, 3.0]);
+        assert_eq!(contained(&mut data, |d| {
+            d.push(4.0);
+            Err(ImageError::Empty)
+        }), Err(ImageError::Empty));
+        assert_eq!(data, [1.0, 2.0, 3.0]);
+        assert_eq!(contained(&mut data, |d| Ok(d.push(4.0))), Ok(()));
+        assert_eq!(data, [1.0, 2.0, 3.0, 4.0]);
     }
 }
