@@ -105,7 +105,7 @@ mod tests {
         std::fs::write(&img, b"x").unwrap();
         let in_flight = InFlight::default();
         let (tx, rx) = bounded(4, in_flight.clone(), Shutdown::new());
-        let feeder = Feeder::start(tx).unwrap();
+        let feeder = Feeder::start(tx, crate::health::Health::new().lifeline("feeder", &Shutdown::new())).unwrap();
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
         let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let released = Instant::now();
@@ -124,7 +124,7 @@ mod tests {
         std::fs::write(&img, b"x").unwrap();
         let in_flight = InFlight::default();
         let (tx, rx) = bounded(4, in_flight.clone(), Shutdown::new());
-        let feeder = Feeder::start(tx).unwrap();
+        let feeder = Feeder::start(tx, crate::health::Health::new().lifeline("feeder", &Shutdown::new())).unwrap();
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
         let old = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap(); // the replacement's event
