@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
@@ -186,49 +186,6 @@ fn an_inbox_deleted_or_moved_away_and_recreated_is_watched_again() {
     assert_eq!(rows.len(), 4, "{rows:?}");
 }
 
-/// `labeld run` as the unprivileged user nobody.
-struct Nobody {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Nobody {
-    fn spawn(s: &Setup) -> Nobody {
-        let log = s.dir.path().join("nobody.log");
-        let child = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "run", "--config"])
-            .arg(&s.config)
-            .env("LABELD_LOG", "info")
-            .env_remove("LABELD_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start labeld as nobody");
-        let n = Nobody { child, log };
-        let t = Instant::now();
-        while !n.log_text().contains("ready") {
-            assert!(t.elapsed() < Duration::from_secs(60), "not ready as nobody:\n{}", n.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        n
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Nobody {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn an_unreadable_sub_folder_is_a_warning_and_the_rest_is_labelled() {

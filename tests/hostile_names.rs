@@ -8,7 +8,7 @@ mod common;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -117,49 +117,6 @@ fn a_non_utf8_name_is_labelled_once() {
     each_labelled_once_across_restarts(&[OsString::from_vec(b"\xff\xfe.png".to_vec())]);
 }
 
-/// `labeld run` as user nobody (65534), with its own log; killed on drop.
-struct Nobody {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Nobody {
-    fn start(s: &Setup) -> Nobody {
-        let log = s.dir.path().join("nobody.log");
-        let child = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "run", "--config"])
-            .arg(&s.config)
-            .env("LABELD_LOG", "info")
-            .env_remove("LABELD_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start labeld under setpriv");
-        let n = Nobody { child, log };
-        wait_for("no \"scan done\" in the log", LONG, || n.log().contains("scan done"));
-        n
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stop(mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(t.elapsed() < LONG, "labeld did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Nobody {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn sh(cmd: &str) {
     let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
@@ -176,7 +133,7 @@ fn an_unreadable_image_is_a_fault_not_a_verdict() {
     let backlog = s.inbox.join("backlog.png");
     solid(&backlog, RED, 32, 32);
     sh(&format!("chmod 000 '{}' && chown -R 65534:65534 '{}'", backlog.display(), s.dir.path().display()));
-    let d = Nobody::start(&s);
+    let d = Nobody::spawn(&s);
     let staged = s.dir.path().join("staged.png");
     solid(&staged, GREEN, 32, 32);
     sh(&format!("chown 65534:65534 '{0}' && chmod 000 '{0}'", staged.display()));
@@ -184,13 +141,13 @@ fn an_unreadable_image_is_a_fault_not_a_verdict() {
     std::fs::rename(&staged, &live).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
-    assert!(rows.is_empty(), "an unreadable image got a row: {rows:?}\n{}", d.log());
+    assert!(rows.is_empty(), "an unreadable image got a row: {rows:?}\n{}", d.log_text());
     assert!(!sidecar(&backlog).exists() && !sidecar(&live).exists(), "an unreadable image got a sidecar");
-    let faults = d.log().lines().filter(|l| l.contains("not recorded")).count();
-    assert!(faults >= 2, "each unreadable image is logged as a fault:\n{}", d.log());
+    let faults = d.log_text().lines().filter(|l| l.contains("not recorded")).count();
+    assert!(faults >= 2, "each unreadable image is logged as a fault:\n{}", d.log_text());
 
     // Retried with back-off: fixed permissions are picked up without a restart or a new event.
-    assert!(d.log().contains("retried"), "a fault says it is retried:\n{}", d.log());
+    assert!(d.log_text().contains("retried"), "a fault says it is retried:\n{}", d.log_text());
     sh(&format!("chmod 644 '{}' '{}'", backlog.display(), live.display()));
     let t = Instant::now();
     wait_for("the images were not labelled once readable", LONG, || sidecar(&backlog).exists() && sidecar(&live).exists());
@@ -201,7 +158,7 @@ fn an_unreadable_image_is_a_fault_not_a_verdict() {
     assert_eq!(top1(&read_sidecar(&live)).0, 1);
     d.stop();
     // And a restart adds nothing.
-    let d = Nobody::start(&s);
+    let d = Nobody::spawn(&s);
     std::thread::sleep(Duration::from_secs(2));
     d.stop();
     assert_eq!(s.rows().len(), 2, "a restart labelled again");

@@ -283,7 +283,7 @@ impl Stage {
             Ok(m) if m.is_file() => {}
             Ok(m) if m.is_symlink() => return self.folders.notices.link(path),
             Ok(m) => {
-                tracing::warn!(path = %path.display(), kind = scan::kind_of(m.file_type()), "skipped: not a regular file");
+                tracing::warn!(path = %path.display(), kind = crate::beneath::kind_of(m.file_type()), "skipped: not a regular file");
                 return;
             }
             Err(_) => return, // gone already

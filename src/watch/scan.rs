@@ -59,7 +59,7 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
             continue;
         }
         if !entry.file_type().is_file() {
-            tracing::warn!(path = %entry.path().display(), kind = kind_of(entry.file_type()), "skipped: not a regular file");
+            tracing::warn!(path = %entry.path().display(), kind = crate::beneath::kind_of(entry.file_type()), "skipped: not a regular file");
             continue;
         }
         if is_labelled(entry.path()) {
@@ -86,17 +86,3 @@ pub(super) fn is_dot_name(name: &std::ffi::OsStr) -> bool {
     name.as_bytes().first() == Some(&b'.')
 }
 
-pub(super) fn kind_of(ft: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if ft.is_symlink() {
-        "symbolic link (not followed)"
-    } else if ft.is_fifo() {
-        "FIFO"
-    } else if ft.is_socket() {
-        "socket"
-    } else if ft.is_block_device() || ft.is_char_device() {
-        "device"
-    } else {
-        "special file"
-    }
-}

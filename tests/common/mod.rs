@@ -315,3 +315,56 @@ pub fn top1(side: &serde_json::Value) -> (u64, String) {
     let t = &side["top"][0];
     (t["class_id"].as_u64().unwrap(), t["label"].as_str().unwrap().to_string())
 }
+
+/// `labeld run` as the unprivileged user nobody (65534, through `setpriv`), logging to its own file;
+/// started once its start-up scan is done, killed on drop.
+pub struct Nobody {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Nobody {
+    pub fn spawn(s: &Setup) -> Nobody {
+        let log = s.dir.path().join("nobody.log");
+        let child = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "run", "--config"])
+            .arg(&s.config)
+            .env("LABELD_LOG", "info")
+            .env_remove("LABELD_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start labeld under setpriv");
+        let n = Nobody { child, log };
+        let t = Instant::now();
+        while !n.log_text().contains("scan done") {
+            assert!(t.elapsed() < Duration::from_secs(60), "no \"scan done\" as nobody:\n{}", n.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        n
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for the exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "labeld did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Nobody {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
