@@ -7,8 +7,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use common::*;
 
@@ -76,40 +76,6 @@ fn bomb(path: &Path, w: u32, h: u32) -> u64 {
     std::fs::metadata(path).unwrap().len()
 }
 
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for_log(&self, needle: &str) {
-        let t = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(t.elapsed() < WAIT, "no {needle:?} in the daemon log:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn http_addr(&self) -> String {
-        self.wait_for_log("HTTP on");
-        let log = self.log_text();
-        let line = log.lines().find(|l| l.contains("HTTP on")).unwrap();
-        let at = line.find("addr=").unwrap() + 5;
-        line[at..].split_whitespace().next().unwrap().to_string()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn get(url: &str) -> (u16, String) {
     let agent: ureq::Agent =
         ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(WAIT)).build().into();
@@ -121,20 +87,11 @@ fn get(url: &str) -> (u16, String) {
 fn aspect_ratio_bombs_get_error_records_and_the_photo_after_them_is_labelled() {
     let s = Setup::new("channel_mean", "").with_workers("count = 1\nmax_batch = 4\n\n[http]\nlisten = \"127.0.0.1:0\"\n");
     let cgroup = MemoryCgroup::create();
-    let log = s.dir.path().join("daemon.log");
-    let child = s
-        .labeld()
-        .args(["run", "--config"])
-        .arg(&s.config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start labeld");
-    if let Some(cg) = &cgroup {
-        cg.join(child.id());
-    }
-    let mut d = Running { child, log };
-    d.wait_for_log("ready");
+    let mut d = s.spawn_daemon_then(&[], |pid| {
+        if let Some(cg) = &cgroup {
+            cg.join(pid);
+        }
+    });
     let base = format!("http://{}", d.http_addr());
 
     // Written outside the inbox, then moved in: the daemon sees each whole.
@@ -166,7 +123,7 @@ fn aspect_ratio_bombs_get_error_records_and_the_photo_after_them_is_labelled() {
     let side = wait_for_sidecar(&photo, WAIT);
     assert_eq!(side["status"], "ok", "{side}");
 
-    assert_eq!(d.child.try_wait().unwrap(), None, "labeld died:\n{}", d.log_text());
+    assert_eq!(d.exited(), None, "labeld died:\n{}", d.log_text());
     assert_eq!(get(&format!("{base}/healthz")).0, 200);
     assert_eq!(get(&format!("{base}/readyz")).0, 200);
     if let Some(cg) = &cgroup {
@@ -176,9 +133,10 @@ fn aspect_ratio_bombs_get_error_records_and_the_photo_after_them_is_labelled() {
     }
 
     // Exactly one row per image, the bombs' naming the limit.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
-    let status = d.child.wait().unwrap();
-    assert!(status.success(), "exit {status:?}:\n{}", d.log_text());
+    let log = d.log.clone();
+    let status = d.stop();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(status.success(), "exit {status:?}:\n{log}");
     let rows = s.rows();
     assert_eq!(rows.len(), names.len() + 1, "{rows:?}");
     for name in names.iter().chain([&"coffee.jpg"]) {
@@ -187,7 +145,7 @@ fn aspect_ratio_bombs_get_error_records_and_the_photo_after_them_is_labelled() {
         let expect = if *name == "coffee.jpg" { "ok" } else { "error" };
         assert_eq!(&mine[0][2], expect, "{name}: {:?}", mine[0]);
     }
-    assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
+    assert!(!log.contains("panicked"), "{log}");
 }
 
 #[test]

@@ -51,19 +51,6 @@ fn wait_rows(s: &Setup, n: usize, timeout: Duration) -> Vec<csv::StringRecord> {
     }
 }
 
-/// Waits until the row count has not changed for `quiet`, and returns the rows.
-fn settled_rows(s: &Setup, quiet: Duration) -> Vec<csv::StringRecord> {
-    let (mut n, mut since) = (usize::MAX, Instant::now());
-    loop {
-        let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
-        if rows.len() != n {
-            (n, since) = (rows.len(), Instant::now());
-        } else if since.elapsed() >= quiet {
-            return rows;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn alive(d: &Daemon) -> bool {
     unsafe { libc::kill(d.pid(), 0) == 0 }

@@ -42,19 +42,6 @@ fn stage_and_drop(s: &Setup, name: &OsStr, rgb: [u8; 3]) -> PathBuf {
     to
 }
 
-/// Waits until the row count has not changed for `quiet`, and returns the rows.
-fn settled_rows(s: &Setup, quiet: Duration) -> Vec<csv::StringRecord> {
-    let (mut n, mut since) = (usize::MAX, Instant::now());
-    loop {
-        let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
-        if rows.len() != n {
-            (n, since) = (rows.len(), Instant::now());
-        } else if since.elapsed() >= quiet {
-            return rows;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let t = Instant::now();

@@ -5,70 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    fn start(s: &Setup, env: &[(&str, &str)]) -> Running {
-        let log = s.dir.path().join("daemon.log");
-        let child = s
-            .labeld()
-            .envs(env.iter().copied())
-            .args(["run", "--config"])
-            .arg(&s.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start labeld");
-        let r = Running { child, log };
-        r.wait_for_log("ready");
-        r
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for_log(&self, needle: &str) {
-        let t = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(t.elapsed() < WAIT, "no {needle:?} in the daemon log:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(t.elapsed() < WAIT, "labeld did not exit:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn a_second_signal_mid_batch_exits_at_once_with_128_plus_the_signal() {
@@ -76,13 +17,13 @@ fn a_second_signal_mid_batch_exits_at_once_with_128_plus_the_signal() {
         let s = Setup::new("channel_mean", "");
         // A forward pass that never returns on a white image: labeld is mid-batch for good.
         hanging_model(&s.model);
-        let mut d = Running::start(&s, &[]);
+        let mut d = s.spawn_daemon_with(&[]);
         solid(&s.inbox.join("white.png"), [255, 255, 255], 64, 48);
         std::thread::sleep(Duration::from_millis(1500));
         d.signal(sig);
-        d.wait_for_log("stopping: no new files");
+        d.wait_for_log("stopping: no new files", WAIT);
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(d.child.try_wait().unwrap(), None, "labeld exited on the first signal, though its batch is not done");
+        assert_eq!(d.exited(), None, "labeld exited on the first signal, though its batch is not done");
         d.signal(sig);
         let status = d.wait_exit();
         use std::os::unix::process::ExitStatusExt;
@@ -96,7 +37,7 @@ fn a_second_signal_mid_batch_exits_at_once_with_128_plus_the_signal() {
 #[test]
 fn a_dead_decode_thread_stops_the_daemon_with_a_non_zero_exit() {
     let s = Setup::new("channel_mean", "");
-    let mut d = Running::start(&s, &[("LABELD_TEST_PANIC_THREAD", "decode-0")]);
+    let mut d = s.spawn_daemon_with(&[("LABELD_TEST_PANIC_THREAD", "decode-0")]);
     solid(&s.inbox.join("red.png"), RED, 64, 48);
     let status = d.wait_exit();
     let log = d.log_text();

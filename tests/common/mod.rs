@@ -191,6 +191,12 @@ impl Setup {
 
     /// Starts `labeld run` with extra environment variables and waits for "ready".
     pub fn spawn_daemon_with(&self, env: &[(&str, &str)]) -> Daemon {
+        self.spawn_daemon_then(env, |_| {})
+    }
+
+    /// Like `spawn_daemon_with`, calling `started` with the pid before waiting for "ready" (e.g. to
+    /// put the process into a cgroup before it loads the model).
+    pub fn spawn_daemon_then(&self, env: &[(&str, &str)], started: impl FnOnce(u32)) -> Daemon {
         let log = self.dir.path().join("daemon.log");
         let child = self
             .labeld()
@@ -201,6 +207,7 @@ impl Setup {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start labeld");
+        started(child.id());
         let d = Daemon { child: Some(child), log };
         d.wait_for_log("ready", Duration::from_secs(60));
         d
@@ -251,6 +258,23 @@ impl Daemon {
         let line = log.lines().find(|l| l.contains("HTTP on")).unwrap();
         let at = line.find("addr=").expect("addr= in the HTTP line") + 5;
         line[at..].split_whitespace().next().unwrap().to_string()
+    }
+
+    /// The exit status if the daemon has exited, without waiting.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    /// Waits (at most 60 s) for the daemon to exit on its own.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.exited() {
+                return st;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "labeld did not exit:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Number of times `needle` appears in the log.
@@ -366,5 +390,19 @@ impl Drop for Nobody {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until the row count has not changed for `quiet`, and returns the rows.
+pub fn settled_rows(s: &Setup, quiet: Duration) -> Vec<csv::StringRecord> {
+    let (mut n, mut since) = (usize::MAX, Instant::now());
+    loop {
+        let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
+        if rows.len() != n {
+            (n, since) = (rows.len(), Instant::now());
+        } else if since.elapsed() >= quiet {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
