@@ -44,7 +44,6 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let hung_tx = done_tx.clone();
     let sink = Sink::start(
         OutputSettings::from_config(&config),
-        in_flight,
         done_rx,
         metrics.clone(),
         recent.clone(),

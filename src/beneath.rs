@@ -137,6 +137,21 @@ impl<'a> Beneath<'a> {
     }
 }
 
+/// Where the folder open as `dir` is now, as a path under `root` (the root spelled as configured):
+/// `None` if it was deleted, moved out of `root`, or can only be reached through a link. Lets a result
+/// follow an image whose folder was renamed while it was being labelled.
+pub fn folder_path(dir: &OwnedFd, root: &Path) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let now = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+    let real_root = std::fs::canonicalize(if root.as_os_str().is_empty() { Path::new(".") } else { root }).ok()?;
+    let candidate = root.join(now.strip_prefix(&real_root).ok()?);
+    // The kernel's name for it may be stale (" (deleted)") or reached through a link: check that the
+    // path leads to this very folder without one.
+    let there = Beneath::new(root, &candidate).ok()?.metadata().ok()?;
+    let held = rustix::fs::fstat(dir).ok()?;
+    (there.is_dir() && there.dev() == held.st_dev && there.ino() == held.st_ino).then_some(candidate)
+}
+
 /// The inbox root `path` lies under (the longest match), or, for a path in no inbox (`classify`), its
 /// own folder: then only the file name itself is guarded against links.
 pub fn root_of<'a>(roots: impl IntoIterator<Item = &'a Path>, path: &'a Path) -> &'a Path {
@@ -281,6 +296,24 @@ mod tests {
         }
         assert!(Beneath::new(&inbox, &inbox.join("real/../../outside/a.jpg")).is_err());
         assert!(Beneath::new(&inbox, &outside.join("a.jpg")).is_err());
+    }
+
+    #[test]
+    fn a_held_folder_is_found_after_a_rename_but_not_outside_the_root_or_after_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let inbox = d.path().join("inbox");
+        std::fs::create_dir_all(inbox.join("batch")).unwrap();
+        // The root as configured, reached through a link: results keep that spelling.
+        let spelled = d.path().join("via-link");
+        symlink(&inbox, &spelled).unwrap();
+        let dir = Beneath::new(&spelled, &spelled.join("batch/a.jpg")).unwrap().open_parent().unwrap();
+        assert_eq!(folder_path(&dir, &spelled), Some(spelled.join("batch")));
+        std::fs::rename(inbox.join("batch"), inbox.join("renamed")).unwrap();
+        assert_eq!(folder_path(&dir, &spelled), Some(spelled.join("renamed")));
+        std::fs::rename(inbox.join("renamed"), d.path().join("moved-out")).unwrap();
+        assert_eq!(folder_path(&dir, &spelled), None, "moved out of the inbox");
+        std::fs::remove_dir(d.path().join("moved-out")).unwrap();
+        assert_eq!(folder_path(&dir, &spelled), None, "deleted");
     }
 
     #[test]

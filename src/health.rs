@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::queue::ReadyFile;
+use crate::job::Job;
 use crate::shutdown::Shutdown;
 
 #[derive(Clone)]
@@ -90,7 +90,7 @@ pub struct Slot {
     busy_since: AtomicU64,
     epoch: Instant,
     /// The images of the current step.
-    work: Mutex<Vec<ReadyFile>>,
+    work: Mutex<Vec<Job>>,
 }
 
 /// A thread stuck in one step.
@@ -100,7 +100,7 @@ pub struct Stall {
     pub for_: Duration,
     /// When the step began (identifies it across checks).
     pub since_ms: u64,
-    pub files: Vec<ReadyFile>,
+    pub files: Vec<Job>,
 }
 
 /// Marks a slot busy until dropped.
@@ -115,7 +115,7 @@ impl Drop for Busy<'_> {
 
 impl Slot {
     /// Marks the slot busy with `files` until the returned guard is dropped.
-    pub fn busy(&self, files: &[ReadyFile]) -> Busy<'_> {
+    pub fn busy(&self, files: &[Job]) -> Busy<'_> {
         *self.work.lock().unwrap_or_else(|e| e.into_inner()) = files.to_vec();
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         self.busy_since.store(now, Ordering::Relaxed);
@@ -278,13 +278,15 @@ mod tests {
         let a = h.slot("infer-0");
         let _idle = h.slot("decode-0");
         assert_eq!(h.stalled(Duration::ZERO), None);
-        let busy = a.busy(&[ReadyFile::new("/in/a.jpg".into())]);
+        let in_flight = crate::job::InFlight::default();
+        let claim = in_flight.claim(std::path::Path::new("/in/a.jpg"), None).unwrap();
+        let busy = a.busy(&[Job::inbox(claim, std::time::Instant::now())]);
         std::thread::sleep(Duration::from_millis(30));
         let (name, d) = h.stalled(Duration::from_millis(10)).unwrap();
         assert_eq!(name, "infer-0");
         assert!(d >= Duration::from_millis(30));
         let stall = &h.stalls(Duration::from_millis(10))[0];
-        assert_eq!(stall.files[0].path, std::path::PathBuf::from("/in/a.jpg"));
+        assert_eq!(stall.files[0].path(), Some(std::path::Path::new("/in/a.jpg")));
         assert_eq!(h.stalled(Duration::from_secs(5)), None);
         drop(busy);
         assert_eq!(h.stalled(Duration::ZERO), None);

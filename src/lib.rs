@@ -11,6 +11,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod infer;
+pub mod job;
 pub mod metrics;
 pub mod progress;
 pub mod queue;

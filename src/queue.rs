@@ -1,133 +1,37 @@
 //! The bounded hand-off from the watcher to the inference workers.
 //!
 //! A full queue makes the pushing side wait (never drop). Each image is in the queue or in a worker at
-//! most once: `InFlight` remembers it from `push` until the sink has written its result.
+//! most once: its job holds a claim in `InFlight` (see `job`) from `push` until the sink has written its
+//! result.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 
+pub use crate::job::{InFlight, Resubmit};
+use crate::job::{FileKey, Job, Upload};
 use crate::shutdown::Shutdown;
 
-/// An image that is completely written and should be labelled.
+/// A file the watcher found completely written: a candidate for a job.
 #[derive(Debug, Clone)]
 pub struct ReadyFile {
     pub path: PathBuf,
     /// When labeld decided the file was complete; latency is measured from here.
     pub ready_at: Instant,
-    /// Set for an image sent to `POST /predict`: its bytes, and where its result goes instead of a
-    /// sidecar and a CSV row.
-    pub upload: Option<Upload>,
-    /// The version of the file that was read (set by the worker when it reads the file).
-    pub identity: Option<crate::beneath::Identity>,
 }
 
 impl ReadyFile {
     pub fn new(path: PathBuf) -> Self {
-        ReadyFile { path, ready_at: Instant::now(), upload: None, identity: None }
+        ReadyFile { path, ready_at: Instant::now() }
     }
 }
 
-/// An image posted over HTTP.
-#[derive(Clone)]
-pub struct Upload {
-    pub bytes: Arc<[u8]>,
-    pub reply: tokio::sync::mpsc::Sender<crate::sink::record::Record>,
-}
-
-impl std::fmt::Debug for Upload {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Upload({} bytes)", self.bytes.len())
-    }
-}
-
-/// Images queued or being labelled right now.
-///
-/// A path pushed again while it is in flight (its file was replaced while the old content was being
-/// labelled) is remembered and handed back through `resubmissions` when released, so the newest
-/// content is checked too.
-#[derive(Clone)]
-pub struct InFlight(Arc<Shared>);
-
-struct Shared {
-    claims: Mutex<Claims>,
-    resubmit_tx: Sender<Resubmit>,
-    resubmit_rx: Receiver<Resubmit>,
-}
-
-#[derive(Default)]
-struct Claims {
-    held: HashSet<PathBuf>,
-    /// Held paths that were pushed again meanwhile.
-    again: HashSet<PathBuf>,
-}
-
-/// A released path to push again once `due` has come.
-#[derive(Debug)]
-pub struct Resubmit {
-    pub path: PathBuf,
-    pub due: Instant,
-}
-
-impl Default for InFlight {
-    fn default() -> Self {
-        let (resubmit_tx, resubmit_rx) = crossbeam_channel::unbounded();
-        InFlight(Arc::new(Shared { claims: Mutex::default(), resubmit_tx, resubmit_rx }))
-    }
-}
-
-impl InFlight {
-    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
-        self.0.claims.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Claims `p`; if it is already claimed, remembers that it was wanted again.
-    fn claim(&self, p: &Path) -> bool {
-        let mut c = self.claims();
-        if c.held.contains(p) {
-            c.again.insert(p.to_path_buf());
-            return false;
-        }
-        c.held.insert(p.to_path_buf())
-    }
-
-    /// Releases `p`; a push refused meanwhile is handed back for resubmission now.
-    pub fn done(&self, p: &Path) {
-        let mut c = self.claims();
-        c.held.remove(p);
-        if c.again.remove(p) {
-            self.resubmit(p, Instant::now());
-        }
-    }
-
-    /// Releases `p` and hands it back for resubmission after `after` (a fault worth retrying).
-    pub fn retry_after(&self, p: &Path, after: Duration) {
-        let mut c = self.claims();
-        c.held.remove(p);
-        c.again.remove(p);
-        self.resubmit(p, Instant::now() + after);
-    }
-
-    fn resubmit(&self, p: &Path, due: Instant) {
-        // Never fails: the receiving end lives in `self`.
-        let _ = self.0.resubmit_tx.send(Resubmit { path: p.to_path_buf(), due });
-    }
-
-    /// Paths to push again (read by the feeder).
-    pub fn resubmissions(&self) -> Receiver<Resubmit> {
-        self.0.resubmit_rx.clone()
-    }
-
-    pub fn len(&self) -> usize {
-        self.claims().held.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// The file's device and inode, without following a link at its last component.
+fn file_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = crate::beneath::Beneath::new(path.parent()?, path).ok()?.metadata().ok()?;
+    Some((meta.dev(), meta.ino()))
 }
 
 #[derive(Debug, PartialEq)]
@@ -143,12 +47,12 @@ pub enum Pushed {
 
 #[derive(Clone)]
 pub struct QueueSender {
-    tx: Sender<ReadyFile>,
+    tx: Sender<Job>,
     in_flight: InFlight,
     shutdown: Shutdown,
 }
 
-pub type QueueReceiver = Receiver<ReadyFile>;
+pub type QueueReceiver = Receiver<Job>;
 
 pub fn bounded(capacity: usize, in_flight: InFlight, shutdown: Shutdown) -> (QueueSender, QueueReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
@@ -164,41 +68,30 @@ impl QueueSender {
     /// Like `push`, but first asks `needed` (once the image is claimed, so the answer cannot go stale
     /// because its result was being written at that moment).
     pub fn push_if(&self, file: ReadyFile, needed: impl Fn(&Path) -> bool) -> Pushed {
-        if !self.in_flight.claim(&file.path) {
+        let Some(claim) = self.in_flight.claim(&file.path, file_key(&file.path)) else {
             return Pushed::AlreadyInFlight;
-        }
+        };
         if !needed(&file.path) {
-            self.in_flight.done(&file.path);
             return Pushed::NotNeeded;
         }
-        let mut file = file;
-        loop {
-            if self.shutdown.is_triggered() {
-                self.in_flight.done(&file.path);
-                return Pushed::ShuttingDown;
-            }
-            match self.tx.send_timeout(file, Duration::from_millis(100)) {
-                Ok(()) => return Pushed::Queued,
-                Err(SendTimeoutError::Timeout(f)) => file = f,
-                Err(SendTimeoutError::Disconnected(f)) => {
-                    self.in_flight.done(&f.path);
-                    return Pushed::ShuttingDown;
-                }
-            }
-        }
+        self.send(Job::inbox(claim, file.ready_at))
     }
 
-    /// Queues an uploaded image. It has no path to claim, so it skips the in-flight set; like files,
-    /// it waits while the queue is full.
-    pub fn push_upload(&self, file: ReadyFile) -> Pushed {
-        let mut file = file;
+    /// Queues an uploaded image; like files, it waits while the queue is full.
+    pub fn push_upload(&self, upload: Upload) -> Pushed {
+        self.send(Job::upload(upload))
+    }
+
+    /// A job dropped here releases its claim.
+    fn send(&self, job: Job) -> Pushed {
+        let mut job = job;
         loop {
             if self.shutdown.is_triggered() {
                 return Pushed::ShuttingDown;
             }
-            match self.tx.send_timeout(file, Duration::from_millis(100)) {
+            match self.tx.send_timeout(job, Duration::from_millis(100)) {
                 Ok(()) => return Pushed::Queued,
-                Err(SendTimeoutError::Timeout(f)) => file = f,
+                Err(SendTimeoutError::Timeout(j)) => job = j,
                 Err(SendTimeoutError::Disconnected(_)) => return Pushed::ShuttingDown,
             }
         }
@@ -228,7 +121,7 @@ impl Batcher {
     }
 
     /// The next batch; empty once the queue is closed and drained, or when shutdown begins.
-    pub fn next(&mut self, rx: &QueueReceiver, shutdown: &Shutdown) -> Vec<ReadyFile> {
+    pub fn next(&mut self, rx: &QueueReceiver, shutdown: &Shutdown) -> Vec<Job> {
         let mut batch = Vec::with_capacity(self.max);
         loop {
             if shutdown.is_triggered() {
@@ -269,45 +162,19 @@ impl Batcher {
 mod tests {
     use super::*;
 
+    fn path(j: &Job) -> &str {
+        j.path().and_then(Path::to_str).unwrap()
+    }
+
     #[test]
-    fn the_same_image_is_queued_once_until_done() {
+    fn the_same_image_is_queued_once_until_its_job_is_dropped() {
         let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
         assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
         assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::AlreadyInFlight);
         let got = rx.recv().unwrap();
-        tx.in_flight().done(&got.path);
+        assert_eq!(path(&got), "/a.jpg");
+        drop(got);
         assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
-    }
-
-    #[test]
-    fn a_push_refused_while_in_flight_is_handed_back_on_release() {
-        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
-        let again = tx.in_flight().resubmissions();
-        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
-        assert!(again.try_recv().is_err(), "nothing to hand back yet");
-        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::AlreadyInFlight);
-        tx.in_flight().done(&rx.recv().unwrap().path);
-        let r = again.try_recv().expect("the refused push comes back once the path is released");
-        assert_eq!(r.path, PathBuf::from("/a.jpg"));
-        assert!(r.due <= Instant::now());
-        assert!(tx.in_flight().is_empty());
-        // Released again without a refused push in between: nothing more comes back.
-        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
-        tx.in_flight().done(&rx.recv().unwrap().path);
-        assert!(again.try_recv().is_err());
-    }
-
-    #[test]
-    fn retry_after_releases_the_claim_and_hands_the_path_back_later() {
-        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
-        let again = tx.in_flight().resubmissions();
-        assert_eq!(tx.push(ReadyFile::new("/a.jpg".into())), Pushed::Queued);
-        let before = Instant::now();
-        tx.in_flight().retry_after(&rx.recv().unwrap().path, Duration::from_secs(3));
-        assert!(tx.in_flight().is_empty(), "the claim is released at once");
-        let r = again.try_recv().unwrap();
-        assert_eq!(r.path, PathBuf::from("/a.jpg"));
-        assert!(r.due >= before + Duration::from_secs(3));
     }
 
     #[test]
@@ -317,6 +184,21 @@ mod tests {
         assert!(tx.in_flight().is_empty());
         assert_eq!(tx.push_if(ReadyFile::new("/a.jpg".into()), |p| p.ends_with("a.jpg")), Pushed::Queued);
         assert_eq!(rx.len(), 1);
+    }
+
+    #[test]
+    fn a_file_under_a_second_path_is_not_queued_while_its_first_is_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("a.jpg"), b"x").unwrap();
+        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
+        assert_eq!(tx.push(ReadyFile::new(old.join("a.jpg"))), Pushed::Queued);
+        std::fs::rename(&old, &new).unwrap();
+        assert_eq!(tx.push(ReadyFile::new(new.join("a.jpg"))), Pushed::AlreadyInFlight);
+        let again = tx.in_flight().resubmissions();
+        drop(rx.recv().unwrap());
+        assert_eq!(again.try_recv().unwrap().path, new.join("a.jpg"));
     }
 
     #[test]
@@ -336,7 +218,7 @@ mod tests {
                 break;
             }
             assert!(b.len() <= 8);
-            seen.extend(b.into_iter().map(|f| f.path));
+            seen.extend(b.iter().map(|j| path(j).to_string()));
         }
         producer.join().unwrap();
         assert_eq!(seen.len(), 50);
@@ -358,7 +240,7 @@ mod tests {
         });
         let b = batcher.next(&rx, &shutdown);
         late.join().unwrap();
-        assert_eq!(b.iter().map(|f| f.path.to_str().unwrap()).collect::<Vec<_>>(), ["/two.jpg", "/three.jpg"]);
+        assert_eq!(b.iter().map(path).collect::<Vec<_>>(), ["/two.jpg", "/three.jpg"]);
     }
 
     #[test]

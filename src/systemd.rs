@@ -106,7 +106,7 @@ impl Systemd {
 
 /// Logs a stuck step and hands an error record for each of its images to the sink.
 fn record_hung(stall: &Stall, live: &LiveSettings, results: &Sender<BatchDone>) {
-    let files: Vec<String> = stall.files.iter().map(|f| f.path.display().to_string()).collect();
+    let files: Vec<String> = stall.files.iter().map(|j| j.describe()).collect();
     tracing::error!(
         thread = %stall.thread,
         stuck_s = stall.for_.as_secs(),
@@ -117,8 +117,8 @@ fn record_hung(stall: &Stall, live: &LiveSettings, results: &Sender<BatchDone>) 
     let outcomes: Vec<Outcome> = stall
         .files
         .iter()
-        .map(|f| Outcome {
-            file: f.clone(),
+        .map(|j| Outcome {
+            job: j.clone(),
             result: Err(ImageError::Hung { thread: stall.thread.clone(), secs: stall.for_.as_secs() }),
             finished_at: Instant::now(),
             thumb: None,

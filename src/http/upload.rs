@@ -15,7 +15,8 @@ use tokio::sync::Semaphore;
 use super::{HttpState, error};
 use crate::config::HttpConfig;
 use crate::metrics::Refused;
-use crate::queue::{Pushed, ReadyFile, Upload};
+use crate::job::Upload;
+use crate::queue::Pushed;
 use crate::shutdown::Shutdown;
 use crate::sink::record::Status;
 
@@ -157,10 +158,9 @@ async fn image_field(req: Request, s: &HttpState) -> Result<Bytes, Response> {
 /// Queues the image for a worker and answers with its result.
 async fn label(bytes: Arc<[u8]>, s: &HttpState) -> Response {
     let (reply, mut result) = tokio::sync::mpsc::channel(1);
-    let mut file = ReadyFile::new("(upload)".into());
-    file.upload = Some(Upload { bytes, reply });
+    let upload = Upload { bytes, reply };
     let queue = s.queue.clone();
-    let pushed = tokio::task::spawn_blocking(move || queue.push_upload(file)).await;
+    let pushed = tokio::task::spawn_blocking(move || queue.push_upload(upload)).await;
     if !matches!(pushed, Ok(Pushed::Queued)) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ModelConfig;
 use crate::error::ImageError;
-use crate::queue::ReadyFile;
+use crate::job::Job;
 use labels::Labels;
 
 /// One ranked class for one image.
@@ -27,7 +27,7 @@ pub struct Prediction {
 /// The result for one image.
 #[derive(Debug)]
 pub struct Outcome {
-    pub file: ReadyFile,
+    pub job: Job,
     pub result: Result<Vec<Prediction>, ImageError>,
     pub finished_at: Instant,
     /// A small JPEG of the crop the model saw (only when the status page is on).

@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::model::{Classifier, panic_message};
+use crate::beneath::Beneath;
 use super::preprocess::Preprocessor;
 use super::{BatchDone, InferSettings, LiveSettings, Outcome, Prediction};
 use crate::config::WorkersConfig;
 use crate::error::{Fatal, ImageError};
 use crate::health::{Health, Lifeline, Slot};
 use crate::metrics::{Metrics, Stage};
-use crate::queue::{Batcher, QueueReceiver, ReadyFile};
+use crate::job::{Job, Source};
+use crate::queue::{Batcher, QueueReceiver};
 use crate::shutdown::Shutdown;
 
 pub struct Workers {
@@ -211,8 +213,8 @@ impl Worker {
             .into_iter()
             .zip(results)
             .zip(thumbs)
-            .map(|((file, r), thumb)| Outcome {
-                file,
+            .map(|((job, r), thumb)| Outcome {
+                job,
                 result: r.unwrap_or_else(|| Err(ImageError::Inference("no result".into()))),
                 finished_at,
                 thumb,
@@ -235,7 +237,7 @@ impl Worker {
     fn rank_until_the_model_works(
         &mut self,
         settings: &Arc<InferSettings>,
-        files: &[ReadyFile],
+        files: &[Job],
         data: &[f32],
         n: usize,
         shutdown: &Shutdown,
@@ -315,7 +317,7 @@ fn predictions(settings: &InferSettings, top: Vec<(usize, f32)>) -> Vec<Predicti
 /// did not, their error.
 struct Prepared {
     settings: Arc<InferSettings>,
-    files: Vec<ReadyFile>,
+    files: Vec<Job>,
     data: Vec<f32>,
     /// `None`: decoded, waiting for inference; `Some(Err)`: failed before inference.
     results: Vec<Option<Result<Vec<Prediction>, ImageError>>>,
@@ -358,7 +360,7 @@ fn prepare_batches(
         for f in &mut files {
             let loaded = contained(&mut data, |data| prepare_one(&mut pre, f, &settings.inboxes, data));
             if let Err(ImageError::Crashed(panic)) = &loaded {
-                tracing::error!(path = %f.path.display(), %panic, "preprocessing panicked on an image: it gets an error record; rebuilding the preprocessor");
+                tracing::error!(image = %f.describe(), %panic, "preprocessing panicked on an image: it gets an error record; rebuilding the preprocessor");
                 // Its scratch buffers may be in any state after the unwind.
                 pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
                 pre.set_thumbnails(settings.thumbnails);
@@ -387,12 +389,16 @@ fn contained(data: &mut Vec<f32>, step: impl FnOnce(&mut Vec<f32>) -> Result<(),
 }
 
 /// Read → decode → resize → normalize for one image, appending its tensor data to `data`.
-fn prepare_one(pre: &mut Preprocessor, f: &mut ReadyFile, inboxes: &[PathBuf], data: &mut Vec<f32>) -> Result<(), ImageError> {
-    match &f.upload {
-        Some(u) => pre.process(&u.bytes, data),
-        None => {
-            let root = crate::beneath::root_of(inboxes.iter().map(PathBuf::as_path), &f.path);
-            pre.load(root, &f.path, data, &mut f.identity)
+fn prepare_one(pre: &mut Preprocessor, job: &mut Job, inboxes: &[PathBuf], data: &mut Vec<f32>) -> Result<(), ImageError> {
+    match &job.source {
+        Source::Upload(u) => pre.process(&u.bytes, data),
+        Source::Inbox(claim) => {
+            let path = claim.path();
+            let root = crate::beneath::root_of(inboxes.iter().map(PathBuf::as_path), path);
+            // Opened before the read, so the result can follow the image if its folder is renamed
+            // meanwhile (without it, a vanished path simply gets no row).
+            job.folder = Beneath::new(root, path).and_then(|b| b.open_parent()).ok().map(Arc::new);
+            pre.load(root, path, data, &mut job.identity)
         }
     }
 }

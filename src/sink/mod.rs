@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::beneath::{self, Identity};
+use crate::beneath::{self, Beneath, Identity};
 use crate::config::{Config, InboxConfig, LabelSource, LabelsLang, OnDone};
 use crate::error::{Fatal, ImageError};
 use crate::health::Lifeline;
 use crate::infer::{BatchDone, Outcome};
 use crate::metrics::{Metrics, Stage};
-use crate::queue::InFlight;
+use crate::job::{Claim, Job, Source};
 use recent::Recent;
 use record::{Record, Status};
 use result_log::{Columns, ResultLog};
@@ -91,7 +91,6 @@ impl Sink {
     /// writing results as batches arrive. The sink ends when every worker has dropped its sender.
     pub fn start(
         settings: OutputSettings,
-        in_flight: InFlight,
         rx: Receiver<BatchDone>,
         metrics: Metrics,
         recent: Recent,
@@ -107,7 +106,6 @@ impl Sink {
         let writer = Writer {
             log,
             inboxes: settings.inboxes,
-            in_flight,
             control: control.clone(),
             rows: Vec::new(),
             sidecars: Vec::new(),
@@ -222,15 +220,23 @@ impl Backoff {
     }
 }
 
+/// A result whose sidecar is not written yet. It holds the job, and so the image's claim: the image
+/// is not labelled again until its result is written.
+struct Pending {
+    record: Record,
+    /// Where the image is now.
+    image: PathBuf,
+    job: Job,
+}
+
 struct Writer {
     log: ResultLog,
     inboxes: Vec<InboxConfig>,
-    in_flight: InFlight,
     control: SinkControl,
     /// CSV rows not yet written.
     rows: Vec<Record>,
-    /// Sidecars not yet written: (record, image path).
-    sidecars: Vec<(Record, PathBuf)>,
+    /// Sidecars not yet written.
+    sidecars: Vec<Pending>,
     backoff: Backoff,
     totals: Totals,
     metrics: Metrics,
@@ -300,67 +306,102 @@ impl Writer {
     }
 
     fn accept(&mut self, batch: BatchDone) {
-        for o in batch.outcomes {
-            let key = (o.file.path.clone(), o.file.ready_at);
-            if matches!(o.result, Err(ImageError::Hung { .. })) {
-                self.abandoned.insert(key);
-            } else if self.abandoned.remove(&key) {
-                tracing::warn!(path = %o.file.path.display(), "a stuck worker finished after all; its image already has a hung record, result dropped");
-                continue;
-            }
-            if let (Err(ImageError::Fault(e)), None) = (&o.result, &o.file.upload) {
-                self.retry_later(&o.file.path, e);
-                continue;
-            }
-            self.faults.remove(&o.file.path);
-            let now = Instant::now();
-            let record = Record::new(&o, &batch.model, batch.min_score, now);
-            self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.file.ready_at));
-            self.recent.push(record.clone(), o.thumb.clone());
-            match &o.file.upload {
+        let BatchDone { outcomes, model, min_score } = batch;
+        let made_by = (model.as_ref(), min_score);
+        for o in outcomes {
+            match &o.job.source {
                 // An HTTP upload's result goes back to its client only: no row, no sidecar.
-                Some(u) => {
+                Source::Upload(u) => {
+                    let record = self.count(&o, made_by);
                     let _ = u.reply.try_send(record);
                 }
-                None => self.keep(o, record),
+                Source::Inbox(claim) => {
+                    let path = claim.path().to_path_buf();
+                    let key = (path.clone(), o.job.ready_at);
+                    if matches!(o.result, Err(ImageError::Hung { .. })) {
+                        self.abandoned.insert(key);
+                    } else if self.abandoned.remove(&key) {
+                        tracing::warn!(path = %path.display(), "a stuck worker finished after all; its image already has a hung record, result dropped");
+                        continue;
+                    }
+                    if let Err(ImageError::Fault(e)) = &o.result {
+                        self.retry_later(claim, e);
+                        continue;
+                    }
+                    self.faults.remove(&path);
+                    self.keep(o, made_by);
+                }
             }
+            // Dropping the outcome here releases its image's claim, unless a pending sidecar holds it.
         }
         self.flush();
     }
 
+    /// Counts a result in the metrics and the status page's recent list; returns its record.
+    fn count(&self, o: &Outcome, (model, min_score): (&str, Option<f32>)) -> Record {
+        let now = Instant::now();
+        let record = Record::new(o, model, min_score, now);
+        self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.job.ready_at));
+        self.recent.push(record.clone(), o.thumb.clone());
+        record
+    }
+
     /// A passing fault is not a verdict on the image: no record; the image is tried again after a
     /// back-off that doubles per failure (0.5 s to 5 min), so a permission fixed later is picked up.
-    fn retry_later(&mut self, path: &Path, error: &str) {
-        let tries = self.faults.entry(path.to_path_buf()).or_insert(0);
+    fn retry_later(&mut self, claim: &Claim, error: &str) {
+        let tries = self.faults.entry(claim.path().to_path_buf()).or_insert(0);
         *tries += 1;
         let delay = FAULT_RETRY_FIRST.saturating_mul(1 << (*tries - 1).min(10)).min(FAULT_RETRY_MAX);
         self.metrics.read_faults.inc();
-        tracing::warn!(path = %path.display(), error, tries = *tries, retry_in = ?delay, "cannot read image now; not recorded, retried");
-        self.in_flight.retry_after(path, delay);
+        tracing::warn!(path = %claim.path().display(), error, tries = *tries, retry_in = ?delay, "cannot read image now; not recorded, retried");
+        claim.retry_after(delay);
         if self.faults.len() > MAX_FAULTS_TRACKED {
             // Only the back-off length is lost: a forgotten path restarts at the first delay.
             self.faults.clear();
         }
     }
 
-    /// Counts an inbox image's result and queues its row and sidecar for writing.
-    fn keep(&mut self, o: Outcome, record: Record) {
-        // A file that vanished before it was read, or since (deleted, or its folder renamed: it is
-        // queued again under its new path), gets no row and no sidecar.
-        let gone = std::fs::symlink_metadata(&o.file.path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
-        if gone || matches!(o.result, Err(ImageError::Vanished)) {
-            tracing::info!(path = %o.file.path.display(), "gone from its path before its result was written; no row");
-            self.in_flight.done(&o.file.path);
-            return;
+    /// Where the job's image is now: its path, or, if its folder was renamed while it was in flight,
+    /// the same name in the folder's new place. `None` once it is gone (deleted, moved out of the
+    /// inbox, its folder deleted); only "not found" counts as gone.
+    fn locate(&self, job: &Job) -> Option<PathBuf> {
+        let path = job.path()?;
+        let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), path);
+        let here = match &job.folder {
+            Some(dir) => beneath::folder_path(dir, root)?.join(path.file_name()?),
+            None => path.to_path_buf(),
+        };
+        match Beneath::new(root, &here).and_then(|b| b.metadata()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            _ => Some(here),
         }
+    }
+
+    /// Queues an inbox image's row and sidecar for writing, under the path the image has now.
+    fn keep(&mut self, o: Outcome, made_by: (&str, Option<f32>)) {
+        let found = o.job.path().map(Path::to_path_buf).unwrap_or_default();
+        // A file that vanished before it was read, or since (deleted, or moved away: a file moved
+        // within the inbox is queued again under its new path), gets no row and no sidecar.
+        let here = match (&o.result, self.locate(&o.job)) {
+            (Err(ImageError::Vanished), _) | (_, None) => {
+                tracing::info!(path = %found.display(), "gone from its path before its result was written; no row");
+                return;
+            }
+            (_, Some(here)) => here,
+        };
+        if here != found {
+            tracing::info!(path = %found.display(), now = %here.display(), "its folder was renamed while it was labelled; recorded under its new path");
+        }
+        let mut record = self.count(&o, made_by);
+        record.path = here.to_string_lossy().into_owned();
         match &o.result {
             Ok(_) => self.totals.ok += 1,
             Err(e) => {
                 self.totals.errors += 1;
-                tracing::warn!(path = %o.file.path.display(), error = %e, "image not labelled");
+                tracing::warn!(path = %here.display(), error = %e, "image not labelled");
             }
         }
-        self.sidecars.push((record.clone(), o.file.path.clone()));
+        self.sidecars.push(Pending { record: record.clone(), image: here, job: o.job });
         self.rows.push(record);
     }
 
@@ -390,28 +431,35 @@ impl Writer {
         let mut failed = Vec::new();
         let mut done = Vec::new();
         let mut first_error = None;
-        for (record, image) in std::mem::take(&mut self.sidecars) {
-            if pending_rows.contains(record.path.as_str()) {
-                failed.push((record, image));
+        for mut p in std::mem::take(&mut self.sidecars) {
+            if pending_rows.contains(p.record.path.as_str()) {
+                failed.push(p);
                 continue;
             }
-            let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), &image);
-            match sidecar::write(&record, root, &image) {
+            let mut written = self.write_sidecar(&p.record, &p.image);
+            if matches!(written, Err(sidecar::WriteError::NoFolder(_))) {
+                // Its folder was renamed after the row was written: the sidecar follows the image.
+                if let Some(here) = self.locate(&p.job).filter(|here| *here != p.image) {
+                    tracing::info!(path = %p.image.display(), now = %here.display(), "its folder was renamed after its row was written; sidecar written beside it");
+                    p.image = here;
+                    written = self.write_sidecar(&p.record, &p.image);
+                }
+            }
+            match written {
                 Ok(dir) => {
-                    if let Some(d) = image.parent() {
+                    if let Some(d) = p.image.parent() {
                         dirs.insert(d.to_path_buf(), dir);
                     }
-                    done.push((record.status, image));
+                    done.push(p);
                 }
                 // The image's folder is gone or became a link: its row stands; a sidecar cannot be placed.
                 Err(e @ sidecar::WriteError::NoFolder(_)) => {
-                    tracing::warn!(path = %image.display(), error = %e, "no sidecar written; the CSV row stands");
-                    self.in_flight.done(&image);
+                    tracing::warn!(path = %p.image.display(), error = %e, "no sidecar written; the CSV row stands");
                 }
                 Err(e) => {
                     self.metrics.sidecar_write_errors.inc();
-                    first_error.get_or_insert_with(|| (image.clone(), e.to_string()));
-                    failed.push((record, image));
+                    first_error.get_or_insert_with(|| (p.image.clone(), e.to_string()));
+                    failed.push(p);
                 }
             }
         }
@@ -420,10 +468,10 @@ impl Writer {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot sync folder");
             }
         }
-        // Recorded for good (row fsynced, sidecar written and synced): only now may the image leave the inbox.
-        for (status, image) in done {
-            self.set_aside(status, &image);
-            self.in_flight.done(&image);
+        // Recorded for good (row fsynced, sidecar written and synced): only now may the image leave
+        // the inbox, and only then is its claim released (when `p` is dropped).
+        for p in done {
+            self.set_aside(p.record.status, &p.image);
         }
         self.sidecars = failed;
         if let Some((image, e)) = first_error {
@@ -432,6 +480,11 @@ impl Writer {
         } else if self.rows.is_empty() {
             self.backoff.succeeded();
         }
+    }
+
+    fn write_sidecar(&self, record: &Record, image: &Path) -> Result<OwnedFd, sidecar::WriteError> {
+        let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), image);
+        sidecar::write(record, root, image)
     }
 
     /// An ok image goes per its inbox's on_done, a failed one to its quarantine (both with their sidecar).

@@ -58,7 +58,7 @@ pub struct Top {
 
 impl Record {
     pub fn new(o: &Outcome, model: &str, min_score: Option<f32>, now: Instant) -> Record {
-        let latency = now.saturating_duration_since(o.file.ready_at).as_secs_f64() * 1e3;
+        let latency = now.saturating_duration_since(o.job.ready_at).as_secs_f64() * 1e3;
         let (status, top, error) = match &o.result {
             Ok(preds) => (
                 Status::Ok,
@@ -83,10 +83,8 @@ impl Record {
             (Ok(preds), Some(min)) => Some(preds.first().is_some_and(|p| p.score >= min)),
             _ => None,
         };
-        let path = match &o.file.upload {
-            Some(_) => "(upload)".to_string(),
-            None => o.file.path.to_string_lossy().into_owned(),
-        };
+        // An upload has no path: its record goes back to its client only.
+        let path = o.job.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         Record {
             path,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -96,7 +94,7 @@ impl Record {
             confident,
             latency_ms: round(latency, 10.0),
             error,
-            file: o.file.identity,
+            file: o.job.identity,
         }
     }
 

@@ -109,11 +109,12 @@ mod tests {
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
         let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         let released = Instant::now();
-        in_flight.retry_after(&first.path, Duration::from_millis(300));
+        first.claim().unwrap().retry_after(Duration::from_millis(300));
+        drop(first);
         let again = rx.recv_timeout(Duration::from_secs(5)).expect("queued again after the delay");
-        assert_eq!(again.path, img);
+        assert_eq!(again.path(), Some(img.as_path()));
         assert!(released.elapsed() >= Duration::from_millis(300), "queued again too early");
-        in_flight.done(&again.path);
+        drop(again);
         feeder.finish();
     }
 
@@ -129,8 +130,8 @@ mod tests {
         let old = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap(); // the replacement's event
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "not while the old content is in flight");
-        in_flight.done(&old.path);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().path, img);
+        drop(old);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().path(), Some(img.as_path()));
         feeder.finish();
     }
 }
