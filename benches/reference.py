@@ -5,10 +5,15 @@ For every image in a folder: PIL open → RGB → Resize(256) → CenterCrop(224
 the same TorchScript model, batch 1 → softmax top-3 → JSON sidecar beside the image + a CSV row.
 Prints one JSON line of figures (images/s, per-stage ms per image) on stdout.
 
-  /usr/bin/python3 benches/reference.py MODEL FOLDER CSV [--threads 2]
+With --runtime onnxruntime, MODEL is an ONNX file (benches/export_models.py) run by onnxruntime (PyPI,
+.deps/bench-py) with the same threads, the same PIL + torchvision preprocessing and the same outputs:
+the speed-up the original article suggests before rewriting anything.
+
+  /usr/bin/python3 benches/reference.py MODEL FOLDER CSV [--threads 2] [--runtime torch|onnxruntime]
 """
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -21,16 +26,44 @@ from torchvision import transforms
 LABELS = os.path.join(os.path.dirname(__file__), "..", "src", "infer", "imagenet_classes.txt")
 
 
+def torch_model(path, threads):
+    """PyTorch on the TorchScript file: a function from a 1×3×224×224 tensor to logits."""
+    module = torch.jit.load(path).eval()
+
+    def run(x):
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def onnx_model(path, threads):
+    """onnxruntime's CPU provider on the ONNX file, `threads` intra-op threads, as its docs set it up."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x):
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("folder")
     ap.add_argument("csv")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     labels = open(LABELS).read().splitlines()
-    model = torch.jit.load(args.model).eval()
+    model = (onnx_model if args.runtime == "onnxruntime" else torch_model)(args.model, args.threads)
     name = os.path.splitext(os.path.basename(os.path.realpath(args.model)))[0]
     resize = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
     to_tensor = transforms.Compose(
@@ -41,9 +74,8 @@ def main():
         for f in os.listdir(args.folder)
         if f.lower().endswith((".jpg", ".jpeg", ".png")) and not f.startswith(".")
     )
-    with torch.no_grad():  # warm-up, as a long-running service would be
-        for _ in range(2):
-            model(torch.zeros(1, 3, 224, 224))
+    for _ in range(6):  # warm-up, as a long-running service would be: TorchScript optimises after a few calls
+        model(torch.zeros(1, 3, 224, 224))
     stages = {"read": 0.0, "decode": 0.0, "resize": 0.0, "inference": 0.0, "write": 0.0}
     new = not os.path.exists(args.csv) or os.path.getsize(args.csv) == 0
     out = open(args.csv, "a", newline="")
@@ -57,13 +89,11 @@ def main():
         with open(path, "rb") as f:
             data = f.read()
         t1 = time.perf_counter()
-        import io
         img = Image.open(io.BytesIO(data)).convert("RGB")
         t2 = time.perf_counter()
         x = to_tensor(resize(img)).unsqueeze(0)
         t3 = time.perf_counter()
-        with torch.no_grad():
-            probs = model(x).softmax(1)[0]
+        probs = model(x).softmax(1)[0]
         top = probs.topk(3)
         t4 = time.perf_counter()
         ids, scores = top.indices.tolist(), top.values.tolist()
