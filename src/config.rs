@@ -154,8 +154,7 @@ impl Default for RawOutput {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWorkers {
-    #[serde(default = "one")]
-    count: usize,
+    count: Option<usize>,
     threads: Option<usize>,
     #[serde(default = "default_max_batch")]
     max_batch: usize,
@@ -168,7 +167,7 @@ struct RawWorkers {
 impl Default for RawWorkers {
     fn default() -> Self {
         RawWorkers {
-            count: 1,
+            count: None,
             threads: None,
             max_batch: default_max_batch(),
             max_delay_ms: default_max_delay_ms(),
@@ -212,9 +211,6 @@ fn default_top_k() -> usize {
 }
 fn yes() -> bool {
     true
-}
-fn one() -> usize {
-    1
 }
 pub fn default_include() -> Vec<String> {
     ["*.jpg", "*.jpeg", "*.png", "*.bmp", "*.webp", "*.tif", "*.tiff"].iter().map(|s| s.to_string()).collect()
@@ -404,7 +400,10 @@ pub fn image_matcher(patterns: &[String]) -> Result<GlobSet, globset::Error> {
 #[derive(Debug, Clone)]
 pub struct WorkersConfig {
     pub count: usize,
+    /// Intra-op threads per worker while others may be busy.
     pub threads: usize,
+    /// Intra-op threads for a lone image (see `infer::layout`); `threads` when that is set explicitly.
+    pub threads_alone: usize,
     pub max_batch: usize,
     pub max_delay: Duration,
     pub queue: usize,
@@ -511,8 +510,9 @@ impl Config {
         }
         let w = &self.workers;
         s += &format!("\n[output]\ncsv = {}\n", q(&self.csv));
+        let alone = if w.threads_alone != w.threads { format!("   # {} for a lone image", w.threads_alone) } else { String::new() };
         s += &format!(
-            "\n[workers]\ncount = {}\nthreads = {}\nmax_batch = {}\nmax_delay_ms = {}\nqueue = {}\n",
+            "\n[workers]\ncount = {}\nthreads = {}{alone}\nmax_batch = {}\nmax_delay_ms = {}\nqueue = {}\n",
             w.count, w.threads, w.max_batch, w.max_delay.as_millis(), w.queue
         );
         s += &format!("\n[limits]\nmax_pixels = {}\nmax_file_mb = {}\n", p.max_pixels, p.max_file_bytes / (1024 * 1024));
@@ -686,10 +686,13 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
     }
 
     let w = raw.workers;
-    if w.count == 0 || w.count > 64 {
-        return Err(err("[workers] count", format!("must be 1..=64, got {}", w.count)));
+    // Two workers overlap one image's decoding with another's inference.
+    let count = w.count.unwrap_or(cpu_budget().min(2));
+    if count == 0 || count > 64 {
+        return Err(err("[workers] count", format!("must be 1..=64, got {count}")));
     }
-    let threads = w.threads.unwrap_or_else(|| (cpu_budget() / w.count).max(1));
+    let threads = w.threads.unwrap_or_else(|| (cpu_budget() / count).max(1));
+    let threads_alone = if w.threads.is_some() { threads } else { cpu_budget().max(threads) };
     if threads == 0 || threads > 256 {
         return Err(err("[workers] threads", format!("must be 1..=256, got {threads}")));
     }
@@ -764,8 +767,9 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         inboxes,
         csv,
         workers: WorkersConfig {
-            count: w.count,
+            count,
             threads,
+            threads_alone,
             max_batch: w.max_batch,
             max_delay: Duration::from_millis(w.max_delay_ms),
             queue: w.queue,

@@ -2,6 +2,7 @@
 //! `Outcome`s to the sink.
 
 pub mod labels;
+pub mod layout;
 pub mod model;
 pub mod preprocess;
 pub mod worker;

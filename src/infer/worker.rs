@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::layout::Layout;
 use super::model::{Classifier, panic_message};
 use crate::beneath::Beneath;
 use super::preprocess::Preprocessor;
@@ -41,10 +42,11 @@ impl Workers {
     ) -> Result<Workers, Fatal> {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), Fatal>>(cfg.count);
         let mut handles = Vec::new();
+        let layout = Layout::new(cfg);
         for i in 0..cfg.count {
-            let (live, threads, rx, out, shutdown, ready_tx, metrics, health) = (
+            let (live, layout, rx, out, shutdown, ready_tx, metrics, health) = (
                 live.clone(),
-                cfg.threads,
+                layout.clone(),
                 rx.clone(),
                 out.clone(),
                 shutdown.clone(),
@@ -57,7 +59,7 @@ impl Workers {
                 .name(format!("infer-{i}"))
                 .spawn(move || {
                     let line = health.lifeline(format!("infer-{i}"), &shutdown);
-                    tch::set_num_threads(threads as i32);
+                    super::layout::set_threads(layout.share());
                     let settings = live.get();
                     let classifier = match load(&settings) {
                         Ok(c) => {
@@ -70,7 +72,18 @@ impl Workers {
                         }
                     };
                     drop(ready_tx);
-                    let worker = Worker { settings, classifier, metrics, slot: infer_slot, health, name: format!("infer-{i}") };
+                    let threads = layout.share();
+                    let worker = Worker {
+                        settings,
+                        classifier,
+                        metrics,
+                        slot: infer_slot,
+                        health,
+                        name: format!("infer-{i}"),
+                        layout,
+                        threads,
+                        queue: rx.clone(),
+                    };
                     worker.run(&live, &rx, &out, &shutdown, decode_slot, line);
                 })
                 .map_err(|e| Fatal::io("cannot start inference thread", e))?;
@@ -91,6 +104,7 @@ impl Workers {
             precision = s.model.precision.as_str(),
             workers = cfg.count,
             threads = cfg.threads,
+            threads_alone = cfg.threads_alone,
             max_batch = s.max_batch,
             "model loaded"
         );
@@ -117,6 +131,11 @@ struct Worker {
     slot: Arc<Slot>,
     health: Health,
     name: String,
+    layout: Arc<Layout>,
+    /// libtorch intra-op threads this thread is set to now.
+    threads: usize,
+    /// The queue, to see whether images are waiting.
+    queue: QueueReceiver,
 }
 
 /// One image's ranked (class, probability) pairs, or why the model failed on it alone.
@@ -188,6 +207,14 @@ impl Worker {
         Ok(())
     }
 
+    /// Sets this thread's libtorch intra-op threads (OpenMP's setting is per calling thread).
+    fn use_threads(&mut self, n: usize) {
+        if n != self.threads {
+            super::layout::set_threads(n);
+            self.threads = n;
+        }
+    }
+
     /// Labels one batch; `None` if shutdown came while the model was failing (the images then have
     /// no record and are labelled after the restart).
     fn infer(&mut self, batch: Prepared, shutdown: &Shutdown) -> Option<BatchDone> {
@@ -225,6 +252,7 @@ impl Worker {
             errors = outcomes.len() - n_ok,
             preprocess_ms = format!("{prep_ms:.1}"),
             infer_ms = format!("{infer_ms:.1}"),
+            threads = self.threads,
             "batch"
         );
         Some(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: settings.model.min_score })
@@ -249,6 +277,9 @@ impl Worker {
             // Busy only while the model runs: waiting out the back-off is not a hung worker.
             let ranked = {
                 let _busy = slot.busy(files);
+                let layout = self.layout.clone();
+                let pass = layout.begin(self.queue.len());
+                self.use_threads(pass.threads);
                 self.use_settings(settings).and_then(|()| self.rank(data, n, settings.model.top_k))
             };
             match ranked {

@@ -154,7 +154,7 @@ impl Setup {
         let config = dir.path().join("labeld.toml");
         let text = format!(
             "[model]\npath = \"models/{model}.pt\"\n\n[[inbox]]\npath = \"inbox\"\nsettle_ms = 200\n\n\
-             [output]\ncsv = \"results.csv\"\n\n[workers]\nthreads = 2\nmax_batch = 8\nmax_delay_ms = 20\n{extra}"
+             [output]\ncsv = \"results.csv\"\n\n[workers]\ncount = 1\nthreads = 2\nmax_batch = 8\nmax_delay_ms = 20\n{extra}"
         );
         std::fs::write(&config, text).unwrap();
         Setup { csv: dir.path().join("results.csv"), dir, config, inbox, model: model_path }
@@ -171,7 +171,9 @@ impl Setup {
     pub fn with_workers(self, workers: &str) -> Setup {
         let text = std::fs::read_to_string(&self.config).unwrap();
         let head = text.split("[workers]").next().unwrap().to_string();
-        std::fs::write(&self.config, format!("{head}[workers]\nthreads = 2\nmax_delay_ms = 20\n{workers}")).unwrap();
+        // One worker unless the test says otherwise (the default is two on a multi-core box).
+        let count = if workers.contains("count") { "" } else { "count = 1\n" };
+        std::fs::write(&self.config, format!("{head}[workers]\n{count}threads = 2\nmax_delay_ms = 20\n{workers}")).unwrap();
         self
     }
 

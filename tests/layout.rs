@@ -1,0 +1,61 @@
+//! The worker layout adapts to the load: with `[workers]` left to its defaults, a lone image runs on
+//! every CPU and a backlog on each worker's share. Read from the per-batch debug log line, which names
+//! the intra-op threads the batch ran with. (How fast each layout is lives in `make bench`.)
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn batch_threads(log: &str) -> Vec<usize> {
+    log.lines()
+        .filter(|l| l.contains(" batch size="))
+        .filter_map(|l| l.split("threads=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_lone_image_runs_on_every_cpu_and_a_backlog_on_each_workers_share() {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cpus < 2 {
+        eprintln!("skipped: one CPU, so there is nothing to adapt");
+        return;
+    }
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("count = 1\nthreads = 2\nmax_batch = 8\n", "max_batch = 1\n");
+    let d = s.spawn_daemon_with(&[("LABELD_LOG", "labeld=debug")]);
+    assert!(d.log_text().contains(&format!("threads_alone={cpus}")), "{}", d.log_text());
+
+    // One image at a time, each labelled before the next arrives: every batch has the box to itself.
+    for i in 0..3 {
+        let p = s.inbox.join(format!("lone{i}.png"));
+        solid(&p, [200, 30, 30], 64, 48);
+        wait_for_sidecar(&p, Duration::from_secs(30));
+    }
+    let lone = batch_threads(&d.log_text());
+    assert_eq!(lone, vec![cpus; 3], "lone images ran with {lone:?}; log:\n{}", d.log_text());
+
+    // A backlog: 200 images at once, two workers busy, images waiting.
+    let staging = s.dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    for i in 0..200 {
+        solid(&staging.join(format!("b{i:03}.png")), [30, 200, 30], 640, 480);
+    }
+    for i in 0..200 {
+        let name = format!("b{i:03}.png");
+        std::fs::rename(staging.join(&name), s.inbox.join(&name)).unwrap();
+    }
+    for i in 0..200 {
+        wait_for_sidecar(&s.inbox.join(format!("b{i:03}.png")), Duration::from_secs(60));
+    }
+    let all = batch_threads(&d.log_text());
+    let backlog = &all[3..];
+    let share = cpus / 2;
+    eprintln!("backlog batches by threads: {} on {share}, {} on {cpus}", backlog.iter().filter(|t| **t == share).count(), backlog.iter().filter(|t| **t == cpus).count());
+    assert!(
+        backlog.iter().filter(|t| **t == share).count() >= backlog.len() / 2,
+        "most backlog batches should run on a worker's share ({share}): {backlog:?}"
+    );
+    assert!(d.stop().success());
+}
