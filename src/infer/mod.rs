@@ -5,6 +5,7 @@ pub mod labels;
 pub mod layout;
 pub mod model;
 pub mod preprocess;
+pub mod resample;
 pub mod worker;
 
 use std::sync::{Arc, RwLock};
