@@ -1,14 +1,14 @@
-//! Preprocessing pinned against torchvision: `scripts/make_golden.py` ran
-//! Resize(256) → CenterCrop(224) → ToTensor → Normalize on real photos and stored the results in
-//! tests/data/golden. labeld must agree within 0.02 per element of the normalized tensor.
+//! Preprocessing pinned against the reference pipeline: `scripts/make_golden.py` ran PIL 9.4 +
+//! torchvision's Resize(256) → CenterCrop(224) → ToTensor → Normalize on real photos and stored the
+//! results in tests/data/golden. labeld must give the same bytes after resize and crop, and the same
+//! float32 values after normalising, bit for bit. The decode itself is compared with PIL's, run here.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use labeld::config::Preprocess;
 use labeld::infer::preprocess::{Preprocessor, normalize_into};
 use serde_json::Value;
-
-const TOLERANCE: f32 = 0.02;
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
@@ -33,42 +33,108 @@ fn preprocess_cfg(g: &Value) -> Preprocess {
     }
 }
 
+/// The golden script's hash: 64-bit FNV-1a of the float32 values, little-endian.
+fn fnv1a64(values: impl Iterator<Item = f32>) -> String {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for b in values.flat_map(f32::to_le_bytes) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    format!("{h:016x}")
+}
+
+/// labeld's tensor for a golden photo (HWC).
+fn labeld_tensor(pre: &mut Preprocessor, name: &str) -> Vec<f32> {
+    let mut ours = Vec::new();
+    let path = data(name);
+    pre.load(path.parent().unwrap(), &path, &mut ours, &mut None).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(ours.len(), 3 * 224 * 224);
+    ours
+}
+
 #[test]
-fn labeld_matches_torchvision_on_real_photos() {
+fn resize_and_crop_give_torchvisions_bytes_and_the_tensor_its_floats() {
     let g = golden();
     let cfg = preprocess_cfg(&g);
     let mut pre = Preprocessor::new(cfg.clone());
     let photos = g["photos"].as_object().unwrap();
     assert!(photos.len() >= 6, "golden data covers too few photos");
     for (name, entry) in photos {
-        let mut ours = Vec::new();
-        let path = data(name);
-        pre.load(path.parent().unwrap(), &path, &mut ours, &mut None).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(ours.len(), 3 * 224 * 224);
+        let ours = labeld_tensor(&mut pre, name);
 
-        // torchvision's crop, normalized with the same formula ToTensor + Normalize use.
+        // The bytes after resize and crop: torchvision's crop, bit for bit (ours, read back through
+        // the normalisation, which is one-to-one per channel).
         let stem = name.rsplit_once('.').unwrap().0;
         let crop = image::open(data(&format!("golden/{stem}.png"))).unwrap().into_rgb8();
         let mut theirs = Vec::new();
         normalize_into(crop.as_raw(), 224, &cfg.mean, &cfg.std, &mut theirs);
+        let differing = ours.iter().zip(&theirs).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{name}: {differing} elements differ from torchvision's crop");
 
-        let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        let mean_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).sum::<f32>() / ours.len() as f32;
-        eprintln!("{name}: max |diff| {max_diff:.4}, mean |diff| {mean_diff:.5}");
-        assert!(max_diff <= TOLERANCE, "{name}: max abs difference {max_diff} > {TOLERANCE}");
+        // The float32 tensor: torchvision's own, hashed in CHW order.
+        let chw = (0..3).flat_map(|c| ours.iter().skip(c).step_by(3).copied());
+        assert_eq!(fnv1a64(chw), entry["tensor_fnv1a64"].as_str().unwrap(), "{name}: normalized tensor differs from torchvision's");
 
-        // Values torchvision itself printed, independent of our normalize_into.
+        // Values torchvision itself printed (rounded to 6 places).
         for s in entry["samples"].as_array().unwrap() {
             let s = s.as_array().unwrap();
             let (c, y, x) = (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize, s[2].as_u64().unwrap() as usize);
             let want = s[3].as_f64().unwrap() as f32;
             let got = ours[(y * 224 + x) * 3 + c]; // HWC
-            assert!((got - want).abs() <= TOLERANCE, "{name}[{c},{y},{x}]: {got} vs torchvision {want}");
+            assert!((got - want).abs() <= 1e-6, "{name}[{c},{y},{x}]: {got} vs torchvision {want}");
         }
-        for (c, want) in entry["channel_means"].as_array().unwrap().iter().enumerate() {
-            let got = ours.iter().skip(c).step_by(3).sum::<f32>() / (224.0 * 224.0);
-            let want = want.as_f64().unwrap() as f32;
-            assert!((got - want).abs() <= 0.005, "{name} channel {c} mean {got} vs torchvision {want}");
+    }
+}
+
+#[test]
+fn normalisation_equals_totensor_and_normalize_for_every_byte() {
+    let g = golden();
+    let cfg = preprocess_cfg(&g);
+    let ramp: Vec<u8> = (0..=255u8).flat_map(|v| [v, v, v]).collect();
+    let mut ours = Vec::new();
+    normalize_into(&ramp, 16, &cfg.mean, &cfg.std, &mut ours);
+    let table = g["normalize_table"].as_array().unwrap();
+    for (c, row) in table.iter().enumerate() {
+        for (v, want) in row.as_array().unwrap().iter().enumerate() {
+            let want = want.as_f64().unwrap() as f32; // an f32 printed exactly
+            let got = ours[v * 3 + c];
+            assert_eq!(got.to_bits(), want.to_bits(), "channel {c}, byte {v}: {got} vs torch {want}");
         }
+    }
+}
+
+/// PIL's `Image.open(p).convert("RGB")` of each file: (width, height, bytes), run by Debian's python3.
+fn pil_rgb(names: &[&str]) -> Vec<(u32, u32, Vec<u8>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import sys\nfrom PIL import Image\nfor i, p in enumerate(sys.argv[2:]):\n    \
+                  im = Image.open(p).convert('RGB')\n    \
+                  open('%s/%d.rgb' % (sys.argv[1], i), 'wb').write(b'%d %d\\n' % im.size + im.tobytes())\n";
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg("-c").arg(script).arg(dir.path());
+    for n in names {
+        cmd.arg(data(n));
+    }
+    let out = cmd.output().expect("run /usr/bin/python3");
+    assert!(out.status.success(), "PIL failed: {}", String::from_utf8_lossy(&out.stderr));
+    (0..names.len())
+        .map(|i| {
+            let raw = std::fs::read(dir.path().join(format!("{i}.rgb"))).unwrap();
+            let nl = raw.iter().position(|&b| b == b'\n').unwrap();
+            let head = std::str::from_utf8(&raw[..nl]).unwrap();
+            let (w, h) = head.split_once(' ').unwrap();
+            (w.parse().unwrap(), h.parse().unwrap(), raw[nl + 1..].to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn decode_gives_pils_rgb_bytes() {
+    // JPEG (libjpeg-turbo, ISLOW, fancy upsampling), RGB, grayscale, palette and RGBA PNGs.
+    let names = ["coffee.jpg", "rocket.jpg", "chelsea.png", "camera.png", "chelsea_palette.png", "chelsea_rgba.png"];
+    let mut pre = Preprocessor::new(preprocess_cfg(&golden()));
+    for (name, (w, h, want)) in names.iter().zip(pil_rgb(&names)) {
+        let got = pre.decode(&std::fs::read(data(name)).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got.dimensions(), (w, h), "{name}");
+        let differing = got.as_raw().iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 0, "{name}: {differing} bytes differ from PIL's convert(\"RGB\")");
     }
 }

@@ -1,25 +1,26 @@
-//! Image file → normalized HWC `Vec<f32>`, equal to torchvision's
-//! `Resize(resize)` (bilinear, antialiased as PIL does) → `CenterCrop(crop)` → `ToTensor` → `Normalize`.
+//! Image file → normalized HWC `Vec<f32>`, identical to the reference pipeline's: PIL 9.4
+//! `Image.open(..).convert("RGB")` → torchvision `Resize(resize)` (PIL's antialiased bilinear, see
+//! `resample`) → `CenterCrop(crop)` → `ToTensor` → `Normalize`, bit for bit (EXIF orientation aside).
 
 use std::io::Cursor;
 use std::path::Path;
 
-use fast_image_resize::images::Image;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::metadata::Orientation;
 use image::{ImageDecoder, ImageReader, Limits};
 
 use std::time::Instant;
 
+use super::resample::{Isa, Window, resize_window};
 use crate::config::Preprocess;
 use crate::metrics::{Stage, StageTimes};
 use crate::beneath::Identity;
 use crate::error::ImageError;
 
-/// One per worker: holds the resizer's scratch buffers and the JPEG decoder between images.
+/// One per worker: holds the JPEG decoder between images.
 pub struct Preprocessor {
     cfg: Preprocess,
-    resizer: Resizer,
+    /// The SIMD the resize runs on (every choice gives the same bytes).
+    isa: Isa,
     jpeg: Option<turbojpeg::Decompressor>,
     times: StageTimes,
     /// When set, each image's crop is also kept as a small JPEG (for the status page).
@@ -34,7 +35,7 @@ impl Preprocessor {
 
     /// A preprocessor that adds its read/decode/resize time to `times`.
     pub fn with_times(cfg: Preprocess, times: StageTimes) -> Self {
-        Preprocessor { cfg, resizer: Resizer::new(), jpeg: None, times, thumbnails: false, thumb: None }
+        Preprocessor { cfg, isa: Isa::detect(), jpeg: None, times, thumbnails: false, thumb: None }
     }
 
     pub fn config(&self) -> &Preprocess {
@@ -180,27 +181,18 @@ impl Preprocessor {
             .ok_or_else(|| ImageError::Decode("decoded size mismatch".into()))
     }
 
+    /// Resizes as torchvision's `Resize` does and returns its centre crop; only the crop is computed.
     fn resize_and_crop(&mut self, rgb: image::RgbImage) -> Result<Vec<u8>, ImageError> {
         let (w, h) = rgb.dimensions();
         let (nw, nh) = resize_plan(w, h, self.cfg.resize, self.cfg.max_pixels)?;
-        let resized = if (nw, nh) == (w, h) {
-            rgb.into_raw()
-        } else {
-            let src = Image::from_vec_u8(w, h, rgb.into_raw(), PixelType::U8x3)
-                .map_err(|e| ImageError::Preprocess(e.to_string()))?;
-            let mut dst = Image::new(nw, nh, PixelType::U8x3);
-            let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-            self.resizer.resize(&src, &mut dst, &opts).map_err(|e| ImageError::Preprocess(e.to_string()))?;
-            dst.into_vec()
-        };
         let c = self.cfg.crop;
-        let (top, left) = (center_offset(nh, c), center_offset(nw, c));
-        let mut out = Vec::with_capacity((c * c * 3) as usize);
-        for y in top..top + c {
-            let row = (y * nw + left) as usize * 3;
-            out.extend_from_slice(&resized[row..row + c as usize * 3]);
-        }
-        Ok(out)
+        let window = Window { x: center_offset(nw, c), y: center_offset(nh, c), width: c, height: c };
+        Ok(resize_window(rgb.as_raw(), w, h, nw, nh, window, self.isa))
+    }
+
+    /// Decodes `bytes` to RGB as PIL's `Image.open(..).convert("RGB")` does (and applies EXIF orientation).
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
+        self.decode_rgb(bytes)
     }
 }
 
@@ -281,8 +273,7 @@ fn resized_size_u64(w: u32, h: u32, size: u32) -> (u64, u64) {
 }
 
 /// The resize target of a `w`x`h` image, checked before anything is allocated for it: the source,
-/// the target and fast_image_resize's intermediate image (source width x target height, for u8
-/// pixels) each fit in `max(w, nw) x max(h, nh)` pixels, which must not exceed `max_pixels`, or
+/// the target and the resize's intermediate image (at most target width x source height) each fit in `max(w, nw) x max(h, nh)` pixels, which must not exceed `max_pixels`, or
 /// `4 x resize²` if that is more (a small image scaled up is never refused, however low the limit).
 pub fn resize_plan(w: u32, h: u32, resize: u32, max_pixels: u64) -> Result<(u32, u32), ImageError> {
     let limit = max_pixels.max(4 * u64::from(resize) * u64::from(resize));
@@ -314,16 +305,17 @@ pub fn center_offset(len: u32, crop: u32) -> u32 {
     if d % 2 == 1 && k % 2 == 1 { k + 1 } else { k }
 }
 
-/// HWC u8 → HWC f32, `(v / 255 - mean) / std`. The model sees it as NCHW in channels-last memory
-/// order (a permuted view), which oneDNN's convolutions run faster than plain NCHW.
+/// HWC u8 → HWC f32 as `ToTensor` + `Normalize` compute it in float32: `(v / 255 - mean) / std`,
+/// each step rounded (a reciprocal multiply or a fused step would differ in the last bit). A value
+/// depends only on its byte and channel, so a 3 x 256 table holds them all. The model sees the
+/// result as NCHW in channels-last memory order (a permuted view), which oneDNN runs faster.
 pub fn normalize_into(hwc: &[u8], crop: u32, mean: &[f32; 3], std: &[f32; 3], out: &mut Vec<f32>) {
     debug_assert_eq!(hwc.len(), (crop * crop * 3) as usize);
-    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
-    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+    let table: [[f32; 256]; 3] = std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - mean[c]) / std[c]));
     out.reserve(hwc.len());
     for px in hwc.chunks_exact(3) {
         for c in 0..3 {
-            out.push(f32::from(px[c]) * scale[c] - shift[c]);
+            out.push(table[c][usize::from(px[c])]);
         }
     }
 }
