@@ -103,19 +103,14 @@ fn normalisation_equals_totensor_and_normalize_for_every_byte() {
 }
 
 /// PIL's `Image.open(p).convert("RGB")` of each file: (width, height, bytes), run by Debian's python3.
-fn pil_rgb(names: &[&str]) -> Vec<(u32, u32, Vec<u8>)> {
+fn pil_rgb(paths: &[PathBuf]) -> Vec<(u32, u32, Vec<u8>)> {
     let dir = tempfile::tempdir().unwrap();
     let script = "import sys\nfrom PIL import Image\nfor i, p in enumerate(sys.argv[2:]):\n    \
                   im = Image.open(p).convert('RGB')\n    \
                   open('%s/%d.rgb' % (sys.argv[1], i), 'wb').write(b'%d %d\\n' % im.size + im.tobytes())\n";
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg("-c").arg(script).arg(dir.path());
-    for n in names {
-        cmd.arg(data(n));
-    }
-    let out = cmd.output().expect("run /usr/bin/python3");
+    let out = Command::new("/usr/bin/python3").arg("-c").arg(script).arg(dir.path()).args(paths).output().expect("run /usr/bin/python3");
     assert!(out.status.success(), "PIL failed: {}", String::from_utf8_lossy(&out.stderr));
-    (0..names.len())
+    (0..paths.len())
         .map(|i| {
             let raw = std::fs::read(dir.path().join(format!("{i}.rgb"))).unwrap();
             let nl = raw.iter().position(|&b| b == b'\n').unwrap();
@@ -126,13 +121,56 @@ fn pil_rgb(names: &[&str]) -> Vec<(u32, u32, Vec<u8>)> {
         .collect()
 }
 
+/// Variants of a real photo in the layouts PIL opens differently, written by PIL itself (JPEG chroma
+/// subsamplings, progressive, grayscale, Adobe CMYK; PNG gray+alpha, palette with transparency,
+/// 1-bit, 16-bit grayscale) and by the image crate (16-bit RGB and RGBA PNGs, which PIL cannot write).
+fn variants(dir: &Path) -> Vec<PathBuf> {
+    let script = "import sys, os\nfrom PIL import Image\nd = sys.argv[1]\n\
+                  src = Image.open(sys.argv[2]).convert('RGB')\n\
+                  src.save(os.path.join(d, 'j420.jpg'), quality=90)\n\
+                  src.save(os.path.join(d, 'j422.jpg'), quality=90, subsampling=1)\n\
+                  src.save(os.path.join(d, 'j444.jpg'), quality=90, subsampling=0)\n\
+                  src.save(os.path.join(d, 'jprog.jpg'), quality=85, progressive=True)\n\
+                  src.crop((0, 0, 333, 211)).save(os.path.join(d, 'odd.jpg'), quality=75)\n\
+                  src.convert('L').save(os.path.join(d, 'gray.jpg'), quality=90)\n\
+                  src.convert('CMYK').save(os.path.join(d, 'cmyk.jpg'), quality=90)\n\
+                  src.convert('LA').save(os.path.join(d, 'la.png'))\n\
+                  src.quantize(colors=64).save(os.path.join(d, 'trns.png'), transparency=3)\n\
+                  src.convert('1').save(os.path.join(d, 'bw.png'))\n\
+                  src.convert('L').point(lambda v: v * 200).convert('I').save(os.path.join(d, 'gray16.png'))\n";
+    let out = Command::new("/usr/bin/python3").arg("-c").arg(script).arg(dir).arg(data("rocket.jpg")).output().expect("run /usr/bin/python3");
+    assert!(out.status.success(), "PIL failed: {}", String::from_utf8_lossy(&out.stderr));
+    let cat = image::open(data("chelsea.png")).unwrap().into_rgb8();
+    // Low bytes that differ from the high ones, so that rounding and truncating to 8 bits disagree.
+    let deep = |v: u8, salt: u16| u16::from(v) << 8 | (u16::from(v) * 37 + salt) & 0xFF;
+    image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(cat.width(), cat.height(), |x, y| {
+        let p = cat.get_pixel(x, y);
+        image::Rgb([deep(p[0], 1), deep(p[1], 2), deep(p[2], 3)])
+    })
+    .save(dir.join("rgb16.png"))
+    .unwrap();
+    image::ImageBuffer::<image::Rgba<u16>, _>::from_fn(cat.width(), cat.height(), |x, y| {
+        let p = cat.get_pixel(x, y);
+        image::Rgba([deep(p[0], 4), deep(p[1], 5), deep(p[2], 6), (x * 100) as u16])
+    })
+    .save(dir.join("rgba16.png"))
+    .unwrap();
+    let names = ["j420.jpg", "j422.jpg", "j444.jpg", "jprog.jpg", "odd.jpg", "gray.jpg", "cmyk.jpg", "la.png", "trns.png", "bw.png", "gray16.png", "rgb16.png", "rgba16.png"];
+    names.iter().map(|n| dir.join(n)).collect()
+}
+
 #[test]
 fn decode_gives_pils_rgb_bytes() {
-    // JPEG (libjpeg-turbo, ISLOW, fancy upsampling), RGB, grayscale, palette and RGBA PNGs.
-    let names = ["coffee.jpg", "rocket.jpg", "chelsea.png", "camera.png", "chelsea_palette.png", "chelsea_rgba.png"];
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths: Vec<PathBuf> = ["coffee.jpg", "rocket.jpg", "coffee_cmyk.jpg", "chelsea.png", "camera.png", "chelsea_palette.png", "chelsea_rgba.png"]
+        .iter()
+        .map(|n| data(n))
+        .collect();
+    paths.extend(variants(dir.path()));
     let mut pre = Preprocessor::new(preprocess_cfg(&golden()));
-    for (name, (w, h, want)) in names.iter().zip(pil_rgb(&names)) {
-        let got = pre.decode(&std::fs::read(data(name)).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (path, (w, h, want)) in paths.iter().zip(pil_rgb(&paths)) {
+        let name = path.file_name().unwrap().to_string_lossy();
+        let got = pre.decode(&std::fs::read(path).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dimensions(), (w, h), "{name}");
         let differing = got.as_raw().iter().zip(&want).filter(|(a, b)| a != b).count();
         assert_eq!(differing, 0, "{name}: {differing} bytes differ from PIL's convert(\"RGB\")");

@@ -90,16 +90,15 @@ impl Preprocessor {
             return Err(ImageError::Empty);
         }
         if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-            if let Some(rgb) = self.decode_jpeg(bytes)? {
-                return Ok(match jpeg_orientation(bytes) {
-                    Some(o) if o != Orientation::NoTransforms => {
-                        let mut img = image::DynamicImage::ImageRgb8(rgb);
-                        img.apply_orientation(o);
-                        img.into_rgb8()
-                    }
-                    _ => rgb,
-                });
-            }
+            let rgb = self.decode_jpeg(bytes)?;
+            return Ok(match jpeg_orientation(bytes) {
+                Some(o) if o != Orientation::NoTransforms => {
+                    let mut img = image::DynamicImage::ImageRgb8(rgb);
+                    img.apply_orientation(o);
+                    img.into_rgb8()
+                }
+                _ => rgb,
+            });
         }
         let reader = || {
             ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Read(e.to_string()))
@@ -135,13 +134,12 @@ impl Preprocessor {
         }))
         .map_err(|_| ImageError::Decode("decoder crashed on this file".into()))?
         .map_err(|e| ImageError::Decode(e.to_string()))?;
-        // Grayscale, palette, alpha (dropped, as PIL's convert("RGB") does), 16-bit (scaled to 8), CMYK.
-        Ok(decoded.into_rgb8())
+        Ok(to_rgb_like_pil(decoded))
     }
 
-    /// JPEGs go through libjpeg-turbo, the decoder PIL uses, so pixels match the reference pipeline.
-    /// `None` for colour spaces it cannot turn into RGB (CMYK/YCCK): the general decoder takes those.
-    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<Option<image::RgbImage>, ImageError> {
+    /// JPEGs go through libjpeg-turbo with its defaults (ISLOW DCT, fancy upsampling), as PIL decodes
+    /// them, so the pixels are PIL's; CMYK/YCCK ones come out as CMYK and take PIL's conversion.
+    fn decode_jpeg(&mut self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
         let dec = match &mut self.jpeg {
             Some(d) => d,
             None => self.jpeg.insert(
@@ -149,9 +147,8 @@ impl Preprocessor {
             ),
         };
         let header = dec.read_header(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
-        if matches!(header.colorspace, turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK) {
-            return Ok(None);
-        }
+        let cmyk = matches!(header.colorspace, turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK);
+        let (format, channels) = if cmyk { (turbojpeg::PixelFormat::CMYK, 4) } else { (turbojpeg::PixelFormat::RGB, 3) };
         let (width, height) = (header.width as u32, header.height as u32);
         let pixels = u64::from(width) * u64::from(height);
         if pixels > self.cfg.max_pixels {
@@ -167,18 +164,17 @@ impl Preprocessor {
         let (sw, sh) = (width.div_ceil(denom), height.div_ceil(denom));
         // The plan bounds the decode buffer (sw x sh) as well as the resize's.
         resize_plan(sw, sh, self.cfg.resize, self.cfg.max_pixels)?;
-        let mut buf = vec![0u8; sw as usize * sh as usize * 3];
+        let mut buf = vec![0u8; sw as usize * sh as usize * channels];
         let out = turbojpeg::Image {
             pixels: buf.as_mut_slice(),
             width: sw as usize,
-            pitch: sw as usize * 3,
+            pitch: sw as usize * channels,
             height: sh as usize,
-            format: turbojpeg::PixelFormat::RGB,
+            format,
         };
         dec.decompress(bytes, out).map_err(|e| ImageError::Decode(e.to_string()))?;
-        image::RgbImage::from_raw(sw, sh, buf)
-            .map(Some)
-            .ok_or_else(|| ImageError::Decode("decoded size mismatch".into()))
+        let rgb = if cmyk { adobe_cmyk_to_rgb(&buf) } else { buf };
+        image::RgbImage::from_raw(sw, sh, rgb).ok_or_else(|| ImageError::Decode("decoded size mismatch".into()))
     }
 
     /// Resizes as torchvision's `Resize` does and returns its centre crop; only the crop is computed.
@@ -194,6 +190,39 @@ impl Preprocessor {
     pub fn decode(&mut self, bytes: &[u8]) -> Result<image::RgbImage, ImageError> {
         self.decode_rgb(bytes)
     }
+}
+
+/// PIL's `convert("RGB")` of the image as PIL opens it: grayscale replicated, palette expanded,
+/// alpha dropped; 16-bit channels keep their high byte (PIL's `;16B` raw modes), except 16-bit
+/// grayscale, which PIL opens as 32-bit "I" and clips at 255 on the way to RGB.
+fn to_rgb_like_pil(img: image::DynamicImage) -> image::RgbImage {
+    use image::DynamicImage::*;
+    let (w, h) = (img.width(), img.height());
+    let high = |v: u16| (v >> 8) as u8;
+    let rgb: Vec<u8> = match &img {
+        ImageRgb16(p) => p.as_raw().iter().map(|&v| high(v)).collect(),
+        ImageRgba16(p) => p.as_raw().chunks_exact(4).flat_map(|px| [high(px[0]), high(px[1]), high(px[2])]).collect(),
+        ImageLumaA16(p) => p.as_raw().chunks_exact(2).flat_map(|px| [high(px[0]); 3]).collect(),
+        ImageLuma16(p) => p.as_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
+        _ => return img.into_rgb8(),
+    };
+    image::RgbImage::from_raw(w, h, rgb).unwrap_or_else(|| img.into_rgb8())
+}
+
+/// PIL's CMYK JPEG path: the samples read with Adobe's inverted polarity ("CMYK;I"), then
+/// `cmyk2rgb` from libImaging/Convert.c, in its integer arithmetic.
+fn adobe_cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: i32, b: i32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    cmyk.chunks_exact(4)
+        .flat_map(|px| {
+            let [c, m, y, k] = [0, 1, 2, 3].map(|i| 255 - i32::from(px[i]));
+            let nk = 255 - k;
+            [c, m, y].map(|v| (nk - muldiv255(v, nk)).clamp(0, 255) as u8)
+        })
+        .collect()
 }
 
 /// Reads an image file beneath its inbox `root` without following a symbolic link at any component
