@@ -250,85 +250,124 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Axis, HALF, clip8, horizontal_pixel, vertical_rows};
+    use super::{Axis, HALF, horizontal_pixel, vertical_rows};
 
-    /// Horizontal pass, two taps per 256-bit multiply: 8 bytes loaded from tap `t` are
-    /// `R G B R G B R G` of taps t, t+1 (and a third, weighted 0), widened to eight i32 lanes.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn horizontal_avx2(src: &[u8], width: usize, rows: Range<usize>, axis: &Axis, out: &mut [u8]) {
-        horizontal_simd::<2, _, 8>(src, width, rows, axis, out, || _mm256_setzero_si256(), |px, k, acc| unsafe {
-            let p = _mm256_cvtepu8_epi32(_mm_loadl_epi64(px.as_ptr().cast()));
-            let k = _mm256_loadu_si256(k.as_ptr().cast());
-            _mm256_add_epi32(acc, _mm256_mullo_epi32(p, k))
-        }, |acc| {
-            let mut lanes = [0i32; 8];
-            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc) };
-            lanes
-        })
-    }
-
-    /// Horizontal pass, four taps per 512-bit multiply (16 bytes: `R G B` of four taps and a fifth's `R G B R`).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn horizontal_avx512(src: &[u8], width: usize, rows: Range<usize>, axis: &Axis, out: &mut [u8]) {
-        horizontal_simd::<4, _, 16>(src, width, rows, axis, out, || _mm512_setzero_si512(), |px, k, acc| unsafe {
-            let p = _mm512_cvtepu8_epi32(_mm_loadu_si128(px.as_ptr().cast()));
-            let k = _mm512_loadu_si512(k.as_ptr().cast());
-            _mm512_add_epi32(acc, _mm512_mullo_epi32(p, k))
-        }, |acc| {
-            let mut lanes = [0i32; 16];
-            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), acc) };
-            lanes
-        })
-    }
-
-    /// The horizontal pass with `TAPS` taps per step in `L` i32 lanes: `step` adds the products of
-    /// the `L` bytes at `px` and `L` lane weights to the sums, `lanes` reads them out.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn horizontal_simd<const TAPS: usize, V: Copy, const L: usize>(
-        src: &[u8],
-        width: usize,
-        rows: Range<usize>,
-        axis: &Axis,
-        out: &mut [u8],
-        zero: impl Fn() -> V,
-        step: impl Fn(&[u8], &[i32], V) -> V,
-        lanes: impl Fn(V) -> [i32; L],
-    ) {
-        let load = L; // bytes one step reads: one per lane
-        let steps = axis.padded_taps(TAPS) / TAPS;
-        // Lane weights: lane 3t + c of a step holds tap t's weight, for each channel c.
-        let mut lane_weights = vec![0i32; axis.len() * steps * L];
+    /// Each output pixel's weights laid out for two taps per step in eight i32 lanes: lane `3t + c`
+    /// of a step holds tap t's weight for each channel c, lanes 6 and 7 are 0. `pair`: the steps of
+    /// pixels 2j and 2j+1 are interleaved, one 16-lane vector per step. Returns the weights and the
+    /// steps per pixel.
+    fn lane_weights(axis: &Axis, pair: bool) -> (Vec<i32>, usize) {
+        let steps = axis.padded_taps(2) / 2;
+        let mut w = vec![0i32; (axis.len() + 1) * steps * 8];
         for i in 0..axis.len() {
             for (t, &k) in axis.weights(i).iter().enumerate() {
-                let base = (i * steps + t / TAPS) * L + (t % TAPS) * 3;
-                lane_weights[base..base + 3].fill(k);
+                let vector = if pair { ((i / 2) * steps + t / 2) * 2 + i % 2 } else { i * steps + t / 2 };
+                let base = vector * 8 + (t % 2) * 3;
+                w[base..base + 3].fill(k);
             }
         }
+        (w, steps)
+    }
+
+    /// The `R G B` sums in lanes 0..3 of `sums` → three clipped bytes at `dst` (a fourth byte is
+    /// written when `room` says it fits: the next pixel, or the next row, overwrites it).
+    #[inline(always)]
+    unsafe fn store_rgb(sums: __m128i, dst: *mut u8, room: bool) {
+        unsafe {
+            let v = _mm_srai_epi32::<{ super::PRECISION_BITS as i32 }>(_mm_add_epi32(sums, _mm_set1_epi32(HALF)));
+            // Saturating packs clamp to 0..=255, as clip8 does.
+            let v = _mm_packus_epi16(_mm_packs_epi32(v, v), v);
+            let word = (_mm_cvtsi128_si32(v) as u32).to_le_bytes();
+            if room {
+                dst.cast::<[u8; 4]>().write_unaligned(word);
+            } else {
+                std::ptr::copy_nonoverlapping(word.as_ptr(), dst, 3);
+            }
+        }
+    }
+
+    /// Bytes read from a pixel's first tap: 8 per step, 6 apart.
+    fn reach(steps: usize) -> usize {
+        (steps.max(1) - 1) * 6 + 8
+    }
+
+    /// One output pixel with AVX2, two taps per multiply: the 8 bytes at tap t are `R G B R G B R G`
+    /// of taps t, t+1 (and t+2, weighted 0), widened to eight i32 lanes. `px` has `reach(steps)`
+    /// readable bytes, `k` `steps` weight vectors, `stride` i32s apart.
+    #[inline(always)]
+    unsafe fn pixel_avx2(px: *const u8, k: *const i32, steps: usize, stride: usize, dst: *mut u8, room: bool) {
+        unsafe {
+            let mut acc = _mm256_setzero_si256();
+            for s in 0..steps {
+                let p = _mm256_cvtepu8_epi32(_mm_loadl_epi64(px.add(s * 6).cast()));
+                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(p, _mm256_loadu_si256(k.add(s * stride).cast())));
+            }
+            let fold = _mm256_setr_epi32(3, 4, 5, 0, 0, 0, 0, 0);
+            let sums = _mm256_add_epi32(acc, _mm256_permutevar8x32_epi32(acc, fold));
+            store_rgb(_mm256_castsi256_si128(sums), dst, room);
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn horizontal_avx2(src: &[u8], width: usize, rows: Range<usize>, axis: &Axis, out: &mut [u8]) {
+        let (weights, steps) = lane_weights(axis, false);
         for (r, y) in rows.enumerate() {
-            let line_start = y * width * 3;
+            let line = y * width * 3;
             let dst = &mut out[r * axis.len() * 3..(r + 1) * axis.len() * 3];
             for i in 0..axis.len() {
-                let first = line_start + axis.start[i] * 3;
-                // The last step reads up to `load` bytes from its first tap; past the buffer, go scalar.
-                if first + ((steps.max(1) - 1) * TAPS) * 3 + load > src.len() {
-                    horizontal_pixel(&src[line_start..line_start + width * 3], axis, i, &mut dst[i * 3..i * 3 + 3]);
+                let first = line + axis.start[i] * 3;
+                if first + reach(steps) > src.len() {
+                    horizontal_pixel(&src[line..line + width * 3], axis, i, &mut dst[i * 3..i * 3 + 3]);
                     continue;
                 }
-                let mut acc = zero();
-                for s in 0..steps {
-                    let px = &src[first + s * TAPS * 3..first + s * TAPS * 3 + load];
-                    let k = &lane_weights[(i * steps + s) * L..(i * steps + s + 1) * L];
-                    acc = step(px, k, acc);
+                // SAFETY: the reads end at `first + reach <= src.len()`, the weights have `steps`
+                // vectors per pixel, and the store stays in `dst` (4 bytes only with room).
+                unsafe {
+                    let k = weights.as_ptr().add(i * steps * 8);
+                    pixel_avx2(src.as_ptr().add(first), k, steps, 8, dst.as_mut_ptr().add(i * 3), i * 3 + 4 <= dst.len());
                 }
-                let sums = lanes(acc);
-                for c in 0..3 {
-                    let mut ss = HALF;
-                    for t in 0..TAPS {
-                        ss = ss.wrapping_add(sums[t * 3 + c]);
+            }
+        }
+    }
+
+    /// Two output pixels per 512-bit multiply, each laid out as in `pixel_avx2`.
+    #[target_feature(enable = "avx512f,avx2")]
+    pub unsafe fn horizontal_avx512(src: &[u8], width: usize, rows: Range<usize>, axis: &Axis, out: &mut [u8]) {
+        let (weights, steps) = lane_weights(axis, true);
+        let fold = _mm512_setr_epi32(3, 4, 5, 0, 0, 0, 0, 0, 11, 12, 13, 0, 0, 0, 0, 0);
+        for (r, y) in rows.enumerate() {
+            let line = y * width * 3;
+            let dst = &mut out[r * axis.len() * 3..(r + 1) * axis.len() * 3];
+            let mut i = 0;
+            while i < axis.len() {
+                let first = line + axis.start[i] * 3;
+                let pair = i + 1 < axis.len() && line + axis.start[i + 1] * 3 + reach(steps) <= src.len();
+                if first + reach(steps) > src.len() {
+                    horizontal_pixel(&src[line..line + width * 3], axis, i, &mut dst[i * 3..i * 3 + 3]);
+                    i += 1;
+                    continue;
+                }
+                // SAFETY: as in `horizontal_avx2`; pixel i + 1's reads are checked by `pair`, and its
+                // weights are the second half of each 16-lane vector.
+                unsafe {
+                    let k = weights.as_ptr().add((i / 2) * steps * 16);
+                    if !pair {
+                        pixel_avx2(src.as_ptr().add(first), k, steps, 16, dst.as_mut_ptr().add(i * 3), i * 3 + 4 <= dst.len());
+                        i += 1;
+                        continue;
                     }
-                    dst[i * 3 + c] = clip8(ss);
+                    let (a, b) = (src.as_ptr().add(first), src.as_ptr().add(line + axis.start[i + 1] * 3));
+                    let mut acc = _mm512_setzero_si512();
+                    for s in 0..steps {
+                        let bytes = _mm_unpacklo_epi64(_mm_loadl_epi64(a.add(s * 6).cast()), _mm_loadl_epi64(b.add(s * 6).cast()));
+                        let p = _mm512_cvtepu8_epi32(bytes);
+                        acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(p, _mm512_loadu_si512(k.add(s * 16).cast())));
+                    }
+                    let sums = _mm512_add_epi32(acc, _mm512_permutexvar_epi32(fold, acc));
+                    store_rgb(_mm512_castsi512_si128(sums), dst.as_mut_ptr().add(i * 3), true);
+                    store_rgb(_mm512_extracti32x4_epi32::<2>(sums), dst.as_mut_ptr().add(i * 3 + 3), i * 3 + 7 <= dst.len());
                 }
+                i += 2;
             }
         }
     }
