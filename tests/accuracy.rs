@@ -69,22 +69,14 @@ fn labels_match_pytorch_and_torchvision_on_the_golden_photos() {
         eprintln!("models/default.pt is {model_name}, golden labels are for {golden_model}: not compared");
         return;
     }
-    let mut top1_same = 0;
     for ((name, g), rec) in photos.iter().zip(&recs) {
         let want: Vec<u64> = g["top3"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         let want_scores: Vec<f64> = g["top3_scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
-        let got = ids(rec);
-        let mut a = got.clone();
-        let mut b = want.clone();
-        a.sort();
-        b.sort();
-        assert_eq!(a, b, "{name}: labeld top-3 {got:?}, PyTorch top-3 {want:?}");
-        for t in rec["top"].as_array().unwrap() {
-            let (id, score) = (t["class_id"].as_u64().unwrap(), t["score"].as_f64().unwrap());
-            let theirs = want_scores[want.iter().position(|w| *w == id).unwrap()];
-            assert!((score - theirs).abs() < 0.02, "{name} class {id}: score {score} vs PyTorch {theirs}");
+        // The tensors are PyTorch's bit for bit (preprocess_golden), so the ranking is too.
+        assert_eq!(ids(rec), want, "{name}: labeld top-3, PyTorch top-3");
+        for (t, theirs) in rec["top"].as_array().unwrap().iter().zip(&want_scores) {
+            let score = t["score"].as_f64().unwrap();
+            assert!((score - theirs).abs() <= 1e-3, "{name} class {}: score {score} vs PyTorch {theirs}", t["class_id"]);
         }
-        top1_same += usize::from(got[0] == want[0]);
     }
-    eprintln!("top-1 identical to PyTorch on {top1_same}/{} photos; top-3 sets identical on all", photos.len());
 }
