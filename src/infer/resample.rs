@@ -32,24 +32,30 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest this CPU has.
+    /// The widest this CPU runs.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
+        Isa::available().pop().unwrap_or(Isa::Scalar)
     }
 
-    /// Every instruction set this CPU can run, for tests that compare them.
+    /// Every instruction set this CPU runs, narrowest first.
     pub fn available() -> Vec<Isa> {
-        let best = Isa::detect();
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| *i as u8 <= best as u8).collect()
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.runs_here()).collect()
+    }
+
+    /// Whether this CPU has every feature the passes for `self` use.
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Scalar => true,
+                Isa::Avx2 => is_x86_feature_detected!("avx2"),
+                Isa::Avx512 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
     }
 }
 
@@ -177,10 +183,10 @@ pub fn resize_window(src: &[u8], width: u32, height: u32, new_width: u32, new_he
 fn horizontal(src: &[u8], width: usize, rows: Range<usize>, axis: &Axis, out: &mut [u8], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `isa` is one `Isa::detect` found on this CPU (`Isa::available` lists no more).
+        // SAFETY: `runs_here` checked every feature the pass is compiled for.
         match isa {
-            Isa::Avx512 if is_x86_feature_detected!("avx512f") => return unsafe { x86::horizontal_avx512(src, width, rows, axis, out) },
-            Isa::Avx2 if is_x86_feature_detected!("avx2") => return unsafe { x86::horizontal_avx2(src, width, rows, axis, out) },
+            Isa::Avx512 if isa.runs_here() => return unsafe { x86::horizontal_avx512(src, width, rows, axis, out) },
+            Isa::Avx2 if isa.runs_here() => return unsafe { x86::horizontal_avx2(src, width, rows, axis, out) },
             _ => {}
         }
     }
@@ -215,8 +221,8 @@ fn vertical(src: &[u8], row_bytes: usize, cols: Range<usize>, axis: &Axis, out: 
     {
         // SAFETY: as in `horizontal`.
         match isa {
-            Isa::Avx512 if is_x86_feature_detected!("avx512f") => return unsafe { x86::vertical_avx512(src, row_bytes, cols, axis, out) },
-            Isa::Avx2 if is_x86_feature_detected!("avx2") => return unsafe { x86::vertical_avx2(src, row_bytes, cols, axis, out) },
+            Isa::Avx512 if isa.runs_here() => return unsafe { x86::vertical_avx512(src, row_bytes, cols, axis, out) },
+            Isa::Avx2 if isa.runs_here() => return unsafe { x86::vertical_avx2(src, row_bytes, cols, axis, out) },
             _ => {}
         }
     }
@@ -379,7 +385,7 @@ mod x86 {
     }
 
     /// The portable vertical pass, compiled for AVX-512.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
     pub unsafe fn vertical_avx512(src: &[u8], row_bytes: usize, cols: Range<usize>, axis: &Axis, out: &mut [u8]) {
         vertical_rows(src, row_bytes, cols, axis, out)
     }
