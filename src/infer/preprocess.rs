@@ -178,7 +178,7 @@ impl Preprocessor {
     }
 
     /// Resizes as torchvision's `Resize` does and returns its centre crop; only the crop is computed.
-    fn resize_and_crop(&mut self, rgb: image::RgbImage) -> Result<Vec<u8>, ImageError> {
+    pub fn resize_and_crop(&mut self, rgb: image::RgbImage) -> Result<Vec<u8>, ImageError> {
         let (w, h) = rgb.dimensions();
         let (nw, nh) = resize_plan(w, h, self.cfg.resize, self.cfg.max_pixels)?;
         let c = self.cfg.crop;
