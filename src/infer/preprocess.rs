@@ -193,8 +193,9 @@ impl Preprocessor {
 }
 
 /// PIL's `convert("RGB")` of the image as PIL opens it: grayscale replicated, palette expanded,
-/// alpha dropped; 16-bit channels keep their high byte (PIL's `;16B` raw modes), except 16-bit
-/// grayscale, which PIL opens as 32-bit "I" and clips at 255 on the way to RGB.
+/// alpha dropped; 16-bit channels keep their high byte (PIL's `;16B` raw modes). One deliberate
+/// difference: PIL opens 16-bit grayscale as 32-bit "I" and clips it at 255 on the way to RGB, which
+/// turns a machine-vision camera's 16-bit image almost white; labeld keeps its high byte too.
 fn to_rgb_like_pil(img: image::DynamicImage) -> image::RgbImage {
     use image::DynamicImage::*;
     let (w, h) = (img.width(), img.height());
@@ -203,7 +204,7 @@ fn to_rgb_like_pil(img: image::DynamicImage) -> image::RgbImage {
         ImageRgb16(p) => p.as_raw().iter().map(|&v| high(v)).collect(),
         ImageRgba16(p) => p.as_raw().chunks_exact(4).flat_map(|px| [high(px[0]), high(px[1]), high(px[2])]).collect(),
         ImageLumaA16(p) => p.as_raw().chunks_exact(2).flat_map(|px| [high(px[0]); 3]).collect(),
-        ImageLuma16(p) => p.as_raw().iter().flat_map(|&v| [v.min(255) as u8; 3]).collect(),
+        ImageLuma16(p) => p.as_raw().iter().flat_map(|&v| [high(v); 3]).collect(),
         _ => return img.into_rgb8(),
     };
     image::RgbImage::from_raw(w, h, rgb).unwrap_or_else(|| img.into_rgb8())
