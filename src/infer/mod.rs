@@ -4,6 +4,7 @@
 pub mod labels;
 pub mod layout;
 pub mod model;
+pub mod optimize;
 pub mod preprocess;
 pub mod resample;
 pub mod worker;

@@ -1,0 +1,210 @@
+//! Load-time graph work that tch does not expose, done by a small C++ shim (optimize.cpp) built against
+//! the same libtorch: precision conversion that reaches a frozen graph's constants, and freezing plus
+//! inference optimisation on a copy of the module.
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::time::{Duration, Instant};
+
+use tch::{CModule, Kind, Tensor};
+
+unsafe extern "C" {
+    fn labeld_convert(module: *mut c_void, dtype: c_int) -> *mut c_char;
+    fn labeld_optimize(module: *const c_void, passes: c_int, error: *mut *mut c_char) -> *mut c_void;
+    fn labeld_clone(module: *const c_void, error: *mut *mut c_char) -> *mut c_void;
+}
+
+// tch keeps a CModule's `torch::jit::Module*` in its only, private field and frees it with `delete`; the
+// shim needs that pointer and hands back a `new torch::jit::Module`, so the two are moved across by
+// transmute. This assertion stops the build if tch ever adds a field.
+const _: () = assert!(size_of::<CModule>() == size_of::<*mut c_void>());
+
+/// Graph passes, the same bits as in optimize.cpp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passes(c_int);
+
+impl Passes {
+    /// `torch::jit::freeze`: attributes become constants, then conv/bn and linear folding.
+    pub const FREEZE: Passes = Passes(1);
+    /// `torch::jit::optimize_for_inference` (freezes first): oneDNN-prepacked convolutions and more.
+    pub const OPTIMIZE_FOR_INFERENCE: Passes = Passes(2);
+    /// Frozen 4-D weights stored channels-last, the layout labeld's input already has.
+    pub const CHANNELS_LAST: Passes = Passes(4);
+
+    pub const fn union(self, other: Passes) -> Passes {
+        Passes(self.0 | other.0)
+    }
+
+    pub fn contains(self, other: Passes) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The pass names, for the log line.
+    pub fn names(self) -> Vec<&'static str> {
+        [
+            (Passes::FREEZE, "freeze"),
+            (Passes::OPTIMIZE_FOR_INFERENCE, "optimize_for_inference"),
+            (Passes::CHANNELS_LAST, "channels_last"),
+        ]
+        .into_iter()
+        .filter(|(p, _)| self.contains(*p))
+        .map(|(_, name)| name)
+        .collect()
+    }
+}
+
+/// Converts the module's parameters, buffers and graph constants to `kind` in place (an already-frozen
+/// model keeps its weights in graph constants, which `CModule::to` leaves alone).
+pub fn convert(module: &mut CModule, kind: Kind) -> Result<(), String> {
+    let dtype = scalar_type(kind)?;
+    // SAFETY: the pointer is the live module `module` owns; the shim neither keeps nor frees it.
+    let error = unsafe { labeld_convert(module_ptr(module), dtype) };
+    taken_error(error).map_or(Ok(()), Err)
+}
+
+/// A new module: a copy of `module` with `passes` applied. `module` itself is left as it was.
+pub fn optimized(module: &CModule, passes: Passes) -> Result<CModule, String> {
+    let mut error = std::ptr::null_mut();
+    // SAFETY: as in `convert`; the shim only reads the module.
+    let new = unsafe { labeld_optimize(module_ptr(module), passes.0, &mut error) };
+    owned_module(new, error)
+}
+
+/// A copy of `module` with its own graphs and state (tensors shared), to run without touching it.
+pub fn cloned(module: &CModule) -> Result<CModule, String> {
+    let mut error = std::ptr::null_mut();
+    // SAFETY: as in `convert`; the shim only reads the module.
+    let new = unsafe { labeld_clone(module_ptr(module), &mut error) };
+    owned_module(new, error)
+}
+
+fn owned_module(new: *mut c_void, error: *mut c_char) -> Result<CModule, String> {
+    if let Some(e) = taken_error(error) {
+        return Err(e);
+    }
+    if new.is_null() {
+        return Err("the graph shim returned no module".into());
+    }
+    // SAFETY: `new` is a `new torch::jit::Module`, exactly what tch's CModule owns and deletes.
+    Ok(unsafe { std::mem::transmute::<*mut c_void, CModule>(new) })
+}
+
+fn module_ptr(module: &CModule) -> *mut c_void {
+    // SAFETY: CModule is one raw pointer (asserted above); this copies it without taking ownership.
+    unsafe { std::mem::transmute_copy::<CModule, *mut c_void>(module) }
+}
+
+/// The shim's error text, freed; `None` for a null pointer.
+fn taken_error(error: *mut c_char) -> Option<String> {
+    if error.is_null() {
+        return None;
+    }
+    // SAFETY: the shim returns a NUL-terminated malloc'ed string that we own from here on.
+    let text = unsafe { CStr::from_ptr(error) }.to_string_lossy().into_owned();
+    unsafe { libc::free(error.cast()) };
+    Some(text)
+}
+
+/// c10::ScalarType's number for the kinds labeld runs in.
+fn scalar_type(kind: Kind) -> Result<c_int, String> {
+    match kind {
+        Kind::Float => Ok(6),
+        Kind::BFloat16 => Ok(15),
+        other => Err(format!("no graph conversion to {other:?}")),
+    }
+}
+
+/// The passes labeld applies at load (see the README's figures for why these).
+pub const PASSES: Passes = Passes::OPTIMIZE_FOR_INFERENCE;
+
+/// What load-time optimisation did to a model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Optimisation {
+    Optimised { passes: Passes, took: Duration },
+    /// Running the model as loaded, and why.
+    Unoptimised { reason: String },
+}
+
+impl std::fmt::Display for Optimisation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Optimisation::Optimised { passes, took } => {
+                write!(f, "model optimised ({}) in {:.1} s", passes.names().join(", "), took.as_secs_f64())
+            }
+            Optimisation::Unoptimised { reason } => write!(f, "model not optimised, running it as loaded: {reason}"),
+        }
+    }
+}
+
+/// `module` with `passes` applied when that works and gives the same logits on a probe batch; else
+/// `module` itself, unchanged. Never fails: a model that cannot be optimised still runs as loaded.
+pub fn best_effort(module: CModule, passes: Passes, kind: Kind, crop: i64) -> (CModule, Optimisation) {
+    let start = Instant::now();
+    let attempt = || {
+        let fast = optimized(&module, passes)?;
+        same_logits(&module, &fast, kind, crop)?;
+        Ok::<_, String>(fast)
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(attempt))
+        .unwrap_or_else(|p| Err(format!("libtorch panicked: {}", super::model::panic_message(&*p))));
+    match outcome {
+        Ok(fast) => (fast, Optimisation::Optimised { passes, took: start.elapsed() }),
+        Err(reason) => (module, Optimisation::Unoptimised { reason }),
+    }
+}
+
+/// The largest |difference| of a logit allowed between the optimised and the loaded module. fp32:
+/// folding and oneDNN kernels only reorder float sums. bf16 (8 significant bits, relative step
+/// 2^-8 = 0.4%): both modules round every activation to bf16, and folding conv+batch-norm rounds the
+/// folded weights once more, so differences of a few bf16 steps of the largest logit are rounding,
+/// while a wrong graph is off by far more than that.
+fn tolerance(kind: Kind, largest_logit: f64) -> f64 {
+    match kind {
+        Kind::BFloat16 => 8.0 * 2f64.powi(-8) * largest_logit.max(1.0),
+        _ => 1e-3,
+    }
+}
+
+/// Runs copies of both modules on the same probe batch (copies: a stateful model's own counters must
+/// see only the calls labeld always made) and compares their logits.
+fn same_logits(loaded: &CModule, optimised: &CModule, kind: Kind, crop: i64) -> Result<(), String> {
+    let want = logits(&cloned(loaded)?, kind, crop).map_err(|e| format!("the loaded model failed on the probe batch: {e}"))?;
+    let got = logits(&cloned(optimised)?, kind, crop).map_err(|e| format!("the optimised model failed on the probe batch: {e}"))?;
+    if want.size() != got.size() {
+        return Err(format!("the optimised model returns shape {:?}, the loaded one {:?}", got.size(), want.size()));
+    }
+    let tch_err = |e: tch::TchError| e.to_string().lines().next().unwrap_or_default().to_string();
+    let largest = want.f_abs().and_then(|t| t.f_max()).and_then(|t| t.f_double_value(&[])).map_err(tch_err)?;
+    let delta = (&want - &got).f_abs().and_then(|t| t.f_max()).and_then(|t| t.f_double_value(&[])).map_err(tch_err)?;
+    let bound = tolerance(kind, largest);
+    // Written so that a NaN difference fails too.
+    if !(delta <= bound) {
+        return Err(format!("its logits differ from the loaded model's by {delta:.3e} (allowed {bound:.1e})"));
+    }
+    Ok(())
+}
+
+/// fp32 logits for a fixed pseudo-random batch of 2, laid out channels-last like labeld's real input.
+fn logits(module: &CModule, kind: Kind, crop: i64) -> Result<Tensor, String> {
+    let tch_err = |e: tch::TchError| e.to_string().lines().next().unwrap_or_default().to_string();
+    let input = Tensor::f_from_slice(&probe_batch(2, crop))
+        .and_then(|t| t.f_view([2, crop, crop, 3]))
+        .and_then(|t| t.f_permute([0, 3, 1, 2]))
+        .and_then(|t| t.f_to_kind(kind))
+        .map_err(tch_err)?;
+    let out = tch::no_grad(|| module.forward_ts(&[input])).map_err(tch_err)?;
+    out.f_to_kind(Kind::Float).map_err(tch_err)
+}
+
+/// `n` images of deterministic values in [-2, 2), roughly what normalised photos hold.
+fn probe_batch(n: usize, crop: i64) -> Vec<f32> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n * 3 * (crop * crop) as usize)
+        .map(|_| {
+            // xorshift64: fixed, fast, and no global RNG state touched.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect()
+}
