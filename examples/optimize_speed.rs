@@ -26,10 +26,12 @@ fn main() -> Result<(), String> {
         for (name, passes) in variants {
             let mut module = CModule::load_on_device(path, Device::Cpu).map_err(|e| e.to_string())?;
             module.set_eval();
-            optimize::convert(&mut module, kind)?;
             let module = match passes {
-                Some(p) => optimize::optimized(&module, p)?,
-                None => module,
+                Some(p) => optimize::optimized(&module, p, kind)?,
+                None => {
+                    optimize::convert(&mut module, kind)?;
+                    module
+                }
             };
             let per_image: Vec<String> = [1, 8].iter().map(|&n| format!("batch {n}: {:6.1}", ms_per_image(&module, kind, n))).collect();
             println!("{kind:?} {name:38} {}", per_image.join("  "));

@@ -6,32 +6,36 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::config::Precision;
 use crate::error::Fatal;
+use crate::infer::optimize::{self, Optimisation};
 
 pub struct Classifier {
     module: CModule,
     crop: i64,
     classes: usize,
     kind: Kind,
+    optimisation: Optimisation,
 }
 
 impl Classifier {
-    /// Loads the model and runs a forward pass to check it accepts `crop`-sized input and returns one
-    /// logit per label; then warms it up at batch sizes 1 and `max_batch`, so the first images do not
-    /// pay for TorchScript's first-run optimisation.
+    /// Loads the model, converts it to `precision`, optimises its graph for inference when that works
+    /// and keeps its logits (see `optimize::best_effort`), and runs a forward pass to check it accepts
+    /// `crop`-sized input and returns one logit per label; then warms it up at batch sizes 1 and
+    /// `max_batch`, so the first images do not pay for TorchScript's first-run optimisation.
     pub fn load(path: &Path, crop: u32, labels: usize, max_batch: usize, precision: Precision) -> Result<Classifier, Fatal> {
         let fail = |reason: String| Fatal::Model { path: path.to_path_buf(), reason };
         let mut module = CModule::load_on_device(path, Device::Cpu).map_err(|e| fail(first_line(&e.to_string())))?;
-        module.set_eval();
+        module.f_set_eval().map_err(|e| fail(format!("cannot switch the model to eval mode: {}", first_line(&e.to_string()))))?;
         let kind = match precision {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
         };
-        if kind != Kind::Float {
-            // tch's CModule::to has no fallible form.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| module.to(Device::Cpu, kind, false)))
-                .map_err(|_| fail(format!("cannot convert the model to {}", precision.as_str())))?;
-        }
         let crop = i64::from(crop);
+        let (module, optimisation) = optimize::prepared(module, optimize::PASSES, kind, crop)
+            .map_err(|e| fail(format!("cannot convert the model to {}: {}", precision.as_str(), first_line(&e))))?;
+        match &optimisation {
+            Optimisation::Optimised { .. } => tracing::info!(model = %path.display(), "{optimisation}"),
+            Optimisation::Unoptimised { .. } => tracing::warn!(model = %path.display(), "{optimisation}"),
+        }
         let probe = tch::no_grad(|| module.forward_ts(&[Tensor::zeros([1, 3, crop, crop], (kind, Device::Cpu))]))
             .map_err(|e| fail(format!("test forward pass on 1x3x{crop}x{crop} failed: {}", first_line(&e.to_string()))))?;
         let size = probe.size();
@@ -44,13 +48,18 @@ impl Classifier {
                 size[1]
             )));
         }
-        let classifier = Classifier { module, crop, classes: labels, kind };
+        let classifier = Classifier { module, crop, classes: labels, kind, optimisation };
         classifier.probe().map_err(|e| fail(format!("test forward pass on zeros failed: {e}")))?;
         for n in [1, max_batch, max_batch] {
             let zeros = vec![0f32; n * 3 * (crop * crop) as usize];
             classifier.top_k(&zeros, n, 1).map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
         }
         Ok(classifier)
+    }
+
+    /// Whether load-time graph optimisation applied, and which passes (or why not).
+    pub fn optimisation(&self) -> &Optimisation {
+        &self.optimisation
     }
 
     /// The load-time test: one all-zero image must give one finite row of `classes` logits. Run again
@@ -113,7 +122,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// libtorch errors carry a C++ backtrace; operators need the first line. An exception raised inside
 /// a TorchScript model comes after the script's traceback: its last line says what the model raised.
-fn first_line(s: &str) -> String {
+pub fn first_line(s: &str) -> String {
     let first = s.lines().next().unwrap_or(s);
     if first.contains("failed in the TorchScript interpreter") {
         if let Some(raised) = s.lines().rev().map(str::trim).find(|l| !l.is_empty()) {

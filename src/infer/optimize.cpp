@@ -47,26 +47,31 @@ void rewrite_constants(Block *block, Convert convert) {
   }
 }
 
+// The module's own graphs and its submodules' (not the whole compilation unit: clones share it).
 template <typename Convert>
-void rewrite_all_constants(const Module &module, Convert convert) {
-  for (auto *function : module._ivalue()->compilation_unit()->get_functions()) {
-    if (function->isGraphFunction()) rewrite_constants(torch::jit::toGraphFunction(*function).graph()->block(), convert);
+void rewrite_module_constants(const Module &module, Convert convert) {
+  for (const auto &sub : module.modules()) {
+    for (const auto &method : sub.get_methods()) rewrite_constants(method.graph()->block(), convert);
   }
 }
 
-Module optimized(const Module &original, int passes) {
+void convert(Module &module, c10::ScalarType kind) {
+  module.to(kind);
+  rewrite_module_constants(module, [kind](const at::Tensor &t) { return t.scalar_type() == kind ? t : t.to(kind); });
+}
+
+Module optimized(const Module &original, int passes, c10::ScalarType kind) {
   // optimize_for_inference rewrites an already-frozen module in place; the original must stay intact.
   Module module = original.clone();
   bool frozen = !module.hasattr("training");
+  // Freezing folds batch norms into the convolutions: do that arithmetic in fp32, round once after.
+  if ((passes & (FREEZE | OPTIMIZE_FOR_INFERENCE)) && !frozen) module = torch::jit::freeze(module);
+  if (kind != at::kFloat) convert(module, kind);
   if (passes & OPTIMIZE_FOR_INFERENCE) {
     module = torch::jit::optimize_for_inference(module);
   } else if (passes & FREEZE) {
-    if (frozen) {
-      auto graph = module.get_method("forward").graph();
-      torch::jit::OptimizeFrozenGraph(graph, true);
-    } else {
-      module = torch::jit::freeze(module);
-    }
+    auto graph = module.get_method("forward").graph();
+    torch::jit::OptimizeFrozenGraph(graph, true);
   }
   if (passes & CHANNELS_LAST) {
     auto graph = module.get_method("forward").graph();
@@ -85,10 +90,7 @@ extern "C" {
 // Returns null on success, else the error.
 char *labeld_convert(void *module, int dtype) {
   try {
-    auto &m = *static_cast<Module *>(module);
-    auto kind = static_cast<c10::ScalarType>(dtype);
-    m.to(kind);
-    rewrite_all_constants(m, [kind](const at::Tensor &t) { return t.scalar_type() == kind ? t : t.to(kind); });
+    convert(*static_cast<Module *>(module), static_cast<c10::ScalarType>(dtype));
     return nullptr;
   } catch (const std::exception &e) {
     return error_text(e.what());
@@ -97,12 +99,12 @@ char *labeld_convert(void *module, int dtype) {
   }
 }
 
-// Returns a new module (`new torch::jit::Module`, freed by tch with delete) with `passes` applied to a clone
-// of `module`, or null with *error set.
-void *labeld_optimize(const void *module, int passes, char **error) {
+// Returns a new module (`new torch::jit::Module`, freed by tch with delete): a clone of `module` with
+// `passes` applied and converted to `dtype`; or null with *error set.
+void *labeld_optimize(const void *module, int passes, int dtype, char **error) {
   *error = nullptr;
   try {
-    return new Module(optimized(*static_cast<const Module *>(module), passes));
+    return new Module(optimized(*static_cast<const Module *>(module), passes, static_cast<c10::ScalarType>(dtype)));
   } catch (const std::exception &e) {
     *error = error_text(e.what());
   } catch (...) {
