@@ -45,6 +45,8 @@ struct RawModel {
     top_k: usize,
     #[serde(default)]
     precision: Precision,
+    #[serde(default = "yes")]
+    optimize: bool,
     #[serde(default)]
     scaled_decode: bool,
     #[serde(default)]
@@ -271,6 +273,8 @@ pub struct ModelConfig {
     pub preprocess: Preprocess,
     pub top_k: usize,
     pub precision: Precision,
+    /// Freeze and optimise the model's graph at load (`false`: run it exactly as loaded).
+    pub optimize: bool,
     pub labels_lang: LabelsLang,
     /// Results whose top-1 score is below this are marked `confident: false`.
     pub min_score: Option<f32>,
@@ -288,6 +292,7 @@ impl ModelConfig {
         self.path != other.path
             || self.file_id != other.file_id
             || self.precision != other.precision
+            || self.optimize != other.optimize
             || self.preprocess.crop != other.preprocess.crop
     }
 }
@@ -485,7 +490,7 @@ impl Config {
         };
         let mut s = format!("# {} (resolved)\n[model]\npath = {}\nname = {}\nlabels = {labels}\n", self.file.display(), q(&m.path), toml::Value::String(m.name.clone()));
         s += &format!("resize = {}\ncrop = {}\nmean = {:?}\nstd = {:?}\ntop_k = {}\n", p.resize, p.crop, p.mean, p.std, m.top_k);
-        s += &format!("precision = \"{}\"\nscaled_decode = {}\nlabels_lang = \"{}\"\n", m.precision.as_str(), p.scaled_decode, m.labels_lang.as_str());
+        s += &format!("precision = \"{}\"\noptimize = {}\nscaled_decode = {}\nlabels_lang = \"{}\"\n", m.precision.as_str(), m.optimize, p.scaled_decode, m.labels_lang.as_str());
         if let Some(min) = m.min_score {
             s += &format!("min_score = {min}\n");
         }
@@ -760,6 +765,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             },
             top_k: m.top_k,
             precision: m.precision,
+            optimize: m.optimize,
             labels_lang: m.labels_lang,
             min_score: m.min_score,
             file_id,
@@ -826,6 +832,17 @@ mod tests {
         assert_eq!(c.model.preprocess.max_pixels, 100_000_000);
         assert!(!c.model.preprocess.scaled_decode, "the exact decode path is the default");
         assert_eq!(c.model.preprocess, Preprocess::default());
+        assert!(c.model.optimize, "load-time graph optimisation is on by default");
+    }
+
+    #[test]
+    fn optimize_can_be_turned_off_and_must_be_a_bool() {
+        let (_dir, file) = setup();
+        let off = MINIMAL.replace("[model]\n", "[model]\noptimize = false\n");
+        assert!(!Config::parse(&file, &off).unwrap().model.optimize);
+        let wrong = MINIMAL.replace("[model]\n", "[model]\noptimize = \"no\"\n");
+        let err = Config::parse(&file, &wrong).unwrap_err().to_string();
+        assert!(err.contains("expected a boolean"), "{err}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ fn golden_input(photo: &str) -> Vec<f32> {
 
 fn load(model: &str, precision: Precision) -> Classifier {
     let path = models().join(model);
-    Classifier::load(&path, 224, 1000, 8, precision).unwrap_or_else(|e| panic!("{model} {precision:?}: {e}"))
+    Classifier::load(&path, 224, 1000, 8, precision, Some(PASSES)).unwrap_or_else(|e| panic!("{model} {precision:?}: {e}"))
 }
 
 /// Top-1 of every golden photo, one batch of all of them and each alone (the scripted model takes
@@ -132,7 +132,7 @@ torch.jit.script(Noisy().eval()).save(sys.argv[1])
     let out = Command::new("/usr/bin/python3").arg(&py).arg(&model).output().unwrap();
     assert!(out.status.success(), "cannot script the noisy model: {}", String::from_utf8_lossy(&out.stderr));
     for precision in [Precision::Fp32, Precision::Bf16] {
-        let classifier = Classifier::load(&model, 224, 1000, 8, precision).unwrap_or_else(|e| panic!("{precision:?}: {e}"));
+        let classifier = Classifier::load(&model, 224, 1000, 8, precision, Some(PASSES)).unwrap_or_else(|e| panic!("{precision:?}: {e}"));
         match classifier.optimisation() {
             Optimisation::Unoptimised { reason } => assert!(reason.contains("differ"), "{precision:?}: {reason}"),
             other => panic!("{precision:?}: a noisy model was optimised: {other}"),
@@ -141,9 +141,9 @@ torch.jit.script(Noisy().eval()).save(sys.argv[1])
     }
 }
 
-/// The operator sees in the log that the model was optimised, with which passes.
+/// The operator sees in the log that the model was optimised, with which passes, and can turn it off.
 #[test]
-fn the_daemon_logs_that_it_optimised_the_model() {
+fn the_daemon_logs_that_it_optimised_the_model_unless_told_not_to() {
     let s = Setup::new("channel_mean", "");
     std::fs::copy(models().join("traced.pt"), &s.model).unwrap();
     let out = s.run_once();
@@ -151,4 +151,11 @@ fn the_daemon_logs_that_it_optimised_the_model() {
     assert!(out.status.success(), "labeld run --once failed: {log}");
     let line = format!("model optimised ({}) in ", PASSES.names().join(", "));
     assert!(log.contains(&line), "no {line:?} in the log:\n{log}");
+
+    s.edit_config("[model]\n", "[model]\noptimize = false\n");
+    let out = s.run_once();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "labeld run --once failed: {log}");
+    assert!(log.contains("model not optimised ([model] optimize = false)"), "no opt-out line in the log:\n{log}");
+    assert!(!log.contains("model optimised"), "optimised although told not to:\n{log}");
 }

@@ -6,7 +6,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::config::Precision;
 use crate::error::Fatal;
-use crate::infer::optimize::{self, Optimisation};
+use crate::infer::optimize::{self, Optimisation, Passes};
 
 pub struct Classifier {
     module: CModule,
@@ -17,11 +17,18 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Loads the model, converts it to `precision`, optimises its graph for inference when that works
-    /// and keeps its logits (see `optimize::best_effort`), and runs a forward pass to check it accepts
+    /// Loads the model, converts it to `precision`, optimises its graph with `passes` (`None`: not at
+    /// all) when that works and keeps its logits (see `optimize::prepared`), and runs a forward pass to check it accepts
     /// `crop`-sized input and returns one logit per label; then warms it up at batch sizes 1 and
     /// `max_batch`, so the first images do not pay for TorchScript's first-run optimisation.
-    pub fn load(path: &Path, crop: u32, labels: usize, max_batch: usize, precision: Precision) -> Result<Classifier, Fatal> {
+    pub fn load(
+        path: &Path,
+        crop: u32,
+        labels: usize,
+        max_batch: usize,
+        precision: Precision,
+        passes: Option<Passes>,
+    ) -> Result<Classifier, Fatal> {
         let fail = |reason: String| Fatal::Model { path: path.to_path_buf(), reason };
         let mut module = CModule::load_on_device(path, Device::Cpu).map_err(|e| fail(first_line(&e.to_string())))?;
         module.f_set_eval().map_err(|e| fail(format!("cannot switch the model to eval mode: {}", first_line(&e.to_string()))))?;
@@ -30,10 +37,10 @@ impl Classifier {
             Precision::Bf16 => Kind::BFloat16,
         };
         let crop = i64::from(crop);
-        let (module, optimisation) = optimize::prepared(module, optimize::PASSES, kind, crop)
+        let (module, optimisation) = optimize::prepared(module, passes, kind, crop)
             .map_err(|e| fail(format!("cannot convert the model to {}: {}", precision.as_str(), first_line(&e))))?;
         match &optimisation {
-            Optimisation::Optimised { .. } => tracing::info!(model = %path.display(), "{optimisation}"),
+            Optimisation::Optimised { .. } | Optimisation::Off => tracing::info!(model = %path.display(), "{optimisation}"),
             Optimisation::Unoptimised { .. } => tracing::warn!(model = %path.display(), "{optimisation}"),
         }
         let probe = tch::no_grad(|| module.forward_ts(&[Tensor::zeros([1, 3, crop, crop], (kind, Device::Cpu))]))

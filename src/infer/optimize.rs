@@ -125,6 +125,8 @@ pub enum Optimisation {
     Optimised { passes: Passes, took: Duration },
     /// Running the model as loaded, and why.
     Unoptimised { reason: String },
+    /// `[model] optimize = false`.
+    Off,
 }
 
 impl std::fmt::Display for Optimisation {
@@ -134,6 +136,7 @@ impl std::fmt::Display for Optimisation {
                 write!(f, "model optimised ({}) in {:.1} s", passes.names().join(", "), took.as_secs_f64())
             }
             Optimisation::Unoptimised { reason } => write!(f, "model not optimised, running it as loaded: {reason}"),
+            Optimisation::Off => write!(f, "model not optimised ([model] optimize = false)"),
         }
     }
 }
@@ -141,7 +144,13 @@ impl std::fmt::Display for Optimisation {
 /// The fp32 `module` as loaded, converted to `kind`; optimised with `passes` when that works and gives
 /// the same logits on a probe batch, else as loaded. Fails only when the conversion to `kind` fails: a
 /// model that cannot be optimised still runs.
-pub fn prepared(mut module: CModule, passes: Passes, kind: Kind, crop: i64) -> Result<(CModule, Optimisation), String> {
+pub fn prepared(mut module: CModule, passes: Option<Passes>, kind: Kind, crop: i64) -> Result<(CModule, Optimisation), String> {
+    let Some(passes) = passes else {
+        if kind != Kind::Float {
+            convert(&mut module, kind)?;
+        }
+        return Ok((module, Optimisation::Off));
+    };
     let start = Instant::now();
     let attempt = guarded(|| {
         let fast = optimized(&module, passes, kind)?;

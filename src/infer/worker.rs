@@ -120,7 +120,8 @@ impl Workers {
 
 /// Loads the model `s` names, checked against its label count and warmed up for its batch size.
 pub fn load(s: &InferSettings) -> Result<Classifier, Fatal> {
-    Classifier::load(&s.model.path, s.model.preprocess.crop, s.labels.len(), s.max_batch, s.model.precision)
+    let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
+    Classifier::load(&s.model.path, s.model.preprocess.crop, s.labels.len(), s.max_batch, s.model.precision, passes)
 }
 
 struct Worker {
