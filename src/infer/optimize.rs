@@ -151,6 +151,10 @@ pub fn prepared(mut module: CModule, passes: Option<Passes>, kind: Kind, crop: i
         }
         return Ok((module, Optimisation::Off));
     };
+    // One optimisation at a time: each holds a few copies of the weights for a moment, and workers
+    // load together.
+    static OPTIMISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = OPTIMISING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let start = Instant::now();
     let attempt = guarded(|| {
         let fast = optimized(&module, passes, kind)?;
@@ -161,10 +165,14 @@ pub fn prepared(mut module: CModule, passes: Option<Passes>, kind: Kind, crop: i
         convert(&mut module, kind)?;
     }
     let checked = attempt.and_then(|(fast, fp32)| guarded(|| same_logits(&module, &fast, fp32.as_ref(), kind, crop).map(|()| fast)));
-    Ok(match checked {
+    let prepared = match checked {
         Ok(fast) => (fast, Optimisation::Optimised { passes, took: start.elapsed() }),
         Err(reason) => (module, Optimisation::Unoptimised { reason: super::model::first_line(&reason) }),
-    })
+    };
+    // The copies made on the way (frozen, folded, the discarded module) are freed; give their pages back.
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
+    Ok(prepared)
 }
 
 /// `f`, with a libtorch panic turned into an error.
