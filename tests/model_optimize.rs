@@ -107,6 +107,22 @@ fn a_script_with_control_flow_loads_optimised_with_eager_top1() {
     loads_optimised_with_eager_top1("scripted.pt");
 }
 
+/// With optimisation off, an already-frozen model still runs in bf16: its folded weights are graph
+/// constants, which the conversion reaches too.
+#[test]
+fn an_already_frozen_model_runs_in_bf16_unoptimised_too() {
+    let photos = eager();
+    let path = models().join("frozen.pt");
+    let bf16 = Classifier::load(&path, 224, 1000, 8, Precision::Bf16, None).unwrap_or_else(|e| panic!("frozen.pt bf16: {e}"));
+    assert_eq!(bf16.optimisation(), &Optimisation::Off);
+    let (batch, _) = top1s(&bf16, &photos);
+    for (i, (name, want, gap)) in photos.iter().enumerate() {
+        if *gap >= 1.0 {
+            assert_eq!(batch[i], *want, "frozen.pt bf16 unoptimised top-1 of {name} vs eager PyTorch");
+        }
+    }
+}
+
 /// A model with noise in its output gives other logits on every run, so the probe check refuses the
 /// optimisation; the model itself still loads and labels.
 #[test]
