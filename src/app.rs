@@ -297,6 +297,7 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
     let live = LiveSettings::new(reload::infer_settings(&config, labels, false));
     let workers = Workers::start(live, &config.workers, queue_rx, done_tx, shutdown.clone(), Metrics::new(), Health::new())?;
+    let mut printer = InOrder::new(&files);
     let feeder = std::thread::spawn(move || {
         for f in files {
             queue_tx.push(queue::ReadyFile::new(f));
@@ -313,13 +314,14 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
                 Status::Error => totals.errors += 1,
             }
             let line = serde_json::to_string(&r).map_err(|e| Fatal::Other(e.to_string()))?;
-            writeln!(out, "{line}").map_err(|e| Fatal::io("cannot write to stdout", e))?;
+            printer.print(r.path, line, &mut out).map_err(|e| Fatal::io("cannot write to stdout", e))?;
         }
         out.flush().map_err(|e| Fatal::io("cannot write to stdout", e))?;
         if let Some(pb) = &progress {
             pb.inc(batch.outcomes.len() as u64);
         }
     }
+    printer.finish(&mut stdout.lock()).map_err(|e| Fatal::io("cannot write to stdout", e))?;
     if let Some(pb) = progress {
         pb.finish();
     }
@@ -329,6 +331,37 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
         return Err(Fatal::ThreadDied { thread: f.thread, reason: f.reason });
     }
     Ok(totals)
+}
+
+/// Prints classify's records in the order the files were given, though workers finish them in any
+/// order; a record no file is waiting for is held until the end.
+struct InOrder {
+    order: Vec<String>,
+    next: usize,
+    held: Vec<(String, String)>,
+}
+
+impl InOrder {
+    fn new(files: &[PathBuf]) -> InOrder {
+        // Records carry their path the same lossy way.
+        InOrder { order: files.iter().map(|f| f.to_string_lossy().into_owned()).collect(), next: 0, held: Vec::new() }
+    }
+
+    fn print(&mut self, path: String, line: String, out: &mut impl Write) -> std::io::Result<()> {
+        self.held.push((path, line));
+        while let Some(i) = self.order.get(self.next).and_then(|want| self.held.iter().position(|(p, _)| p == want)) {
+            writeln!(out, "{}", self.held.remove(i).1)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    fn finish(self, out: &mut impl Write) -> std::io::Result<()> {
+        for (_, line) in self.held {
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    }
 }
 
 /// Files as given, plus every image under given folders (names matching the first inbox's `include`,

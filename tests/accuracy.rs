@@ -27,10 +27,7 @@ fn classify(model: &Path, files: &[PathBuf]) -> Vec<Value> {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut recs: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    // Records come as images finish, and workers run side by side: put them in the order given.
-    recs.sort_by_key(|r| files.iter().position(|f| Path::new(r["path"].as_str().unwrap_or_default()) == f).unwrap_or(usize::MAX));
-    recs
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn ids(rec: &Value) -> Vec<u64> {
