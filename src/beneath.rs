@@ -18,13 +18,32 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 /// Which version of a file was labelled: what its sidecar records, and what "already labelled"
 /// compares. A replacement (new inode), a rewrite in place (size, mtime or ctime) and an `mv`/`cp -p`
 /// of an old file (ctime cannot be set back) all change it; clocks and timestamps alone cannot fool it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A file that was read also carries a hash of its bytes: when only the ctime moved (a hard link made
+/// to it, a chmod), the bytes decide whether it is the same version. Equality is on the metadata.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     pub dev: u64,
     pub inode: u64,
     pub size: u64,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    /// XXH3-64 of the bytes read (absent when the file was only stat'ed, and in older sidecars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<u64>,
+}
+
+impl PartialEq for Identity {
+    fn eq(&self, o: &Identity) -> bool {
+        self.key() == o.key()
+    }
+}
+
+impl Eq for Identity {}
+
+impl std::hash::Hash for Identity {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.key().hash(h)
+    }
 }
 
 impl Identity {
@@ -36,7 +55,17 @@ impl Identity {
             size: meta.size(),
             mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
             ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            xxh3: None,
         }
+    }
+
+    fn key(&self) -> (u64, u64, u64, i64, i64) {
+        (self.dev, self.inode, self.size, self.mtime_ns, self.ctime_ns)
+    }
+
+    /// Same file, size and mtime; only the ctime moved (a link made, a chmod): maybe the same bytes.
+    pub fn differs_only_in_ctime(&self, now: &Identity) -> bool {
+        (self.dev, self.inode, self.size, self.mtime_ns) == (now.dev, now.inode, now.size, now.mtime_ns) && self.ctime_ns != now.ctime_ns
     }
 
     /// `dev:inode:size:mtime_ns:ctime_ns`, as the CSV's `file_id` column carries it.
@@ -52,6 +81,7 @@ impl Identity {
             size: it.next()?.parse().ok()?,
             mtime_ns: it.next()?.parse().ok()?,
             ctime_ns: it.next()?.parse().ok()?,
+            xxh3: None,
         };
         it.next().is_none().then_some(id)
     }
@@ -129,10 +159,11 @@ impl<'a> Beneath<'a> {
         if bytes.len() as u64 > max {
             return Err(ReadError::TooBig(bytes.len() as u64));
         }
-        let id = Identity::of(&after);
+        let mut id = Identity::of(&after);
         if Identity::of(&before) != id || bytes.len() as u64 != after.len() {
             return Err(ReadError::Changing);
         }
+        id.xxh3 = Some(xxhash_rust::xxh3::xxh3_64(&bytes));
         Ok((bytes, id))
     }
 }
@@ -222,6 +253,12 @@ pub fn write_atomic_in(dir: &OwnedFd, name: &std::ffi::OsStr, bytes: &[u8]) -> i
         let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
     }
     result
+}
+
+/// The device and inode of `name` in `dir` (a link itself, never its target).
+pub fn key_in(dir: &OwnedFd, name: &std::ffi::OsStr) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// Makes renames in the folder durable.

@@ -316,3 +316,91 @@ fn sigkill_while_archiving_and_quarantining_loses_nothing_and_labels_nothing_twi
     assert_eq!(files_in(&s.inbox), 0, "nothing left in the inbox");
     assert_eq!(files_in(&done) + files_in(&rejects), 2 * n, "one image and one sidecar each, no extra copies");
 }
+
+/// Every image under `dir`, recursively (sidecars and dotfiles aside).
+fn images_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(images_under(&p));
+        } else if p.extension().is_some_and(|x| x == "png") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Two folders with the same layout swap names after their rows are written but while their sidecars
+/// cannot be (a folder squats on each sidecar's name): each sidecar must still land beside its own
+/// image, and on_done = "move" must archive each image with its own sidecar, never the other's.
+#[test]
+fn folders_swapped_between_row_and_sidecar_keep_each_result_with_its_own_image() {
+    let s = Setup::new("channel_mean", "");
+    let done = s.dir.path().join("done");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\nrecursive = true\non_done = \"move\"\ndone_dir = \"done\"\n");
+    let (a, b) = (s.inbox.join("A"), s.inbox.join("B"));
+    for (dir, colour) in [(&a, RED), (&b, BLUE)] {
+        std::fs::create_dir(dir).unwrap();
+        solid(&dir.join("x.png"), colour, 16, 16);
+        std::fs::create_dir(sidecar(&dir.join("x.png"))).unwrap();
+        std::fs::write(sidecar(&dir.join("x.png")).join("keep"), b"x").unwrap();
+    }
+    let d = s.spawn_daemon();
+    wait_until("2 rows", || s.csv.exists() && rows_per_path(&s.csv).len() == 2);
+    d.wait_for_log("cannot write sidecar", WAIT);
+    let t = s.inbox.join("T");
+    std::fs::rename(&a, &t).unwrap();
+    std::fs::rename(&b, &a).unwrap();
+    std::fs::rename(&t, &b).unwrap();
+    for dir in [&a, &b] {
+        std::fs::remove_dir_all(sidecar(&dir.join("x.png"))).unwrap();
+    }
+    wait_until("both images archived", || done.exists() && images_under(&done).len() == 2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.stop().success());
+    for img in images_under(&done) {
+        let px = image::open(&img).unwrap().into_rgb8().get_pixel(0, 0).0;
+        let want = if px == RED { 0 } else { 2 };
+        assert_eq!(top1(&read_sidecar(&img)).0, want, "{} archived with another image's sidecar", img.display());
+    }
+    assert!(images_under(&s.inbox).is_empty());
+    assert_eq!(rows_per_path(&s.csv).values().sum::<usize>(), 2, "one row each");
+}
+
+/// A folder moved out of the inbox after its images' rows were written but before their sidecars
+/// could be, then moved back under another name: the same files get their sidecars from their rows,
+/// not a second row.
+#[test]
+fn a_folder_moved_out_and_back_before_its_sidecars_gives_no_second_row() {
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\nrecursive = true\n");
+    let line = s.inbox.join("line");
+    std::fs::create_dir(&line).unwrap();
+    let names: Vec<String> = (0..5).map(|i| format!("x{i}.png")).collect();
+    for (i, n) in names.iter().enumerate() {
+        solid(&line.join(n), COLOURS[i % 3], 16, 16);
+        std::fs::create_dir(sidecar(&line.join(n))).unwrap();
+        std::fs::write(sidecar(&line.join(n)).join("keep"), b"x").unwrap();
+    }
+    let d = s.spawn_daemon();
+    wait_until("5 rows", || s.csv.exists() && rows_per_path(&s.csv).len() == 5);
+    d.wait_for_log("cannot write sidecar", WAIT);
+    let outside = s.dir.path().join("outside");
+    std::fs::rename(&line, &outside).unwrap();
+    d.wait_for_log("no sidecar written; the CSV row stands", WAIT);
+    for n in &names {
+        std::fs::remove_dir_all(sidecar(&outside.join(n))).unwrap();
+    }
+    let back = s.inbox.join("line-back");
+    std::fs::rename(&outside, &back).unwrap();
+    wait_until("sidecars in the folder moved back", || names.iter().all(|n| sidecar(&back.join(n)).exists()));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(d.log_text().contains("already has a row"), "{}", d.log_text());
+    assert!(d.stop().success());
+    assert_eq!(rows_per_path(&s.csv).values().sum::<usize>(), 5, "one row each: {:?}", rows_per_path(&s.csv));
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(top1(&read_sidecar(&back.join(n))).0, (i % 3) as u64);
+    }
+    assert!(!s.dir.path().join("outside").exists());
+}

@@ -19,6 +19,7 @@ pub mod sidecar;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,6 +115,7 @@ impl Sink {
             metrics,
             recent,
             abandoned: HashSet::new(),
+            orphans: HashMap::new(),
             faults: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
@@ -245,6 +247,10 @@ struct Writer {
     faults: HashMap<PathBuf, u32>,
     /// Images recorded as hung (by path and queue time): a result arriving for one later is dropped.
     abandoned: HashSet<(PathBuf, Instant)>,
+    /// Rows written whose image left before its sidecar could be placed (its folder moved out and
+    /// back, renamed away), by the identity of the file version: found again under another path, the
+    /// same version gets its sidecar from that row instead of a second row.
+    orphans: HashMap<Identity, Record>,
 }
 
 impl Writer {
@@ -392,6 +398,11 @@ impl Writer {
         if here != found {
             tracing::info!(path = %found.display(), now = %here.display(), "its folder was renamed while it was labelled; recorded under its new path");
         }
+        if let Some(row) = o.job.identity.and_then(|id| self.orphans.remove(&id)) {
+            tracing::info!(path = %here.display(), row = %row.path, "this file already has a row (written before it moved); its sidecar is written from that row, no second row");
+            self.sidecars.push(Pending { record: row, image: here, job: o.job });
+            return;
+        }
         let mut record = self.count(&o, made_by);
         record.path = here.to_string_lossy().into_owned();
         match &o.result {
@@ -431,20 +442,13 @@ impl Writer {
         let mut failed = Vec::new();
         let mut done = Vec::new();
         let mut first_error = None;
+        let mut orphans = Vec::new();
         for mut p in std::mem::take(&mut self.sidecars) {
             if pending_rows.contains(p.record.path.as_str()) {
                 failed.push(p);
                 continue;
             }
-            let mut written = self.write_sidecar(&p.record, &p.image);
-            if matches!(written, Err(sidecar::WriteError::NoFolder(_))) {
-                // Its folder was renamed after the row was written: the sidecar follows the image.
-                if let Some(here) = self.locate(&p.job).filter(|here| *here != p.image) {
-                    tracing::info!(path = %p.image.display(), now = %here.display(), "its folder was renamed after its row was written; sidecar written beside it");
-                    p.image = here;
-                    written = self.write_sidecar(&p.record, &p.image);
-                }
-            }
+            let written = self.write_sidecar(&mut p);
             match written {
                 Ok(dir) => {
                     if let Some(d) = p.image.parent() {
@@ -455,6 +459,7 @@ impl Writer {
                 // The image's folder is gone or became a link: its row stands; a sidecar cannot be placed.
                 Err(e @ sidecar::WriteError::NoFolder(_)) => {
                     tracing::warn!(path = %p.image.display(), error = %e, "no sidecar written; the CSV row stands");
+                    orphans.push(p);
                 }
                 Err(e) => {
                     self.metrics.sidecar_write_errors.inc();
@@ -471,7 +476,10 @@ impl Writer {
         // Recorded for good (row fsynced, sidecar written and synced): only now may the image leave
         // the inbox, and only then is its claim released (when `p` is dropped).
         for p in done {
-            self.set_aside(p.record.status, &p.image);
+            self.set_aside(&p);
+        }
+        for p in orphans {
+            self.remember_orphan(p);
         }
         self.sidecars = failed;
         if let Some((image, e)) = first_error {
@@ -482,15 +490,57 @@ impl Writer {
         }
     }
 
-    fn write_sidecar(&self, record: &Record, image: &Path) -> Result<OwnedFd, sidecar::WriteError> {
-        let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), image);
-        sidecar::write(record, root, image)
+    /// Writes the sidecar beside the job's image. Through the folder the image was read from, while
+    /// that folder is inside the inbox and still holds the image: so a folder renamed (or swapped with
+    /// another of the same layout) after the row was written cannot put it beside another image.
+    /// `p.image` becomes where the image is now. By path only for a job without a held folder.
+    fn write_sidecar(&self, p: &mut Pending) -> Result<OwnedFd, sidecar::WriteError> {
+        let gone = |why: &str| sidecar::WriteError::NoFolder(std::io::Error::new(std::io::ErrorKind::NotFound, why.to_string()));
+        let (Some(dir), Some(path), Some(id)) = (&p.job.folder, p.job.path(), p.job.identity) else {
+            let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), &p.image);
+            return sidecar::write(&p.record, root, &p.image);
+        };
+        let name = path.file_name().unwrap_or_default();
+        let root = beneath::root_of(self.inboxes.iter().map(|i| i.path.as_path()), path);
+        let folder = beneath::folder_path(dir, root).ok_or_else(|| gone("its folder left the inbox or was deleted"))?;
+        if beneath::key_in(dir, name).ok() != Some((id.dev, id.inode)) {
+            return Err(gone("the image left its folder or was replaced"));
+        }
+        let here = folder.join(name);
+        if here != p.image {
+            tracing::info!(path = %p.image.display(), now = %here.display(), "its folder was renamed after its row was written; sidecar written beside it");
+            p.image = here;
+        }
+        sidecar::write_in(&p.record, dir, name)?;
+        Ok(dir.try_clone()?)
     }
 
     /// An ok image goes per its inbox's on_done, a failed one to its quarantine (both with their sidecar).
-    fn set_aside(&self, status: Status, image: &Path) {
+    fn remember_orphan(&mut self, p: Pending) {
+        let Some(id) = p.job.identity else { return };
+        if self.orphans.len() >= MAX_FAULTS_TRACKED {
+            // Only the second-row protection for long-gone images is lost.
+            self.orphans.clear();
+        }
+        self.orphans.insert(id, p.record);
+    }
+
+    /// Only the very file that was labelled is moved or deleted: if another file took its path
+    /// meanwhile (folders renamed or swapped), it is left alone.
+    fn set_aside(&self, p: &Pending) {
+        let image = p.image.as_path();
         let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) else { return };
-        match status {
+        if ib.on_done == OnDone::Keep && ib.quarantine.is_none() {
+            return;
+        }
+        if let Some(id) = p.job.identity {
+            let now = Beneath::new(&ib.path, image).and_then(|b| b.metadata()).map(|m| (m.dev(), m.ino()));
+            if now.ok() != Some((id.dev, id.inode)) {
+                tracing::warn!(path = %image.display(), "another file took this path after it was labelled; not moved or deleted");
+                return;
+            }
+        }
+        match p.record.status {
             Status::Ok => {
                 if let Err(e) = archive::apply(ib, image) {
                     tracing::error!(path = %image.display(), on_done = ib.on_done.as_str(), error = %e, "cannot archive labelled image; it stays in the inbox (retried at the next start)");

@@ -314,7 +314,7 @@ mod tests {
             confident: None,
             latency_ms: 1.0,
             error: None,
-            file: Some(Identity { dev: 1, inode: 2, size: 3, mtime_ns: 4, ctime_ns: 5 }),
+            file: Some(Identity { dev: 1, inode: 2, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
         }
     }
 

@@ -67,10 +67,18 @@ pub fn is_labelled_under(root: &Path, image: &Path) -> bool {
         return false;
     };
     match serde_json::from_slice::<Record>(&bytes) {
-        Ok(Record { file: Some(id), .. }) => id == Identity::of(&img),
+        Ok(Record { file: Some(id), .. }) => {
+            let now = Identity::of(&img);
+            id == now || (id.differs_only_in_ctime(&now) && id.xxh3.is_some() && same_bytes(root, image, id))
+        }
         // An older sidecar without an identity: judged by time, as labeld did before.
         _ => side_id.mtime_ns >= Identity::of(&img).mtime_ns,
     }
+}
+
+/// The file's bytes hash as the sidecar recorded (read only when nothing but its ctime changed).
+fn same_bytes(root: &Path, image: &Path, id: Identity) -> bool {
+    Beneath::new(root, image).ok().and_then(|b| b.read(id.size).ok()).is_some_and(|(_, now)| now.xxh3 == id.xxh3)
 }
 
 /// `is_labelled_under` with the image's own folder as the root: for callers that do not know the inbox.
@@ -99,6 +107,14 @@ pub fn write(record: &Record, root: &Path, image: &Path) -> Result<std::os::fd::
     })?;
     beneath::write_atomic_in(&dir, &sidecar_name(at.file_name()), &json)?;
     Ok(dir)
+}
+
+/// Writes the sidecar of the image named `image_name` into the open folder `dir` (the caller has
+/// checked that the folder is inside the inbox and still holds that image).
+pub fn write_in(record: &Record, dir: &std::os::fd::OwnedFd, image_name: &OsStr) -> std::io::Result<()> {
+    let mut json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    json.push(b'\n');
+    beneath::write_atomic_in(dir, &sidecar_name(image_name), &json)
 }
 
 /// Makes renames in `dir` durable.
