@@ -101,6 +101,10 @@ impl QueueSender {
         self.tx.len()
     }
 
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_triggered()
+    }
+
     pub fn in_flight(&self) -> &InFlight {
         &self.in_flight
     }

@@ -368,3 +368,22 @@ fn a_hard_link_or_chmod_to_a_labelled_image_does_not_label_it_again() {
     assert_eq!(rows.len(), 2, "nothing relabelled while running: {rows:?}");
     assert!(paths.iter().any(|p| p.ends_with("/a.png")) && paths.iter().any(|p| p.ends_with("/b.png")));
 }
+
+#[test]
+fn run_once_labels_every_name_of_a_hard_linked_image() {
+    let s = Setup::new("channel_mean", "");
+    let img = s.inbox.join("a.png");
+    solid(&img, GREEN, 32, 32);
+    let names: Vec<PathBuf> = std::iter::once(img.clone()).chain((0..5).map(|i| s.inbox.join(format!("link{i}.png")))).collect();
+    for n in &names[1..] {
+        std::fs::hard_link(&img, n).unwrap();
+    }
+    // One file under six names: each name waits for the one before it (claims go by inode too), and
+    // `--once` must not stop before the last.
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for n in &names {
+        assert_eq!(top1(&read_sidecar(n)).0, 1, "{}", n.display());
+    }
+    assert_eq!(s.rows().len(), names.len());
+}

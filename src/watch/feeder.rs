@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -44,19 +44,29 @@ impl Feeder {
     }
 }
 
-/// Blocks on its inputs and on the earliest retry deadline; ends when every sender of ready files is
-/// gone or shutdown began.
+/// Blocks on its inputs and on the earliest retry deadline. Once every sender of ready files is gone
+/// (`run --once` has queued its backlog, or shutdown), it still pushes what released claims hand back at
+/// once (the same file under a second name, e.g. a hard link, waits for the first), until nothing is in
+/// flight; retries waiting out a back-off are left for the next start. Ends then, or when shutdown began.
 fn feed(rx: Receiver<ReadyFile>, resubmits: Receiver<Resubmit>, queue: QueueSender) {
     let mut later: BinaryHeap<Reverse<(Instant, PathBuf)>> = BinaryHeap::new();
+    let mut input = Some(rx);
+    let mut idle_checks = 0;
     loop {
         let timer = match later.peek() {
-            Some(Reverse((due, _))) => crossbeam_channel::at(*due),
-            None => crossbeam_channel::never(),
+            Some(Reverse((due, _))) if input.is_some() => crossbeam_channel::at(*due),
+            _ => crossbeam_channel::never(),
         };
+        let files = input.clone().unwrap_or_else(crossbeam_channel::never);
+        // With the input closed, look every 100 ms whether anything is still in flight.
+        let tick = if input.is_none() { crossbeam_channel::after(Duration::from_millis(100)) } else { crossbeam_channel::never() };
         let pushed = crossbeam_channel::select! {
-            recv(rx) -> file => match file {
+            recv(files) -> file => match file {
                 Ok(file) => offer(&queue, file),
-                Err(_) => break,
+                Err(_) => {
+                    input = None;
+                    Pushed::Queued
+                }
             },
             recv(resubmits) -> r => match r {
                 Ok(r) if r.due <= Instant::now() => offer(&queue, ReadyFile::new(r.path)),
@@ -75,8 +85,13 @@ fn feed(rx: Receiver<ReadyFile>, resubmits: Receiver<Resubmit>, queue: QueueSend
                 }
                 pushed
             },
+            recv(tick) -> _ => {
+                // Two quiet looks in a row: a release between them would have handed its path back.
+                idle_checks = if queue.in_flight().is_empty() && resubmits.is_empty() { idle_checks + 1 } else { 0 };
+                Pushed::Queued
+            },
         };
-        if pushed == Pushed::ShuttingDown {
+        if pushed == Pushed::ShuttingDown || idle_checks >= 2 || (input.is_none() && queue.shutting_down()) {
             break;
         }
     }
