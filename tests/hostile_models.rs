@@ -78,8 +78,9 @@ const HTTP: &str = "\n[http]\nlisten = \"127.0.0.1:0\"\n";
 
 #[test]
 fn only_the_image_the_model_raises_on_gets_an_error_its_batch_mates_are_labelled() {
-    let s = setup(RAISE_ON_BRIGHT, "count = 1\nmax_batch = 4\n");
-    // Time for the backlog to fill whole batches.
+    // The backlog forms at most two batches: the first image alone (nothing else queued yet), then
+    // the rest. With two bright images one of them always shares a batch, so the split is exercised.
+    let s = setup(RAISE_ON_BRIGHT, "count = 1\nmax_batch = 11\n");
     s.edit_config("max_delay_ms = 20", "max_delay_ms = 300");
     let colours = [("red", RED, 0), ("green", GREEN, 1), ("blue", BLUE, 2)];
     for i in 0..3 {
@@ -87,16 +88,20 @@ fn only_the_image_the_model_raises_on_gets_an_error_its_batch_mates_are_labelled
             solid(&s.inbox.join(format!("{name}-{i}.png")), rgb, 64, 48);
         }
     }
-    solid(&s.inbox.join("white.png"), [255, 255, 255], 64, 48);
+    for w in ["white-0.png", "white-1.png"] {
+        solid(&s.inbox.join(w), [255, 255, 255], 64, 48);
+    }
     let out = s.run_once();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}\n{log}", out.status);
-    assert!(log.contains("splitting it to find the image at fault"), "the white image never shared a batch:\n{log}");
+    assert!(log.contains("splitting it to find the image at fault"), "no bright image shared a batch:\n{log}");
 
-    let white = read_sidecar(&s.inbox.join("white.png"));
-    assert_eq!(white["status"], "error", "{white}");
-    let e = white["error"].as_str().unwrap();
-    assert!(e.contains("the model failed on this image") && e.contains("bright image refused"), "{e}");
+    for w in ["white-0.png", "white-1.png"] {
+        let white = read_sidecar(&s.inbox.join(w));
+        assert_eq!(white["status"], "error", "{white}");
+        let e = white["error"].as_str().unwrap();
+        assert!(e.contains("the model failed on this image") && e.contains("bright image refused"), "{e}");
+    }
     for i in 0..3 {
         for (name, _, class) in colours {
             let side = read_sidecar(&s.inbox.join(format!("{name}-{i}.png")));
@@ -105,8 +110,8 @@ fn only_the_image_the_model_raises_on_gets_an_error_its_batch_mates_are_labelled
         }
     }
     let rows = s.rows();
-    assert_eq!(rows.len(), 10);
-    assert_eq!(rows.iter().filter(|r| &r[2] == "error").count(), 1);
+    assert_eq!(rows.len(), 11);
+    assert_eq!(rows.iter().filter(|r| &r[2] == "error").count(), 2);
 }
 
 #[test]
