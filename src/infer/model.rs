@@ -1,4 +1,4 @@
-//! One TorchScript classifier, owned by exactly one worker thread (tch tensors are not `Sync`).
+//! One TorchScript classifier, loaded once and shared by the worker threads (see `worker::SharedModel`).
 
 use std::path::Path;
 
@@ -15,6 +15,13 @@ pub struct Classifier {
     kind: Kind,
     optimisation: Optimisation,
 }
+
+// SAFETY: the workers share one Classifier (see worker::SharedModel). A TorchScript module's forward may
+// run on several threads at once: each call gets its own interpreter stack, and the graph executor
+// guards its plan cache with a lock. labeld never changes a module after loading it (no attribute
+// writes, no conversion); a model whose own forward writes its attributes races with itself, as it
+// would in any multi-threaded libtorch server (`[workers] count = 1` avoids that).
+unsafe impl Sync for Classifier {}
 
 impl Classifier {
     /// Loads the model, converts it to `precision`, optimises its graph with `passes` (`None`: not at

@@ -3,7 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -43,10 +43,12 @@ impl Workers {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), Fatal>>(cfg.count);
         let mut handles = Vec::new();
         let layout = Layout::new(cfg);
+        let shared = SharedModel::default();
         for i in 0..cfg.count {
-            let (live, layout, rx, out, shutdown, ready_tx, metrics, health) = (
+            let (live, layout, shared, rx, out, shutdown, ready_tx, metrics, health) = (
                 live.clone(),
                 layout.clone(),
+                shared.clone(),
                 rx.clone(),
                 out.clone(),
                 shutdown.clone(),
@@ -61,7 +63,7 @@ impl Workers {
                     let line = health.lifeline(format!("infer-{i}"), &shutdown);
                     super::layout::set_threads(layout.share());
                     let settings = live.get();
-                    let classifier = match load(&settings) {
+                    let classifier = match shared.get(&settings) {
                         Ok(c) => {
                             let _ = ready_tx.send(Ok(()));
                             c
@@ -80,6 +82,7 @@ impl Workers {
                         slot: infer_slot,
                         health,
                         name: format!("infer-{i}"),
+                        shared,
                         layout,
                         threads,
                         queue: rx.clone(),
@@ -118,6 +121,34 @@ impl Workers {
     }
 }
 
+/// The model every worker runs, loaded once: TorchScript's forward may run on several threads at once,
+/// so the workers share one copy (half the memory of a copy each with two workers, and its weights are
+/// warm in the cache for whichever worker runs next). A worker that needs another model (a reload)
+/// loads it once for all; the old one goes when its last worker lets go.
+#[derive(Clone, Default)]
+struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<Classifier>)>>>);
+
+impl SharedModel {
+    /// The loaded model for `s`, loading it if no worker holds it (the others wait meanwhile).
+    fn get(&self, s: &Arc<InferSettings>) -> Result<Arc<Classifier>, Fatal> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((loaded, model)) = slot.as_ref() {
+            if same_model(loaded, s) {
+                if let Some(c) = model.upgrade() {
+                    return Ok(c);
+                }
+            }
+        }
+        let c = Arc::new(load(s)?);
+        *slot = Some((s.clone(), Arc::downgrade(&c)));
+        Ok(c)
+    }
+}
+
+fn same_model(a: &InferSettings, b: &InferSettings) -> bool {
+    !a.model.needs_reload(&b.model) && a.labels.len() == b.labels.len()
+}
+
 /// Loads the model `s` names, checked against its label count and warmed up for its batch size.
 pub fn load(s: &InferSettings) -> Result<Classifier, Fatal> {
     let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
@@ -127,7 +158,8 @@ pub fn load(s: &InferSettings) -> Result<Classifier, Fatal> {
 struct Worker {
     /// The settings `classifier` was loaded for.
     settings: Arc<InferSettings>,
-    classifier: Classifier,
+    classifier: Arc<Classifier>,
+    shared: SharedModel,
     metrics: Metrics,
     slot: Arc<Slot>,
     health: Health,
@@ -198,9 +230,9 @@ impl Worker {
         if Arc::ptr_eq(&self.settings, s) {
             return Ok(());
         }
-        if self.settings.model.needs_reload(&s.model) || self.settings.labels.len() != s.labels.len() {
+        if !same_model(&self.settings, s) {
             let started = Instant::now();
-            let c = load(s).map_err(|e| e.to_string())?;
+            let c = self.shared.get(s).map_err(|e| e.to_string())?;
             self.classifier = c;
             tracing::info!(model = %s.model.name, ms = started.elapsed().as_millis() as u64, "worker switched model");
         }
