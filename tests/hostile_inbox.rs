@@ -302,27 +302,11 @@ fn an_image_replaced_while_in_flight_ends_with_the_new_contents_labels() {
 /// A channel-mean model that computes for a second or so on a bright image (mean of the normalized
 /// input above 1.5, e.g. white) and at once on anything else (the load-time probe is all zeros).
 fn slow_on_bright_model(path: &Path) {
-    let script = r#"
-import sys, torch
-class Slow(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        w = torch.zeros(3, 1000)
-        for c in range(3):
-            w[c, c] = 10.0
-        self.register_buffer("w", w)
-    def forward(self, x):
-        y = x
-        if bool(x.mean() > 1.5):
-            for i in range(6000):
-                y = torch.sin(y)
-        return x.mean([2, 3]) @ self.w + 0.0 * y.mean()
-torch.jit.script(Slow()).save(sys.argv[1])
-"#;
-    let py = path.with_extension("py");
-    std::fs::write(&py, script).unwrap();
-    let out = Command::new("/usr/bin/python3").arg(&py).arg(path).output().expect("run /usr/bin/python3");
-    assert!(out.status.success(), "cannot script the slow model: {}", String::from_utf8_lossy(&out.stderr));
+    // `x` is used after the loop, so no optimisation pass can drop it.
+    scripted_channel_mean(
+        path,
+        "        y = x\n        if bool(x.mean() > 1.5):\n            for i in range(6000):\n                y = torch.sin(y)\n        x = x + 0.0 * y.mean()",
+    );
 }
 
 /// True while the daemon holds `dir` open (a job holds its image's folder from its read until its

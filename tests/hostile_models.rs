@@ -6,43 +6,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A channel-mean model (red → class 0, green → 1, blue → 2) whose `forward` starts with `guard`
-/// (TorchScript; `x` is the input batch, `self.calls` counts forward calls, the load-time checks
-/// included: 5 of them with one worker).
-fn scripted_model(path: &Path, guard: &str) {
-    let script = format!(
-        r#"
-import sys, torch
-class Hostile(torch.nn.Module):
-    calls: int
-    def __init__(self):
-        super().__init__()
-        w = torch.zeros(3, 1000)
-        for c in range(3):
-            w[c, c] = 10.0
-        self.register_buffer("w", w)
-        self.calls = 0
-    def forward(self, x):
-        self.calls += 1
-{guard}
-        return x.mean([2, 3]) @ self.w
-torch.jit.script(Hostile()).save(sys.argv[1])
-"#
-    );
-    // TorchScript reads the class's source, so the script must be a file.
-    let py = path.with_extension("py");
-    std::fs::write(&py, script).unwrap();
-    let out = Command::new("/usr/bin/python3").arg(&py).arg(path).output().expect("run /usr/bin/python3");
-    assert!(out.status.success(), "cannot script the model: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// Raises when any image of the batch is bright (mean of the normalized input above 1.5: white).
 const RAISE_ON_BRIGHT: &str = r#"        if bool((x.mean([1, 2, 3]) > 1.5).any()):
@@ -63,7 +31,7 @@ const BROKEN_AFTER_LOAD: &str = r#"        if self.calls > 5:
 
 fn setup(guard: &str, workers: &str) -> Setup {
     let s = Setup::new("channel_mean", "").with_workers(workers);
-    scripted_model(&s.model, guard);
+    scripted_channel_mean(&s.model, guard);
     s
 }
 

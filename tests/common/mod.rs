@@ -93,31 +93,40 @@ fn resnet18(p: &nn::Path) -> impl ModuleT + use<> {
 }
 
 /// A solid-colour RGB image written in the format its extension names.
-/// A channel-mean model (as above) whose forward pass never returns for a bright image (mean of the
-/// normalized input above 1.5, e.g. white): a hung worker. Scripted with Debian's PyTorch, since a
-/// data-dependent loop cannot be traced.
-pub fn hanging_model(path: &Path) {
-    let script = r#"
+/// A channel-mean model (red → class 0, green → 1, blue → 2) scripted with Debian's PyTorch, for
+/// behaviour a trace cannot capture: its `forward` first runs `prelude` (TorchScript, indented 8 spaces;
+/// `x` is the input batch, `self.calls` counts forward calls, the load-time checks included).
+pub fn scripted_channel_mean(path: &Path, prelude: &str) {
+    let script = format!(
+        r#"
 import sys, torch
-class Hang(torch.nn.Module):
+class Scripted(torch.nn.Module):
+    calls: int
     def __init__(self):
         super().__init__()
         w = torch.zeros(3, 1000)
         for c in range(3):
             w[c, c] = 10.0
         self.register_buffer("w", w)
+        self.calls = 0
     def forward(self, x):
-        m = x.mean()
-        while bool(m > 1.5):
-            m = m * 1.0
+        self.calls += 1
+{prelude}
         return x.mean([2, 3]) @ self.w
-torch.jit.script(Hang()).save(sys.argv[1])
-"#;
+torch.jit.script(Scripted()).save(sys.argv[1])
+"#
+    );
     // TorchScript reads the class's source, so the script must be a file.
     let py = path.with_extension("py");
     std::fs::write(&py, script).unwrap();
     let out = Command::new("/usr/bin/python3").arg(&py).arg(path).output().expect("run /usr/bin/python3");
-    assert!(out.status.success(), "cannot script the hanging model: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "cannot script the model: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A channel-mean model whose forward pass never returns for a bright image (mean of the normalized
+/// input above 1.5, e.g. white): a hung worker.
+pub fn hanging_model(path: &Path) {
+    scripted_channel_mean(path, "        m = x.mean()\n        while bool(m > 1.5):\n            m = m * 1.0");
 }
 
 pub fn solid(path: &Path, rgb: [u8; 3], w: u32, h: u32) {
