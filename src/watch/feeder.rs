@@ -110,19 +110,25 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::job::Job;
     use crate::queue::{InFlight, bounded};
     use crate::shutdown::Shutdown;
 
-    #[test]
-    fn a_retried_path_is_queued_again_after_its_delay_and_not_before() {
+    /// A running feeder in front of a queue, and one image offered to it and taken from the queue.
+    fn feeder_with_one_image() -> (tempfile::TempDir, std::path::PathBuf, Feeder, crate::queue::QueueReceiver, Job) {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("a.jpg");
         std::fs::write(&img, b"x").unwrap();
-        let in_flight = InFlight::default();
-        let (tx, rx) = bounded(4, in_flight.clone(), Shutdown::new());
+        let (tx, rx) = bounded(4, InFlight::default(), Shutdown::new());
         let feeder = Feeder::start(tx, crate::health::Health::new().lifeline("feeder", &Shutdown::new())).unwrap();
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
         let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        (dir, img, feeder, rx, first)
+    }
+
+    #[test]
+    fn a_retried_path_is_queued_again_after_its_delay_and_not_before() {
+        let (_dir, img, feeder, rx, first) = feeder_with_one_image();
         let released = Instant::now();
         first.claim().unwrap().retry_after(Duration::from_millis(300));
         drop(first);
@@ -135,14 +141,7 @@ mod tests {
 
     #[test]
     fn a_replacement_refused_while_in_flight_is_queued_once_the_old_one_is_done() {
-        let dir = tempfile::tempdir().unwrap();
-        let img = dir.path().join("a.jpg");
-        std::fs::write(&img, b"x").unwrap();
-        let in_flight = InFlight::default();
-        let (tx, rx) = bounded(4, in_flight.clone(), Shutdown::new());
-        let feeder = Feeder::start(tx, crate::health::Health::new().lifeline("feeder", &Shutdown::new())).unwrap();
-        feeder.sender().send(ReadyFile::new(img.clone())).unwrap();
-        let old = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (_dir, img, feeder, rx, old) = feeder_with_one_image();
         feeder.sender().send(ReadyFile::new(img.clone())).unwrap(); // the replacement's event
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "not while the old content is in flight");
         drop(old);
