@@ -68,6 +68,10 @@ impl Classifier {
             let zeros = vec![0f32; n * 3 * (crop * crop) as usize];
             classifier.top_k(&zeros, n, 1).map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
         }
+        // The probe and warm-up activations are freed; give their pages back rather than keep them for
+        // the life of the process (they would be reused only by a batch of the same sizes).
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
         Ok(classifier)
     }
 

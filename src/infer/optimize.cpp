@@ -61,9 +61,13 @@ void convert(Module &module, c10::ScalarType kind) {
 }
 
 Module optimized(const Module &original, int passes, c10::ScalarType kind) {
-  // optimize_for_inference rewrites an already-frozen module in place; the original must stay intact.
-  Module module = original.clone();
-  bool frozen = !module.hasattr("training");
+  // optimize_for_inference rewrites an already-frozen module's graph in place, so the work happens on a
+  // clone (graphs copied). Its tensors are shared with the original, which no pass below changes: freezing
+  // and folding make new constants, and the conversion replaces them. The exception is an already-frozen
+  // module converted to another precision: Module::to converts whatever parameters it kept in place, so
+  // that clone copies its tensors too.
+  bool frozen = !original.hasattr("training");
+  Module module = original.clone(/*inplace=*/!(frozen && kind != at::kFloat));
   // Freezing folds batch norms into the convolutions: do that arithmetic in fp32, round once after.
   if ((passes & (FREEZE | OPTIMIZE_FOR_INFERENCE)) && !frozen) module = torch::jit::freeze(module);
   if (kind != at::kFloat) convert(module, kind);
@@ -113,11 +117,12 @@ void *labeld_optimize(const void *module, int passes, int dtype, char **error) {
   return nullptr;
 }
 
-// Returns `new Module(module.clone())` (graphs copied, tensors shared), or null with *error set.
+// Returns a new module with its own object and graphs, sharing the tensors (`clone(inplace=true)`; a deep
+// clone would copy every weight), or null with *error set.
 void *labeld_clone(const void *module, char **error) {
   *error = nullptr;
   try {
-    return new Module(static_cast<const Module *>(module)->clone());
+    return new Module(static_cast<const Module *>(module)->clone(/*inplace=*/true));
   } catch (const std::exception &e) {
     *error = error_text(e.what());
   } catch (...) {

@@ -71,7 +71,8 @@ pub fn optimized(module: &CModule, passes: Passes, kind: Kind) -> Result<CModule
     owned_module(new, error)
 }
 
-/// A copy of `module` with its own graphs and state (tensors shared), to run without touching it.
+/// A copy of `module` with its own object (attribute values) and graphs, sharing its tensors: runs it
+/// without touching its state, at no cost in memory.
 pub fn cloned(module: &CModule) -> Result<CModule, String> {
     let mut error = std::ptr::null_mut();
     // SAFETY: as in `convert`; the shim only reads the module.
@@ -151,14 +152,13 @@ pub fn prepared(mut module: CModule, passes: Option<Passes>, kind: Kind, crop: i
         }
         return Ok((module, Optimisation::Off));
     };
-    // One optimisation at a time: each holds a few copies of the weights for a moment, and workers
-    // load together.
+    // One optimisation at a time: each holds a second set of weights (folded, prepacked) for a moment.
     static OPTIMISING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = OPTIMISING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let start = Instant::now();
     let attempt = guarded(|| {
-        let fast = optimized(&module, passes, kind)?;
         let fp32 = if kind == Kind::Float { None } else { Some(logits(&cloned(&module)?, Kind::Float, crop)?) };
+        let fast = optimized(&module, passes, kind)?;
         Ok((fast, fp32))
     });
     if kind != Kind::Float {
