@@ -14,6 +14,7 @@ pub mod infer;
 pub mod job;
 pub mod metrics;
 pub mod progress;
+pub mod publish;
 pub mod queue;
 pub mod reload;
 pub mod shutdown;

@@ -18,6 +18,14 @@ use std::path::{Path, PathBuf};
 use super::record::{Record, Status, Top};
 use crate::beneath::Identity;
 
+/// What the results log tells its reader, the MQTT outbox: which file it appends to now (a shared handle,
+/// so a renamed-away file stays readable) and how much of it is durable; wakes the reader after each
+/// durable append. SKELETON: to be written with the outbox.
+#[derive(Clone, Default)]
+pub struct LogTap {
+    _inner: std::sync::Arc<()>,
+}
+
 pub struct ResultLog {
     path: PathBuf,
     columns: Columns,
