@@ -9,6 +9,10 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 
+mod mqtt;
+
+pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
+
 pub const DEFAULT_CONFIG: &str = "config/labeld.toml";
 
 #[derive(Debug, Deserialize)]
@@ -24,6 +28,7 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     http: Option<RawHttp>,
+    mqtt: Option<mqtt::RawMqtt>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +129,7 @@ impl Precision {
 #[serde(deny_unknown_fields)]
 struct RawInbox {
     path: PathBuf,
+    name: Option<String>,
     #[serde(default = "yes")]
     recursive: bool,
     #[serde(default = "default_include")]
@@ -335,6 +341,8 @@ impl Default for Preprocess {
 #[derive(Debug, Clone)]
 pub struct InboxConfig {
     pub path: PathBuf,
+    /// The inbox's name in MQTT topics and payloads (`{inbox}`): `name`, else the folder's name.
+    pub name: String,
     pub recursive: bool,
     pub include: Vec<String>,
     pub matcher: GlobSet,
@@ -422,6 +430,8 @@ pub struct Config {
     pub csv: PathBuf,
     pub workers: WorkersConfig,
     pub http: Option<HttpConfig>,
+    /// Publishing results to an MQTT broker (`[mqtt]`); off when absent.
+    pub mqtt: Option<MqttConfig>,
 }
 
 /// The optional HTTP endpoint: metrics, health, /predict and the status page.
@@ -497,8 +507,9 @@ impl Config {
         for ib in &self.inboxes {
             let include: Vec<String> = ib.include.iter().map(|i| toml::Value::String(i.clone()).to_string()).collect();
             s += &format!(
-                "\n[[inbox]]\npath = {}\nrecursive = {}\ninclude = [{}]\nsettle_ms = {}\npoll = {}\npoll_interval_ms = {}\n",
+                "\n[[inbox]]\npath = {}\nname = {}\nrecursive = {}\ninclude = [{}]\nsettle_ms = {}\npoll = {}\npoll_interval_ms = {}\n",
                 q(&ib.path),
+                toml::Value::String(ib.name.clone()),
                 ib.recursive,
                 include.join(", "),
                 ib.settle.as_millis(),
@@ -534,6 +545,9 @@ impl Config {
             if h.token.is_some() {
                 s += "token = \"(set, not shown)\"\n";
             }
+        }
+        if let Some(m) = &self.mqtt {
+            s += &m.describe();
         }
         s
     }
@@ -677,8 +691,22 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         if ib.poll_interval_ms < 50 || ib.poll_interval_ms > 3_600_000 {
             return Err(err(&key("poll_interval_ms"), format!("must be 50..=3600000, got {}", ib.poll_interval_ms)));
         }
+        let name = match ib.name {
+            Some(n) => n,
+            None => path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "inbox".into()),
+        };
+        if name.is_empty() {
+            return Err(err(&key("name"), "must not be empty".into()));
+        }
+        if let Some(bad) = topic_level_breaker(&name) {
+            return Err(err(&key("name"), format!("\"{name}\" contains {bad}; it is one MQTT topic level")));
+        }
+        if let Some(other) = inboxes.iter().find(|o| o.name == name) {
+            return Err(err(&key("name"), format!("\"{name}\" is also the name of the inbox {}; set name = \"...\" to tell them apart", other.path.display())));
+        }
         inboxes.push(InboxConfig {
             path,
+            name,
             recursive: ib.recursive,
             include: ib.include,
             matcher,
@@ -747,6 +775,8 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         }
     };
 
+    let mqtt = raw.mqtt.map(|m| mqtt::from_raw(file, base, m, &csv)).transpose()?;
+
     let file_id = file_id(&model_path);
     Ok(Config {
         file: file.to_path_buf(),
@@ -781,6 +811,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             queue: w.queue,
         },
         http,
+        mqtt,
     })
 }
 

@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::publish::status::PublishStatus;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Read,
@@ -113,6 +115,8 @@ struct LiveGauges {
     queue_depth: Mutex<Option<Box<dyn Fn() -> usize + Send + Sync>>>,
     in_flight: Mutex<Option<Box<dyn Fn() -> usize + Send + Sync>>>,
     recent: Mutex<VecDeque<Instant>>,
+    /// With `[mqtt]`: how publishing goes.
+    mqtt: Mutex<Option<PublishStatus>>,
 }
 
 impl std::fmt::Debug for LiveGauges {
@@ -196,6 +200,16 @@ impl Metrics {
     ) {
         *self.live.queue_depth.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(depth));
         *self.live.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(in_flight));
+    }
+
+    /// Where publishing figures are read from at scrape time (`[mqtt]` on).
+    pub fn observe_mqtt(&self, status: PublishStatus) {
+        *self.live.mqtt.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+    }
+
+    /// How publishing goes, when `[mqtt]` is on.
+    pub fn mqtt(&self) -> Option<PublishStatus> {
+        self.live.mqtt.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// One image's result was written (or returned to an HTTP client).
@@ -291,6 +305,22 @@ impl prometheus_client::collector::Collector for Collected {
             None,
             MetricType::Gauge,
         )?)?;
+        let mqtt = self.live.mqtt.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.figures());
+        if let Some(f) = mqtt {
+            let counters: [(&str, &str, u64); 4] = [
+                ("mqtt_published", "Results the MQTT broker acknowledged", f.published),
+                ("mqtt_failed", "Results sent but not acknowledged before the connection dropped (sent again)", f.failed),
+                ("mqtt_connect_failures", "Failed attempts to connect to the MQTT broker", f.connect_failures),
+                ("mqtt_lost_log_files", "Rotated results logs that vanished before all their rows were published", f.lost_files),
+            ];
+            for (name, help, value) in counters {
+                ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+            }
+            let pending = ConstGauge::new(f.pending as i64);
+            pending.encode(encoder.encode_descriptor("mqtt_pending_rows", "Rows of the results log not yet acknowledged by the broker", None, MetricType::Gauge)?)?;
+            let connected = ConstGauge::new(i64::from(f.connected));
+            connected.encode(encoder.encode_descriptor("mqtt_connected", "1 while connected to the MQTT broker", None, MetricType::Gauge)?)?;
+        }
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! SIGHUP: read the config file again and work out what to apply. Inboxes, batching, output, labels
-//! and the model change live; worker count, threads, queue size and [http] need a restart (kept as
+//! and the model change live; worker count, threads, queue size, [http] and [mqtt] need a restart (inbox names in MQTT topics too) (kept as
 //! they are, with a warning). A config that does not validate, or whose model does not load, is
 //! rejected and the running one stays.
 
@@ -49,6 +49,10 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool) -
     if old.http != new.http {
         tracing::warn!("[http] takes effect at the next restart; keeping the running endpoint");
         new.http = old.http.clone();
+    }
+    if old.mqtt != new.mqtt {
+        tracing::warn!("[mqtt] takes effect at the next restart; keeping the running broker connection");
+        new.mqtt = old.mqtt.clone();
     }
     let labels = Arc::new(Labels::load(&new.model.labels, new.model.labels_lang).map_err(|e| e.to_string())?);
     let settings = infer_settings(&new, labels, thumbnails);

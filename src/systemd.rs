@@ -129,13 +129,18 @@ fn record_hung(stall: &Stall, live: &LiveSettings, results: &Sender<BatchDone>) 
     }
 }
 
-/// "queue 3, 41.2 img/s, 1200 labelled, 2 errors"
+/// "queue 3, 41.2 img/s, 1200 labelled, 2 errors" (+ "; mqtt: connected, lag 0" with `[mqtt]`)
 pub fn summary(m: &Metrics) -> String {
-    format!(
+    let mut s = format!(
         "queue {}, {:.1} img/s, {} labelled, {} errors",
         m.queue_depth(),
         m.images_per_second(),
         m.images("ok"),
         m.images("error")
-    )
+    );
+    if let Some(mqtt) = m.mqtt() {
+        s += "; ";
+        s += &mqtt.summary();
+    }
+    s
 }

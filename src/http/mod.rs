@@ -139,6 +139,7 @@ async fn status(State(s): State<HttpState>) -> Response {
         "ok": s.metrics.images("ok"),
         "errors": s.metrics.images("error"),
         "recent": s.recent.list(),
+        "mqtt": s.metrics.mqtt().map(|m| m.json()),
     }))
     .into_response()
 }

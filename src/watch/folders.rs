@@ -274,6 +274,7 @@ mod tests {
     fn inbox(path: &Path) -> InboxConfig {
         InboxConfig {
             path: path.to_path_buf(),
+            name: "inbox".into(),
             recursive: true,
             include: default_include(),
             matcher: image_matcher(&default_include()).unwrap(),

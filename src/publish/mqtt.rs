@@ -1,0 +1,462 @@
+//! The broker connection: connects (TLS, credentials, last will), announces presence, publishes the
+//! outbox's rows within a window of unacknowledged messages, and moves the outbox's checkpoint as the
+//! broker acknowledges them (PUBACK for QoS 1, PUBCOMP for QoS 2). Any failure drops the connection
+//! state entirely; the next connection starts again from the checkpoint, so nothing acknowledged is
+//! sent twice except what a crash caught between an acknowledgement and the checkpoint write, and
+//! nothing unacknowledged is skipped.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
+use tokio::sync::mpsc;
+
+use super::outbox::{Outbox, Position};
+use super::status::PublishStatus;
+use super::message::Messages;
+use crate::config::MqttConfig;
+use crate::shutdown::Shutdown;
+
+/// What a connection needs besides the outbox.
+pub struct Settings {
+    pub mqtt: MqttConfig,
+    pub messages: Messages,
+    /// For the `online` message.
+    pub model: String,
+    pub precision: String,
+    pub drain: Drain,
+}
+
+/// What a clean stop does with rows not yet published before it disconnects; whatever is left stays
+/// in the outbox for the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// The service stops: at most this long (systemd is waiting).
+    For(Duration),
+    /// `run --once`: until every row is acknowledged, as long as acknowledgements keep coming (a
+    /// broker silent for this long ends it).
+    UntilCaughtUp(Duration),
+}
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LAST_RETRY: Duration = Duration::from_secs(30);
+
+/// Publishes until `stop` is triggered, reconnecting with back-off. Returns the outbox (checkpoint saved).
+pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, stop: Shutdown) -> Outbox {
+    let options = match options(&settings) {
+        Ok(o) => o,
+        Err(why) => {
+            // Checked at config load; reaching this means the PEM files changed in between.
+            tracing::error!(broker = %settings.mqtt.url, "cannot set up the MQTT connection, nothing is published: {why}");
+            status.disconnected(&why);
+            stop.wait().await;
+            return outbox;
+        }
+    };
+    let mut retry = FIRST_RETRY;
+    let mut attempts_failed = 0u32;
+    while !stop.is_triggered() {
+        let (client, eventloop) = AsyncClient::new(options.clone(), usize::from(settings.mqtt.max_inflight) + 8);
+        let (events, connected) = spawn_eventloop(eventloop);
+        match wait_connected(connected, &stop, settings.mqtt.keep_alive.max(Duration::from_secs(10))).await {
+            Connect::Stopped => break,
+            Connect::Failed(why) => {
+                attempts_failed += 1;
+                status.connect_failed(&why);
+                tracing::warn!(broker = %settings.mqtt.url, retry_in_s = retry.as_secs_f64(), attempt = attempts_failed, "cannot connect to the MQTT broker: {why}; labelling goes on, results wait in the outbox");
+                let _ = tokio::time::timeout(retry, stop.wait()).await;
+                retry = (retry * 2).min(LAST_RETRY);
+                continue;
+            }
+            Connect::Up => {}
+        }
+        tracing::info!(broker = %settings.mqtt.url, client_id = %settings.mqtt.client_id, pending_rows = outbox.pending(), "connected to the MQTT broker");
+        status.connected();
+        retry = FIRST_RETRY;
+        attempts_failed = 0;
+        outbox.rewind();
+        let mut session = Session { client, events, window: Window::default(), qos: qos(settings.mqtt.qos), max: usize::from(settings.mqtt.max_inflight) };
+        session.announce(&settings, true);
+        match session.publish(&mut outbox, &settings, &status, &stop).await {
+            End::Stopped => {
+                session.finish(&mut outbox, &settings, &status).await;
+                break;
+            }
+            End::Lost(why) => {
+                let unacknowledged = session.window.rows_in_flight();
+                status.lost(&why, unacknowledged);
+                tracing::warn!(broker = %settings.mqtt.url, unacknowledged, "lost the MQTT broker: {why}; reconnecting, the unacknowledged rows go again");
+            }
+        }
+    }
+    if let Err(e) = outbox.save() {
+        tracing::error!(checkpoint = %outbox.checkpoint_path().display(), error = %e, "cannot save the MQTT checkpoint; rows after the last saved one will be published again");
+    }
+    status.stopped();
+    outbox
+}
+
+enum Connect {
+    Up,
+    Failed(String),
+    Stopped,
+}
+
+enum End {
+    Stopped,
+    Lost(String),
+}
+
+/// Runs the event loop in its own task (its `poll` must never be cancelled half-way through a write):
+/// events come out on a channel; the first `ConnAck` (or the connect error) on a oneshot.
+fn spawn_eventloop(mut eventloop: EventLoop) -> (mpsc::UnboundedReceiver<Result<Event, String>>, tokio::sync::oneshot::Receiver<Result<(), String>>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut up = Some(up_tx);
+        loop {
+            let event = eventloop.poll().await;
+            match (&event, up.take()) {
+                (Ok(Event::Incoming(Packet::ConnAck(_))), Some(u)) => {
+                    let _ = u.send(Ok(()));
+                    continue;
+                }
+                (Err(e), Some(u)) => {
+                    let _ = u.send(Err(describe(e)));
+                    return;
+                }
+                (_, u) => up = u,
+            }
+            let failed = event.is_err();
+            if tx.send(event.map_err(|e| describe(&e))).is_err() || failed {
+                // The session is gone (or the connection is): this event loop's state is dropped with it.
+                return;
+            }
+        }
+    });
+    (rx, up_rx)
+}
+
+async fn wait_connected(connected: tokio::sync::oneshot::Receiver<Result<(), String>>, stop: &Shutdown, limit: Duration) -> Connect {
+    tokio::select! {
+        _ = stop.wait() => Connect::Stopped,
+        r = tokio::time::timeout(limit, connected) => match r {
+            Ok(Ok(Ok(()))) => Connect::Up,
+            Ok(Ok(Err(why))) => Connect::Failed(why),
+            Ok(Err(_)) => Connect::Failed("the connection ended before the broker answered".into()),
+            Err(_) => Connect::Failed(format!("no answer from the broker within {} s", limit.as_secs())),
+        },
+    }
+}
+
+struct Session {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Event, String>>,
+    window: Window,
+    qos: QoS,
+    max: usize,
+}
+
+impl Session {
+    /// The retained presence message: `online` after connect, `offline` at a clean stop.
+    fn announce(&mut self, s: &Settings, online: bool) {
+        let payload = if online { s.messages.online(&s.model, &s.precision) } else { s.messages.offline("stopped") };
+        if self.client.try_publish(s.messages.status_topic(), QoS::AtLeastOnce, true, payload).is_ok() {
+            self.window.push(None, QoS::AtLeastOnce);
+        }
+    }
+
+    async fn publish(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus, stop: &Shutdown) -> End {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let room = self.max.saturating_sub(self.window.len());
+            tokio::select! {
+                biased;
+                _ = stop.wait() => return End::Stopped,
+                event = self.events.recv() => match event {
+                    Some(Ok(event)) => self.handle(event, outbox, status),
+                    Some(Err(why)) => return End::Lost(why),
+                    None => return End::Lost("the connection ended".into()),
+                },
+                _ = outbox.changed(), if room > 0 => {
+                    if let Err(why) = self.send_rows(outbox, s, room) {
+                        return End::Lost(why);
+                    }
+                }
+                _ = tick.tick() => {
+                    // A backstop for a missed wake-up, and the throttled checkpoint write.
+                    if room > 0 {
+                        if let Err(why) = self.send_rows(outbox, s, room) {
+                            return End::Lost(why);
+                        }
+                    }
+                    save_quietly(outbox);
+                    status.set_pending(outbox.pending());
+                }
+            }
+        }
+    }
+
+    fn send_rows(&mut self, outbox: &mut Outbox, s: &Settings, room: usize) -> Result<(), String> {
+        let rows = match outbox.next_rows(room) {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The log is unreadable for now (I/O error): try again at the next wake-up or tick.
+                tracing::warn!(error = %e, "cannot read the results log to publish it; retrying");
+                return Ok(());
+            }
+        };
+        for row in rows {
+            let m = s.messages.result(&row.record);
+            self.client.try_publish(m.topic, self.qos, false, m.payload).map_err(|e| format!("cannot queue a message: {e}"))?;
+            self.window.push(Some(row.at), self.qos);
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event, outbox: &mut Outbox, status: &PublishStatus) {
+        let released = match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => self.window.sent(pkid),
+            // PUBACK ends a QoS 1 message (rows at QoS 1, presence always), PUBCOMP a QoS 2 one.
+            Event::Incoming(Packet::PubAck(ack)) => self.window.acknowledged(ack.pkid),
+            Event::Incoming(Packet::PubComp(comp)) => self.window.acknowledged(comp.pkid),
+            _ => Released::default(),
+        };
+        if let Some(at) = released.last {
+            outbox.acknowledged(at);
+        }
+        if released.rows > 0 {
+            status.published(released.rows);
+        }
+    }
+
+    /// Clean stop: give in-flight messages (and rows the last batches wrote) a moment to be
+    /// acknowledged, say offline, disconnect.
+    async fn finish(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus) {
+        let now = tokio::time::Instant::now;
+        let (mut deadline, quiet) = match s.drain {
+            Drain::For(d) => (now() + d, None),
+            Drain::UntilCaughtUp(quiet) => (now() + quiet, Some(quiet)),
+        };
+        loop {
+            let room = self.max.saturating_sub(self.window.len());
+            if room > 0 && self.send_rows(outbox, s, room).is_err() {
+                break;
+            }
+            if self.window.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Ok(event))) => {
+                    let before = self.window.len();
+                    self.handle(event, outbox, status);
+                    if let (Some(q), true) = (quiet, self.window.len() < before) {
+                        deadline = now() + q;
+                    }
+                }
+                _ => break,
+            }
+        }
+        status.set_pending(outbox.pending());
+        self.announce(s, false);
+        let _ = self.client.try_disconnect();
+        // Let the event loop write the offline message and the DISCONNECT before it is dropped.
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(Ok(event))) = tokio::time::timeout_at(until, self.events.recv()).await {
+            if event == Event::Outgoing(Outgoing::Disconnect) {
+                break;
+            }
+            self.handle(event, outbox, status);
+        }
+    }
+}
+
+fn save_quietly(outbox: &mut Outbox) {
+    if let Err(e) = outbox.save() {
+        tracing::warn!(checkpoint = %outbox.checkpoint_path().display(), error = %e, "cannot save the MQTT checkpoint yet; retrying");
+    }
+}
+
+/// Messages handed to the client, oldest first: each gets its packet id when the event loop sends it
+/// (in the order handed over), and is done when acknowledged (QoS 1/2) or sent (QoS 0).
+#[derive(Default)]
+struct Window {
+    entries: VecDeque<Entry>,
+}
+
+struct Entry {
+    /// The outbox row it carries; `None` for presence messages.
+    at: Option<Position>,
+    pkid: Option<u16>,
+    qos: QoS,
+    done: bool,
+}
+
+/// What became acknowledged, in order, from the front of the window.
+#[derive(Default, Debug, PartialEq)]
+struct Released {
+    rows: u64,
+    last: Option<Position>,
+}
+
+impl Window {
+    fn push(&mut self, at: Option<Position>, qos: QoS) {
+        self.entries.push_back(Entry { at, pkid: None, qos, done: false });
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn rows_in_flight(&self) -> u64 {
+        self.entries.iter().filter(|e| e.at.is_some() && !e.done).count() as u64
+    }
+
+    fn sent(&mut self, pkid: u16) -> Released {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.pkid.is_none()) {
+            e.pkid = Some(pkid);
+            e.done = e.qos == QoS::AtMostOnce;
+        }
+        self.release()
+    }
+
+    fn acknowledged(&mut self, pkid: u16) -> Released {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.pkid == Some(pkid) && !e.done) {
+            e.done = true;
+        }
+        self.release()
+    }
+
+    fn release(&mut self) -> Released {
+        let mut r = Released::default();
+        while self.entries.front().is_some_and(|e| e.done) {
+            if let Some(at) = self.entries.pop_front().and_then(|e| e.at) {
+                r.rows += 1;
+                r.last = Some(at);
+            }
+        }
+        r
+    }
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+fn options(s: &Settings) -> Result<MqttOptions, String> {
+    let m = &s.mqtt;
+    let mut o = MqttOptions::new(m.client_id.clone(), m.broker_host.clone(), m.port);
+    o.set_keep_alive(m.keep_alive);
+    // The outbox, not the broker session, is what survives: every connection starts clean.
+    o.set_clean_session(true);
+    o.set_inflight(m.max_inflight);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_last_will(LastWill::new(s.messages.status_topic(), s.messages.offline("connection lost"), QoS::AtLeastOnce, true));
+    if let (Some(user), Some(password)) = (&m.username, &m.password) {
+        o.set_credentials(user.clone(), password.0.clone());
+    } else if let Some(user) = &m.username {
+        o.set_credentials(user.clone(), String::new());
+    }
+    if m.tls {
+        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(m)?))));
+    }
+    Ok(o)
+}
+
+/// rustls with the ring provider: trusts `ca_file` if set, else the system's certificates.
+pub fn tls_config(m: &MqttConfig) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &m.ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| format!("ca_file: {e}"))?;
+                roots.add(cert).map_err(|e| format!("ca_file: {e}"))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate to check the broker's certificate against (set ca_file)".into());
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    match &m.client_auth {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert_pem, key_pem)) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| format!("cert_file: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.0.as_bytes()).map_err(|e| format!("key_file: {e}"))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| format!("cert_file/key_file: {e}"))
+        }
+    }
+}
+
+/// A connection error in an operator's words.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
+            "the broker refused the credentials: bad user name or password ([mqtt] username, password_file)".into()
+        }
+        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
+            "the broker refused the connection: not authorized ([mqtt] username, password_file, client certificate)".into()
+        }
+        ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId) => "the broker refused the client id ([mqtt] client_id)".into(),
+        ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(offset: u64) -> Option<Position> {
+        Some(Position { generation: 0, offset })
+    }
+
+    #[test]
+    fn the_checkpoint_moves_only_over_an_unbroken_run_of_acknowledgements() {
+        let mut w = Window::default();
+        w.push(None, QoS::AtLeastOnce); // presence
+        for o in [10, 20, 30] {
+            w.push(at(o), QoS::AtLeastOnce);
+        }
+        assert_eq!(w.sent(1), Released::default());
+        for pkid in [2, 3, 4] {
+            w.sent(pkid);
+        }
+        // Row 20 acknowledged first: nothing released while the presence message and row 10 wait.
+        assert_eq!(w.acknowledged(3), Released::default());
+        assert_eq!(w.acknowledged(1), Released::default());
+        assert_eq!(w.acknowledged(2), Released { rows: 2, last: at(20) });
+        assert_eq!(w.rows_in_flight(), 1);
+        assert_eq!(w.acknowledged(4), Released { rows: 1, last: at(30) });
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn qos0_rows_are_done_when_sent() {
+        let mut w = Window::default();
+        w.push(at(10), QoS::AtMostOnce);
+        w.push(at(20), QoS::AtMostOnce);
+        assert_eq!(w.sent(0), Released { rows: 1, last: at(10) });
+        assert_eq!(w.sent(0), Released { rows: 1, last: at(20) });
+    }
+}
