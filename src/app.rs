@@ -48,6 +48,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         metrics.clone(),
         recent.clone(),
         health.lifeline("sink", &shutdown),
+        None,
     )?;
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let sink_control = sink.control();

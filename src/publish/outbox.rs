@@ -2,13 +2,32 @@
 //! that moves forward only when the broker has acknowledged the rows before it. Rows are read from the
 //! file, never held in memory beyond what is in flight, so a long outage costs disk (the log), not RAM.
 //!
-//! SKELETON: the API the MQTT connection (`mqtt.rs`) drives. Bodies to be written.
+//! A *generation* is one file's content from its first byte until it is rotated away or emptied in
+//! place. The sink announces its generations through a [`LogTap`]; the outbox reads each with its own
+//! header (so rows written before a columns change keep their columns), the live one only up to what the
+//! sink made durable. A generation that ended while rows in it were unpublished is read to its end
+//! before the next: through the handle the sink kept (renamed away), or from logrotate's copy found
+//! beside the log by its fingerprint (emptied in place). After a restart the checkpoint names the
+//! generations by (dev, inode, fingerprint) and they are found the same way.
 
-use std::io;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::checkpoint::{self, Checkpoint, GenerationMark};
 use crate::sink::record::Record;
-use crate::sink::result_log::LogTap;
+use crate::sink::result_log::{parse_row, Announced, Columns, LogTap};
+
+/// The checkpoint is written at most this often while acknowledgements stream in.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// How long an emptied generation's copy (logrotate `copytruncate`) may take to appear beside the log.
+const COPY_WAIT: Duration = Duration::from_secs(5);
+/// How much of a file its header line may take.
+const MAX_HEADER: u64 = 64 * 1024;
 
 /// Where a row ends in the outbox: hand it back to [`Outbox::acknowledged`] once the broker has the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,8 +45,83 @@ pub struct OutRow {
     pub at: Position,
 }
 
+/// One log generation the outbox still has rows of (or may be asked to read again).
+struct Generation {
+    number: u64,
+    /// How to find it again after a restart (what goes into the checkpoint).
+    mark: GenerationMark,
+    /// `None` while an emptied generation's copy is not found yet, and once it is lost.
+    file: Option<Arc<File>>,
+    /// The sink's epoch while this is the file it writes; `None` once the generation has ended.
+    epoch: Option<u64>,
+    /// Where its rows end: what the sink made durable (live), or its final length.
+    end: u64,
+    /// Emptied in place: since when its copy is looked for.
+    emptied_since: Option<Instant>,
+    lost: bool,
+    columns: Option<Columns>,
+}
+
+impl Generation {
+    fn from_tap(number: u64, a: &Announced, live: bool) -> Generation {
+        Generation {
+            number,
+            mark: GenerationMark { dev: a.dev, inode: a.inode, fingerprint: a.fingerprint, path: a.path.clone(), len: a.durable },
+            file: (!a.emptied).then(|| a.file.clone()),
+            epoch: live.then_some(a.epoch),
+            end: a.durable,
+            emptied_since: a.emptied.then(Instant::now),
+            lost: false,
+            columns: None,
+        }
+    }
+
+    /// Takes what the sink announced about this generation: its new durable end, or that it ended.
+    fn update(&mut self, a: &Announced, live: bool) {
+        self.end = a.durable;
+        self.mark.len = a.durable;
+        self.mark.path = a.path.clone();
+        if a.fingerprint.is_some() {
+            self.mark.fingerprint = a.fingerprint;
+        }
+        if !live {
+            self.epoch = None;
+            if a.emptied {
+                self.file = None;
+                self.emptied_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The columns its header line names (read once, when the header is there).
+    fn columns(&mut self) -> Option<Columns> {
+        if self.columns.is_none() {
+            let file = self.file.as_ref()?;
+            self.columns = header_columns(file, self.end);
+            if self.columns.is_none() && self.end > 0 {
+                tracing::warn!(csv = %self.mark.path.display(), "the results log's first line is not a labeld header; its rows cannot be published");
+            }
+        }
+        self.columns
+    }
+}
+
 pub struct Outbox {
-    _private: (),
+    tap: LogTap,
+    checkpoint: PathBuf,
+    /// From the generation of the last acknowledged row to the live one.
+    generations: VecDeque<Generation>,
+    next_number: u64,
+    acked: Position,
+    read: Position,
+    /// Rows handed out and not yet acknowledged: only their positions, to count what an ack covers.
+    in_flight: VecDeque<Position>,
+    pending: u64,
+    /// The sink's count of rows appended, when `pending` was last brought up to date.
+    tap_rows: u64,
+    dirty: bool,
+    saved_at: Option<Instant>,
+    lost: u64,
 }
 
 impl Outbox {
@@ -36,46 +130,456 @@ impl Outbox {
     /// written before publishing was configured are not published; logged once). A checkpoint naming a
     /// generation that was rotated away: that file is found beside the log and read to its end first.
     pub fn open(tap: LogTap, checkpoint: &Path) -> io::Result<Outbox> {
-        let _ = (tap, checkpoint);
-        todo!()
+        let view = tap.take();
+        let Some(live) = view.live.clone() else {
+            return Err(io::Error::other("the results log is not open yet: the outbox is opened after the sink starts"));
+        };
+        let mut outbox = Outbox {
+            tap,
+            checkpoint: checkpoint.to_path_buf(),
+            generations: VecDeque::new(),
+            next_number: 0,
+            acked: Position { generation: 0, offset: 0 },
+            read: Position { generation: 0, offset: 0 },
+            in_flight: VecDeque::new(),
+            pending: 0,
+            tap_rows: view.rows,
+            dirty: true,
+            saved_at: None,
+            lost: 0,
+        };
+        let announced: Vec<Announced> = view.retired.into_iter().chain([live]).collect();
+        match load_or_warn(checkpoint) {
+            Some(c) => outbox.resume(&c, &announced),
+            None => outbox.start_fresh(&announced),
+        }
+        outbox.read = outbox.acked;
+        outbox.recount()?;
+        outbox.save()?;
+        Ok(outbox)
     }
 
     /// Up to `max` rows after the last row handed out, in log order; empty when every durable row has
     /// been handed out.
     pub fn next_rows(&mut self, max: usize) -> io::Result<Vec<OutRow>> {
-        let _ = max;
-        todo!()
+        self.sync_tap();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(i) = self.index_of(self.read.generation) else { break };
+            if self.read.offset >= self.generations[i].end {
+                if self.generations[i].epoch.is_some() {
+                    break;
+                }
+                let Some(next) = self.generations.get(i + 1) else { break };
+                self.read = Position { generation: next.number, offset: 0 };
+                continue;
+            }
+            if self.generations[i].file.is_none() && !self.find_copy(i) {
+                break;
+            }
+            let from = self.read.offset;
+            let g = &mut self.generations[i];
+            let (columns, number) = (g.columns(), g.number);
+            let Some(file) = g.file.clone() else { break };
+            let mut rows = Vec::new();
+            let next = read_rows(&file, columns, from, g.end, max - out.len(), |record, offset| {
+                rows.push(OutRow { record, at: Position { generation: number, offset } });
+            })?;
+            // Emptied in place while we read: those bytes may be the next generation's. Read again.
+            if g.epoch.is_some() && self.tap.peek().live.map(|l| l.epoch) != g.epoch {
+                self.sync_tap();
+                continue;
+            }
+            if next == from {
+                if g.epoch.is_some() {
+                    break;
+                }
+                tracing::warn!(csv = %g.mark.path.display(), bytes = g.end - from, "a rotated results log ends in a partial row; it is not published");
+                g.end = from;
+                continue;
+            }
+            self.read.offset = next;
+            self.in_flight.extend(rows.iter().map(|r| r.at));
+            out.extend(rows);
+        }
+        self.save_if_due();
+        Ok(out)
     }
 
     /// Rows handed out but not acknowledged are handed out again (after a disconnect): reading restarts
     /// at the last acknowledged position.
     pub fn rewind(&mut self) {
-        todo!()
+        self.read = self.acked;
+        self.in_flight.clear();
     }
 
     /// The broker has the row ending at `at` and every row handed out before it. The checkpoint moves
     /// there (written to disk at most every 100 ms, and by [`Outbox::save`]).
     pub fn acknowledged(&mut self, at: Position) {
-        let _ = at;
-        todo!()
+        if at <= self.acked {
+            return;
+        }
+        while self.in_flight.front().is_some_and(|p| *p <= at) {
+            self.in_flight.pop_front();
+            self.pending = self.pending.saturating_sub(1);
+        }
+        self.acked = at;
+        while self.generations.front().is_some_and(|g| g.number < at.generation) {
+            self.generations.pop_front();
+        }
+        self.dirty = true;
+        self.save_if_due();
     }
 
     /// Writes the checkpoint now if it moved (temp file, fsync, rename, directory fsync).
     pub fn save(&mut self) -> io::Result<()> {
-        todo!()
+        self.sync_tap();
+        if !self.dirty {
+            return Ok(());
+        }
+        let c = Checkpoint {
+            version: checkpoint::VERSION,
+            generations: self.generations.iter().filter(|g| !g.lost).map(|g| g.mark.clone()).collect(),
+            offset: self.acked.offset,
+        };
+        checkpoint::store(&self.checkpoint, &c)?;
+        self.dirty = false;
+        self.saved_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Rows in the log after the checkpoint (handed out or not).
     pub fn pending(&self) -> u64 {
-        todo!()
+        self.pending + self.tap.peek().rows.saturating_sub(self.tap_rows)
+    }
+
+    /// Log generations given up on (a rotated file deleted or compressed before its rows were published).
+    pub fn lost_generations(&self) -> u64 {
+        self.lost
     }
 
     /// Resolves when the sink has made more rows durable (or at once if some are unread).
     pub async fn changed(&self) {
-        todo!()
+        loop {
+            if self.awaiting_copy() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+            if self.unread() {
+                return;
+            }
+            self.tap.changed().await;
+        }
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
-        todo!()
+        self.checkpoint.clone()
+    }
+
+    /// No checkpoint: rows from the end of the log as the sink found it are published.
+    fn start_fresh(&mut self, announced: &[Announced]) {
+        let last = announced[announced.len() - 1].epoch;
+        for a in announced {
+            self.push_announced(a, a.epoch == last);
+        }
+        let opened_len = announced[0].opened_len;
+        let first = &mut self.generations[0];
+        let mut rows = 0u64;
+        if let Some(file) = first.file.clone() {
+            let columns = first.columns();
+            if let Err(e) = read_rows(&file, columns, 0, opened_len, usize::MAX, |_, _| rows += 1) {
+                tracing::warn!(csv = %first.mark.path.display(), error = %e, "cannot count the rows already in the results log");
+            }
+        }
+        tracing::info!(csv = %first.mark.path.display(), "publishing rows written from now on; {rows} earlier rows in {} are not published", first.mark.path.display());
+        self.acked = Position { generation: first.number, offset: opened_len };
+    }
+
+    /// Finds the checkpoint's generations (the sink's open files first, then beside the log); the
+    /// sink's generations after them follow.
+    fn resume(&mut self, c: &Checkpoint, announced: &[Announced]) {
+        let live_path = announced[announced.len() - 1].path.clone();
+        let last_epoch = announced[announced.len() - 1].epoch;
+        let mut used = 0;
+        let mut first_found = None;
+        for (i, mark) in c.generations.iter().enumerate() {
+            let number = self.take_number();
+            let held = announced[used..].iter().position(|a| {
+                a.dev == mark.dev && a.inode == mark.inode && !a.emptied && mark.fingerprint.is_none_or(|f| f.matches(&a.file, a.durable))
+            });
+            if let Some(j) = held {
+                let a = &announced[used + j];
+                let mut g = Generation::from_tap(number, a, a.epoch == last_epoch);
+                g.mark.fingerprint = a.fingerprint.or(mark.fingerprint);
+                self.generations.push_back(g);
+                used += j + 1;
+            } else if let Some((path, file)) = find_beside(mark, &live_path, false) {
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                let meta = file.metadata().ok();
+                tracing::info!(csv = %path.display(), "unpublished rows in a rotated results log: published first");
+                let mark = GenerationMark {
+                    dev: meta.as_ref().map_or(mark.dev, |m| m.dev()),
+                    inode: meta.as_ref().map_or(mark.inode, |m| m.ino()),
+                    fingerprint: mark.fingerprint,
+                    path,
+                    len,
+                };
+                self.generations.push_back(Generation { number, mark, file: Some(Arc::new(file)), epoch: None, end: len, emptied_since: None, lost: false, columns: None });
+            } else {
+                let unpublished = if i == 0 { mark.len.saturating_sub(c.offset) } else { mark.len };
+                tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted or compressed before it was published); those rows are not published");
+                self.lost += 1;
+                continue;
+            }
+            first_found.get_or_insert((i, number));
+        }
+        for a in &announced[used..] {
+            self.push_announced(a, a.epoch == last_epoch);
+        }
+        self.acked = match first_found {
+            Some((0, number)) => Position { generation: number, offset: c.offset },
+            Some((_, number)) => Position { generation: number, offset: 0 },
+            None => Position { generation: self.generations[0].number, offset: 0 },
+        };
+        self.generations.retain(|g| g.number >= self.acked.generation);
+    }
+
+    fn take_number(&mut self) -> u64 {
+        self.next_number += 1;
+        self.next_number - 1
+    }
+
+    fn push_announced(&mut self, a: &Announced, live: bool) {
+        let number = self.take_number();
+        self.generations.push_back(Generation::from_tap(number, a, live));
+    }
+
+    /// Takes in what the sink announced since the last look: new durable ends, ended and new generations.
+    fn sync_tap(&mut self) {
+        let view = self.tap.take();
+        let live_epoch = view.live.as_ref().map(|l| l.epoch);
+        for a in view.retired.iter().chain(view.live.as_ref()) {
+            let live = Some(a.epoch) == live_epoch;
+            match self.generations.iter_mut().find(|g| g.epoch == Some(a.epoch)) {
+                Some(g) => {
+                    if !live {
+                        self.dirty = true;
+                    }
+                    g.update(a, live);
+                }
+                None => {
+                    self.push_announced(a, live);
+                    self.dirty = true;
+                }
+            }
+        }
+        self.pending += view.rows.saturating_sub(self.tap_rows);
+        self.tap_rows = view.rows;
+    }
+
+    fn index_of(&self, number: u64) -> Option<usize> {
+        self.generations.iter().position(|g| g.number == number)
+    }
+
+    /// Looks for the copy of emptied generation `i`; after [`COPY_WAIT`] without it, gives it up.
+    fn find_copy(&mut self, i: usize) -> bool {
+        let live_path = self.generations.back().map(|g| g.mark.path.clone()).unwrap_or_default();
+        let g = &mut self.generations[i];
+        if g.lost {
+            return false;
+        }
+        if let Some((path, file)) = find_beside(&g.mark, &live_path, true) {
+            tracing::info!(csv = %path.display(), "rows of the results log emptied by copytruncate: published from its copy");
+            let meta = file.metadata().ok();
+            g.end = meta.as_ref().map_or(0, |m| m.len());
+            if let Some(m) = meta {
+                (g.mark.dev, g.mark.inode) = (m.dev(), m.ino());
+            }
+            (g.mark.path, g.mark.len, g.file, g.emptied_since) = (path, g.end, Some(Arc::new(file)), None);
+            self.dirty = true;
+            return true;
+        }
+        if g.emptied_since.is_some_and(|t| t.elapsed() < COPY_WAIT) {
+            return false;
+        }
+        tracing::error!(
+            csv = %g.mark.path.display(),
+            bytes = g.end.saturating_sub(self.read.offset),
+            "the results log was emptied in place (copytruncate) and no copy of it is beside it; its unpublished rows are not published"
+        );
+        (g.lost, g.end, g.emptied_since) = (true, 0, None);
+        self.lost += 1;
+        self.dirty = true;
+        if self.acked.generation == g.number {
+            if let Some(next) = self.generations.get(i + 1) {
+                self.acked = Position { generation: next.number, offset: 0 };
+            }
+        }
+        if let Err(e) = self.recount() {
+            tracing::warn!(error = %e, "cannot count the rows left to publish");
+        }
+        false
+    }
+
+    /// Counts the rows after the checkpoint, reading them from the files.
+    fn recount(&mut self) -> io::Result<()> {
+        self.sync_tap();
+        let mut rows = 0u64;
+        for g in self.generations.iter_mut() {
+            let from = if g.number == self.acked.generation { self.acked.offset } else { 0 };
+            let (columns, end) = (g.columns(), g.end);
+            if let (Some(file), true) = (g.file.clone(), from < end) {
+                read_rows(&file, columns, from, end, usize::MAX, |_, _| rows += 1)?;
+            }
+        }
+        self.pending = rows;
+        Ok(())
+    }
+
+    fn save_if_due(&mut self) {
+        if !self.dirty || self.saved_at.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(error = %e, "cannot save the outbox checkpoint; retried, rows since the last one are published again after a restart");
+        }
+    }
+
+    /// Whether rows may be waiting in what the sink announced, or a generation after the read one.
+    fn unread(&self) -> bool {
+        if self.tap.has_retired() {
+            return true;
+        }
+        let Some(i) = self.index_of(self.read.generation) else { return false };
+        let g = &self.generations[i];
+        if g.epoch.is_none() {
+            return self.read.offset < g.end || i + 1 < self.generations.len();
+        }
+        match self.tap.peek().live {
+            Some(live) => Some(live.epoch) != g.epoch || live.durable > self.read.offset,
+            None => false,
+        }
+    }
+
+    fn awaiting_copy(&self) -> bool {
+        self.index_of(self.read.generation).is_some_and(|i| self.generations[i].emptied_since.is_some() && self.generations[i].file.is_none())
+    }
+}
+
+/// The checkpoint, or `None` (start fresh) when there is none or it cannot be used; a bad one is kept
+/// beside as `<name>.bad` for the operator.
+fn load_or_warn(path: &Path) -> Option<Checkpoint> {
+    match checkpoint::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "outbox checkpoint unusable");
+            let bad = path.with_file_name(format!("{}.bad", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+            if std::fs::rename(path, &bad).is_ok() {
+                tracing::warn!(kept = %bad.display(), "the unusable checkpoint was kept here");
+            }
+            tracing::warn!(
+                checkpoint = %path.display(),
+                "PUBLISHING RESTARTS FROM THE END OF THE RESULTS LOG: rows not published before this start are not published"
+            );
+            None
+        }
+    }
+}
+
+/// A file beside the log (or where `mark` was last seen) that holds `mark`'s generation: the same
+/// (dev, inode) and first bytes (renamed away), else the same first bytes (a copy). Regular files only,
+/// links are not followed; names start with the log's file stem. `other_inode`: the mark's own inode is
+/// not it (it was emptied in place).
+fn find_beside(mark: &GenerationMark, live: &Path, other_inode: bool) -> Option<(PathBuf, File)> {
+    let mut candidates = Vec::new();
+    for place in [mark.path.as_path(), live] {
+        let (Some(dir), Some(stem)) = (place.parent(), place.file_stem()) else { continue };
+        let stem = stem.to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let named = entry.file_name().to_string_lossy().starts_with(&stem);
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            if named && meta.is_file() && !candidates.iter().any(|(p, _): &(PathBuf, _)| *p == path) {
+                candidates.push((path, meta));
+            }
+        }
+    }
+    let same_inode = |m: &std::fs::Metadata| m.dev() == mark.dev && m.ino() == mark.inode;
+    let by_inode = candidates.iter().filter(|(_, m)| !other_inode && same_inode(m));
+    let by_content = candidates.iter().filter(|(_, m)| !same_inode(m) && mark.fingerprint.is_some());
+    for (path, meta) in by_inode.chain(by_content) {
+        let Ok(file) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else { continue };
+        let Ok(now) = file.metadata() else { continue };
+        if now.dev() != meta.dev() || now.ino() != meta.ino() {
+            continue;
+        }
+        if mark.fingerprint.is_none_or(|f| f.matches(&file, now.len())) {
+            return Some((path.clone(), file));
+        }
+    }
+    None
+}
+
+/// The columns `file`'s first line names, if it is one of labeld's headers.
+fn header_columns(file: &File, available: u64) -> Option<Columns> {
+    let mut head = Vec::new();
+    ReadAt { file, pos: 0, end: available.min(MAX_HEADER) }.read_to_end(&mut head).ok()?;
+    let line = &head[..head.iter().position(|b| *b == b'\n')?];
+    Columns::from_header(std::str::from_utf8(line).ok()?)
+}
+
+/// Parses rows of `file` from byte `from` up to `end`, giving each (at most `max`) with the offset just
+/// after it to `each`; returns where reading stopped. Lines that do not parse are passed over; a last
+/// row without its line end is not a row yet.
+fn read_rows(file: &File, columns: Option<Columns>, from: u64, end: u64, max: usize, mut each: impl FnMut(Record, u64)) -> io::Result<u64> {
+    let source = ReadAt { file, pos: from, end };
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(64 * 1024).from_reader(source);
+    let mut row = csv::StringRecord::new();
+    let (mut next, mut taken) = (from, 0);
+    while taken < max {
+        let result = reader.read_record(&mut row);
+        let at = from + reader.position().byte();
+        match result {
+            Ok(false) => break,
+            Ok(true) => {
+                if at == reader.get_ref().pos && !ends_a_line(file, at)? {
+                    break;
+                }
+                next = at;
+                if let Some(record) = columns.and_then(|c| parse_row(c, &row)) {
+                    each(record, at);
+                    taken += 1;
+                }
+            }
+            Err(e) if e.is_io_error() => return Err(io::Error::other(format!("cannot read the results log: {e}"))),
+            // A line that is not CSV (bytes that are not UTF-8): passed over, never a stop.
+            Err(_) => next = at,
+        }
+    }
+    Ok(next)
+}
+
+fn ends_a_line(file: &File, at: u64) -> io::Result<bool> {
+    let mut last = [0u8];
+    Ok(at > 0 && file.read_at(&mut last, at - 1)? == 1 && last[0] == b'\n')
+}
+
+/// Reads `file` from `pos` up to `end` with positioned reads (the sink's handle is shared: no seeking).
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.end.saturating_sub(self.pos)).unwrap_or(usize::MAX).min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
