@@ -583,3 +583,268 @@ impl Read for ReadAt<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beneath::Identity;
+    use crate::sink::record::{Status, Top};
+    use crate::sink::result_log::ResultLog;
+
+    fn rec(i: usize) -> Record {
+        Record {
+            path: format!("/in/{i}, \"x\".jpg"),
+            time: "2026-11-29T06:00:00.000Z".into(),
+            model: "m".into(),
+            status: Status::Ok,
+            top: Some(vec![Top { rank: 1, class_id: i % 1000, label: "cock".into(), label_en: None, score: 0.5 }]),
+            confident: None,
+            latency_ms: 1.5,
+            error: None,
+            file: Some(Identity { dev: 1, inode: i as u64, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+        }
+    }
+
+    fn recs(r: std::ops::Range<usize>) -> Vec<Record> {
+        r.map(rec).collect()
+    }
+
+    /// A box: its log folder, the sink's log (through a tap) and the outbox's checkpoint.
+    struct Place {
+        _dir: tempfile::TempDir,
+        csv: PathBuf,
+        checkpoint: PathBuf,
+    }
+
+    impl Place {
+        fn new() -> Place {
+            let dir = tempfile::tempdir().unwrap();
+            let csv = dir.path().join("results.csv");
+            let checkpoint = dir.path().join("outbox.json");
+            Place { _dir: dir, csv, checkpoint }
+        }
+
+        /// A (re)started labeld: the sink's log, then the outbox on it.
+        fn start(&self) -> (ResultLog, Outbox) {
+            self.start_with(Columns::plain(1))
+        }
+
+        fn start_with(&self, columns: Columns) -> (ResultLog, Outbox) {
+            let tap = LogTap::new();
+            let log = ResultLog::open_tapped(&self.csv, columns, Some(tap.clone())).unwrap();
+            (log, Outbox::open(tap, &self.checkpoint).unwrap())
+        }
+
+        fn beside(&self, name: &str) -> PathBuf {
+            self.csv.with_file_name(name)
+        }
+    }
+
+    /// Every row the outbox hands out now, `max` at a time, acknowledged as they come.
+    fn publish_all(outbox: &mut Outbox, max: usize) -> Vec<OutRow> {
+        let mut all = Vec::new();
+        loop {
+            let rows = outbox.next_rows(max).unwrap();
+            let Some(last) = rows.last() else { return all };
+            outbox.acknowledged(last.at);
+            all.extend(rows);
+        }
+    }
+
+    fn numbers(rows: &[OutRow]) -> Vec<usize> {
+        rows.iter().map(|r| r.record.path[4..].split(',').next().unwrap().parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn rows_come_out_in_order_resume_after_the_last_ack_and_again_after_rewind() {
+        let place = Place::new();
+        // Rows written before publishing was configured are not published.
+        ResultLog::open(&place.csv, Columns::plain(1)).unwrap().append(&recs(100..103)).unwrap();
+        let (mut log, mut outbox) = place.start();
+        assert_eq!((outbox.pending(), outbox.next_rows(10).unwrap().len()), (0, 0));
+        log.append(&recs(0..10)).unwrap();
+        assert_eq!(outbox.pending(), 10);
+        let first = outbox.next_rows(4).unwrap();
+        assert_eq!(numbers(&first), [0, 1, 2, 3]);
+        assert_eq!(first[0].record, rec(0), "parsed back as written");
+        assert!(first.windows(2).all(|w| w[0].at < w[1].at));
+        outbox.acknowledged(first[1].at);
+        assert_eq!(outbox.pending(), 8);
+        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [4, 5]);
+        outbox.rewind();
+        let again = outbox.next_rows(100).unwrap();
+        assert_eq!(numbers(&again), [2, 3, 4, 5, 6, 7, 8, 9]);
+        outbox.acknowledged(again[2].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+
+        let (mut log, mut outbox) = place.start();
+        assert_eq!(outbox.pending(), 5);
+        log.append(&recs(10..12)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 3)), [5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(outbox.pending(), 0);
+    }
+
+    #[test]
+    fn a_kill_replays_only_rows_after_the_last_saved_checkpoint_and_skips_none() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..10)).unwrap();
+        let rows = outbox.next_rows(100).unwrap();
+        std::thread::sleep(SAVE_EVERY + Duration::from_millis(20));
+        outbox.acknowledged(rows[2].at); // saved: the last save is older than SAVE_EVERY
+        for r in &rows[3..7] {
+            outbox.acknowledged(r.at); // within SAVE_EVERY of that save: in memory only
+        }
+        drop((log, outbox)); // kill -9: no save
+        let (_log, mut outbox) = place.start();
+        let replay = numbers(&publish_all(&mut outbox, 100));
+        assert!((3..=7).contains(&replay[0]), "{replay:?}");
+        assert_eq!(replay, (replay[0]..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rows_left_in_a_renamed_away_log_come_first_once() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
+        log.reopen().unwrap(); // SIGHUP after logrotate `create`
+        log.append(&recs(5..8)).unwrap();
+        let rest = publish_all(&mut outbox, 2);
+        assert_eq!(numbers(&rest), [2, 3, 4, 5, 6, 7]);
+        assert!(rest[2].at.generation < rest[3].at.generation);
+        assert_eq!(outbox.pending(), 0);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        let (_log, mut outbox) = place.start();
+        assert!(publish_all(&mut outbox, 10).is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn a_log_rotated_while_stopped_is_found_beside_and_read_to_its_end() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        std::fs::rename(&place.csv, place.beside("results.csv-20261129")).unwrap();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(5..8)).unwrap();
+        assert_eq!(outbox.pending(), 6);
+        assert_eq!(numbers(&publish_all(&mut outbox, 4)), [2, 3, 4, 5, 6, 7]);
+        assert_eq!(outbox.lost_generations(), 0);
+    }
+
+    #[test]
+    fn rows_not_yet_read_when_the_log_is_emptied_in_place_come_from_the_copy() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [0, 1]);
+        // logrotate `copytruncate`: copy, then empty the live file; the sink goes on writing to it.
+        std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        log.append(&recs(5..8)).unwrap();
+        let rest = publish_all(&mut outbox, 100);
+        assert_eq!(numbers(&rest), [2, 3, 4, 5, 6, 7]);
+        assert_eq!(rest[3].record, rec(5));
+        outbox.save().unwrap();
+        drop((log, outbox));
+        let (_log, mut outbox) = place.start();
+        assert!(publish_all(&mut outbox, 10).is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn rows_written_before_a_columns_change_keep_their_columns() {
+        let place = Place::new();
+        let tap = LogTap::new();
+        let mut log = ResultLog::open_tapped(&place.csv, Columns::plain(1), Some(tap.clone())).unwrap();
+        let mut outbox = Outbox::open(tap.clone(), &place.checkpoint).unwrap();
+        log.append(&recs(0..3)).unwrap();
+        // A reload with another top_k: the old log is set aside by rename, a new one started.
+        let wide = Columns { top_k: 3, english: false, confident: true };
+        let mut log = ResultLog::open_tapped(&place.csv, wide, log.tap()).unwrap();
+        let mut r = rec(3);
+        r.confident = Some(true);
+        log.append(std::slice::from_ref(&r)).unwrap();
+        let rows = publish_all(&mut outbox, 100);
+        assert_eq!(numbers(&rows), [0, 1, 2, 3]);
+        assert_eq!(rows[0].record, rec(0));
+        assert_eq!(rows[3].record, r);
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_starts_afresh_and_is_kept_aside() {
+        let place = Place::new();
+        std::fs::write(&place.checkpoint, b"{\"version\": 1, \"generati").unwrap();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..3)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [0, 1, 2]);
+        assert!(place.beside("outbox.json.bad").exists());
+        assert!(checkpoint::load(&place.checkpoint).unwrap().is_some(), "a fresh checkpoint replaced it");
+    }
+
+    #[test]
+    fn a_rotated_log_deleted_while_stopped_is_counted_lost_and_publishing_goes_on() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
+        std::fs::remove_file(place.beside("results.csv.1")).unwrap();
+        let (mut log, mut outbox) = place.start();
+        assert_eq!(outbox.lost_generations(), 1);
+        log.append(&recs(5..8)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6, 7]);
+    }
+
+    #[test]
+    fn changed_resolves_when_rows_become_durable() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let wait = |o: &Outbox| rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), o.changed()).await.is_ok() });
+        assert!(!wait(&outbox), "nothing after the header yet");
+        log.append(&recs(0..1)).unwrap();
+        assert!(wait(&outbox), "a row is unread");
+        assert_eq!(outbox.next_rows(10).unwrap().len(), 1);
+        assert!(!wait(&outbox), "nothing new");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            log.append(&recs(1..2)).unwrap();
+        });
+        assert!(wait(&outbox), "woken by the append");
+        writer.join().unwrap();
+        assert_eq!(numbers(&outbox.next_rows(10).unwrap()), [1]);
+    }
+
+    #[test]
+    fn a_backlog_of_100000_rows_is_read_from_the_file() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        for b in 0..100 {
+            log.append(&recs(b * 1000..(b + 1) * 1000)).unwrap();
+        }
+        assert_eq!(outbox.pending(), 100_000);
+        let started = Instant::now();
+        let mut next = 0;
+        loop {
+            let rows = outbox.next_rows(100).unwrap();
+            let Some(last) = rows.last() else { break };
+            assert_eq!(numbers(&rows), (next..next + rows.len()).collect::<Vec<_>>());
+            next += rows.len();
+            outbox.acknowledged(last.at);
+        }
+        let hwm = std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().find(|l| l.starts_with("VmHWM")).map(String::from);
+        eprintln!("100000 rows out in {:.2} s; {hwm:?}", started.elapsed().as_secs_f64());
+        assert_eq!((next, outbox.pending()), (100_000, 0));
+    }
+}
