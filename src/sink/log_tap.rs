@@ -153,17 +153,19 @@ impl LogTap {
     /// emptied under it (copytruncate), and what follows is a new life of the same file.
     pub(super) fn shrunk_to(&self, len: u64) {
         let mut s = self.lock();
-        let Some(live) = s.live.as_ref().filter(|l| len < l.durable) else { return };
-        let mut next = live.clone();
-        next.epoch = s.next_epoch;
-        s.next_epoch += 1;
-        (next.opened_len, next.durable, next.fingerprint) = (len, len, None);
-        if let Some(old) = s.live.as_mut() {
-            old.emptied = true;
+        if begin_emptied(&mut s, len) {
+            drop(s);
+            self.shared.wake.notify_one();
         }
-        retire(&mut s, next);
-        drop(s);
-        self.shared.wake.notify_one();
+    }
+
+    /// For the reader, when the live file ends before what was made durable: it was emptied in place
+    /// and the writer has not written since. Ends that generation now (its rows are in the copy), so
+    /// they need not wait for the next image. Measured under the lock, so it cannot race an append.
+    pub fn check_emptied(&self) -> bool {
+        let mut s = self.lock();
+        let Some(len) = s.live.as_ref().and_then(|l| l.file.metadata().ok()).map(|m| m.len()) else { return false };
+        begin_emptied(&mut s, len)
     }
 
     /// `rows` more rows are durable; the file is now `len` bytes long.
@@ -186,6 +188,20 @@ impl LogTap {
     fn lock(&self) -> std::sync::MutexGuard<'_, TapState> {
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The live file is `len` long: if shorter than its durable length, a new life of it begins.
+fn begin_emptied(s: &mut TapState, len: u64) -> bool {
+    let Some(live) = s.live.as_ref().filter(|l| len < l.durable) else { return false };
+    let mut next = live.clone();
+    next.epoch = s.next_epoch;
+    s.next_epoch += 1;
+    (next.opened_len, next.durable, next.fingerprint) = (len, len, None);
+    if let Some(old) = s.live.as_mut() {
+        old.emptied = true;
+    }
+    retire(s, next);
+    true
 }
 
 /// `next` becomes the live file; the one before it waits for the reader.
