@@ -175,6 +175,9 @@ impl Outbox {
                 continue;
             }
             if self.generations[i].file.is_none() && !self.find_copy(i) {
+                if self.generations[i].lost {
+                    continue;
+                }
                 break;
             }
             let from = self.read.offset;
@@ -845,6 +848,20 @@ mod tests {
         assert_eq!(outbox.lost_generations(), 1);
         log.append(&recs(5..8)).unwrap();
         assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6, 7]);
+    }
+
+    #[test]
+    fn a_log_emptied_in_place_without_a_copy_is_given_up_after_a_wait_not_waited_for_forever() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        outbox.next_rows(2).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        log.append(&recs(5..7)).unwrap();
+        assert!(outbox.next_rows(100).unwrap().is_empty(), "the copy may still appear");
+        std::thread::sleep(COPY_WAIT);
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6]);
+        assert_eq!((outbox.lost_generations(), outbox.pending()), (1, 0));
     }
 
     #[test]

@@ -118,12 +118,18 @@ impl LogTap {
     }
 
     /// The writer (re)opened its log at `path`. The same file as before, not shorter: its life goes on.
+    /// Another file, or the same one emptied: a new generation.
     pub(super) fn opened(&self, file: &File, path: &Path) -> std::io::Result<()> {
         let meta = file.metadata()?;
         let handle = Arc::new(file.try_clone()?);
         let fingerprint = Fingerprint::of(file, meta.len())?;
         let mut s = self.lock();
-        if let Some(live) = s.live.as_mut().filter(|l| l.dev == meta.dev() && l.inode == meta.ino() && meta.len() >= l.durable) {
+        let same_file = s.live.as_ref().is_some_and(|l| l.dev == meta.dev() && l.inode == meta.ino());
+        if same_file {
+            // Emptied in place since the last append (its header may be back): a new life of it.
+            begin_emptied(&mut s, meta.len());
+        }
+        if let Some(live) = s.live.as_mut().filter(|_| same_file) {
             live.file = handle;
             live.path = path.to_path_buf();
             live.durable = meta.len();
