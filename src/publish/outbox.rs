@@ -60,6 +60,8 @@ struct Generation {
     emptied_since: Option<Instant>,
     lost: bool,
     columns: Option<Columns>,
+    /// Its first line is not one of labeld's headers (said once).
+    bad_header: bool,
 }
 
 impl Generation {
@@ -73,6 +75,7 @@ impl Generation {
             emptied_since: a.emptied.then(Instant::now),
             lost: false,
             columns: None,
+            bad_header: false,
         }
     }
 
@@ -95,11 +98,15 @@ impl Generation {
 
     /// The columns its header line names (read once, when the header is there).
     fn columns(&mut self) -> Option<Columns> {
-        if self.columns.is_none() {
+        if self.columns.is_none() && !self.bad_header {
             let file = self.file.as_ref()?;
-            self.columns = header_columns(file, self.end);
-            if self.columns.is_none() && self.end > 0 {
-                tracing::warn!(csv = %self.mark.path.display(), "the results log's first line is not a labeld header; its rows cannot be published");
+            match header_columns(file, self.end) {
+                Header::Columns(c) => self.columns = Some(c),
+                Header::NotYet => {}
+                Header::Other => {
+                    self.bad_header = true;
+                    tracing::warn!(csv = %self.mark.path.display(), "the results log's first line is not a labeld header; its rows cannot be published");
+                }
             }
         }
         self.columns
@@ -322,17 +329,11 @@ impl Outbox {
                 self.generations.push_back(g);
                 used += j + 1;
             } else if let Some((path, file)) = find_beside(mark, &live_path, false) {
-                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                let meta = file.metadata().ok();
+                let Ok(meta) = file.metadata() else { continue };
                 tracing::info!(csv = %path.display(), "unpublished rows in a rotated results log: published first");
-                let mark = GenerationMark {
-                    dev: meta.as_ref().map_or(mark.dev, |m| m.dev()),
-                    inode: meta.as_ref().map_or(mark.inode, |m| m.ino()),
-                    fingerprint: mark.fingerprint,
-                    path,
-                    len,
-                };
-                self.generations.push_back(Generation { number, mark, file: Some(Arc::new(file)), epoch: None, end: len, emptied_since: None, lost: false, columns: None });
+                let len = meta.len();
+                let mark = GenerationMark { dev: meta.dev(), inode: meta.ino(), fingerprint: mark.fingerprint, path, len };
+                self.generations.push_back(Generation { number, mark, file: Some(Arc::new(file)), epoch: None, end: len, emptied_since: None, lost: false, columns: None, bad_header: false });
             } else {
                 let unpublished = if i == 0 { mark.len.saturating_sub(c.offset) } else { mark.len };
                 tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted or compressed before it was published); those rows are not published");
@@ -529,12 +530,27 @@ fn find_beside(mark: &GenerationMark, live: &Path, other_inode: bool) -> Option<
     None
 }
 
-/// The columns `file`'s first line names, if it is one of labeld's headers.
-fn header_columns(file: &File, available: u64) -> Option<Columns> {
+enum Header {
+    Columns(Columns),
+    /// The first line is not complete yet.
+    NotYet,
+    Other,
+}
+
+/// What `file`'s first line says about its rows.
+fn header_columns(file: &File, available: u64) -> Header {
     let mut head = Vec::new();
-    ReadAt { file, pos: 0, end: available.min(MAX_HEADER) }.read_to_end(&mut head).ok()?;
-    let line = &head[..head.iter().position(|b| *b == b'\n')?];
-    Columns::from_header(std::str::from_utf8(line).ok()?)
+    let limit = available.min(MAX_HEADER);
+    if (ReadAt { file, pos: 0, end: limit }).read_to_end(&mut head).is_err() {
+        return Header::NotYet;
+    }
+    let Some(end) = head.iter().position(|b| *b == b'\n') else {
+        return if limit < MAX_HEADER { Header::NotYet } else { Header::Other };
+    };
+    match std::str::from_utf8(&head[..end]).ok().and_then(Columns::from_header) {
+        Some(c) => Header::Columns(c),
+        None => Header::Other,
+    }
 }
 
 /// Parses rows of `file` from byte `from` up to `end`, giving each (at most `max`) with the offset just
@@ -598,6 +614,7 @@ mod tests {
     use crate::beneath::Identity;
     use crate::sink::record::{Status, Top};
     use crate::sink::result_log::ResultLog;
+    use std::io::Write;
 
     fn rec(i: usize) -> Record {
         Record {
@@ -690,6 +707,17 @@ mod tests {
         assert_eq!(outbox.pending(), 5);
         log.append(&recs(10..12)).unwrap();
         assert_eq!(numbers(&publish_all(&mut outbox, 3)), [5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(outbox.pending(), 0);
+    }
+
+    #[test]
+    fn a_line_that_does_not_parse_is_passed_over() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..2)).unwrap();
+        OpenOptions::new().append(true).open(&place.csv).unwrap().write_all(b"\xff\xfe,junk\nnot,a,row\n").unwrap();
+        log.append(&recs(2..4)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 1)), [0, 1, 2, 3]);
         assert_eq!(outbox.pending(), 0);
     }
 
