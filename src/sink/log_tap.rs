@@ -215,9 +215,9 @@ fn retire(s: &mut TapState, next: Announced) {
     if let Some(old) = s.live.replace(next) {
         s.retired.push_back(old);
     }
-    if s.retired.len() > MAX_RETIRED {
-        if let Some(dropped) = s.retired.pop_front() {
-            tracing::warn!(csv = %dropped.path.display(), "many log rotations unread by the publisher; it looks for the oldest beside the log");
-        }
+    if s.retired.len() > MAX_RETIRED
+        && let Some(dropped) = s.retired.pop_front()
+    {
+        tracing::warn!(csv = %dropped.path.display(), "many log rotations unread by the publisher; it looks for the oldest beside the log");
     }
 }
