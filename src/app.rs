@@ -13,10 +13,12 @@ use crate::infer::worker::Workers;
 use crate::infer::{BatchDone, LiveSettings};
 use crate::metrics::Metrics;
 use crate::queue::{self, InFlight, QueueSender};
+use crate::publish::Publisher;
 use crate::reload;
 use crate::shutdown::Shutdown;
 use crate::sink::recent::Recent;
 use crate::sink::record::{Record, Status};
+use crate::sink::result_log::LogTap;
 use crate::sink::{OutputSettings, Sink, SinkControl, Totals};
 use crate::systemd::Systemd;
 use crate::watch::{self, Feeder, Watch};
@@ -42,13 +44,20 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     metrics.set_model(&config.model.name, config.model.precision.as_str());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
     let hung_tx = done_tx.clone();
+    // With [mqtt], the sink announces every durable row to the outbox the publisher reads.
+    let tap = config.mqtt.is_some().then(LogTap::new);
     let sink = Sink::start(
         OutputSettings::from_config(&config),
         done_rx,
         metrics.clone(),
         recent.clone(),
         health.lifeline("sink", &shutdown),
+        tap.clone(),
     )?;
+    let publisher = match tap {
+        Some(tap) => Publisher::start(&config, tap, &metrics, health.lifeline("publisher", &shutdown), once)?,
+        None => None,
+    };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let sink_control = sink.control();
     shutdown
@@ -107,6 +116,10 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         workers.join();
     }
     let totals = sink.join();
+    if let Some(p) = publisher {
+        let figures = p.finish().figures();
+        tracing::info!(published = figures.published, pending_rows = figures.pending, "publisher stopped");
+    }
     if let Some((pb, ticker, stop_ticker)) = progress {
         stop_ticker.trigger();
         if let Some(t) = ticker {

@@ -2,6 +2,7 @@
 //! outbox (`outbox`), read from a checkpoint that moves only when the broker has acknowledged a row; the
 //! connection (`mqtt`) runs on its own thread, so labelling never waits for the broker.
 
+pub mod checkpoint;
 pub mod message;
 pub mod mqtt;
 pub mod outbox;

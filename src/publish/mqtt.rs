@@ -64,7 +64,7 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
                 attempts_failed += 1;
                 status.connect_failed(&why);
                 tracing::warn!(broker = %settings.mqtt.url, retry_in_s = retry.as_secs_f64(), attempt = attempts_failed, "cannot connect to the MQTT broker: {why}; labelling goes on, results wait in the outbox");
-                let _ = tokio::time::timeout(retry, stop.wait()).await;
+                wait_out(retry, &mut outbox, &status, &stop).await;
                 retry = (retry * 2).min(LAST_RETRY);
                 continue;
             }
@@ -94,6 +94,26 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
     }
     status.stopped();
     outbox
+}
+
+/// Waits `retry` (or until stopped), keeping the figures current and the checkpoint's list of log files
+/// up to date: rotations during an outage must survive a crash during it.
+async fn wait_out(retry: Duration, outbox: &mut Outbox, status: &PublishStatus, stop: &Shutdown) {
+    let until = tokio::time::Instant::now() + retry;
+    loop {
+        note(outbox, status);
+        save_quietly(outbox);
+        let now = tokio::time::Instant::now();
+        if now >= until || stop.is_triggered() {
+            return;
+        }
+        let _ = tokio::time::timeout_at(until.min(now + Duration::from_secs(1)), stop.wait()).await;
+    }
+}
+
+fn note(outbox: &Outbox, status: &PublishStatus) {
+    status.set_pending(outbox.pending());
+    status.set_lost_files(outbox.lost_generations());
 }
 
 enum Connect {
@@ -191,7 +211,7 @@ impl Session {
                         }
                     }
                     save_quietly(outbox);
-                    status.set_pending(outbox.pending());
+                    note(outbox, status);
                 }
             }
         }
@@ -257,7 +277,7 @@ impl Session {
                 _ => break,
             }
         }
-        status.set_pending(outbox.pending());
+        note(outbox, status);
         self.announce(s, false);
         let _ = self.client.try_disconnect();
         // Let the event loop write the offline message and the DISCONNECT before it is dropped.

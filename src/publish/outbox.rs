@@ -2,13 +2,32 @@
 //! that moves forward only when the broker has acknowledged the rows before it. Rows are read from the
 //! file, never held in memory beyond what is in flight, so a long outage costs disk (the log), not RAM.
 //!
-//! SKELETON: the API the MQTT connection (`mqtt.rs`) drives. Bodies to be written.
+//! A *generation* is one file's content from its first byte until it is rotated away or emptied in
+//! place. The sink announces its generations through a [`LogTap`]; the outbox reads each with its own
+//! header (so rows written before a columns change keep their columns), the live one only up to what the
+//! sink made durable. A generation that ended while rows in it were unpublished is read to its end
+//! before the next: through the handle the sink kept (renamed away), or from logrotate's copy found
+//! beside the log by its fingerprint (emptied in place). After a restart the checkpoint names the
+//! generations by (dev, inode, fingerprint) and they are found the same way.
 
-use std::io;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::checkpoint::{self, Checkpoint, GenerationMark};
 use crate::sink::record::Record;
-use crate::sink::result_log::LogTap;
+use crate::sink::result_log::{parse_row, Announced, Columns, LogTap};
+
+/// The checkpoint is written at most this often while acknowledgements stream in.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// How long an emptied generation's copy (logrotate `copytruncate`) may take to appear beside the log.
+const COPY_WAIT: Duration = Duration::from_secs(5);
+/// How much of a file its header line may take.
+const MAX_HEADER: u64 = 64 * 1024;
 
 /// Where a row ends in the outbox: hand it back to [`Outbox::acknowledged`] once the broker has the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,8 +45,90 @@ pub struct OutRow {
     pub at: Position,
 }
 
+/// One log generation the outbox still has rows of (or may be asked to read again).
+struct Generation {
+    number: u64,
+    /// How to find it again after a restart (what goes into the checkpoint).
+    mark: GenerationMark,
+    /// `None` while an emptied generation's copy is not found yet, and once it is lost.
+    file: Option<Arc<File>>,
+    /// The sink's epoch while this is the file it writes; `None` once the generation has ended.
+    epoch: Option<u64>,
+    /// Where its rows end: what the sink made durable (live), or its final length.
+    end: u64,
+    /// Emptied in place: since when its copy is looked for.
+    emptied_since: Option<Instant>,
+    lost: bool,
+    columns: Option<Columns>,
+    /// Its first line is not one of labeld's headers (said once).
+    bad_header: bool,
+}
+
+impl Generation {
+    fn from_tap(number: u64, a: &Announced, live: bool) -> Generation {
+        Generation {
+            number,
+            mark: GenerationMark { dev: a.dev, inode: a.inode, fingerprint: a.fingerprint, path: a.path.clone(), len: a.durable },
+            file: (!a.emptied).then(|| a.file.clone()),
+            epoch: live.then_some(a.epoch),
+            end: a.durable,
+            emptied_since: a.emptied.then(Instant::now),
+            lost: false,
+            columns: None,
+            bad_header: false,
+        }
+    }
+
+    /// Takes what the sink announced about this generation: its new durable end, or that it ended.
+    fn update(&mut self, a: &Announced, live: bool) {
+        self.end = a.durable;
+        self.mark.len = a.durable;
+        self.mark.path = a.path.clone();
+        if a.fingerprint.is_some() {
+            self.mark.fingerprint = a.fingerprint;
+        }
+        if !live {
+            self.epoch = None;
+            if a.emptied {
+                self.file = None;
+                self.emptied_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The columns its header line names (read once, when the header is there).
+    fn columns(&mut self) -> Option<Columns> {
+        if self.columns.is_none() && !self.bad_header {
+            let file = self.file.as_ref()?;
+            match header_columns(file, self.end) {
+                Header::Columns(c) => self.columns = Some(c),
+                Header::NotYet => {}
+                Header::Other => {
+                    self.bad_header = true;
+                    tracing::warn!(csv = %self.mark.path.display(), "the results log's first line is not a labeld header; its rows cannot be published");
+                }
+            }
+        }
+        self.columns
+    }
+}
+
 pub struct Outbox {
-    _private: (),
+    tap: LogTap,
+    checkpoint: PathBuf,
+    /// From the generation of the last acknowledged row to the live one.
+    generations: VecDeque<Generation>,
+    next_number: u64,
+    acked: Position,
+    read: Position,
+    /// Rows handed out and not yet acknowledged: only their positions, to count what an ack covers.
+    in_flight: VecDeque<Position>,
+    pending: u64,
+    /// The sink's count of rows appended, when `pending` was last brought up to date.
+    tap_rows: u64,
+    dirty: bool,
+    saved_at: Option<Instant>,
+    lost: u64,
 }
 
 impl Outbox {
@@ -36,46 +137,804 @@ impl Outbox {
     /// written before publishing was configured are not published; logged once). A checkpoint naming a
     /// generation that was rotated away: that file is found beside the log and read to its end first.
     pub fn open(tap: LogTap, checkpoint: &Path) -> io::Result<Outbox> {
-        let _ = (tap, checkpoint);
-        todo!()
+        let view = tap.take();
+        let Some(live) = view.live.clone() else {
+            return Err(io::Error::other("the results log is not open yet: the outbox is opened after the sink starts"));
+        };
+        let mut outbox = Outbox {
+            tap,
+            checkpoint: checkpoint.to_path_buf(),
+            generations: VecDeque::new(),
+            next_number: 0,
+            acked: Position { generation: 0, offset: 0 },
+            read: Position { generation: 0, offset: 0 },
+            in_flight: VecDeque::new(),
+            pending: 0,
+            tap_rows: view.rows,
+            dirty: true,
+            saved_at: None,
+            lost: 0,
+        };
+        let announced: Vec<Announced> = view.retired.into_iter().chain([live]).collect();
+        match load_or_warn(checkpoint) {
+            Some(c) => outbox.resume(&c, &announced),
+            None => outbox.start_fresh(&announced),
+        }
+        outbox.read = outbox.acked;
+        outbox.recount()?;
+        outbox.save()?;
+        Ok(outbox)
     }
 
     /// Up to `max` rows after the last row handed out, in log order; empty when every durable row has
     /// been handed out.
     pub fn next_rows(&mut self, max: usize) -> io::Result<Vec<OutRow>> {
-        let _ = max;
-        todo!()
+        self.sync_tap();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(i) = self.index_of(self.read.generation) else { break };
+            if self.read.offset >= self.generations[i].end {
+                if self.generations[i].epoch.is_some() {
+                    break;
+                }
+                let Some(next) = self.generations.get(i + 1) else { break };
+                self.read = Position { generation: next.number, offset: 0 };
+                continue;
+            }
+            if self.generations[i].file.is_none() && !self.find_copy(i) {
+                if self.generations[i].lost {
+                    continue;
+                }
+                break;
+            }
+            let from = self.read.offset;
+            let g = &mut self.generations[i];
+            let (columns, number) = (g.columns(), g.number);
+            let Some(file) = g.file.clone() else { break };
+            let mut rows = Vec::new();
+            let next = read_rows(&file, columns, from, g.end, max - out.len(), |record, offset| {
+                rows.push(OutRow { record, at: Position { generation: number, offset } });
+            })?;
+            // Emptied in place while we read: those bytes may be the next generation's. Read again.
+            if g.epoch.is_some() && self.tap.peek().live.map(|l| l.epoch) != g.epoch {
+                self.sync_tap();
+                continue;
+            }
+            if next == from {
+                if g.epoch.is_some() {
+                    // Ends short of what the sink made durable: emptied in place, not written since.
+                    if self.tap.check_emptied() {
+                        self.sync_tap();
+                        continue;
+                    }
+                    break;
+                }
+                tracing::warn!(csv = %g.mark.path.display(), bytes = g.end - from, "a rotated results log ends in a partial row; it is not published");
+                g.end = from;
+                continue;
+            }
+            self.read.offset = next;
+            self.in_flight.extend(rows.iter().map(|r| r.at));
+            out.extend(rows);
+        }
+        self.save_if_due();
+        Ok(out)
     }
 
     /// Rows handed out but not acknowledged are handed out again (after a disconnect): reading restarts
     /// at the last acknowledged position.
     pub fn rewind(&mut self) {
-        todo!()
+        self.read = self.acked;
+        self.in_flight.clear();
     }
 
     /// The broker has the row ending at `at` and every row handed out before it. The checkpoint moves
     /// there (written to disk at most every 100 ms, and by [`Outbox::save`]).
     pub fn acknowledged(&mut self, at: Position) {
-        let _ = at;
-        todo!()
+        if at <= self.acked {
+            return;
+        }
+        while self.in_flight.front().is_some_and(|p| *p <= at) {
+            self.in_flight.pop_front();
+            self.pending = self.pending.saturating_sub(1);
+        }
+        self.acked = at;
+        while self.generations.front().is_some_and(|g| g.number < at.generation) {
+            self.generations.pop_front();
+        }
+        self.dirty = true;
+        self.save_if_due();
     }
 
     /// Writes the checkpoint now if it moved (temp file, fsync, rename, directory fsync).
     pub fn save(&mut self) -> io::Result<()> {
-        todo!()
+        self.sync_tap();
+        if !self.dirty {
+            return Ok(());
+        }
+        let c = Checkpoint {
+            version: checkpoint::VERSION,
+            generations: self.generations.iter().filter(|g| !g.lost).map(|g| g.mark.clone()).collect(),
+            offset: self.acked.offset,
+        };
+        checkpoint::store(&self.checkpoint, &c)?;
+        self.dirty = false;
+        self.saved_at = Some(Instant::now());
+        Ok(())
     }
 
     /// Rows in the log after the checkpoint (handed out or not).
     pub fn pending(&self) -> u64 {
-        todo!()
+        self.pending + self.tap.peek().rows.saturating_sub(self.tap_rows)
+    }
+
+    /// Log generations given up on (a rotated file deleted or compressed before its rows were published).
+    pub fn lost_generations(&self) -> u64 {
+        self.lost
     }
 
     /// Resolves when the sink has made more rows durable (or at once if some are unread).
     pub async fn changed(&self) {
-        todo!()
+        loop {
+            if self.awaiting_copy() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+            if self.unread() {
+                return;
+            }
+            self.tap.changed().await;
+        }
     }
 
     pub fn checkpoint_path(&self) -> PathBuf {
-        todo!()
+        self.checkpoint.clone()
+    }
+
+    /// No checkpoint: rows from the end of the log as the sink found it are published.
+    fn start_fresh(&mut self, announced: &[Announced]) {
+        let last = announced[announced.len() - 1].epoch;
+        for a in announced {
+            self.push_announced(a, a.epoch == last);
+        }
+        let opened_len = announced[0].opened_len;
+        let first = &mut self.generations[0];
+        let mut rows = 0u64;
+        if let Some(file) = first.file.clone() {
+            let columns = first.columns();
+            if let Err(e) = read_rows(&file, columns, 0, opened_len, usize::MAX, |_, _| rows += 1) {
+                tracing::warn!(csv = %first.mark.path.display(), error = %e, "cannot count the rows already in the results log");
+            }
+        }
+        tracing::info!(csv = %first.mark.path.display(), "publishing rows written from now on; {rows} earlier rows in {} are not published", first.mark.path.display());
+        self.acked = Position { generation: first.number, offset: opened_len };
+    }
+
+    /// Finds the checkpoint's generations (the sink's open files first, then beside the log); the
+    /// sink's generations after them follow.
+    fn resume(&mut self, c: &Checkpoint, announced: &[Announced]) {
+        let live_path = announced[announced.len() - 1].path.clone();
+        let last_epoch = announced[announced.len() - 1].epoch;
+        let mut used = 0;
+        let mut first_found = None;
+        for (i, mark) in c.generations.iter().enumerate() {
+            let number = self.take_number();
+            let held = announced[used..].iter().position(|a| {
+                a.dev == mark.dev && a.inode == mark.inode && !a.emptied && mark.fingerprint.is_none_or(|f| f.matches(&a.file, a.durable))
+            });
+            if let Some(j) = held {
+                let a = &announced[used + j];
+                let mut g = Generation::from_tap(number, a, a.epoch == last_epoch);
+                g.mark.fingerprint = a.fingerprint.or(mark.fingerprint);
+                self.generations.push_back(g);
+                used += j + 1;
+            } else if let Some((path, file)) = find_beside(mark, &live_path, false) {
+                let Ok(meta) = file.metadata() else { continue };
+                tracing::info!(csv = %path.display(), "unpublished rows in a rotated results log: published first");
+                let len = meta.len();
+                let mark = GenerationMark { dev: meta.dev(), inode: meta.ino(), fingerprint: mark.fingerprint, path, len };
+                self.generations.push_back(Generation { number, mark, file: Some(Arc::new(file)), epoch: None, end: len, emptied_since: None, lost: false, columns: None, bad_header: false });
+            } else {
+                let unpublished = if i == 0 { mark.len.saturating_sub(c.offset) } else { mark.len };
+                tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted or compressed before it was published); those rows are not published");
+                self.lost += 1;
+                continue;
+            }
+            first_found.get_or_insert((i, number));
+        }
+        for a in &announced[used..] {
+            self.push_announced(a, a.epoch == last_epoch);
+        }
+        self.acked = match first_found {
+            Some((0, number)) => Position { generation: number, offset: c.offset },
+            Some((_, number)) => Position { generation: number, offset: 0 },
+            None => Position { generation: self.generations[0].number, offset: 0 },
+        };
+        self.generations.retain(|g| g.number >= self.acked.generation);
+    }
+
+    fn take_number(&mut self) -> u64 {
+        self.next_number += 1;
+        self.next_number - 1
+    }
+
+    fn push_announced(&mut self, a: &Announced, live: bool) {
+        let number = self.take_number();
+        self.generations.push_back(Generation::from_tap(number, a, live));
+    }
+
+    /// Takes in what the sink announced since the last look: new durable ends, ended and new generations.
+    fn sync_tap(&mut self) {
+        let view = self.tap.take();
+        let live_epoch = view.live.as_ref().map(|l| l.epoch);
+        for a in view.retired.iter().chain(view.live.as_ref()) {
+            let live = Some(a.epoch) == live_epoch;
+            match self.generations.iter_mut().find(|g| g.epoch == Some(a.epoch)) {
+                Some(g) => {
+                    if !live {
+                        self.dirty = true;
+                    }
+                    g.update(a, live);
+                }
+                None => {
+                    self.push_announced(a, live);
+                    self.dirty = true;
+                }
+            }
+        }
+        self.pending += view.rows.saturating_sub(self.tap_rows);
+        self.tap_rows = view.rows;
+    }
+
+    fn index_of(&self, number: u64) -> Option<usize> {
+        self.generations.iter().position(|g| g.number == number)
+    }
+
+    /// Looks for the copy of emptied generation `i`; after [`COPY_WAIT`] without it, gives it up.
+    fn find_copy(&mut self, i: usize) -> bool {
+        let live_path = self.generations.back().map(|g| g.mark.path.clone()).unwrap_or_default();
+        let g = &mut self.generations[i];
+        if g.lost {
+            return false;
+        }
+        if let Some((path, file)) = find_beside(&g.mark, &live_path, true) {
+            tracing::info!(csv = %path.display(), "rows of the results log emptied by copytruncate: published from its copy");
+            let meta = file.metadata().ok();
+            g.end = meta.as_ref().map_or(0, |m| m.len());
+            if let Some(m) = meta {
+                (g.mark.dev, g.mark.inode) = (m.dev(), m.ino());
+            }
+            (g.mark.path, g.mark.len, g.file, g.emptied_since) = (path, g.end, Some(Arc::new(file)), None);
+            self.dirty = true;
+            return true;
+        }
+        if g.emptied_since.is_some_and(|t| t.elapsed() < COPY_WAIT) {
+            return false;
+        }
+        tracing::error!(
+            csv = %g.mark.path.display(),
+            bytes = g.end.saturating_sub(self.read.offset),
+            "the results log was emptied in place (copytruncate) and no copy of it is beside it; its unpublished rows are not published"
+        );
+        (g.lost, g.end, g.emptied_since) = (true, 0, None);
+        self.lost += 1;
+        self.dirty = true;
+        if let (true, Some(next)) = (self.acked.generation == g.number, self.generations.get(i + 1)) {
+            self.acked = Position { generation: next.number, offset: 0 };
+        }
+        if let Err(e) = self.recount() {
+            tracing::warn!(error = %e, "cannot count the rows left to publish");
+        }
+        false
+    }
+
+    /// Counts the rows after the checkpoint, reading them from the files.
+    fn recount(&mut self) -> io::Result<()> {
+        self.sync_tap();
+        let mut rows = 0u64;
+        for g in self.generations.iter_mut() {
+            let from = if g.number == self.acked.generation { self.acked.offset } else { 0 };
+            let (columns, end) = (g.columns(), g.end);
+            if let (Some(file), true) = (g.file.clone(), from < end) {
+                read_rows(&file, columns, from, end, usize::MAX, |_, _| rows += 1)?;
+            }
+        }
+        self.pending = rows;
+        Ok(())
+    }
+
+    fn save_if_due(&mut self) {
+        if !self.dirty || self.saved_at.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        if let Err(e) = self.save() {
+            tracing::warn!(error = %e, "cannot save the outbox checkpoint; retried, rows since the last one are published again after a restart");
+        }
+    }
+
+    /// Whether rows may be waiting in what the sink announced, or a generation after the read one.
+    fn unread(&self) -> bool {
+        if self.tap.has_retired() {
+            return true;
+        }
+        let Some(i) = self.index_of(self.read.generation) else { return false };
+        let g = &self.generations[i];
+        if g.epoch.is_none() {
+            return self.read.offset < g.end || i + 1 < self.generations.len();
+        }
+        match self.tap.peek().live {
+            Some(live) => Some(live.epoch) != g.epoch || live.durable > self.read.offset,
+            None => false,
+        }
+    }
+
+    fn awaiting_copy(&self) -> bool {
+        self.index_of(self.read.generation).is_some_and(|i| self.generations[i].emptied_since.is_some() && self.generations[i].file.is_none())
+    }
+}
+
+/// The checkpoint, or `None` (start fresh) when there is none or it cannot be used; a bad one is kept
+/// beside as `<name>.bad` for the operator.
+fn load_or_warn(path: &Path) -> Option<Checkpoint> {
+    match checkpoint::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "outbox checkpoint unusable");
+            let bad = path.with_file_name(format!("{}.bad", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+            if std::fs::rename(path, &bad).is_ok() {
+                tracing::warn!(kept = %bad.display(), "the unusable checkpoint was kept here");
+            }
+            tracing::warn!(
+                checkpoint = %path.display(),
+                "PUBLISHING RESTARTS FROM THE END OF THE RESULTS LOG: rows not published before this start are not published"
+            );
+            None
+        }
+    }
+}
+
+/// A file beside the log (or where `mark` was last seen) that holds `mark`'s generation: the same
+/// (dev, inode) and first bytes (renamed away), else the same first bytes (a copy). Regular files only,
+/// links are not followed; names start with the log's file stem. `other_inode`: the mark's own inode is
+/// not it (it was emptied in place).
+fn find_beside(mark: &GenerationMark, live: &Path, other_inode: bool) -> Option<(PathBuf, File)> {
+    let mut candidates = Vec::new();
+    for place in [mark.path.as_path(), live] {
+        let (Some(dir), Some(stem)) = (place.parent(), place.file_stem()) else { continue };
+        let stem = stem.to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let named = entry.file_name().to_string_lossy().starts_with(&stem);
+            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            if named && meta.is_file() && !candidates.iter().any(|(p, _): &(PathBuf, _)| *p == path) {
+                candidates.push((path, meta));
+            }
+        }
+    }
+    let same_inode = |m: &std::fs::Metadata| m.dev() == mark.dev && m.ino() == mark.inode;
+    let by_inode = candidates.iter().filter(|(_, m)| !other_inode && same_inode(m));
+    let by_content = candidates.iter().filter(|(_, m)| !same_inode(m) && mark.fingerprint.is_some());
+    for (path, meta) in by_inode.chain(by_content) {
+        let Ok(file) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else { continue };
+        let Ok(now) = file.metadata() else { continue };
+        if now.dev() != meta.dev() || now.ino() != meta.ino() {
+            continue;
+        }
+        if mark.fingerprint.is_none_or(|f| f.matches(&file, now.len())) {
+            return Some((path.clone(), file));
+        }
+    }
+    None
+}
+
+enum Header {
+    Columns(Columns),
+    /// The first line is not complete yet.
+    NotYet,
+    Other,
+}
+
+/// What `file`'s first line says about its rows.
+fn header_columns(file: &File, available: u64) -> Header {
+    let mut head = Vec::new();
+    let limit = available.min(MAX_HEADER);
+    if (ReadAt { file, pos: 0, end: limit }).read_to_end(&mut head).is_err() {
+        return Header::NotYet;
+    }
+    let Some(end) = head.iter().position(|b| *b == b'\n') else {
+        return if limit < MAX_HEADER { Header::NotYet } else { Header::Other };
+    };
+    match std::str::from_utf8(&head[..end]).ok().and_then(Columns::from_header) {
+        Some(c) => Header::Columns(c),
+        None => Header::Other,
+    }
+}
+
+/// Parses rows of `file` from byte `from` up to `end`, giving each (at most `max`) with the offset just
+/// after it to `each`; returns where reading stopped. Lines that do not parse are passed over; a last
+/// row without its line end is not a row yet.
+fn read_rows(file: &File, columns: Option<Columns>, from: u64, end: u64, max: usize, mut each: impl FnMut(Record, u64)) -> io::Result<u64> {
+    let source = ReadAt { file, pos: from, end };
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).buffer_capacity(64 * 1024).from_reader(source);
+    let mut row = csv::StringRecord::new();
+    let (mut next, mut taken) = (from, 0);
+    while taken < max {
+        let result = reader.read_record(&mut row);
+        let at = from + reader.position().byte();
+        match result {
+            Ok(false) => break,
+            Ok(true) => {
+                if at == reader.get_ref().pos && !ends_a_line(file, at)? {
+                    break;
+                }
+                next = at;
+                if let Some(record) = columns.and_then(|c| parse_row(c, &row)) {
+                    each(record, at);
+                    taken += 1;
+                }
+            }
+            Err(e) if e.is_io_error() => return Err(io::Error::other(format!("cannot read the results log: {e}"))),
+            // A line that is not CSV (bytes that are not UTF-8): passed over, never a stop.
+            Err(_) => next = at,
+        }
+    }
+    Ok(next)
+}
+
+fn ends_a_line(file: &File, at: u64) -> io::Result<bool> {
+    let mut last = [0u8];
+    Ok(at > 0 && file.read_at(&mut last, at - 1)? == 1 && last[0] == b'\n')
+}
+
+/// Reads `file` from `pos` up to `end` with positioned reads (the sink's handle is shared: no seeking).
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = usize::try_from(self.end.saturating_sub(self.pos)).unwrap_or(usize::MAX).min(buf.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::beneath::Identity;
+    use crate::sink::record::{Status, Top};
+    use crate::sink::result_log::ResultLog;
+    use std::io::Write;
+
+    fn rec(i: usize) -> Record {
+        Record {
+            path: format!("/in/{i}, \"x\".jpg"),
+            time: "2026-11-29T06:00:00.000Z".into(),
+            model: "m".into(),
+            status: Status::Ok,
+            top: Some(vec![Top { rank: 1, class_id: i % 1000, label: "cock".into(), label_en: None, score: 0.5 }]),
+            confident: None,
+            latency_ms: 1.5,
+            error: None,
+            file: Some(Identity { dev: 1, inode: i as u64, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+        }
+    }
+
+    fn recs(r: std::ops::Range<usize>) -> Vec<Record> {
+        r.map(rec).collect()
+    }
+
+    /// A box: its log folder, the sink's log (through a tap) and the outbox's checkpoint.
+    struct Place {
+        _dir: tempfile::TempDir,
+        csv: PathBuf,
+        checkpoint: PathBuf,
+    }
+
+    impl Place {
+        fn new() -> Place {
+            let dir = tempfile::tempdir().unwrap();
+            let csv = dir.path().join("results.csv");
+            let checkpoint = dir.path().join("outbox.json");
+            Place { _dir: dir, csv, checkpoint }
+        }
+
+        /// A (re)started labeld: the sink's log, then the outbox on it.
+        fn start(&self) -> (ResultLog, Outbox) {
+            self.start_with(Columns::plain(1))
+        }
+
+        fn start_with(&self, columns: Columns) -> (ResultLog, Outbox) {
+            let tap = LogTap::new();
+            let log = ResultLog::open_tapped(&self.csv, columns, Some(tap.clone())).unwrap();
+            (log, Outbox::open(tap, &self.checkpoint).unwrap())
+        }
+
+        fn beside(&self, name: &str) -> PathBuf {
+            self.csv.with_file_name(name)
+        }
+    }
+
+    /// Every row the outbox hands out now, `max` at a time, acknowledged as they come.
+    fn publish_all(outbox: &mut Outbox, max: usize) -> Vec<OutRow> {
+        let mut all = Vec::new();
+        loop {
+            let rows = outbox.next_rows(max).unwrap();
+            let Some(last) = rows.last() else { return all };
+            outbox.acknowledged(last.at);
+            all.extend(rows);
+        }
+    }
+
+    fn numbers(rows: &[OutRow]) -> Vec<usize> {
+        rows.iter().map(|r| r.record.path[4..].split(',').next().unwrap().parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn rows_come_out_in_order_resume_after_the_last_ack_and_again_after_rewind() {
+        let place = Place::new();
+        // Rows written before publishing was configured are not published.
+        ResultLog::open(&place.csv, Columns::plain(1)).unwrap().append(&recs(100..103)).unwrap();
+        let (mut log, mut outbox) = place.start();
+        assert_eq!((outbox.pending(), outbox.next_rows(10).unwrap().len()), (0, 0));
+        log.append(&recs(0..10)).unwrap();
+        assert_eq!(outbox.pending(), 10);
+        let first = outbox.next_rows(4).unwrap();
+        assert_eq!(numbers(&first), [0, 1, 2, 3]);
+        assert_eq!(first[0].record, rec(0), "parsed back as written");
+        assert!(first.windows(2).all(|w| w[0].at < w[1].at));
+        outbox.acknowledged(first[1].at);
+        assert_eq!(outbox.pending(), 8);
+        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [4, 5]);
+        outbox.rewind();
+        let again = outbox.next_rows(100).unwrap();
+        assert_eq!(numbers(&again), [2, 3, 4, 5, 6, 7, 8, 9]);
+        outbox.acknowledged(again[2].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+
+        let (mut log, mut outbox) = place.start();
+        assert_eq!(outbox.pending(), 5);
+        log.append(&recs(10..12)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 3)), [5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(outbox.pending(), 0);
+    }
+
+    #[test]
+    fn a_line_that_does_not_parse_is_passed_over() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..2)).unwrap();
+        OpenOptions::new().append(true).open(&place.csv).unwrap().write_all(b"\xff\xfe,junk\nnot,a,row\n").unwrap();
+        log.append(&recs(2..4)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 1)), [0, 1, 2, 3]);
+        assert_eq!(outbox.pending(), 0);
+    }
+
+    #[test]
+    fn a_kill_replays_only_rows_after_the_last_saved_checkpoint_and_skips_none() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..10)).unwrap();
+        let rows = outbox.next_rows(100).unwrap();
+        std::thread::sleep(SAVE_EVERY + Duration::from_millis(20));
+        outbox.acknowledged(rows[2].at); // saved: the last save is older than SAVE_EVERY
+        for r in &rows[3..7] {
+            outbox.acknowledged(r.at); // within SAVE_EVERY of that save: in memory only
+        }
+        drop((log, outbox)); // kill -9: no save
+        let (_log, mut outbox) = place.start();
+        let replay = numbers(&publish_all(&mut outbox, 100));
+        assert!((3..=7).contains(&replay[0]), "{replay:?}");
+        assert_eq!(replay, (replay[0]..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rows_left_in_a_renamed_away_log_come_first_once() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
+        log.reopen().unwrap(); // SIGHUP after logrotate `create`
+        log.append(&recs(5..8)).unwrap();
+        let rest = publish_all(&mut outbox, 2);
+        assert_eq!(numbers(&rest), [2, 3, 4, 5, 6, 7]);
+        assert!(rest[2].at.generation < rest[3].at.generation);
+        assert_eq!(outbox.pending(), 0);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        let (_log, mut outbox) = place.start();
+        assert!(publish_all(&mut outbox, 10).is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn a_log_rotated_while_stopped_is_found_beside_and_read_to_its_end() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        std::fs::rename(&place.csv, place.beside("results.csv-20261129")).unwrap();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(5..8)).unwrap();
+        assert_eq!(outbox.pending(), 6);
+        assert_eq!(numbers(&publish_all(&mut outbox, 4)), [2, 3, 4, 5, 6, 7]);
+        assert_eq!(outbox.lost_generations(), 0);
+    }
+
+    #[test]
+    fn rows_not_yet_read_when_the_log_is_emptied_in_place_come_from_the_copy() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [0, 1]);
+        // logrotate `copytruncate`: copy, then empty the live file; the sink goes on writing to it.
+        std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        log.append(&recs(5..8)).unwrap();
+        let rest = publish_all(&mut outbox, 100);
+        assert_eq!(numbers(&rest), [2, 3, 4, 5, 6, 7]);
+        assert_eq!(rest[3].record, rec(5));
+        outbox.save().unwrap();
+        drop((log, outbox));
+        let (_log, mut outbox) = place.start();
+        assert!(publish_all(&mut outbox, 10).is_empty(), "nothing twice");
+    }
+
+    #[test]
+    fn a_log_emptied_in_place_while_idle_is_read_from_the_copy_without_waiting_for_the_sink() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        // A disconnect: the two rows handed out before are read again, from the copy.
+        outbox.rewind();
+        let again = publish_all(&mut outbox, 100);
+        assert_eq!(numbers(&again), [0, 1, 2, 3, 4]);
+        assert_eq!(again[1].at, handed[1].at, "same positions as before the rotation");
+        log.append(&recs(5..7)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6]);
+        let l = std::fs::read_to_string(&place.csv).unwrap();
+        assert!(l.starts_with("time,") && l.lines().count() == 3, "{l}");
+    }
+
+    #[test]
+    fn a_log_emptied_in_place_while_stopped_is_read_from_the_copy() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(5..7)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [2, 3, 4, 5, 6]);
+        assert_eq!(outbox.lost_generations(), 0);
+    }
+
+    #[test]
+    fn rows_written_before_a_columns_change_keep_their_columns() {
+        let place = Place::new();
+        let tap = LogTap::new();
+        let mut log = ResultLog::open_tapped(&place.csv, Columns::plain(1), Some(tap.clone())).unwrap();
+        let mut outbox = Outbox::open(tap.clone(), &place.checkpoint).unwrap();
+        log.append(&recs(0..3)).unwrap();
+        // A reload with another top_k: the old log is set aside by rename, a new one started.
+        let wide = Columns { top_k: 3, english: false, confident: true };
+        let mut log = ResultLog::open_tapped(&place.csv, wide, log.tap()).unwrap();
+        let mut r = rec(3);
+        r.confident = Some(true);
+        log.append(std::slice::from_ref(&r)).unwrap();
+        let rows = publish_all(&mut outbox, 100);
+        assert_eq!(numbers(&rows), [0, 1, 2, 3]);
+        assert_eq!(rows[0].record, rec(0));
+        assert_eq!(rows[3].record, r);
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_starts_afresh_and_is_kept_aside() {
+        let place = Place::new();
+        std::fs::write(&place.checkpoint, b"{\"version\": 1, \"generati").unwrap();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..3)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [0, 1, 2]);
+        assert!(place.beside("outbox.json.bad").exists());
+        assert!(checkpoint::load(&place.checkpoint).unwrap().is_some(), "a fresh checkpoint replaced it");
+    }
+
+    #[test]
+    fn a_rotated_log_deleted_while_stopped_is_counted_lost_and_publishing_goes_on() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        let handed = outbox.next_rows(2).unwrap();
+        outbox.acknowledged(handed[1].at);
+        outbox.save().unwrap();
+        drop((log, outbox));
+        std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
+        std::fs::remove_file(place.beside("results.csv.1")).unwrap();
+        let (mut log, mut outbox) = place.start();
+        assert_eq!(outbox.lost_generations(), 1);
+        log.append(&recs(5..8)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6, 7]);
+    }
+
+    #[test]
+    fn a_log_emptied_in_place_without_a_copy_is_given_up_after_a_wait_not_waited_for_forever() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        outbox.next_rows(2).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        log.append(&recs(5..7)).unwrap();
+        assert!(outbox.next_rows(100).unwrap().is_empty(), "the copy may still appear");
+        std::thread::sleep(COPY_WAIT);
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6]);
+        assert_eq!((outbox.lost_generations(), outbox.pending()), (1, 0));
+    }
+
+    #[test]
+    fn changed_resolves_when_rows_become_durable() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let wait = |o: &Outbox| rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), o.changed()).await.is_ok() });
+        assert!(!wait(&outbox), "nothing after the header yet");
+        log.append(&recs(0..1)).unwrap();
+        assert!(wait(&outbox), "a row is unread");
+        assert_eq!(outbox.next_rows(10).unwrap().len(), 1);
+        assert!(!wait(&outbox), "nothing new");
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            log.append(&recs(1..2)).unwrap();
+        });
+        assert!(wait(&outbox), "woken by the append");
+        writer.join().unwrap();
+        assert_eq!(numbers(&outbox.next_rows(10).unwrap()), [1]);
+    }
+
+    #[test]
+    fn a_backlog_of_100000_rows_is_read_from_the_file() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        for b in 0..100 {
+            log.append(&recs(b * 1000..(b + 1) * 1000)).unwrap();
+        }
+        assert_eq!(outbox.pending(), 100_000);
+        drop(outbox);
+        let opened = Instant::now();
+        let mut outbox = Outbox::open(log.tap().unwrap(), &place.checkpoint).unwrap();
+        let open_s = opened.elapsed().as_secs_f64();
+        assert_eq!(outbox.pending(), 100_000, "counted from the file at open");
+        let hwm = || std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().find(|l| l.starts_with("VmHWM")).map(String::from);
+        let before = hwm();
+        let started = Instant::now();
+        let mut next = 0;
+        loop {
+            let rows = outbox.next_rows(100).unwrap();
+            let Some(last) = rows.last() else { break };
+            assert_eq!(numbers(&rows), (next..next + rows.len()).collect::<Vec<_>>());
+            next += rows.len();
+            outbox.acknowledged(last.at);
+        }
+        eprintln!("open (counting the backlog) {open_s:.2} s; 100000 rows out in {:.2} s; peak RSS before {before:?}, after {:?}", started.elapsed().as_secs_f64(), hwm());
+        assert_eq!((next, outbox.pending()), (100_000, 0));
     }
 }

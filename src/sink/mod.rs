@@ -11,6 +11,7 @@
 //! kept and retried with back-off (0.5 s doubling to 30 s), and the images stay in flight meanwhile.
 
 pub mod archive;
+pub mod log_tap;
 pub mod record;
 pub mod recent;
 pub mod relocate;
@@ -37,7 +38,7 @@ use crate::metrics::{Metrics, Stage};
 use crate::job::{Claim, Job, Source};
 use recent::Recent;
 use record::{Record, Status};
-use result_log::{Columns, ResultLog};
+use result_log::{Columns, LogTap, ResultLog};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
@@ -89,15 +90,16 @@ impl SinkControl {
 
 impl Sink {
     /// Opens the results log (failing here is fatal), completes what a crash interrupted, and starts
-    /// writing results as batches arrive. The sink ends when every worker has dropped its sender.
+    /// writing results as batches arrive. With a `tap`, every durable append is announced to the outbox. The sink ends when every worker has dropped its sender.
     pub fn start(
         settings: OutputSettings,
         rx: Receiver<BatchDone>,
         metrics: Metrics,
         recent: Recent,
         lifeline: Lifeline,
+        tap: Option<LogTap>,
     ) -> Result<Sink, Fatal> {
-        let log = ResultLog::open(&settings.csv, settings.columns)
+        let log = ResultLog::open_tapped(&settings.csv, settings.columns, tap)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
         finish_interrupted_batches(&log, &settings.inboxes);
         for ib in &settings.inboxes {
@@ -293,7 +295,7 @@ impl Writer {
     /// New settings from a reload. Rows not yet written go to the new log.
     fn reconfigure(&mut self, next: OutputSettings) {
         if next.csv != self.log.path() || next.columns != self.log.columns() {
-            match ResultLog::open(&next.csv, next.columns) {
+            match ResultLog::open_tapped(&next.csv, next.columns, self.log.tap()) {
                 Ok(log) => {
                     tracing::info!(csv = %next.csv.display(), "results log now {}", next.csv.display());
                     self.log = log;

@@ -18,13 +18,7 @@ use std::path::{Path, PathBuf};
 use super::record::{Record, Status, Top};
 use crate::beneath::Identity;
 
-/// What the results log tells its reader, the MQTT outbox: which file it appends to now (a shared handle,
-/// so a renamed-away file stays readable) and how much of it is durable; wakes the reader after each
-/// durable append. SKELETON: to be written with the outbox.
-#[derive(Clone, Default)]
-pub struct LogTap {
-    _inner: std::sync::Arc<()>,
-}
+pub use super::log_tap::{Announced, Fingerprint, LogTap, TapView};
 
 pub struct ResultLog {
     path: PathBuf,
@@ -32,6 +26,8 @@ pub struct ResultLog {
     file: File,
     /// After a failed append: the length to cut the file back to before anything else is written.
     torn_after: Option<u64>,
+    /// The outbox's view of this log, when results are published.
+    tap: Option<LogTap>,
 }
 
 /// Which columns a row has: `top_k` (class, label, score) groups, plus `labelN_en` after each label
@@ -55,6 +51,20 @@ impl Columns {
 
     fn len(&self) -> usize {
         3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident) + 1
+    }
+
+    /// The columns a log's header line names; `None` for a line that is not one of labeld's headers.
+    pub fn from_header(line: &str) -> Option<Columns> {
+        let names: Vec<&str> = line.trim_end_matches(['\r', '\n']).split(',').collect();
+        let english = names.contains(&"label1_en");
+        let confident = names.contains(&"confident");
+        let per = if english { 4 } else { 3 };
+        let ranked = names.len().checked_sub(3 + 3 + usize::from(confident) + 1)?;
+        if ranked % per != 0 {
+            return None;
+        }
+        let c = Columns { top_k: ranked / per, english, confident };
+        (header(c) == names).then_some(c)
     }
 }
 
@@ -80,14 +90,22 @@ impl ResultLog {
     /// or empty. A log whose header names other columns (top_k, labels_lang or min_score changed) is
     /// renamed aside to `<name>.<time>.csv` first, so every file has one header that fits its rows.
     pub fn open(path: &Path, columns: Columns) -> std::io::Result<ResultLog> {
+        ResultLog::open_tapped(path, columns, None)
+    }
+
+    /// As [`ResultLog::open`], telling `tap` (kept across reopens) about every durable append.
+    pub fn open_tapped(path: &Path, columns: Columns, tap: Option<LogTap>) -> std::io::Result<ResultLog> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         set_aside_if_other_columns(path, columns)?;
         let file = OpenOptions::new().create(true).append(true).read(true).open(path)?;
         repair_torn_tail(&file, path)?;
-        let mut log = ResultLog { path: path.to_path_buf(), columns, file, torn_after: None };
+        let mut log = ResultLog { path: path.to_path_buf(), columns, file, torn_after: None, tap };
         log.write_header_if_empty()?;
+        if let Some(tap) = &log.tap {
+            tap.opened(&log.file, &log.path)?;
+        }
         Ok(log)
     }
 
@@ -97,6 +115,10 @@ impl ResultLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn tap(&self) -> Option<LogTap> {
+        self.tap.clone()
     }
 
     /// Every row of the log, front to back, parsed back into records (rows that do not parse are
@@ -114,46 +136,7 @@ impl ResultLog {
             }
             Err(_) => Some(None),
         });
-        Ok(rows.flatten().filter_map(move |row| self.parse_row(&row)))
-    }
-
-    fn parse_row(&self, row: &csv::StringRecord) -> Option<Record> {
-        let c = self.columns;
-        let (k, per) = (c.top_k, c.per_rank());
-        if row.len() != c.len() || row.get(0) == Some("time") {
-            return None;
-        }
-        let status = match row.get(2)? {
-            "ok" => Status::Ok,
-            "error" => Status::Error,
-            _ => return None,
-        };
-        let mut top = Vec::new();
-        for i in 0..k {
-            let at = 3 + per * i;
-            let (class, label) = (row.get(at)?, row.get(at + 1)?);
-            if class.is_empty() {
-                continue;
-            }
-            let label_en = c.english.then(|| row.get(at + 2).unwrap_or_default().to_string());
-            let score = row.get(at + per - 1)?;
-            top.push(Top { rank: i + 1, class_id: class.parse().ok()?, label: label.to_string(), label_en, score: score.parse().ok()? });
-        }
-        let tail = 3 + per * k;
-        let error = row.get(tail + 1).filter(|e| !e.is_empty()).map(String::from);
-        let confident = if c.confident { row.get(tail + 3).and_then(|v| v.parse().ok()) } else { None };
-        let file = row.get(c.len() - 1).and_then(Identity::from_key);
-        Some(Record {
-            time: row.get(0)?.to_string(),
-            path: row.get(1)?.to_string(),
-            status,
-            top: (status == Status::Ok).then_some(top),
-            confident,
-            latency_ms: row.get(tail)?.parse().ok()?,
-            error,
-            model: row.get(tail + 2)?.to_string(),
-            file,
-        })
+        Ok(rows.flatten().filter_map(move |row| parse_row(self.columns, &row)))
     }
 
     /// Appends one row per record in a single write, then fsyncs. Whole or nothing: on any error the
@@ -162,13 +145,21 @@ impl ResultLog {
         self.cut_back()?;
         self.reopen_if_rotated()?;
         let before = self.file.metadata()?.len();
+        if let Some(tap) = &self.tap {
+            // Announced before the first new byte lands, so the reader never takes them for old rows.
+            tap.shrunk_to(before);
+        }
         let mut buf = Vec::with_capacity(256 * records.len());
         if before == 0 {
             buf.extend(encode(&[header(self.columns)])?);
         }
         let rows: Vec<Vec<String>> = records.iter().map(|r| self.row(r)).collect();
         buf.extend(encode(&rows)?);
-        self.write_whole(&buf, before)
+        self.write_whole(&buf, before)?;
+        if let Some(tap) = &self.tap {
+            tap.appended(&self.file, before + buf.len() as u64, records.len() as u64);
+        }
+        Ok(())
     }
 
     /// Appends `bytes` and fsyncs; on a write or fsync error (ENOSPC, EIO…) removes what landed.
@@ -202,7 +193,7 @@ impl ResultLog {
     pub fn reopen(&mut self) -> std::io::Result<()> {
         // Leave the old file whole: a rotated-away log keeps no torn tail either.
         self.cut_back()?;
-        let fresh = ResultLog::open(&self.path, self.columns)?;
+        let fresh = ResultLog::open_tapped(&self.path, self.columns, self.tap.clone())?;
         *self = fresh;
         tracing::info!(csv = %self.path.display(), "results log reopened");
         Ok(())
@@ -245,6 +236,46 @@ impl ResultLog {
         row
     }
 
+}
+
+/// A log row parsed back with the columns of the log it is in; `None` for the header and for rows that
+/// do not fit them.
+pub fn parse_row(c: Columns, row: &csv::StringRecord) -> Option<Record> {
+    let (k, per) = (c.top_k, c.per_rank());
+    if row.len() != c.len() || row.get(0) == Some("time") {
+        return None;
+    }
+    let status = match row.get(2)? {
+        "ok" => Status::Ok,
+        "error" => Status::Error,
+        _ => return None,
+    };
+    let mut top = Vec::new();
+    for i in 0..k {
+        let at = 3 + per * i;
+        let (class, label) = (row.get(at)?, row.get(at + 1)?);
+        if class.is_empty() {
+            continue;
+        }
+        let label_en = c.english.then(|| row.get(at + 2).unwrap_or_default().to_string());
+        let score = row.get(at + per - 1)?;
+        top.push(Top { rank: i + 1, class_id: class.parse().ok()?, label: label.to_string(), label_en, score: score.parse().ok()? });
+    }
+    let tail = 3 + per * k;
+    let error = row.get(tail + 1).filter(|e| !e.is_empty()).map(String::from);
+    let confident = if c.confident { row.get(tail + 3).and_then(|v| v.parse().ok()) } else { None };
+    let file = row.get(c.len() - 1).and_then(Identity::from_key);
+    Some(Record {
+        time: row.get(0)?.to_string(),
+        path: row.get(1)?.to_string(),
+        status,
+        top: (status == Status::Ok).then_some(top),
+        confident,
+        latency_ms: row.get(tail)?.parse().ok()?,
+        error,
+        model: row.get(tail + 2)?.to_string(),
+        file,
+    })
 }
 
 /// Rows as RFC 4180 CSV lines.
