@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: TorchScript test models built in Rust (no Python),
-//! test images, a config writer and a handle on the real `labeld` binary.
+//! test images, a config writer and a handle on the real `labeld` binary; `broker`: a real Mosquitto.
 #![allow(dead_code)]
+
+pub mod broker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
