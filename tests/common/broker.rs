@@ -369,13 +369,18 @@ impl Subscriber {
 
     /// Waits until at least `n` messages have arrived, and returns them all.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<(String, String)> {
+        self.wait_until(timeout, |m| m.len() >= n)
+    }
+
+    /// Waits until the messages so far satisfy `done`, and returns them; panics after `timeout`.
+    pub fn wait_until(&self, timeout: Duration, done: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
         let t = Instant::now();
         loop {
             let m = self.messages();
-            if m.len() >= n {
+            if done(&m) {
                 return m;
             }
-            assert!(t.elapsed() < timeout, "{} of {n} messages after {timeout:?}; mosquitto_sub said: {}", m.len(), self.stderr());
+            assert!(t.elapsed() < timeout, "{} messages after {timeout:?}, not yet the ones awaited; mosquitto_sub said: {}", m.len(), self.stderr());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
