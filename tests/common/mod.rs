@@ -221,8 +221,16 @@ impl Setup {
             .spawn()
             .expect("start labeld");
         started(child.id());
-        let d = Daemon { child: Some(child), log };
-        d.wait_for_log("ready", Duration::from_secs(60));
+        let mut d = Daemon { child: Some(child), log };
+        // A daemon that exits at start (a config it rejects) fails the test at once, not after 60 s.
+        let t = Instant::now();
+        while !d.log_text().contains("ready") {
+            if let Some(st) = d.exited() {
+                panic!("labeld exited ({st}) before \"ready\":\n{}", d.log_text());
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no \"ready\" in the daemon log after 60 s:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         d
     }
 
