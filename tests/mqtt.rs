@@ -370,7 +370,7 @@ fn topic_placeholders_and_the_inbox_name() {
 }
 
 #[test]
-fn check_config_names_a_bad_url_and_an_unreadable_password_file() {
+fn check_config_names_a_bad_url_and_unreadable_password_and_ca_files() {
     let b = Broker::down(BrokerOptions::default());
     let s = Setup::new("channel_mean", &mqtt_section(&b, "username = \"labeld\"\npassword_file = \"mqtt.pass\"\n"));
     std::fs::write(s.dir.path().join("mqtt.pass"), "secret\n").unwrap();
@@ -391,6 +391,14 @@ fn check_config_names_a_bad_url_and_an_unreadable_password_file() {
         assert!(err.contains("[mqtt]") && err.contains(key), "{to}: the message names [mqtt] {key}: {err}");
         s.edit_config(&to, &from);
     }
+    // A CA file that is not there (on a TLS URL, where it is used).
+    s.edit_config(&b.url(), "mqtts://localhost:8883");
+    s.edit_config("keep_alive_s = 2\n", "keep_alive_s = 2\nca_file = \"missing-ca.pem\"\n");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("[mqtt] ca_file") && err.contains("missing-ca.pem"), "{err}");
+    s.edit_config("ca_file = \"missing-ca.pem\"\n", "");
     // A password file that is a folder cannot be read either.
     std::fs::remove_file(s.dir.path().join("mqtt.pass")).unwrap();
     std::fs::create_dir(s.dir.path().join("mqtt.pass")).unwrap();

@@ -321,8 +321,8 @@ impl Drop for Broker {
     }
 }
 
-/// A `mosquitto_sub` with a persistent session (`-c -i ID -q 1`) recording "topic payload" lines to a
-/// file. It reconnects by itself after a broker restart, and the broker keeps what arrived meanwhile.
+/// A `mosquitto_sub` with a persistent session (`-c -i ID -q 1`) recording "topic<TAB>payload" lines to
+/// a file (a topic level may hold a space, e.g. a label). It reconnects by itself after a broker restart, and the broker keeps what arrived meanwhile.
 pub struct Subscriber {
     child: Child,
     out: PathBuf,
@@ -339,7 +339,7 @@ impl Subscriber {
         let before = broker.count_in_log(&suback);
         let child = Command::new("mosquitto_sub")
             .args(broker.client_args())
-            .args(["-t", topic, "-q", "1", "-c", "-i", client_id, "-F", "%t %p"])
+            .args(["-t", topic, "-q", "1", "-c", "-i", client_id, "-F", "%t\\t%p"])
             .stdin(Stdio::null())
             .stdout(append(&out))
             .stderr(append(&err))
@@ -360,7 +360,7 @@ impl Subscriber {
         complete
             .lines()
             .filter(|l| !l.is_empty())
-            .map(|l| match l.split_once(' ') {
+            .map(|l| match l.split_once('\t') {
                 Some((t, p)) => (t.to_string(), p.to_string()),
                 None => (l.to_string(), String::new()),
             })
