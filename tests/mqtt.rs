@@ -14,6 +14,8 @@ use common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
+/// The stream test's waits: 2,000 images share two cores with the other tests.
+const STREAM_WAIT: Duration = Duration::from_secs(240);
 /// The `[mqtt] host` the tests set, so topics do not depend on the machine's name.
 const HOST: &str = "test-box";
 /// Every result of the test box (default topic template `labeld/{host}/{inbox}/result`).
@@ -175,23 +177,23 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
         std::thread::spawn(move || write_images(&inbox, "frame-", n, Duration::from_millis(4)))
     };
 
-    sub.wait_for(n / 8, WAIT);
+    sub.wait_for(n / 8, STREAM_WAIT);
     b.kill9();
     eprintln!("broker killed at {} labelled, {} received", sidecar_count(&s.inbox), sub.messages().len());
     std::thread::sleep(Duration::from_secs(5));
     b.restart();
 
-    wait_labelled(&s.inbox, n * 3 / 5, WAIT);
+    wait_labelled(&s.inbox, n * 3 / 5, STREAM_WAIT);
     d.signal(9);
     drop(d);
     eprintln!("labeld killed at {} labelled, {} received", sidecar_count(&s.inbox), sub.messages().len());
     d = s.spawn_daemon();
     camera.join().unwrap();
-    wait_labelled(&s.inbox, n, WAIT);
+    wait_labelled(&s.inbox, n, STREAM_WAIT);
 
     let logged: HashSet<String> = s.rows().iter().map(|r| r[1].to_string()).collect();
     assert_eq!(logged.len(), n, "every image has a CSV row");
-    let messages = wait_for_paths(&sub, &logged, Duration::from_secs(180));
+    let messages = wait_for_paths(&sub, &logged, STREAM_WAIT);
     assert!(d.stop().success());
     let duplicates = check_against_rows(&messages, &s.rows(), "inbox");
     eprintln!("stream: {n} images, {} messages, {duplicates} duplicates (broker kill -9 + labeld kill -9)", messages.len());
