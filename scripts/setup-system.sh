@@ -2,12 +2,13 @@
 # Debian packages labeld needs to build (libturbojpeg, pkg-config), to export the model
 # (python3-torch, python3-torchvision), to measure peak memory in `make bench` (time), to check the
 # systemd unit (systemd-analyze) and the syscalls its filter allows (strace), to build the .deb
-# (patchelf) and to test the status page (chromium).
+# (patchelf), to test the status page (chromium) and MQTT publishing against a real broker the tests start
+# on their own port (mosquitto, mosquitto-clients; openssl makes their TLS certificates).
 # Installs only what is missing; a no-op once done.
 set -euo pipefail
 
 PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision time strace
-          systemd patchelf chromium)
+          systemd patchelf chromium mosquitto mosquitto-clients openssl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: TorchScript test models built in Rust (no Python),
-//! test images, a config writer and a handle on the real `labeld` binary.
+//! test images, a config writer and a handle on the real `labeld` binary; `broker`: a real Mosquitto.
 #![allow(dead_code)]
+
+pub mod broker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -219,8 +221,16 @@ impl Setup {
             .spawn()
             .expect("start labeld");
         started(child.id());
-        let d = Daemon { child: Some(child), log };
-        d.wait_for_log("ready", Duration::from_secs(60));
+        let mut d = Daemon { child: Some(child), log };
+        // A daemon that exits at start (a config it rejects) fails the test at once, not after 60 s.
+        let t = Instant::now();
+        while !d.log_text().contains("ready") {
+            if let Some(st) = d.exited() {
+                panic!("labeld exited ({st}) before \"ready\":\n{}", d.log_text());
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no \"ready\" in the daemon log after 60 s:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
         d
     }
 

@@ -1,0 +1,161 @@
+//! The MQTT tests' own Mosquitto (tests/common/broker.rs) does what they rely on: a persistent QoS 1
+//! subscriber keeps its session across a broker kill -9 and reconnects by itself; TLS with the test's
+//! CA and a password file work and refuse what they should.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::broker::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn payloads(m: &[(String, String)]) -> Vec<&str> {
+    m.iter().map(|(_, p)| p.as_str()).collect()
+}
+
+#[test]
+fn a_persistent_subscriber_survives_a_broker_kill9_and_gets_what_was_queued_for_it() {
+    let mut b = Broker::start(BrokerOptions::default());
+    assert!(b.url().starts_with("mqtt://127.0.0.1:") && b.port() != 1883, "{}", b.url());
+    let mut sub = Subscriber::start(&b, "box/+/result", "recorder");
+    b.publish("box/a/result", r#"{"n":1}"#, false);
+    b.publish("box/other/ignored/result", r#"{"n":0}"#, false);
+    b.publish("box/b/result", r#"{"n":2}"#, false);
+    let m = sub.wait_for(2, WAIT);
+    assert_eq!(m, vec![("box/a/result".into(), r#"{"n":1}"#.into()), ("box/b/result".into(), r#"{"n":2}"#.into())]);
+
+    // Killed while the subscriber is connected: it reconnects by itself, and a message published
+    // before it is back is kept for its session.
+    b.kill9();
+    b.restart();
+    b.publish("box/a/result", r#"{"n":3}"#, false);
+    let m = sub.wait_for(3, WAIT);
+    assert_eq!(payloads(&m)[2], r#"{"n":3}"#);
+    assert!(sub.is_running(), "mosquitto_sub gave up: {}", sub.stderr());
+    assert!(b.count_in_log("as recorder (") >= 2, "the subscriber reconnected:\n{}", b.log_tail(30));
+
+    // Queued while the subscriber is away, then a kill -9 of the broker: persistence keeps it.
+    drop(sub);
+    b.publish("box/a/result", r#"{"n":4}"#, false);
+    // Mosquitto acknowledges before it saves (autosave on every change): give the save a moment.
+    std::thread::sleep(Duration::from_millis(1500));
+    b.kill9();
+    b.restart();
+    let sub = Subscriber::start(&b, "box/+/result", "recorder");
+    let m = sub.wait_for(4, WAIT);
+    assert_eq!(payloads(&m), vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sub.messages().len(), 4, "nothing twice: {:?}", sub.messages());
+}
+
+#[test]
+fn a_broker_that_is_down_at_first_starts_later_on_its_reserved_port() {
+    let mut b = Broker::down(BrokerOptions::default());
+    assert!(!b.is_running());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", b.port())).is_err(), "nothing listens yet");
+    assert_eq!(b.retained("labeld/box/status"), None);
+    b.restart();
+    b.publish("labeld/box/status", r#"{"status":"online"}"#, true);
+    assert_eq!(b.retained("labeld/box/status").as_deref(), Some(r#"{"status":"online"}"#));
+    assert_eq!(b.retained("labeld/other/status"), None);
+    b.publish("labeld/box/status", r#"{"status":"offline"}"#, true);
+    let m = b.wait_retained("labeld/box/status", WAIT, |m| m.contains("offline"));
+    assert_eq!(m, r#"{"status":"offline"}"#);
+    // A clean stop saves retained messages too.
+    b.stop();
+    b.restart();
+    assert_eq!(b.retained("labeld/box/status").as_deref(), Some(r#"{"status":"offline"}"#));
+}
+
+#[test]
+fn tls_with_the_tests_ca_and_a_password_file() {
+    let b = Broker::start(BrokerOptions::tls().with_user("camera-line", "s3cret pass"));
+    assert!(b.url().starts_with("mqtts://localhost:"), "{}", b.url());
+    let ca = b.ca_file().expect("a TLS broker has a CA").to_path_buf();
+    // The chain verifies strictly, for the name and the address labeld may be given.
+    let server = b.dir.path().join("server.crt");
+    let out = Command::new("openssl").args(["verify", "-x509_strict", "-CAfile"]).arg(&ca).arg(&server).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for (host, check) in [("localhost", "-verify_hostname"), ("127.0.0.1", "-verify_ip")] {
+        let out = Command::new("openssl").args(["verify", "-CAfile"]).arg(&ca).args([check, host]).arg(&server).output().unwrap();
+        assert!(out.status.success(), "{host}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let sub = Subscriber::start(&b, "labeld/#", "tls-recorder");
+    // A topic level may hold spaces (`{label}`): the recorder keeps topic and payload apart.
+    b.publish("labeld/box/great white shark/result", r#"{"id": "x"}"#, false);
+    assert_eq!(sub.wait_for(1, WAIT), vec![("labeld/box/great white shark/result".into(), r#"{"id": "x"}"#.into())]);
+
+    let pub_with = |message: &str, extra: &[&str]| {
+        Command::new("mosquitto_pub")
+            .args(["-p", &b.port().to_string(), "-q", "1", "-t", "labeld/box/line1/result", "-m", message])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let cafile = ca.to_str().unwrap();
+    let wrong = pub_with("refused", &["-h", "localhost", "--cafile", cafile, "-u", "camera-line", "-P", "wrong"]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not authorised"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    let anonymous = pub_with("refused", &["-h", "localhost", "--cafile", cafile]);
+    assert!(!anonymous.status.success(), "anonymous clients are refused");
+    let plain = pub_with("refused", &["-h", "127.0.0.1", "-u", "camera-line", "-P", "s3cret pass"]);
+    assert!(!plain.status.success(), "plain MQTT is refused on the TLS listener");
+    let by_ip = pub_with("by-ip", &["-h", "127.0.0.1", "--cafile", cafile, "-u", "camera-line", "-P", "s3cret pass"]);
+    assert!(by_ip.status.success(), "{}", String::from_utf8_lossy(&by_ip.stderr));
+    let m = sub.wait_for(2, WAIT);
+    assert_eq!(payloads(&m), vec![r#"{"id": "x"}"#, "by-ip"], "only the authorised messages arrived");
+}
+
+/// What the stream test needs: a message the broker acknowledged (QoS 1) reaches the persistent
+/// subscriber even when the broker is killed -9 right after, mid-stream.
+#[test]
+fn every_acknowledged_message_reaches_the_subscriber_across_a_broker_kill9() {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = Subscriber::start(&b, "load/#", "load-recorder");
+    let args = b.client_args();
+    let publishers: Vec<_> = (0..4)
+        .map(|p| {
+            let args = args.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0..150 {
+                    let payload = format!(r#"{{"p":{p},"i":{i}}}"#);
+                    // Retried until the broker acknowledges it (it is down for a while).
+                    loop {
+                        let out = Command::new("mosquitto_pub")
+                            .args(&args)
+                            .args(["-q", "1", "-t", &format!("load/{p}"), "-m", &payload])
+                            .output()
+                            .unwrap();
+                        if out.status.success() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    acked.push(payload);
+                }
+                acked
+            })
+        })
+        .collect();
+    sub.wait_for(100, WAIT);
+    b.kill9();
+    // As long as the stream test keeps it down; the publishers and the subscriber retry meanwhile.
+    std::thread::sleep(Duration::from_secs(5));
+    b.restart();
+    let acked: Vec<String> = publishers.into_iter().flat_map(|p| p.join().unwrap()).collect();
+    assert_eq!(acked.len(), 600);
+    let missing = |m: &[(String, String)]| {
+        let got: HashSet<&str> = payloads(m).into_iter().collect();
+        acked.iter().filter(|a| !got.contains(a.as_str())).cloned().collect::<Vec<_>>()
+    };
+    sub.wait_until(WAIT, |m| missing(m).is_empty());
+    let m = sub.wait_quiet(Duration::from_millis(500), WAIT);
+    let got: HashSet<&str> = payloads(&m).into_iter().collect();
+    assert_eq!(got.len(), 600, "only the acknowledged messages: {:?}", missing(&m));
+    eprintln!("{} messages for 600 acknowledged ones ({} duplicates)", m.len(), m.len() - got.len());
+}

@@ -1,0 +1,411 @@
+//! MQTT publishing (issue 11) against a real Mosquitto started by the test (tests/common/broker.rs):
+//! every CSV row reaches a persistent QoS 1 subscriber through broker and labeld kill -9s, a broker
+//! that is down at start-up, log rotation during an outage, TLS with a password file, presence
+//! (online, offline, the will), and check-config.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::broker::*;
+use common::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+/// The stream test's waits: 2,000 images share two cores with the other tests.
+const STREAM_WAIT: Duration = Duration::from_secs(240);
+/// The `[mqtt] host` the tests set, so topics do not depend on the machine's name.
+const HOST: &str = "test-box";
+/// Every result of the test box (default topic template `labeld/{host}/{inbox}/result`).
+const RESULTS: &str = "labeld/test-box/+/result";
+const STATUS: &str = "labeld/test-box/status";
+
+/// The `[mqtt]` section for `broker`, with `extra` keys.
+fn mqtt_section(b: &Broker, extra: &str) -> String {
+    format!("\n[mqtt]\nurl = \"{}\"\nhost = \"{HOST}\"\nclient_id = \"labeld-test\"\nkeep_alive_s = 2\n{extra}", b.url())
+}
+
+fn png(rgb: [u8; 3]) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(16, 16, image::Rgb(rgb)).write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Tiny PNGs (red, green, blue), written as copies: `n` images named `{prefix}{i}.png`.
+fn write_images(inbox: &Path, prefix: &str, n: usize, gap: Duration) {
+    let pngs = [png(RED), png(GREEN), png(BLUE)];
+    for i in 0..n {
+        std::fs::write(inbox.join(format!("{prefix}{i:05}.png")), &pngs[i % 3]).unwrap();
+        if !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
+    }
+}
+
+fn sidecar_count(inbox: &Path) -> usize {
+    std::fs::read_dir(inbox).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".json")).count()
+}
+
+fn wait_labelled(inbox: &Path, n: usize, timeout: Duration) {
+    let t = Instant::now();
+    while sidecar_count(inbox) < n {
+        assert!(t.elapsed() < timeout, "{} of {n} images labelled after {timeout:?}", sidecar_count(inbox));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The payloads, each parsed (panics on one that is not a JSON object).
+fn parsed(messages: &[(String, String)]) -> Vec<Value> {
+    messages
+        .iter()
+        .map(|(topic, p)| {
+            let v: Value = serde_json::from_str(p).unwrap_or_else(|e| panic!("payload on {topic} is not JSON ({e}): {p}"));
+            assert!(v.is_object(), "payload on {topic} is not an object: {p}");
+            v
+        })
+        .collect()
+}
+
+fn paths_of(messages: &[(String, String)]) -> HashSet<String> {
+    parsed(messages).iter().filter_map(|v| v["path"].as_str().map(str::to_string)).collect()
+}
+
+/// Waits until every path in `want` has arrived, then for a quiet second; returns all messages.
+fn wait_for_paths(sub: &Subscriber, want: &HashSet<String>, timeout: Duration) -> Vec<(String, String)> {
+    let t = Instant::now();
+    loop {
+        let got = paths_of(&sub.messages());
+        if want.is_subset(&got) {
+            return sub.wait_quiet(Duration::from_secs(1), WAIT);
+        }
+        if t.elapsed() > timeout {
+            let mut missing: Vec<_> = want.difference(&got).collect();
+            missing.sort();
+            panic!("{} of {} rows never arrived after {timeout:?}, e.g. {:?}", missing.len(), want.len(), &missing[..missing.len().min(5)]);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The CSV's `file_id` as the payload's `file` object spells it (`dev:inode:size:mtime_ns:ctime_ns`).
+fn file_id(file: &Value) -> String {
+    ["dev", "inode", "size", "mtime_ns", "ctime_ns"].map(|k| file[k].to_string()).join(":")
+}
+
+/// Checks the published results against the CSV rows (path in column 1, `file_id` last): the same
+/// set of images, each payload well formed, one stable `id` per image. Returns the duplicate count.
+fn check_against_rows(messages: &[(String, String)], rows: &[csv::StringRecord], inbox: &str) -> usize {
+    let rows_by_path: HashMap<&str, &csv::StringRecord> = rows.iter().map(|r| (&r[1], r)).collect();
+    assert_eq!(rows_by_path.len(), rows.len(), "one CSV row per image");
+    let mut ids = HashMap::<String, HashSet<String>>::new();
+    for ((topic, _), v) in messages.iter().zip(parsed(messages)) {
+        let path = v["path"].as_str().unwrap_or_else(|| panic!("no path in {v}"));
+        let row = rows_by_path.get(path).unwrap_or_else(|| panic!("published {path} has no CSV row"));
+        assert_eq!(topic, &format!("labeld/{HOST}/{inbox}/result"), "{v}");
+        assert_eq!(v["host"], HOST, "{v}");
+        assert_eq!(v["inbox"], inbox, "{v}");
+        assert_eq!(v["status"], row[2].to_string(), "{v}");
+        assert_eq!(v["model"], "channel_mean", "{v}");
+        assert!(v["top"][0]["label"].is_string() && v["time"].is_string(), "sidecar fields: {v}");
+        if !v["file"].is_null() {
+            assert_eq!(file_id(&v["file"]), row[row.len() - 1].to_string(), "{v}");
+        }
+        let id = match &v["id"] {
+            Value::String(s) if !s.is_empty() => s.clone(),
+            Value::Number(n) => n.to_string(),
+            other => panic!("no id ({other}) in {v}"),
+        };
+        ids.entry(path.to_string()).or_default().insert(id);
+    }
+    let published: HashSet<&str> = ids.keys().map(String::as_str).collect();
+    let logged: HashSet<&str> = rows_by_path.keys().copied().collect();
+    let mut missing: Vec<_> = logged.difference(&published).collect();
+    missing.sort();
+    assert!(missing.is_empty(), "{} CSV rows never published, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let unstable: Vec<_> = ids.iter().filter(|(_, i)| i.len() > 1).collect();
+    assert!(unstable.is_empty(), "an image republished with another id: {:?}", &unstable[..unstable.len().min(3)]);
+    let distinct: HashSet<&String> = ids.values().flatten().collect();
+    assert_eq!(distinct.len(), rows.len(), "one id per CSV row");
+    messages.len() - rows.len()
+}
+
+fn http_get(url: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(WAIT)).build().into();
+    let mut r = agent.get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+}
+
+/// A metric's value from `/metrics`, if it is there.
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    let (_, text) = http_get(&format!("http://{addr}/metrics"));
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.parse().unwrap())
+}
+
+/// Waits until `metric` satisfies `want`; returns its value.
+fn wait_metric(addr: &str, name: &str, want: impl Fn(f64) -> bool) -> f64 {
+    let t = Instant::now();
+    loop {
+        let v = metric(addr, name);
+        if let Some(v) = v.filter(|&v| want(v)) {
+            return v;
+        }
+        assert!(t.elapsed() < WAIT, "{name} = {v:?} after {WAIT:?}:\n{}", http_get(&format!("http://{addr}/metrics")).1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A persistent subscriber on the results, its session made while the broker was up; the broker
+/// is then stopped (cleanly: the session is saved), and the subscriber keeps retrying.
+fn recorder_with_broker_down(b: &mut Broker, id: &str) -> Subscriber {
+    let sub = Subscriber::start(b, RESULTS, id);
+    b.stop();
+    sub
+}
+
+/// Issue 11's stream test. `LABELD_MQTT_IMAGES` scales it (default 2,000).
+#[test]
+fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
+    let n: usize = std::env::var("LABELD_MQTT_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = Subscriber::start(&b, RESULTS, "stream-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    let mut d = s.spawn_daemon();
+    let camera = {
+        let inbox = s.inbox.clone();
+        std::thread::spawn(move || write_images(&inbox, "frame-", n, Duration::from_millis(4)))
+    };
+
+    sub.wait_for(n / 8, STREAM_WAIT);
+    b.kill9();
+    eprintln!("broker killed at {} labelled, {} received", sidecar_count(&s.inbox), sub.messages().len());
+    std::thread::sleep(Duration::from_secs(5));
+    b.restart();
+
+    wait_labelled(&s.inbox, n * 3 / 5, STREAM_WAIT);
+    d.signal(9);
+    drop(d);
+    eprintln!("labeld killed at {} labelled, {} received", sidecar_count(&s.inbox), sub.messages().len());
+    d = s.spawn_daemon();
+    camera.join().unwrap();
+    wait_labelled(&s.inbox, n, STREAM_WAIT);
+
+    let logged: HashSet<String> = s.rows().iter().map(|r| r[1].to_string()).collect();
+    assert_eq!(logged.len(), n, "every image has a CSV row");
+    let messages = wait_for_paths(&sub, &logged, STREAM_WAIT);
+    assert!(d.stop().success());
+    let duplicates = check_against_rows(&messages, &s.rows(), "inbox");
+    eprintln!("stream: {n} images, {} messages, {duplicates} duplicates (broker kill -9 + labeld kill -9)", messages.len());
+    assert!(duplicates <= 300, "{duplicates} duplicates: more than the unacknowledged window");
+}
+
+#[test]
+fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = recorder_with_broker_down(&mut b, "late-recorder");
+    let s = Setup::new("channel_mean", &format!("[http]\nlisten = \"127.0.0.1:0\"\n{}", mqtt_section(&b, "")));
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    assert_eq!(http_get(&format!("http://{addr}/readyz")), (200, "ready\n".into()), "ready without a broker");
+    write_images(&s.inbox, "img-", 50, Duration::ZERO);
+    wait_labelled(&s.inbox, 50, WAIT);
+    assert_eq!(s.rows().len(), 50);
+    assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v >= 50.0), 50.0);
+    assert_eq!(metric(&addr, "labeld_mqtt_connected"), Some(0.0));
+    assert!(sub.messages().is_empty());
+    // Uploads are answered, not published (check_against_rows finds no message without a CSV row).
+    let upload = ureq::post(format!("http://{addr}/predict")).header("Content-Type", "image/png").send(&png(BLUE)[..]);
+    assert_eq!(upload.expect("POST /predict").status().as_u16(), 200);
+
+    b.restart();
+    let logged: HashSet<String> = s.rows().iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    let duplicates = check_against_rows(&messages, &s.rows(), "inbox");
+    assert_eq!(duplicates, 0, "one clean connection: each row once");
+    assert_eq!(wait_metric(&addr, "labeld_mqtt_connected", |v| v == 1.0), 1.0);
+    assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v == 0.0), 0.0);
+    assert!(metric(&addr, "labeld_mqtt_published_total").unwrap() >= 50.0);
+    assert!(d.stop().success());
+}
+
+/// Broker down; N rows; `rotate`; M rows; broker up: both files' rows are published, once each.
+fn rotation_during_an_outage(name: &str, rotate: impl FnOnce(&Setup, &Daemon)) {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = recorder_with_broker_down(&mut b, &format!("{name}-recorder"));
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "before-", 30, Duration::ZERO);
+    wait_labelled(&s.inbox, 30, WAIT);
+    rotate(&s, &d);
+    write_images(&s.inbox, "after-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 50, WAIT);
+    let (_, old) = read_csv(&s.dir.path().join("results.csv.1"));
+    let now = s.rows();
+    assert_eq!((old.len(), now.len()), (30, 20), "{name}: rows before and after the rotation");
+
+    b.restart();
+    let all: Vec<csv::StringRecord> = old.into_iter().chain(now).collect();
+    let logged: HashSet<String> = all.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    let duplicates = check_against_rows(&messages, &all, "inbox");
+    let mut per_path = HashMap::<String, usize>::new();
+    for v in parsed(&messages) {
+        *per_path.entry(v["path"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_path.iter().filter(|(_, c)| **c > 1).collect();
+    eprintln!("{name}: 50 rows, {} messages, {duplicates} duplicates {twice:?}", messages.len());
+    assert!(twice.is_empty(), "{name}: rows published more than once without any fault: {twice:?}");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn rows_rotated_away_by_rename_and_sighup_during_an_outage_are_published() {
+    rotation_during_an_outage("create", |s, d| {
+        std::fs::rename(&s.csv, s.dir.path().join("results.csv.1")).unwrap();
+        d.signal(1);
+        d.wait_for_log("results log reopened", WAIT);
+    });
+}
+
+#[test]
+fn rows_copied_away_by_copytruncate_during_an_outage_are_published() {
+    rotation_during_an_outage("copytruncate", |s, _| {
+        std::fs::copy(&s.csv, s.dir.path().join("results.csv.1")).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&s.csv).unwrap().set_len(0).unwrap();
+    });
+}
+
+#[test]
+fn tls_with_a_password_file_and_a_refused_password() {
+    let b = Broker::start(BrokerOptions::tls().with_user("labeld", "s3cret pass"));
+    let sub = Subscriber::start(&b, RESULTS, "tls-recorder");
+    let ca = b.ca_file().unwrap().to_str().unwrap().to_string();
+    let keys = |pass: &str| format!("username = \"labeld\"\npassword_file = \"{pass}\"\nca_file = \"{ca}\"\n");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, &keys("mqtt.pass")));
+    std::fs::write(s.dir.path().join("mqtt.pass"), "s3cret pass\n").unwrap();
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "tls-", 10, Duration::ZERO);
+    wait_labelled(&s.inbox, 10, WAIT);
+    let logged: HashSet<String> = s.rows().iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    check_against_rows(&messages, &s.rows(), "inbox");
+    assert!(d.stop().success());
+
+    // The wrong password: labelling goes on, the refusal is logged per back-off step, not per image.
+    let s = Setup::new(
+        "channel_mean",
+        &format!("[http]\nlisten = \"127.0.0.1:0\"\n{}", mqtt_section(&b, &keys("wrong.pass")).replace("labeld-test", "labeld-wrong")),
+    );
+    std::fs::write(s.dir.path().join("wrong.pass"), "not the password\n").unwrap();
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    b.wait_for_log("labeld-wrong disconnected, not authorised", WAIT);
+    write_images(&s.inbox, "first-", 20, Duration::from_millis(50));
+    wait_labelled(&s.inbox, 20, WAIT);
+    let first = wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v >= 20.0);
+    write_images(&s.inbox, "then-", 20, Duration::from_millis(50));
+    wait_labelled(&s.inbox, 40, WAIT);
+    assert_eq!(s.rows().len(), 40, "labelling continues");
+    let then = wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v >= 40.0);
+    assert!(then > first, "pending rows grow: {first} → {then}");
+    assert_eq!(metric(&addr, "labeld_mqtt_connected"), Some(0.0));
+    let log = d.log_text();
+    let refusals = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("mqtt"))
+        .filter(|l| {
+            let l = l.to_lowercase();
+            l.contains("refused") || l.contains("not authori") || l.contains("bad user") || l.contains("credentials")
+        })
+        .count();
+    assert!(refusals >= 1, "the refusal is logged:\n{log}");
+    assert!(refusals < 20, "{refusals} refusal lines for 40 images in a few seconds: logged per image?\n{log}");
+    assert_eq!(sub.messages().len(), 10, "nothing from the refused box");
+    assert!(d.stop().success());
+}
+
+fn status(b: &Broker, want: &str) -> Value {
+    let m = b.wait_retained(STATUS, WAIT, |m| serde_json::from_str::<Value>(m).is_ok_and(|v| v["status"] == want));
+    serde_json::from_str(&m).unwrap()
+}
+
+#[test]
+fn presence_is_online_after_connect_and_offline_after_sigterm_and_kill9() {
+    let b = Broker::start(BrokerOptions::default());
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    assert_eq!(b.retained(STATUS), None);
+    let d = s.spawn_daemon();
+    let online = status(&b, "online");
+    assert_eq!(online["model"], "channel_mean", "{online}");
+    assert!(online["version"].as_str().is_some_and(|v| !v.is_empty()), "{online}");
+    assert!(d.stop().success());
+    status(&b, "offline");
+    assert!(b.log().contains("Received DISCONNECT from labeld-test"), "a clean stop disconnects:\n{}", b.log_tail(30));
+
+    let d = s.spawn_daemon();
+    status(&b, "online");
+    d.signal(9);
+    drop(d);
+    // No DISCONNECT: the broker publishes the will when it notices the dead connection.
+    let will = status(&b, "offline");
+    eprintln!("will: {will}");
+}
+
+#[test]
+fn topic_placeholders_and_the_inbox_name() {
+    let b = Broker::start(BrokerOptions::default());
+    let sub = Subscriber::start(&b, "plant/#", "topic-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, "topic = \"plant/{host}/{inbox}/{status}/{label}\"\nqos = 2\n"));
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\nname = \"line-7\"\n");
+    let d = s.spawn_daemon();
+    solid(&s.inbox.join("red.png"), RED, 16, 16);
+    std::fs::write(s.inbox.join("broken.png"), b"\x89PNG not really").unwrap();
+    let m = sub.wait_for(2, WAIT);
+    let topics: HashSet<&str> = m.iter().map(|(t, _)| t.as_str()).collect();
+    assert!(topics.contains("plant/test-box/line-7/ok/tench"), "{topics:?}");
+    assert!(topics.iter().any(|t| t.starts_with("plant/test-box/line-7/error/")), "{topics:?}");
+    for v in parsed(&m) {
+        assert_eq!(v["inbox"], "line-7", "{v}");
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn check_config_names_a_bad_url_and_unreadable_password_and_ca_files() {
+    let b = Broker::down(BrokerOptions::default());
+    let s = Setup::new("channel_mean", &mqtt_section(&b, "username = \"labeld\"\npassword_file = \"mqtt.pass\"\n"));
+    std::fs::write(s.dir.path().join("mqtt.pass"), "secret\n").unwrap();
+    let check = || s.labeld().args(["check-config", "--config"]).arg(&s.config).output().unwrap();
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[mqtt]"), "{}", String::from_utf8_lossy(&out.stdout));
+
+    for (from, to, key) in [
+        (b.url(), "ftp://127.0.0.1:1883".to_string(), "url"),
+        (b.url(), "not a url".to_string(), "url"),
+        ("mqtt.pass\"".to_string(), "missing.pass\"".to_string(), "password_file"),
+    ] {
+        s.edit_config(&from, &to);
+        let out = check();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{to}: {err}");
+        assert!(err.contains("[mqtt]") && err.contains(key), "{to}: the message names [mqtt] {key}: {err}");
+        s.edit_config(&to, &from);
+    }
+    // A CA file that is not there (on a TLS URL, where it is used).
+    s.edit_config(&b.url(), "mqtts://localhost:8883");
+    s.edit_config("keep_alive_s = 2\n", "keep_alive_s = 2\nca_file = \"missing-ca.pem\"\n");
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("[mqtt] ca_file") && err.contains("missing-ca.pem"), "{err}");
+    s.edit_config("ca_file = \"missing-ca.pem\"\n", "");
+    // A password file that is a folder cannot be read either.
+    std::fs::remove_file(s.dir.path().join("mqtt.pass")).unwrap();
+    std::fs::create_dir(s.dir.path().join("mqtt.pass")).unwrap();
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("password_file"), "{err}");
+}
