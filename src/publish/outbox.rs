@@ -913,7 +913,7 @@ mod tests {
     #[test]
     fn a_backlog_of_100000_rows_is_read_from_the_file() {
         let place = Place::new();
-        let (mut log, mut outbox) = place.start();
+        let (mut log, outbox) = place.start();
         for b in 0..100 {
             log.append(&recs(b * 1000..(b + 1) * 1000)).unwrap();
         }
