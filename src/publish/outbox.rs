@@ -758,6 +758,29 @@ mod tests {
     }
 
     #[test]
+    fn logs_rotated_during_an_outage_are_remembered_by_save_and_survive_a_kill() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..3)).unwrap();
+        // The broker is down: nothing is read; the log is rotated twice (`create` + SIGHUP).
+        for (r, keep) in [(3..5, false), (5..7, true)] {
+            if keep {
+                std::fs::rename(place.beside("results.csv.1"), place.beside("results.csv.2")).unwrap();
+            }
+            std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
+            log.reopen().unwrap();
+            log.append(&recs(r)).unwrap();
+        }
+        // The publisher's periodic save, also while disconnected: without it the middle log is not
+        // in the checkpoint and its rows are not found after the kill.
+        outbox.save().unwrap();
+        drop((log, outbox)); // kill -9
+        let (_log, mut outbox) = place.start();
+        assert_eq!(outbox.pending(), 7);
+        assert_eq!(numbers(&publish_all(&mut outbox, 2)), [0, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
     fn a_log_rotated_while_stopped_is_found_beside_and_read_to_its_end() {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
