@@ -836,6 +836,19 @@ mod tests {
     }
 
     #[test]
+    fn a_log_emptied_in_place_then_reopened_on_sighup_is_a_new_generation() {
+        let place = Place::new();
+        let (mut log, mut outbox) = place.start();
+        log.append(&recs(0..5)).unwrap();
+        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [0, 1]);
+        std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
+        OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
+        log.reopen().unwrap(); // a postrotate `kill -HUP`: the same file, its header written again
+        log.append(&recs(5..7)).unwrap();
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [2, 3, 4, 5, 6]);
+    }
+
+    #[test]
     fn a_log_emptied_in_place_while_stopped_is_read_from_the_copy() {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
