@@ -71,6 +71,7 @@ pub fn store(path: &Path, c: &Checkpoint) -> std::io::Result<()> {
     };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::create_dir_all(dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create the folder of the outbox checkpoint {}: {e}", path.display())))?;
     // Left by an earlier attempt of this process that failed halfway.
     let _ = std::fs::remove_file(&temp);
     let written = (|| {
@@ -101,14 +102,14 @@ mod tests {
     #[test]
     fn stored_then_loaded_is_the_same_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("outbox.json");
+        let p = dir.path().join("state/outbox.json");
         assert_eq!(load(&p).unwrap(), None);
         store(&p, &sample()).unwrap();
         let mut next = sample();
         next.offset = 456;
         store(&p, &next).unwrap();
         assert_eq!(load(&p).unwrap(), Some(next));
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("state")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["outbox.json"]);
     }
 
