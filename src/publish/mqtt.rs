@@ -129,7 +129,10 @@ enum End {
 
 /// Runs the event loop in its own task (its `poll` must never be cancelled half-way through a write):
 /// events come out on a channel; the first `ConnAck` (or the connect error) on a oneshot.
-fn spawn_eventloop(mut eventloop: EventLoop) -> (mpsc::UnboundedReceiver<Result<Event, String>>, tokio::sync::oneshot::Receiver<Result<(), String>>) {
+type Events = mpsc::UnboundedReceiver<Result<Event, String>>;
+type Connected = tokio::sync::oneshot::Receiver<Result<(), String>>;
+
+fn spawn_eventloop(mut eventloop: EventLoop) -> (Events, Connected) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -157,7 +160,7 @@ fn spawn_eventloop(mut eventloop: EventLoop) -> (mpsc::UnboundedReceiver<Result<
     (rx, up_rx)
 }
 
-async fn wait_connected(connected: tokio::sync::oneshot::Receiver<Result<(), String>>, stop: &Shutdown, limit: Duration) -> Connect {
+async fn wait_connected(connected: Connected, stop: &Shutdown, limit: Duration) -> Connect {
     tokio::select! {
         _ = stop.wait() => Connect::Stopped,
         r = tokio::time::timeout(limit, connected) => match r {
@@ -171,7 +174,7 @@ async fn wait_connected(connected: tokio::sync::oneshot::Receiver<Result<(), Str
 
 struct Session {
     client: AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<Event, String>>,
+    events: Events,
     window: Window,
     qos: QoS,
     max: usize,
@@ -205,10 +208,8 @@ impl Session {
                 }
                 _ = tick.tick() => {
                     // A backstop for a missed wake-up, and the throttled checkpoint write.
-                    if room > 0 {
-                        if let Err(why) = self.send_rows(outbox, s, room) {
-                            return End::Lost(why);
-                        }
+                    if room > 0 && let Err(why) = self.send_rows(outbox, s, room) {
+                        return End::Lost(why);
                     }
                     save_quietly(outbox);
                     note(outbox, status);
