@@ -169,13 +169,17 @@ def outage(tmp, model, source_csv, backlog):
     pending_before = metric(http, "mqtt_pending_rows")
     broker = Broker(d, port)
     broker.start()
+    t_up = time.time()
+    while metric(http, "mqtt_connected") != 1 and time.time() - t_up < 120:
+        samples.append(rss_mb(p.pid))
+        time.sleep(0.05)
     t0 = time.time()
     while True:
         pending = metric(http, "mqtt_pending_rows")
         samples.append(rss_mb(p.pid))
         if pending == 0 or time.time() - t0 > 600:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     took = time.time() - t0
     published = metric(http, "mqtt_published")
     p.terminate()
@@ -183,7 +187,8 @@ def outage(tmp, model, source_csv, backlog):
     broker.stop()
     print(f"| outage with {backlog} rows waiting | RSS during the outage: median {statistics.median(samples[:20]):.0f} MB, "
           f"max {max(samples):.0f} MB over the outage and the replay | pending before the broker came: "
-          f"{pending_before:.0f} | replayed {published:.0f} rows in {took:.1f} s: {published / took:.0f} rows/s |")
+          f"{pending_before:.0f}; reconnected {t0 - t_up:.1f} s after the broker came back (back-off) | replayed "
+          f"{published:.0f} rows in {took:.1f} s once connected: {published / took:.0f} rows/s |")
 
 
 def wait_ready(http):
