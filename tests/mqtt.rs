@@ -282,6 +282,63 @@ fn rows_copied_away_by_copytruncate_during_an_outage_are_published() {
 }
 
 #[test]
+fn rows_of_a_log_set_aside_by_a_column_change_during_an_outage_are_published_with_their_own_columns() {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = recorder_with_broker_down(&mut b, "columns-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    s.edit_config("path = \"models/channel_mean.pt\"\n", "path = \"models/channel_mean.pt\"\ntop_k = 3\n");
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "three-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 20, WAIT);
+    // A new top_k changes the CSV's columns: the old log is renamed to results.<time>.csv.
+    s.edit_config("top_k = 3", "top_k = 2");
+    d.signal(1);
+    d.wait_for_log("results log now", WAIT);
+    write_images(&s.inbox, "two-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 40, WAIT);
+    let aside: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p != &s.csv && p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    assert_eq!(aside.len(), 1, "one log set aside: {aside:?}");
+    let (_, old) = read_csv(&aside[0]);
+    let (header, now) = read_csv(&s.csv);
+    assert_eq!((old.len(), now.len()), (20, 20));
+    assert!(header.iter().all(|h| h != "label3"), "{header:?}");
+
+    b.restart();
+    let all: Vec<csv::StringRecord> = old.into_iter().chain(now).collect();
+    let logged: HashSet<String> = all.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    assert_eq!(check_against_rows(&messages, &all, "inbox"), 0);
+    for v in parsed(&messages) {
+        let tops = v["top"].as_array().map_or(0, Vec::len);
+        let want = if v["path"].as_str().unwrap().contains("three-") { 3 } else { 2 };
+        assert_eq!(tops, want, "each row with its own log's columns: {v}");
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn run_once_exits_only_when_the_broker_has_acknowledged_every_row() {
+    let b = Broker::start(BrokerOptions::default());
+    let sub = Subscriber::start(&b, RESULTS, "once-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    write_images(&s.inbox, "once-", 300, Duration::ZERO);
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Mosquitto logs each PUBACK before it sends it: counted the moment labeld has exited.
+    let acked = b.count_in_log("Sending PUBACK to labeld-test");
+    assert!(acked >= 300, "{acked} of 300 rows acknowledged when run --once exited");
+    let rows = s.rows();
+    let logged: HashSet<String> = rows.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    assert_eq!(check_against_rows(&messages, &rows, "inbox"), 0);
+    assert_eq!(serde_json::from_str::<Value>(&b.retained(STATUS).unwrap()).unwrap()["status"], "offline");
+}
+
+#[test]
 fn tls_with_a_password_file_and_a_refused_password() {
     let b = Broker::start(BrokerOptions::tls().with_user("labeld", "s3cret pass"));
     let sub = Subscriber::start(&b, RESULTS, "tls-recorder");
