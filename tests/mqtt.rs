@@ -160,6 +160,24 @@ fn wait_metric(addr: &str, name: &str, want: impl Fn(f64) -> bool) -> f64 {
     }
 }
 
+/// Reads what labeld tells systemd until a `STATUS=` line contains `needle`; returns that line.
+fn systemd_status(sock: &std::os::unix::net::UnixDatagram, needle: &str) -> String {
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let (t, mut buf, mut last) = (Instant::now(), [0u8; 4096], String::new());
+    loop {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(status) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                if status.contains(needle) {
+                    return status.to_string();
+                }
+                last = status.to_string();
+            }
+        }
+        assert!(t.elapsed() < WAIT, "no STATUS with {needle:?} within {WAIT:?}; the last: {last:?}");
+    }
+}
+
 /// A persistent subscriber on the results, its session made while the broker was up; the broker
 /// is then stopped (cleanly: the session is saved), and the subscriber keeps retrying.
 fn recorder_with_broker_down(b: &mut Broker, id: &str) -> Subscriber {
@@ -205,12 +223,15 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     assert!(duplicates <= 300, "{duplicates} duplicates: more than the unacknowledged window");
 }
 
+/// Also what systemd's STATUS and the status page say about the broker.
 #[test]
 fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     let mut b = Broker::start(BrokerOptions::default());
     let sub = recorder_with_broker_down(&mut b, "late-recorder");
     let s = Setup::new("channel_mean", &format!("[http]\nlisten = \"127.0.0.1:0\"\n{}", mqtt_section(&b, "")));
-    let d = s.spawn_daemon();
+    let systemd = std::os::unix::net::UnixDatagram::bind(s.dir.path().join("notify.sock")).unwrap();
+    let socket = s.dir.path().join("notify.sock").to_str().unwrap().to_string();
+    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
     let addr = d.http_addr();
     assert_eq!(http_get(&format!("http://{addr}/readyz")), (200, "ready\n".into()), "ready without a broker");
     write_images(&s.inbox, "img-", 50, Duration::ZERO);
@@ -218,6 +239,11 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     assert_eq!(s.rows().len(), 50);
     assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v >= 50.0), 50.0);
     assert_eq!(metric(&addr, "labeld_mqtt_connected"), Some(0.0));
+    let status = systemd_status(&systemd, "mqtt: disconnected since");
+    assert!(status.ends_with("lag 50"), "{status}");
+    let (_, page) = http_get(&format!("http://{addr}/api/status"));
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!((&page["mqtt"]["connected"], &page["mqtt"]["pending_rows"]), (&Value::from(false), &Value::from(50)), "{page}");
     assert!(sub.messages().is_empty());
     // Uploads are answered, not published (check_against_rows finds no message without a CSV row).
     let upload = ureq::post(format!("http://{addr}/predict")).header("Content-Type", "image/png").send(&png(BLUE)[..]);
@@ -231,6 +257,7 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     assert_eq!(wait_metric(&addr, "labeld_mqtt_connected", |v| v == 1.0), 1.0);
     assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v == 0.0), 0.0);
     assert!(metric(&addr, "labeld_mqtt_published_total").unwrap() >= 50.0);
+    systemd_status(&systemd, "mqtt: connected, lag 0");
     assert!(d.stop().success());
 }
 
