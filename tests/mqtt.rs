@@ -223,6 +223,42 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     assert!(duplicates <= 300, "{duplicates} duplicates: more than the unacknowledged window");
 }
 
+/// A network cut (no FIN, no RST: only keep-alives tell) mid-stream: labelling goes on, the broker
+/// gives labeld up and sends its will, labeld notices and reconnects once the link heals, nothing is lost.
+#[test]
+fn a_network_cut_mid_stream_is_noticed_by_keep_alive_and_publishing_resumes() {
+    let b = Broker::start(BrokerOptions::default());
+    let link = Link::start(&b);
+    let sub = Subscriber::start(&b, RESULTS, "cut-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, "").replace(&b.url(), &link.url()));
+    let d = s.spawn_daemon();
+    status(&b, "online");
+    let camera = {
+        let inbox = s.inbox.clone();
+        std::thread::spawn(move || write_images(&inbox, "cut-", 400, Duration::from_millis(10)))
+    };
+    sub.wait_for(100, WAIT);
+    link.cut();
+    // keep_alive_s = 2: the broker gives the silent client up after 3 s and publishes its will.
+    status(&b, "offline");
+    let (labelled, received) = (sidecar_count(&s.inbox), sub.messages().len());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sidecar_count(&s.inbox) > labelled || labelled == 400, "labelling goes on during the cut");
+    assert_eq!(sub.messages().len(), received, "nothing passed the cut link");
+    link.heal();
+    camera.join().unwrap();
+    wait_labelled(&s.inbox, 400, WAIT);
+    status(&b, "online");
+    let rows = s.rows();
+    let logged: HashSet<String> = rows.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    let duplicates = check_against_rows(&messages, &rows, "inbox");
+    eprintln!("network cut: 400 rows, {} messages, {duplicates} duplicates", messages.len());
+    assert!(duplicates <= 200, "{duplicates} duplicates: more than the unacknowledged window");
+    assert!(b.count_in_log(" as labeld-test (") >= 2, "labeld connected again:\n{}", b.log_tail(40));
+    assert!(d.stop().success());
+}
+
 /// Also what systemd's STATUS and the status page say about the broker.
 #[test]
 fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
