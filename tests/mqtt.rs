@@ -345,6 +345,31 @@ fn rows_copied_away_by_copytruncate_during_an_outage_are_published() {
 }
 
 #[test]
+fn a_log_rotated_while_labeld_is_stopped_during_an_outage_is_still_published() {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = recorder_with_broker_down(&mut b, "stopped-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "before-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 20, WAIT);
+    assert!(d.stop().success());
+    // logrotate runs while labeld is down (`create`: the next start makes a new log).
+    std::fs::rename(&s.csv, s.dir.path().join("results.csv.1")).unwrap();
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "after-", 10, Duration::ZERO);
+    wait_labelled(&s.inbox, 30, WAIT);
+    let (_, old) = read_csv(&s.dir.path().join("results.csv.1"));
+    let all: Vec<csv::StringRecord> = old.into_iter().chain(s.rows()).collect();
+    assert_eq!(all.len(), 30);
+
+    b.restart();
+    let logged: HashSet<String> = all.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    assert_eq!(check_against_rows(&messages, &all, "inbox"), 0, "each row once");
+    assert!(d.stop().success());
+}
+
+#[test]
 fn rows_of_a_log_set_aside_by_a_column_change_during_an_outage_are_published_with_their_own_columns() {
     let mut b = Broker::start(BrokerOptions::default());
     let sub = recorder_with_broker_down(&mut b, "columns-recorder");
