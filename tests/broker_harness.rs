@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::Read;
 use std::process::Command;
 use std::time::Duration;
 
@@ -158,4 +159,39 @@ fn every_acknowledged_message_reaches_the_subscriber_across_a_broker_kill9() {
     let got: HashSet<&str> = payloads(&m).into_iter().collect();
     assert_eq!(got.len(), 600, "only the acknowledged messages: {:?}", missing(&m));
     eprintln!("{} messages for 600 acknowledged ones ({} duplicates)", m.len(), m.len() - got.len());
+}
+
+/// The link the network-cut test puts between labeld and the broker: it forwards, then holds its
+/// connections open while passing nothing, then lets new connections through.
+#[test]
+fn a_cut_link_passes_nothing_and_closes_nothing_until_it_heals() {
+    let b = Broker::start(BrokerOptions::default());
+    let link = Link::start(&b);
+    assert!(link.url().ends_with(&format!(":{}", link.port())));
+    let sub = Subscriber::start(&b, "cut/#", "cut-recorder");
+    let through_link = |payload: &str| {
+        Command::new("timeout")
+            .args(["3", "mosquitto_pub", "-h", "127.0.0.1", "-p", &link.port().to_string(), "-q", "1", "-t", "cut/x", "-m", payload])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(through_link("before"));
+    sub.wait_for(1, WAIT);
+
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", link.port())).unwrap();
+    link.cut();
+    assert!(!through_link("during"), "nothing gets through a cut link");
+    held.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 16];
+    let err = held.read(&mut buf).expect_err("no FIN and no bytes while cut");
+    assert!(matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut), "{err}");
+
+    link.heal();
+    assert!(through_link("after"));
+    let m = sub.wait_for(2, WAIT);
+    assert_eq!(payloads(&m), vec!["before", "after"]);
+    // The connection that lived through the cut is closed at the heal.
+    held.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert_eq!(held.read(&mut buf).unwrap_or(0), 0);
 }

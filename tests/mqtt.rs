@@ -151,8 +151,30 @@ fn wait_metric(addr: &str, name: &str, want: impl Fn(f64) -> bool) -> f64 {
         if let Some(v) = v.filter(|&v| want(v)) {
             return v;
         }
-        assert!(t.elapsed() < WAIT, "{name} = {v:?} after {WAIT:?}:\n{}", http_get(&format!("http://{addr}/metrics")).1);
+        if t.elapsed() > WAIT {
+            let (_, text) = http_get(&format!("http://{addr}/metrics"));
+            let mqtt: Vec<&str> = text.lines().filter(|l| l.starts_with("labeld_mqtt")).collect();
+            panic!("{name} = {v:?} after {WAIT:?}:\n{}", mqtt.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads what labeld tells systemd until a `STATUS=` line satisfies `want`; returns that line.
+fn systemd_status(sock: &std::os::unix::net::UnixDatagram, want: impl Fn(&str) -> bool) -> String {
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let (t, mut buf, mut last) = (Instant::now(), [0u8; 4096], String::new());
+    loop {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(status) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                if want(status) {
+                    return status.to_string();
+                }
+                last = status.to_string();
+            }
+        }
+        assert!(t.elapsed() < WAIT, "no STATUS as awaited within {WAIT:?}; the last: {last:?}");
     }
 }
 
@@ -174,7 +196,7 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     let mut d = s.spawn_daemon();
     let camera = {
         let inbox = s.inbox.clone();
-        std::thread::spawn(move || write_images(&inbox, "frame-", n, Duration::from_millis(4)))
+        std::thread::spawn(move || write_images(&inbox, "frame-", n, Duration::from_millis(8)))
     };
 
     sub.wait_for(n / 8, STREAM_WAIT);
@@ -183,7 +205,8 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     std::thread::sleep(Duration::from_secs(5));
     b.restart();
 
-    wait_labelled(&s.inbox, n * 3 / 5, STREAM_WAIT);
+    // Killed while publishing again (reconnected after its back-off), rows in flight.
+    sub.wait_for(n / 2, STREAM_WAIT);
     d.signal(9);
     drop(d);
     eprintln!("labeld killed at {} labelled, {} received", sidecar_count(&s.inbox), sub.messages().len());
@@ -200,12 +223,51 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     assert!(duplicates <= 300, "{duplicates} duplicates: more than the unacknowledged window");
 }
 
+/// A network cut (no FIN, no RST: only keep-alives tell) mid-stream: labelling goes on, the broker
+/// gives labeld up and sends its will, labeld notices and reconnects once the link heals, nothing is lost.
+#[test]
+fn a_network_cut_mid_stream_is_noticed_by_keep_alive_and_publishing_resumes() {
+    let b = Broker::start(BrokerOptions::default());
+    let link = Link::start(&b);
+    let sub = Subscriber::start(&b, RESULTS, "cut-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, "").replace(&b.url(), &link.url()));
+    let d = s.spawn_daemon();
+    status(&b, "online");
+    let camera = {
+        let inbox = s.inbox.clone();
+        std::thread::spawn(move || write_images(&inbox, "cut-", 400, Duration::from_millis(10)))
+    };
+    sub.wait_for(100, WAIT);
+    link.cut();
+    // keep_alive_s = 2: the broker gives the silent client up after 3 s and publishes its will.
+    status(&b, "offline");
+    let (labelled, received) = (sidecar_count(&s.inbox), sub.messages().len());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sidecar_count(&s.inbox) > labelled || labelled == 400, "labelling goes on during the cut");
+    assert_eq!(sub.messages().len(), received, "nothing passed the cut link");
+    link.heal();
+    camera.join().unwrap();
+    wait_labelled(&s.inbox, 400, WAIT);
+    status(&b, "online");
+    let rows = s.rows();
+    let logged: HashSet<String> = rows.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    let duplicates = check_against_rows(&messages, &rows, "inbox");
+    eprintln!("network cut: 400 rows, {} messages, {duplicates} duplicates", messages.len());
+    assert!(duplicates <= 200, "{duplicates} duplicates: more than the unacknowledged window");
+    assert!(b.count_in_log(" as labeld-test (") >= 2, "labeld connected again:\n{}", b.log_tail(40));
+    assert!(d.stop().success());
+}
+
+/// Also what systemd's STATUS and the status page say about the broker.
 #[test]
 fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     let mut b = Broker::start(BrokerOptions::default());
     let sub = recorder_with_broker_down(&mut b, "late-recorder");
     let s = Setup::new("channel_mean", &format!("[http]\nlisten = \"127.0.0.1:0\"\n{}", mqtt_section(&b, "")));
-    let d = s.spawn_daemon();
+    let systemd = std::os::unix::net::UnixDatagram::bind(s.dir.path().join("notify.sock")).unwrap();
+    let socket = s.dir.path().join("notify.sock").to_str().unwrap().to_string();
+    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
     let addr = d.http_addr();
     assert_eq!(http_get(&format!("http://{addr}/readyz")), (200, "ready\n".into()), "ready without a broker");
     write_images(&s.inbox, "img-", 50, Duration::ZERO);
@@ -213,6 +275,11 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     assert_eq!(s.rows().len(), 50);
     assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v >= 50.0), 50.0);
     assert_eq!(metric(&addr, "labeld_mqtt_connected"), Some(0.0));
+    let status = systemd_status(&systemd, |s| s.ends_with("lag 50"));
+    assert!(status.contains("mqtt: disconnected since "), "{status}");
+    let (_, page) = http_get(&format!("http://{addr}/api/status"));
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!((&page["mqtt"]["connected"], &page["mqtt"]["pending_rows"]), (&Value::from(false), &Value::from(50)), "{page}");
     assert!(sub.messages().is_empty());
     // Uploads are answered, not published (check_against_rows finds no message without a CSV row).
     let upload = ureq::post(format!("http://{addr}/predict")).header("Content-Type", "image/png").send(&png(BLUE)[..]);
@@ -226,6 +293,7 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     assert_eq!(wait_metric(&addr, "labeld_mqtt_connected", |v| v == 1.0), 1.0);
     assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v == 0.0), 0.0);
     assert!(metric(&addr, "labeld_mqtt_published_total").unwrap() >= 50.0);
+    systemd_status(&systemd, |s| s.ends_with("mqtt: connected, lag 0"));
     assert!(d.stop().success());
 }
 
@@ -274,6 +342,88 @@ fn rows_copied_away_by_copytruncate_during_an_outage_are_published() {
         std::fs::copy(&s.csv, s.dir.path().join("results.csv.1")).unwrap();
         std::fs::OpenOptions::new().write(true).open(&s.csv).unwrap().set_len(0).unwrap();
     });
+}
+
+#[test]
+fn a_log_rotated_while_labeld_is_stopped_during_an_outage_is_still_published() {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = recorder_with_broker_down(&mut b, "stopped-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "before-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 20, WAIT);
+    assert!(d.stop().success());
+    // logrotate runs while labeld is down (`create`: the next start makes a new log).
+    std::fs::rename(&s.csv, s.dir.path().join("results.csv.1")).unwrap();
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "after-", 10, Duration::ZERO);
+    wait_labelled(&s.inbox, 30, WAIT);
+    let (_, old) = read_csv(&s.dir.path().join("results.csv.1"));
+    let all: Vec<csv::StringRecord> = old.into_iter().chain(s.rows()).collect();
+    assert_eq!(all.len(), 30);
+
+    b.restart();
+    let logged: HashSet<String> = all.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    assert_eq!(check_against_rows(&messages, &all, "inbox"), 0, "each row once");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn rows_of_a_log_set_aside_by_a_column_change_during_an_outage_are_published_with_their_own_columns() {
+    let mut b = Broker::start(BrokerOptions::default());
+    let sub = recorder_with_broker_down(&mut b, "columns-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    s.edit_config("path = \"models/channel_mean.pt\"\n", "path = \"models/channel_mean.pt\"\ntop_k = 3\n");
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "three-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 20, WAIT);
+    // A new top_k changes the CSV's columns: the old log is renamed to results.<time>.csv.
+    s.edit_config("top_k = 3", "top_k = 2");
+    d.signal(1);
+    d.wait_for_log("results log now", WAIT);
+    write_images(&s.inbox, "two-", 20, Duration::ZERO);
+    wait_labelled(&s.inbox, 40, WAIT);
+    let aside: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p != &s.csv && p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    assert_eq!(aside.len(), 1, "one log set aside: {aside:?}");
+    let (_, old) = read_csv(&aside[0]);
+    let (header, now) = read_csv(&s.csv);
+    assert_eq!((old.len(), now.len()), (20, 20));
+    assert!(header.iter().all(|h| h != "label3"), "{header:?}");
+
+    b.restart();
+    let all: Vec<csv::StringRecord> = old.into_iter().chain(now).collect();
+    let logged: HashSet<String> = all.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    assert_eq!(check_against_rows(&messages, &all, "inbox"), 0);
+    for v in parsed(&messages) {
+        let tops = v["top"].as_array().map_or(0, Vec::len);
+        let want = if v["path"].as_str().unwrap().contains("three-") { 3 } else { 2 };
+        assert_eq!(tops, want, "each row with its own log's columns: {v}");
+    }
+    assert!(d.stop().success());
+}
+
+#[test]
+fn run_once_exits_only_when_the_broker_has_acknowledged_every_row() {
+    let b = Broker::start(BrokerOptions::default());
+    let sub = Subscriber::start(&b, RESULTS, "once-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    write_images(&s.inbox, "once-", 300, Duration::ZERO);
+    let out = s.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Mosquitto logs each PUBACK before it sends it: counted the moment labeld has exited.
+    let acked = b.count_in_log("Sending PUBACK to labeld-test");
+    assert!(acked >= 300, "{acked} of 300 rows acknowledged when run --once exited");
+    let rows = s.rows();
+    let logged: HashSet<String> = rows.iter().map(|r| r[1].to_string()).collect();
+    let messages = wait_for_paths(&sub, &logged, WAIT);
+    assert_eq!(check_against_rows(&messages, &rows, "inbox"), 0);
+    assert_eq!(serde_json::from_str::<Value>(&b.retained(STATUS).unwrap()).unwrap()["status"], "offline");
 }
 
 #[test]

@@ -1,10 +1,13 @@
 //! A real Mosquitto broker for the MQTT tests, on its own loopback port with its own config,
-//! persistence folder and log (never the system's broker on 1883), and `mosquitto_sub`/`mosquitto_pub`
-//! clients that talk to it. Debian's `mosquitto` and `mosquitto-clients` come from
-//! scripts/setup-system.sh.
+//! persistence folder and log (never the system's broker on 1883), `mosquitto_sub`/`mosquitto_pub`
+//! clients that talk to it, and a `Link` to it that the test can cut. Debian's `mosquitto` and
+//! `mosquitto-clients` come from scripts/setup-system.sh.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -414,4 +417,101 @@ impl Drop for Subscriber {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TCP link to the broker that the test can cut like a network does: no FIN, no RST, bytes just
+/// stop arriving (both ways), so only keep-alives can tell. Connect to `url()` instead of the broker's.
+pub struct Link {
+    port: u16,
+    tls: bool,
+    cut: Arc<AtomicBool>,
+    /// Bumped by `heal`: connections from an earlier epoch lost bytes, so they are closed.
+    epoch: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Link {
+    pub fn start(broker: &Broker) -> Link {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the link's port");
+        let port = listener.local_addr().expect("the link's port").port();
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let link = Link {
+            port,
+            tls: broker.tls.is_some(),
+            cut: Arc::default(),
+            epoch: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (target, cut, epoch, stop) = (broker.port, link.cut.clone(), link.epoch.clone(), link.stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
+                        let born = epoch.load(Ordering::Relaxed);
+                        for (from, to) in [(&client, &server), (&server, &client)] {
+                            let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                            let (cut, epoch, stop) = (cut.clone(), epoch.clone(), stop.clone());
+                            std::thread::spawn(move || pump(from, to, born, &cut, &epoch, &stop));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        link
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The broker's URL through this link.
+    pub fn url(&self) -> String {
+        match self.tls {
+            true => format!("mqtts://localhost:{}", self.port),
+            false => format!("mqtt://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// From now on nothing gets through, and no connection is closed.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+    }
+
+    /// New connections get through again; the ones that lived through the cut are closed (they lost bytes).
+    pub fn heal(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+        self.cut.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` → `to` until either side closes; while cut, what arrives is dropped.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, born: u64, cut: &AtomicBool, epoch: &AtomicU64, stop: &AtomicBool) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if stop.load(Ordering::Relaxed) || epoch.load(Ordering::Relaxed) != born && !cut.load(Ordering::Relaxed) {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if !cut.load(Ordering::Relaxed) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
