@@ -307,7 +307,8 @@ impl prometheus_client::collector::Collector for Collected {
         )?)?;
         let mqtt = self.live.mqtt.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.figures());
         if let Some(f) = mqtt {
-            let counters: [(&str, &str, u64); 4] = [
+            let counters: [(&str, &str, u64); 5] = [
+                ("mqtt_refused_rows", "Rows given up because the broker dropped the connection each time they were sent", f.refused),
                 ("mqtt_published", "Results the MQTT broker acknowledged", f.published),
                 ("mqtt_failed", "Results sent but not acknowledged before the connection dropped (sent again)", f.failed),
                 ("mqtt_connect_failures", "Failed attempts to connect to the MQTT broker", f.connect_failures),

@@ -523,6 +523,39 @@ fn topic_placeholders_and_the_inbox_name() {
 }
 
 #[test]
+fn a_row_the_broker_refuses_every_time_is_given_up_and_the_rows_after_it_are_published() {
+    // Mosquitto drops a client whose packet exceeds max_packet_size; one image's path makes its row too big.
+    let b = Broker::start(BrokerOptions { extra: "max_packet_size 1000".into(), ..Default::default() });
+    let sub = Subscriber::start(&b, RESULTS, "poison-recorder");
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    let d = s.spawn_daemon();
+    write_images(&s.inbox, "before-", 3, Duration::ZERO);
+    wait_labelled(&s.inbox, 3, WAIT);
+    let deep = s.inbox.join("a".repeat(200)).join("b".repeat(200)).join("c".repeat(200));
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join(format!("{}.png", "d".repeat(200))), png(RED)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    write_images(&s.inbox, "after-", 3, Duration::ZERO);
+    wait_labelled(&s.inbox, 6, WAIT);
+    let t = Instant::now();
+    while s.rows().len() < 7 {
+        assert!(t.elapsed() < WAIT, "the deep image was not labelled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want: HashSet<String> = s.rows().iter().map(|r| r[1].to_string()).filter(|p| !p.contains(&"d".repeat(200))).collect();
+    assert_eq!(want.len(), 6, "{want:?}");
+    let got = wait_for_paths(&sub, &want, WAIT);
+    assert!(!paths_of(&got).iter().any(|p| p.contains(&"d".repeat(200))), "the big row cannot have arrived");
+    assert_eq!(s.rows().len(), 7, "labelling went on, the big image has its row");
+    let log = d.log_text();
+    assert!(log.contains("It is not published"), "the given-up row is said:\n{log}");
+    let connects = log.matches("connected to the MQTT broker").count();
+    assert!(connects <= 10, "{connects} connects: reconnecting without back-off?\n{log}");
+    println!("refused row: {connects} connects, {} messages", got.len());
+    assert!(d.stop().success());
+}
+
+#[test]
 fn check_config_names_a_bad_url_and_unreadable_password_and_ca_files() {
     let b = Broker::down(BrokerOptions::default());
     let s = Setup::new("channel_mean", &mqtt_section(&b, "username = \"labeld\"\npassword_file = \"mqtt.pass\"\n"));

@@ -271,6 +271,9 @@ fn check_template(template: &str, allowed: &[&str]) -> Result<(), String> {
     if literal.contains(['+', '#', '\0']) {
         return Err(format!("\"{template}\": + and # are subscription wildcards, not allowed in a topic one publishes to"));
     }
+    if template.starts_with('$') {
+        return Err(format!("\"{template}\": topics starting with $ belong to the broker ($SYS…); it would acknowledge and drop what labeld publishes there"));
+    }
     if literal.contains('}') {
         return Err(format!("\"{template}\": stray }}"));
     }
@@ -326,5 +329,6 @@ mod tests {
         assert!(check_template("labeld/{host", &TOPIC_PLACEHOLDERS).is_err());
         assert!(check_template("labeld/{inbox}/status", &["{host}"]).is_err());
         assert!(check_template("", &TOPIC_PLACEHOLDERS).is_err());
+        assert!(check_template("$SYS/{host}", &TOPIC_PLACEHOLDERS).is_err());
     }
 }

@@ -45,12 +45,10 @@ impl Messages {
             (Status::Ok, Some(top)) => top.label_en.as_deref().unwrap_or(&top.label),
             _ => "none",
         };
-        let topic = self
-            .topic
-            .replace("{host}", &level(&self.host))
-            .replace("{inbox}", &level(inbox))
-            .replace("{status}", record.status.as_str())
-            .replace("{label}", &level(label));
+        let topic = render(
+            &self.topic,
+            &[("{host}", &self.host), ("{inbox}", inbox), ("{status}", record.status.as_str()), ("{label}", label)],
+        );
         let mut payload = serde_json::to_value(record).unwrap_or_else(|_| json!({}));
         if let Value::Object(map) = &mut payload {
             map.insert("host".into(), json!(self.host));
@@ -62,7 +60,7 @@ impl Messages {
 
     /// The retained presence topic.
     pub fn status_topic(&self) -> String {
-        self.status_topic.replace("{host}", &level(&self.host))
+        render(&self.status_topic, &[("{host}", &self.host)])
     }
 
     /// The retained `online` message sent after each connect.
@@ -106,9 +104,27 @@ pub fn id(host: &str, record: &Record) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
 }
 
-/// A value as one topic level: characters that would add levels or wildcards become `_`.
-fn level(value: &str) -> String {
-    value.replace(['/', '+', '#', '\0'], "_")
+/// Fills the placeholders of `template` in one pass (a value holding `{inbox}` stays as it is), each
+/// value as one topic level: characters that would add levels or wildcards become `_`.
+fn render(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        rest = &rest[open..];
+        match values.iter().find(|(name, _)| rest.starts_with(name)) {
+            Some((name, value)) => {
+                out.push_str(&value.replace(['/', '+', '#', '\0'], "_"));
+                rest = &rest[name.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn now() -> String {
@@ -154,6 +170,15 @@ mod tests {
         failed.status = Status::Error;
         failed.top = None;
         assert_eq!(m.result(&failed).topic, "plant/cam-01/all/error/none");
+    }
+
+    #[test]
+    fn a_value_that_looks_like_a_placeholder_is_not_filled_again() {
+        let mut m = messages("labeld/{host}/{inbox}/result");
+        m.host = "{inbox}".into();
+        m.inboxes = vec![("/srv/in".into(), "{label}".into())];
+        assert_eq!(m.result(&record("/srv/in/a.jpg")).topic, "labeld/{inbox}/{label}/result");
+        assert_eq!(m.status_topic(), "labeld/{inbox}/status");
     }
 
     #[test]

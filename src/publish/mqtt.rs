@@ -40,6 +40,13 @@ pub enum Drain {
 }
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const LAST_RETRY: Duration = Duration::from_secs(30);
+/// A connection that lasted less than this before it was lost counts as a failed attempt: the back-off
+/// grows instead of reconnecting at once (a broker that drops labeld right after the CONNACK, another
+/// client with the same client id).
+const STABLE: Duration = Duration::from_secs(10);
+/// A row whose sending ends the connection this many times in a row, each time alone in flight and
+/// within a second, is one the broker refuses (too large for its packet limit): it is given up.
+const STRIKES: u32 = 3;
 
 /// Publishes until `stop` is triggered, reconnecting with back-off. Returns the outbox (checkpoint saved).
 pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, stop: Shutdown) -> Outbox {
@@ -55,7 +62,9 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
     };
     let mut retry = FIRST_RETRY;
     let mut attempts_failed = 0u32;
+    let mut suspect: Option<(Position, u32)> = None;
     while !stop.is_triggered() {
+        note(&outbox, &status);
         let (client, eventloop) = AsyncClient::new(options.clone(), usize::from(settings.mqtt.max_inflight) + 8);
         let (events, connected) = spawn_eventloop(eventloop);
         match wait_connected(connected, &stop, settings.mqtt.keep_alive.max(Duration::from_secs(10))).await {
@@ -72,10 +81,12 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
         }
         tracing::info!(broker = %settings.mqtt.url, client_id = %settings.mqtt.client_id, pending_rows = outbox.pending(), "connected to the MQTT broker");
         status.connected();
-        retry = FIRST_RETRY;
         attempts_failed = 0;
         outbox.rewind();
-        let mut session = Session { client, events, window: Window::default(), qos: qos(settings.mqtt.qos), max: usize::from(settings.mqtt.max_inflight) };
+        let up_at = std::time::Instant::now();
+        // While a row is suspected of ending connections, rows go one at a time: the next loss is its.
+        let max = if suspect.is_some() { 1 } else { usize::from(settings.mqtt.max_inflight) };
+        let mut session = Session { client, events, window: Window::default(), qos: qos(settings.mqtt.qos), max, acked_rows: 0, presence_acked: false };
         session.announce(&settings, true);
         match session.publish(&mut outbox, &settings, &status, &stop).await {
             End::Stopped => {
@@ -85,10 +96,26 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
             End::Lost(why) => {
                 let unacknowledged = session.window.rows_in_flight();
                 status.lost(&why, unacknowledged);
-                tracing::warn!(broker = %settings.mqtt.url, unacknowledged, "lost the MQTT broker: {why}; reconnecting, the unacknowledged rows go again");
+                suspect = next_suspect(suspect, &session, &why);
+                if let Some((at, strikes)) = suspect
+                    && strikes >= STRIKES
+                {
+                    give_up_row(&mut outbox, at, &status, &why);
+                    suspect = None;
+                }
+                if up_at.elapsed() >= STABLE {
+                    retry = FIRST_RETRY;
+                    tracing::warn!(broker = %settings.mqtt.url, unacknowledged, "lost the MQTT broker: {why}; reconnecting, the unacknowledged rows go again");
+                } else {
+                    tracing::warn!(broker = %settings.mqtt.url, unacknowledged, retry_in_s = retry.as_secs_f64(), lasted_s = up_at.elapsed().as_secs_f64(),
+                        "lost the MQTT broker right after connecting: {why}; another client with client_id {:?}, or a message the broker refuses? Retrying with back-off", settings.mqtt.client_id);
+                    wait_out(retry, &mut outbox, &status, &stop).await;
+                    retry = (retry * 2).min(LAST_RETRY);
+                }
             }
         }
     }
+    note(&outbox, &status);
     if let Err(e) = outbox.save() {
         tracing::error!(checkpoint = %outbox.checkpoint_path().display(), error = %e, "cannot save the MQTT checkpoint; rows after the last saved one will be published again");
     }
@@ -114,6 +141,42 @@ async fn wait_out(retry: Duration, outbox: &mut Outbox, status: &PublishStatus, 
 fn note(outbox: &Outbox, status: &PublishStatus) {
     status.set_pending(outbox.pending());
     status.set_lost_files(outbox.lost_generations());
+}
+
+/// After a lost connection: the row that was alone in flight, sent under a second before the drop, gets
+/// one more strike. A drop with several rows in flight makes the next connection send them one at a
+/// time (no strike yet); a connection that got rows acknowledged, or lost nothing in flight, clears or
+/// keeps the suspicion as it was.
+fn next_suspect(suspect: Option<(Position, u32)>, session: &Session, why: &str) -> Option<(Position, u32)> {
+    if session.acked_rows > 0 {
+        return None;
+    }
+    if let Some(at) = session.window.lone_row_sent_within(Duration::from_secs(1)) {
+        let strikes = match suspect {
+            Some((s, n)) if s == at => n + 1,
+            _ => 1,
+        };
+        tracing::debug!(strikes, "the connection dropped ({why}) right after a row was sent alone");
+        return Some((at, strikes));
+    }
+    match session.window.first_row_in_flight() {
+        Some(at) => Some(suspect.filter(|(s, _)| *s == at).unwrap_or((at, 0))),
+        None => suspect,
+    }
+}
+
+/// Acknowledges a row the broker will never take, so that the rows after it are published.
+fn give_up_row(outbox: &mut Outbox, at: Position, status: &PublishStatus, why: &str) {
+    outbox.rewind();
+    match outbox.next_rows(1) {
+        Ok(rows) if rows.first().is_some_and(|r| r.at == at) => {
+            tracing::error!(path = %rows[0].record.path, time = %rows[0].record.time, strikes = STRIKES,
+                "the MQTT broker drops the connection every time this row is sent ({why}): too large for its packet limit? It is not published; the rows after it are");
+            outbox.acknowledged(at);
+            status.refused(1);
+        }
+        _ => outbox.rewind(),
+    }
 }
 
 enum Connect {
@@ -178,6 +241,10 @@ struct Session {
     window: Window,
     qos: QoS,
     max: usize,
+    /// Rows the broker acknowledged in this connection.
+    acked_rows: u64,
+    /// The broker acknowledged the `online` message: it accepts this client's publishes at all.
+    presence_acked: bool,
 }
 
 impl Session {
@@ -201,14 +268,16 @@ impl Session {
                     Some(Err(why)) => return End::Lost(why),
                     None => return End::Lost("the connection ended".into()),
                 },
-                _ = outbox.changed(), if room > 0 => {
+                // Rows only once the broker has taken the presence message: the connection works, and a
+                // drop after that is about what was sent.
+                _ = outbox.changed(), if room > 0 && self.presence_acked => {
                     if let Err(why) = self.send_rows(outbox, s, room) {
                         return End::Lost(why);
                     }
                 }
                 _ = tick.tick() => {
                     // A backstop for a missed wake-up, and the throttled checkpoint write.
-                    if room > 0 && let Err(why) = self.send_rows(outbox, s, room) {
+                    if room > 0 && self.presence_acked && let Err(why) = self.send_rows(outbox, s, room) {
                         return End::Lost(why);
                     }
                     save_quietly(outbox);
@@ -247,8 +316,10 @@ impl Session {
             outbox.acknowledged(at);
         }
         if released.rows > 0 {
+            self.acked_rows += released.rows;
             status.published(released.rows);
         }
+        self.presence_acked |= released.presence;
     }
 
     /// Clean stop: give in-flight messages (and rows the last batches wrote) a moment to be
@@ -293,9 +364,7 @@ impl Session {
 }
 
 fn save_quietly(outbox: &mut Outbox) {
-    if let Err(e) = outbox.save() {
-        tracing::warn!(checkpoint = %outbox.checkpoint_path().display(), error = %e, "cannot save the MQTT checkpoint yet; retrying");
-    }
+    outbox.save_or_warn();
 }
 
 /// Messages handed to the client, oldest first: each gets its packet id when the event loop sends it
@@ -311,6 +380,8 @@ struct Entry {
     pkid: Option<u16>,
     qos: QoS,
     done: bool,
+    /// When the event loop wrote it.
+    sent_at: Option<std::time::Instant>,
 }
 
 /// What became acknowledged, in order, from the front of the window.
@@ -318,11 +389,13 @@ struct Entry {
 struct Released {
     rows: u64,
     last: Option<Position>,
+    /// A presence message was among them.
+    presence: bool,
 }
 
 impl Window {
     fn push(&mut self, at: Option<Position>, qos: QoS) {
-        self.entries.push_back(Entry { at, pkid: None, qos, done: false });
+        self.entries.push_back(Entry { at, pkid: None, qos, done: false, sent_at: None });
     }
 
     fn len(&self) -> usize {
@@ -341,6 +414,7 @@ impl Window {
         if let Some(e) = self.entries.iter_mut().find(|e| e.pkid.is_none()) {
             e.pkid = Some(pkid);
             e.done = e.qos == QoS::AtMostOnce;
+            e.sent_at = Some(std::time::Instant::now());
         }
         self.release()
     }
@@ -355,12 +429,29 @@ impl Window {
     fn release(&mut self) -> Released {
         let mut r = Released::default();
         while self.entries.front().is_some_and(|e| e.done) {
-            if let Some(at) = self.entries.pop_front().and_then(|e| e.at) {
-                r.rows += 1;
-                r.last = Some(at);
+            match self.entries.pop_front().and_then(|e| e.at) {
+                Some(at) => {
+                    r.rows += 1;
+                    r.last = Some(at);
+                }
+                None => r.presence = true,
             }
         }
         r
+    }
+
+    fn first_row_in_flight(&self) -> Option<Position> {
+        self.entries.iter().find(|e| e.at.is_some() && !e.done).and_then(|e| e.at)
+    }
+
+    /// The only row in flight, if it was sent less than `within` ago.
+    fn lone_row_sent_within(&self, within: Duration) -> Option<Position> {
+        let mut rows = self.entries.iter().filter(|e| e.at.is_some() && !e.done);
+        let row = rows.next()?;
+        if rows.next().is_some() {
+            return None;
+        }
+        row.sent_at.filter(|t| t.elapsed() < within).and(row.at)
     }
 }
 
@@ -465,10 +556,10 @@ mod tests {
         }
         // Row 20 acknowledged first: nothing released while the presence message and row 10 wait.
         assert_eq!(w.acknowledged(3), Released::default());
-        assert_eq!(w.acknowledged(1), Released::default());
-        assert_eq!(w.acknowledged(2), Released { rows: 2, last: at(20) });
+        assert_eq!(w.acknowledged(1), Released { rows: 0, last: None, presence: true });
+        assert_eq!(w.acknowledged(2), Released { rows: 2, last: at(20), presence: false });
         assert_eq!(w.rows_in_flight(), 1);
-        assert_eq!(w.acknowledged(4), Released { rows: 1, last: at(30) });
+        assert_eq!(w.acknowledged(4), Released { rows: 1, last: at(30), presence: false });
         assert!(w.is_empty());
     }
 
@@ -477,7 +568,19 @@ mod tests {
         let mut w = Window::default();
         w.push(at(10), QoS::AtMostOnce);
         w.push(at(20), QoS::AtMostOnce);
-        assert_eq!(w.sent(0), Released { rows: 1, last: at(10) });
-        assert_eq!(w.sent(0), Released { rows: 1, last: at(20) });
+        assert_eq!(w.sent(0), Released { rows: 1, last: at(10), presence: false });
+        assert_eq!(w.sent(0), Released { rows: 1, last: at(20), presence: false });
+    }
+
+    #[test]
+    fn a_lone_row_just_sent_is_the_suspect_of_a_drop() {
+        let mut w = Window::default();
+        w.push(at(10), QoS::AtLeastOnce);
+        assert_eq!(w.lone_row_sent_within(Duration::from_secs(1)), None, "not sent yet");
+        w.sent(1);
+        assert_eq!(w.lone_row_sent_within(Duration::from_secs(1)), at(10));
+        w.push(at(20), QoS::AtLeastOnce);
+        w.sent(2);
+        assert_eq!(w.lone_row_sent_within(Duration::from_secs(1)), None, "two in flight: either could be it");
     }
 }

@@ -128,6 +128,11 @@ pub struct Outbox {
     tap_rows: u64,
     dirty: bool,
     saved_at: Option<Instant>,
+    /// (dev, inode, length) of the checkpoint as last written: one removed or changed behind labeld's
+    /// back is written again.
+    written: Option<(u64, u64, u64)>,
+    /// Saving fails (read-only folder…): said once per streak, not at every attempt.
+    save_failing: bool,
     lost: u64,
 }
 
@@ -153,6 +158,8 @@ impl Outbox {
             tap_rows: view.rows,
             dirty: true,
             saved_at: None,
+            written: None,
+            save_failing: false,
             lost: 0,
         };
         let announced: Vec<Announced> = view.retired.into_iter().chain([live]).collect();
@@ -249,6 +256,10 @@ impl Outbox {
     /// Writes the checkpoint now if it moved (temp file, fsync, rename, directory fsync).
     pub fn save(&mut self) -> io::Result<()> {
         self.sync_tap();
+        if !self.dirty && !self.checkpoint_intact() {
+            tracing::warn!(checkpoint = %self.checkpoint.display(), "the MQTT checkpoint was removed or changed behind labeld's back; writing it again");
+            self.dirty = true;
+        }
         if !self.dirty {
             return Ok(());
         }
@@ -260,6 +271,7 @@ impl Outbox {
         checkpoint::store(&self.checkpoint, &c)?;
         self.dirty = false;
         self.saved_at = Some(Instant::now());
+        self.written = std::fs::metadata(&self.checkpoint).ok().map(|m| (m.dev(), m.ino(), m.len()));
         Ok(())
     }
 
@@ -336,7 +348,7 @@ impl Outbox {
                 self.generations.push_back(Generation { number, mark, file: Some(Arc::new(file)), epoch: None, end: len, emptied_since: None, lost: false, columns: None, bad_header: false });
             } else {
                 let unpublished = if i == 0 { mark.len.saturating_sub(c.offset) } else { mark.len };
-                tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted or compressed before it was published); those rows are not published");
+                tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted, compressed, or moved out of its folder or renamed to a name not starting with the log's name, before it was published); those rows are not published");
                 self.lost += 1;
                 continue;
             }
@@ -447,9 +459,29 @@ impl Outbox {
         if !self.dirty || self.saved_at.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
             return;
         }
-        if let Err(e) = self.save() {
-            tracing::warn!(error = %e, "cannot save the outbox checkpoint; retried, rows since the last one are published again after a restart");
+        self.save_or_warn();
+    }
+
+    /// [`Outbox::save`], with a failure said once per streak (and its end), not at every attempt.
+    pub fn save_or_warn(&mut self) {
+        match self.save() {
+            Ok(()) if self.save_failing => {
+                self.save_failing = false;
+                tracing::info!(checkpoint = %self.checkpoint.display(), "the MQTT checkpoint is saved again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.save_failing => {
+                self.save_failing = true;
+                tracing::warn!(checkpoint = %self.checkpoint.display(), error = %e, "cannot save the MQTT checkpoint; retrying every second (said once): rows since the last saved one are published again after a restart");
+            }
+            Err(_) => {}
         }
+    }
+
+    /// Whether the checkpoint file is still the one last written (not removed, replaced or truncated).
+    fn checkpoint_intact(&self) -> bool {
+        let Some(written) = self.written else { return true };
+        std::fs::metadata(&self.checkpoint).is_ok_and(|m| (m.dev(), m.ino(), m.len()) == written)
     }
 
     /// Whether rows may be waiting in what the sink announced, or a generation after the read one.

@@ -12,6 +12,7 @@ pub struct MqttFigures {
     pub connect_failures: u64,
     pub pending: u64,
     pub lost_files: u64,
+    pub refused: u64,
 }
 
 /// Shared between the connection (writes) and whoever reports (reads).
@@ -30,6 +31,7 @@ struct State {
     connect_failures: u64,
     pending: u64,
     lost_files: u64,
+    refused: u64,
 }
 
 impl PublishStatus {
@@ -96,6 +98,11 @@ impl PublishStatus {
         self.with(|s| s.pending = rows);
     }
 
+    /// Rows given up because the broker drops the connection whenever they are sent.
+    pub fn refused(&self, rows: u64) {
+        self.with(|s| s.refused += rows);
+    }
+
     pub fn set_lost_files(&self, files: u64) {
         self.with(|s| s.lost_files = files);
     }
@@ -108,6 +115,7 @@ impl PublishStatus {
             connect_failures: s.connect_failures,
             pending: s.pending,
             lost_files: s.lost_files,
+            refused: s.refused,
         })
     }
 

@@ -28,6 +28,8 @@ pub struct BrokerOptions {
     pub tls: bool,
     /// Only this user (name, password) may connect (`password_file`, `allow_anonymous false`).
     pub user: Option<(String, String)>,
+    /// More lines for mosquitto.conf (limits such as `max_packet_size 1000`).
+    pub extra: String,
 }
 
 impl BrokerOptions {
@@ -163,6 +165,8 @@ impl Broker {
             }
             None => conf.push_str("allow_anonymous true\n"),
         }
+        conf.push_str(&opts.extra);
+        conf.push('\n');
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
         Broker { dir, port, conf: conf_path, log, tls, user: opts.user, child: None }
