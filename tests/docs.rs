@@ -227,3 +227,53 @@ fn the_readme_stays_a_front_door() {
         assert!(anchors.contains(a), "{a} not in {anchors:?}");
     }
 }
+
+/// `I<n>` numbers cited next to "docs/design.md" in a line of Rust source.
+fn cited_invariants(line: &str) -> Vec<u32> {
+    if !line.contains("docs/design.md") {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for word in line.split(|c: char| !c.is_ascii_alphanumeric()) {
+        if let Some(n) = word.strip_prefix('I').and_then(|d| d.parse().ok()) {
+            out.push(n);
+        }
+    }
+    out
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_invariant_is_cited_by_the_code_that_keeps_it_and_every_citation_exists() {
+    let design = read("docs/design.md");
+    let listed: BTreeSet<u32> = outside_code(&design)
+        .iter()
+        .filter_map(|l| l.trim_start().split_once(". **I").and_then(|(_, rest)| rest.split('.').next()?.parse().ok()))
+        .collect();
+    assert!(listed.len() >= 10, "docs/design.md lists the invariants as `N. **IN. …**`: found {listed:?}");
+    let mut files = Vec::new();
+    rust_files(&Path::new(ROOT).join("src"), &mut files);
+    let mut cited: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        for line in std::fs::read_to_string(f).unwrap().lines() {
+            for n in cited_invariants(line) {
+                cited.entry(n).or_default().insert(f.strip_prefix(ROOT).unwrap().display().to_string());
+            }
+        }
+    }
+    let unknown: Vec<_> = cited.keys().filter(|n| !listed.contains(n)).collect();
+    assert!(unknown.is_empty(), "the code cites invariants docs/design.md does not list: {unknown:?} ({cited:?})");
+    let uncited: Vec<_> = listed.iter().filter(|n| !cited.contains_key(n)).collect();
+    assert!(uncited.is_empty(), "invariants no code comment cites: {uncited:?}");
+    eprintln!("invariants cited: {cited:?}");
+}
