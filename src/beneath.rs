@@ -1,3 +1,5 @@
+//! Invariant I6 (docs/design.md): no path beneath an inbox is resolved through a link.
+//!
 //! The one way labeld touches files inside an inbox: every open, stat and rename resolves the path
 //! relative to the inbox root with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so a symbolic
 //! link at any component (a planted link, a linked folder, a folder swapped for a link mid-flight) is

@@ -1,12 +1,13 @@
 //! A job: one image on its way from the queue to its result. It knows where it comes from (a file in
 //! an inbox or an HTTP upload), which version of the file was read, and the folder it was read from.
 //!
-//! An inbox file is labelled by one job at a time: a job holds the file's `Claim` in the `InFlight`
-//! set, keyed by its path and by its device and inode (so the same file seen under a second path — its
-//! folder renamed mid-flight — waits for the first job). The claim is released when the last handle
-//! on the job is dropped, whatever path the job took (written, gone, failed, dropped at shutdown or in
-//! a panic), so no image can stay claimed for good. A path pushed again while claimed is handed back
-//! through `InFlight::resubmissions` on release, so the newest content is checked too.
+//! An inbox file is labelled by one job at a time (invariant I5 in docs/design.md): a job holds the
+//! file's `Claim` in the `InFlight` set, keyed by its path and by its device and inode (so the same
+//! file seen under a second path — its folder renamed mid-flight — waits for the first job). The claim
+//! is released when the last handle on the job is dropped, whatever path the job took (written, gone,
+//! failed, dropped at shutdown or in a panic), so no image can stay claimed for good. A path pushed
+//! again while claimed is handed back through `InFlight::resubmissions` on release, so the newest
+//! content is checked too.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;

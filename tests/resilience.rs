@@ -87,7 +87,7 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// `LABELD_CRASH_IMAGES` / `LABELD_CRASH_KILLS` scale it up (README: full size 5000 / 10).
+/// `LABELD_CRASH_IMAGES` / `LABELD_CRASH_KILLS` scale it up (docs/development.md: full size 5000 / 10).
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_tears_nothing() {
     let n = env_usize("LABELD_CRASH_IMAGES", 1500);

@@ -294,7 +294,7 @@ impl Worker {
     /// Ranks `n` images with the model `settings` name. While the model cannot be loaded or fails
     /// even on its test input (a fault of the model, not of the images) nothing is recorded: /readyz
     /// says "model failing" and the batch is tried again after a back-off, until it works or
-    /// shutdown (`None`).
+    /// shutdown (`None`). Invariant I8 (docs/design.md): only a verdict about the image is recorded.
     fn rank_until_the_model_works(
         &mut self,
         settings: &Arc<InferSettings>,

@@ -64,6 +64,7 @@ pub fn load(path: &Path) -> Result<Option<Checkpoint>, LoadError> {
 }
 
 /// Replaces the checkpoint at `path` with `c`: temp file beside it, fsync, rename, folder fsync.
+/// Invariant I10 (docs/design.md): a crash leaves the old checkpoint or the new one.
 pub fn store(path: &Path, c: &Checkpoint) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,

@@ -1,5 +1,6 @@
 //! The durable outbox: the CSV results log itself, read from a checkpoint (log generation + byte offset)
-//! that moves forward only when the broker has acknowledged the rows before it. Rows are read from the
+//! that moves forward only when the broker has acknowledged the rows before it
+//! (invariants I9 and I10 in docs/design.md). Rows are read from the
 //! file, never held in memory beyond what is in flight, so a long outage costs disk (the log), not RAM.
 //!
 //! A *generation* is one file's content from its first byte until it is rotated away or emptied in
@@ -236,7 +237,8 @@ impl Outbox {
     }
 
     /// The broker has the row ending at `at` and every row handed out before it. The checkpoint moves
-    /// there (written to disk at most every 100 ms, and by [`Outbox::save`]).
+    /// there (written to disk at most every 100 ms, and by [`Outbox::save`]). Invariant I10
+    /// (docs/design.md): this is the only place the acknowledged position moves forward.
     pub fn acknowledged(&mut self, at: Position) {
         if at <= self.acked {
             return;

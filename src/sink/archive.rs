@@ -2,6 +2,7 @@
 //! `done_dir` or deleted, with its sidecar), a failed one to its inbox's `quarantine` (with its error
 //! sidecar). Nothing is moved before its record is written, so a crash can never leave an image out of
 //! the inbox without a row and a sidecar (quarantine and done folders are not scanned).
+//! Invariant I4 (docs/design.md): an image leaves the inbox only with a durable row and sidecar.
 //!
 //! The image goes first, then its sidecar, so a crash in between leaves a sidecar without its image
 //! (never an image without a sidecar, which would be labelled twice). `finish` completes such

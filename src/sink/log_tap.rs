@@ -1,7 +1,7 @@
 //! What the results log tells its one reader, the MQTT outbox: which file it appends to (a shared
 //! handle, so a renamed-away file stays readable), how much of it is durable, and when that file's life
 //! ended (rotated away, or emptied in place by `copytruncate`). Only fsynced bytes are announced: a
-//! failed write that is cut back is never seen by the reader.
+//! failed write that is cut back is never seen by the reader (invariant I9 in docs/design.md).
 
 use std::collections::VecDeque;
 use std::fs::File;

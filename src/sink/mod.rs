@@ -1,8 +1,8 @@
 //! Sink: for each batch, appends the CSV rows (fsynced), then writes each image's JSON sidecar, then
 //! sets the image aside (ok → `on_done`, failed → the inbox's quarantine) and releases it from the
-//! in-flight set. That order is the exactly-once promise: an image leaves the inbox only with a
-//! durable row and sidecar, and an image with a row but no sidecar (crash, stop) gets its sidecar from
-//! the row at the next start instead of a second labelling.
+//! in-flight set. That order is the exactly-once promise (invariants I1, I4, I5 in docs/design.md): an
+//! image leaves the inbox only with a durable row and sidecar, and an image with a row but no sidecar
+//! (crash, stop) gets its sidecar from the row at the next start instead of a second labelling.
 //!
 //! Rows and sidecars keep the path the image was found at in the inbox, also for images moved to
 //! `done_dir` or quarantine afterwards (possibly under a numbered name, `IMG_0001~1.jpg`).
@@ -356,6 +356,7 @@ impl Writer {
 
     /// A passing fault is not a verdict on the image: no record; the image is tried again after a
     /// back-off that doubles per failure (0.5 s to 5 min), so a permission fixed later is picked up.
+    /// Invariant I8 (docs/design.md): only a verdict about the image is a permanent record.
     fn retry_later(&mut self, claim: &Claim, error: &str) {
         let tries = self.faults.entry(claim.path().to_path_buf()).or_insert(0);
         *tries += 1;
@@ -419,6 +420,7 @@ impl Writer {
     }
 
     /// Writes pending rows, then pending sidecars (only once their rows are safely in the log).
+    /// Invariant I1 (docs/design.md): a row is durable before its sidecar.
     fn flush(&mut self) {
         let t = Instant::now();
         self.write_pending();
@@ -475,8 +477,8 @@ impl Writer {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot sync folder");
             }
         }
-        // Recorded for good (row fsynced, sidecar written and synced): only now may the image leave
-        // the inbox, and only then is its claim released (when `p` is dropped).
+        // Invariant I4 (docs/design.md): recorded for good (row fsynced, sidecar written and synced), only
+        // now may the image leave the inbox, and only then is its claim released (when `p` is dropped).
         for p in done {
             self.set_aside(&p);
         }
@@ -495,6 +497,7 @@ impl Writer {
     /// Writes the sidecar beside the job's image. Through the folder the image was read from, while
     /// that folder is inside the inbox and still holds the image: so a folder renamed (or swapped with
     /// another of the same layout) after the row was written cannot put it beside another image.
+    /// Invariant I7 (docs/design.md): nothing is written outside the configured folders.
     /// `p.image` becomes where the image is now. By path only for a job without a held folder.
     fn write_sidecar(&self, p: &mut Pending) -> Result<OwnedFd, sidecar::WriteError> {
         let gone = |why: &str| sidecar::WriteError::NoFolder(std::io::Error::new(std::io::ErrorKind::NotFound, why.to_string()));
@@ -528,7 +531,7 @@ impl Writer {
     }
 
     /// Only the very file that was labelled is moved or deleted: if another file took its path
-    /// meanwhile (folders renamed or swapped), it is left alone.
+    /// meanwhile (folders renamed or swapped), it is left alone (invariant I4, docs/design.md).
     fn set_aside(&self, p: &Pending) {
         let image = p.image.as_path();
         let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) else { return };

@@ -1,7 +1,7 @@
 //! The CSV results log: one row per image, appended.
 //!
-//! Crash safety: each batch's rows go out in one `write` and are fsynced before that batch's sidecars
-//! are written, so an image with a sidecar always has its row. A failed write or fsync (disk full, I/O
+//! Crash safety (invariants I1 and I3 in docs/design.md): each batch's rows go out in one `write` and
+//! are fsynced before that batch's sidecars are written, so an image with a sidecar always has its row. A failed write or fsync (disk full, I/O
 //! error) is cut back to the length before it (`set_len`) and the batch retried whole later, so a torn
 //! row can never end up inside the file; only a crash mid-write can tear one, and only the last line,
 //! which `open` cuts off (that image has no sidecar yet and is labelled again).
@@ -141,6 +141,7 @@ impl ResultLog {
 
     /// Appends one row per record in a single write, then fsyncs. Whole or nothing: on any error the
     /// file is cut back to its length before the write, so a retry never leaves a torn row inside.
+    /// Invariant I3 (docs/design.md): the log holds only whole rows.
     pub fn append(&mut self, records: &[Record]) -> std::io::Result<()> {
         self.cut_back()?;
         self.reopen_if_rotated()?;

@@ -1,6 +1,6 @@
-//! `<image>.json` beside each image, written so that a crash leaves either no sidecar or a whole one:
-//! temp file in the same folder → fsync → rename, all beneath the inbox root without following links
-//! (`beneath`). The sidecar records the identity of the file version it describes; "already labelled"
+//! `<image>.json` beside each image, written so that a crash leaves either no sidecar or a whole one
+//! (invariant I2 in docs/design.md): temp file in the same folder → fsync → rename, all beneath the
+//! inbox root without following links (`beneath`). The sidecar records the identity of the file version it describes; "already labelled"
 //! means the sidecar's identity is the file's identity now.
 
 use std::ffi::{OsStr, OsString};
