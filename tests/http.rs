@@ -2,10 +2,15 @@
 //! the status page in a real headless Chromium.
 
 mod common;
+#[path = "common/devtools.rs"]
+mod devtools;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use devtools::Chromium;
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -205,6 +210,120 @@ fn the_status_page_shows_a_labelled_image_in_headless_chromium() {
     assert!(row.contains("data-loaded=\"112\""), "thumbnail did not load: {row}");
     assert!(dom.contains("id=\"ok\">1<"), "the labelled count is shown");
     assert!(dom.contains("channel_mean (fp32)"));
+}
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The page's panel as a keyboard user drives it: focus is on the chooser, `key` opens it, `file` is
+/// picked; returns the status line's state ("done" or "error") once the page has an answer.
+fn choose_with_key(c: &mut Chromium, key: &str, file: &Path) -> String {
+    assert_eq!(c.eval("document.activeElement.id"), "try-file", "keyboard focus is not on the file chooser");
+    c.press(key);
+    let chooser = c.event("Page.fileChooserOpened");
+    c.call("DOM.setFileInputFiles", json!({ "files": [file], "backendNodeId": chooser["backendNodeId"] }));
+    settled(c)
+}
+
+fn settled(c: &mut Chromium) -> String {
+    let state = c.wait_for("(s => s && s !== 'busy' && s)(document.getElementById('try-status').dataset.state)");
+    state.as_str().unwrap().to_string()
+}
+
+fn try_status(c: &mut Chromium) -> String {
+    c.eval("document.getElementById('try-status').textContent").as_str().unwrap().to_string()
+}
+
+#[test]
+fn try_an_image_labels_a_chosen_or_dropped_photo_and_explains_refusals_in_headless_chromium() {
+    let model = Path::new(ROOT).join("models/default.pt");
+    assert!(model.exists(), "{} is missing: run `make model`", model.display());
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nmax_body_mb = 1\n");
+    s.edit_config("path = \"models/channel_mean.pt\"", &format!("path = {:?}", model.display().to_string()));
+    for photo in ["coffee.jpg", "rocket.jpg"] {
+        std::fs::copy(Path::new(ROOT).join("tests/data").join(photo), s.inbox.join(photo)).unwrap();
+    }
+    let d = s.spawn_daemon();
+    let base = format!("http://{}", d.http_addr());
+    for photo in ["coffee.jpg", "rocket.jpg"] {
+        wait_for_sidecar(&s.inbox.join(photo), WAIT);
+    }
+    // What labeld answers for the cat when asked directly; the page must show the same.
+    let cat = Path::new(ROOT).join("tests/data/chelsea.png");
+    let (code, want) = post(&format!("{base}/predict"), "image/png", &std::fs::read(&cat).unwrap());
+    assert_eq!(code, 200, "{want}");
+    assert!((281..=285).contains(&want["top"][0]["class_id"].as_u64().unwrap()), "the cat is not a cat: {want}");
+
+    let mut c = Chromium::start(&s.dir.path().join("chromium-profile"), WAIT);
+    c.open(&format!("{base}/"));
+    c.wait_for("document.getElementById('model').textContent");
+    c.call("Page.setInterceptFileChooserDialog", json!({ "enabled": true }));
+
+    // Tab from the top of the page lands on the chooser; Enter opens it.
+    c.press("Tab");
+    assert_eq!(choose_with_key(&mut c, "Enter", &cat), "done", "{}", try_status(&mut c));
+    let shown = c.eval(
+        "[...document.querySelectorAll('#try-top li')].map(li => \
+           [li.querySelector('.label').textContent, li.querySelector('.pct').textContent, li.querySelector('.bar span').style.width])",
+    );
+    let shown = shown.as_array().unwrap();
+    let top = want["top"].as_array().unwrap();
+    assert_eq!(shown.len(), top.len(), "{shown:?}");
+    for (row, t) in shown.iter().zip(top) {
+        let score = t["score"].as_f64().unwrap() * 100.0;
+        assert_eq!(row[0], t["label"], "{shown:?}");
+        assert_eq!(row[1], format!("{score:.1} %"), "the bar's value in words");
+        assert_eq!(row[2], format!("{score:.1}%"), "the bar's length");
+    }
+    // The spoken summary names the top label; the photo itself is shown; model and latency too.
+    let spoken = try_status(&mut c);
+    assert!(spoken.starts_with(&format!("chelsea.png: {}, ", top[0]["label"].as_str().unwrap())), "{spoken}");
+    assert_eq!(c.eval("document.getElementById('try-status').getAttribute('aria-live')"), "polite");
+    assert_eq!(c.wait_for("document.getElementById('try-image').naturalWidth"), 451, "the chosen photo is displayed");
+    let meta = c.eval("document.getElementById('try-meta').textContent");
+    let meta = meta.as_str().unwrap();
+    assert!(meta.starts_with(&format!("model {} · ", want["model"].as_str().unwrap())) && meta.contains(" ms in labeld"), "{meta}");
+
+    // The screenshot for docs/status-page.png, taken with the cat labelled and the table filled.
+    c.wait_for("document.querySelectorAll('#results img[data-loaded]').length >= 3");
+    let png = c.screenshot(1000);
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "screenshot of {} bytes", png.len());
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    std::fs::write(&shot, &png).unwrap();
+    eprintln!("screenshot: {} ({} bytes)", shot.display(), png.len());
+
+    // A text file, chosen with Space: refused by labeld (422) and said in words; no labels shown.
+    let notes = s.dir.path().join("notes.txt");
+    std::fs::write(&notes, "shopping list: milk, bread\n").unwrap();
+    assert_eq!(choose_with_key(&mut c, " ", &notes), "error");
+    let said = try_status(&mut c);
+    assert!(said.starts_with("notes.txt is not an image labeld can read: ") && said.contains("not a supported image format"), "{said}");
+    assert_eq!(c.eval("document.getElementById('try-result').hidden"), true);
+
+    // Over [http] max_body_mb: refused before it is sent, with the limit in words.
+    let big = s.dir.path().join("big.png");
+    std::fs::write(&big, vec![7u8; 1536 * 1024]).unwrap();
+    assert_eq!(choose_with_key(&mut c, "Enter", &big), "error");
+    let said = try_status(&mut c);
+    assert!(said.contains("big.png is too large") && said.contains("up to 1 MB"), "{said}");
+
+    // Dropped onto the zone with the mouse: labelled like a chosen one.
+    let zone = c.eval("(r => [r.x + r.width / 2, r.y + r.height / 2])(document.getElementById('drop').getBoundingClientRect())");
+    let (x, y) = (zone[0].as_f64().unwrap(), zone[1].as_f64().unwrap());
+    let coffee = Path::new(ROOT).join("tests/data/coffee.jpg");
+    let data = json!({ "items": [], "files": [coffee], "dragOperationsMask": 1 });
+    for kind in ["dragEnter", "dragOver", "drop"] {
+        c.call("Input.dispatchDragEvent", json!({ "type": kind, "x": x, "y": y, "data": data }));
+    }
+    assert_eq!(settled(&mut c), "done", "{}", try_status(&mut c));
+    let said = try_status(&mut c);
+    assert!(said.starts_with("coffee.jpg: espresso, "), "{said}");
+
+    // Every upload went through the workers: the cat twice (API and page), the coffee once, the text once.
+    let (_, m) = get(&format!("{base}/metrics"));
+    assert_eq!(metric(&m, "labeld_images_total{status=\"ok\"}"), 5.0, "2 inbox photos + 3 uploads");
+    assert_eq!(metric(&m, "labeld_images_total{status=\"error\"}"), 1.0);
+    drop(c);
+    assert!(d.stop().success());
 }
 
 #[test]

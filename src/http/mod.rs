@@ -140,6 +140,9 @@ async fn status(State(s): State<HttpState>) -> Response {
         "errors": s.metrics.images("error"),
         "recent": s.recent.list(),
         "mqtt": s.metrics.mqtt().map(|m| m.json()),
+        // The page refuses a larger photo itself: a browser still sending a body the server refused
+        // sees a reset connection, not the 413.
+        "max_body_bytes": s.uploads.max_body(),
     }))
     .into_response()
 }
