@@ -12,6 +12,7 @@ pub mod health;
 pub mod http;
 pub mod infer;
 pub mod job;
+pub mod manual;
 pub mod metrics;
 pub mod progress;
 pub mod publish;

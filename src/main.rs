@@ -3,12 +3,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use labeld::config::{Config, DEFAULT_CONFIG};
 use labeld::error::Fatal;
 
 #[derive(Parser)]
-#[command(name = "labeld", version, about = "Labels images as they arrive: TorchScript classifier, JSON sidecars, CSV log")]
+#[command(
+    name = "labeld",
+    version = labeld::manual::VERSION,
+    about = "Labels images as they arrive: TorchScript classifier, JSON sidecars, CSV log",
+    long_about = "Labels images as they arrive: watches inbox folders, runs each new image through a TorchScript \
+                  ImageNet classifier (libtorch, CPU), writes a JSON sidecar beside it and a row to a CSV results log. \
+                  Optional: an HTTP endpoint (metrics, health, POST /predict, a status page) and MQTT publishing."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,9 +47,13 @@ enum Command {
     },
     /// Validate a config file and print it resolved.
     CheckConfig {
+        /// Config file.
         #[arg(long, short, env = "LABELD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Write the man pages labeld(8) and labeld.toml(5) into DIR/man8 and DIR/man5 (run when the .deb is built).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +90,10 @@ fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
             print!("{}", c.describe());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            labeld::manual::write(Cli::command(), &dir)?;
             Ok(ExitCode::SUCCESS)
         }
     }

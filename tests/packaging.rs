@@ -124,6 +124,61 @@ fn the_deb_unpacks_to_a_binary_that_finds_its_libtorch_through_the_rpath_and_cla
     assert_eq!(r["top"][0]["label"], "espresso", "{r}");
 
     verify_unit(&root.join("lib/systemd/system/labeld.service"), &bin, out_dir.path());
+    the_man_pages_and_docs_are_in(&root);
+}
+
+/// labeld(8) and labeld.toml(5), gzipped where man looks, render without a warning; the README and
+/// every guide in docs/ are under /usr/share/doc/labeld.
+fn the_man_pages_and_docs_are_in(root: &Path) {
+    let pages = [
+        ("usr/share/man/man8/labeld.8.gz", &[".TH labeld 8", "labeld check-config", "LABELD_CONFIG", "SIGHUP", "EXIT STATUS"][..]),
+        ("usr/share/man/man5/labeld.toml.5.gz", &[".TH LABELD.TOML 5", ".SS [model]", "\\fBmax_body_mb\\fR", ".SS [mqtt]"][..]),
+    ];
+    for (page, wants) in pages {
+        let gz = root.join(page);
+        let roff = Command::new("gzip").arg("-dc").arg(&gz).output().unwrap();
+        assert!(roff.status.success(), "{page} is not in the package (or not gzipped)");
+        let roff = String::from_utf8(roff.stdout).unwrap();
+        for want in wants {
+            assert!(roff.contains(want), "{page} lacks {want:?}");
+        }
+        // groff (Debian's groff-base, which man-db needs) with every warning on.
+        if Command::new("groff").arg("--version").output().is_err() {
+            eprintln!("no groff: {page} checked for its sections only");
+            continue;
+        }
+        let plain = root.join(page.trim_end_matches(".gz"));
+        std::fs::write(&plain, &roff).unwrap();
+        let out = Command::new("groff").args(["-man", "-Tutf8", "-ww", "-P-cbou"]).env("LC_ALL", "C.UTF-8").arg(&plain).output().unwrap();
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && warnings.trim().is_empty(), "groff on {page}:\n{warnings}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("NAME") && text.contains("SEE ALSO") && text.len() > 2000, "{page} renders to:\n{text}");
+    }
+    let doc = root.join("usr/share/doc/labeld");
+    assert!(doc.join("README.md").exists() && doc.join("labeld.toml.example").exists());
+    for guide in std::fs::read_dir(Path::new(ROOT).join("docs")).into_iter().flatten().flatten() {
+        let name = guide.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            assert!(doc.join("docs").join(&name).exists(), "docs/{name} is not in /usr/share/doc/labeld/docs");
+        }
+    }
+}
+
+#[test]
+fn version_names_the_commit_and_the_libtorch_it_was_built_with() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    let libtorch = std::env::var("LIBTORCH").map(|l| Path::new(ROOT).join(l)).unwrap_or_else(|_| Path::new(ROOT).join(".deps/libtorch"));
+    let torch_version = std::fs::read_to_string(libtorch.join("build-version")).unwrap_or_else(|_| "unknown".into());
+    let git = Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(ROOT).output();
+    let commit = match git {
+        Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap().trim().to_string(),
+        _ => "unknown".into(), // a source tarball
+    };
+    let want = format!("labeld {} (commit {commit}, libtorch {})\n", env!("CARGO_PKG_VERSION"), torch_version.trim());
+    assert_eq!(line, want);
 }
 
 /// The system calls a systemd syscall-filter group allows, groups expanded.
