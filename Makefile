@@ -1,5 +1,7 @@
 # labeld: `make run` sets up and runs the daemon on config/labeld.toml; `make test` sets up and runs
 # every test. Set-up steps are idempotent and cached (downloads in ~/.cache/labeld, unpacked in .deps/).
+# `make run` installs only what building and running need; `make test`, `make deb` and `make bench` add
+# their own packages (scripts/setup-system.sh ROLE).
 
 CARGO ?= cargo
 CONFIG ?= config/labeld.toml
@@ -11,6 +13,7 @@ run: setup build
 	$(BIN) run --config $(CONFIG)
 
 test: setup
+	scripts/setup-system.sh test
 	$(CARGO) test --release --all-targets
 
 setup: deps model
@@ -18,15 +21,18 @@ setup: deps model
 # labeld vs the Python reference and onnxruntime on the same files, ResNet-18 and EfficientNet-Lite0
 # (see README "Speed"). A smoke run: make bench BENCH_ARGS=--quick
 bench: setup build
+	scripts/setup-system.sh bench
 	scripts/setup-bench.sh
 	/usr/bin/python3 benches/bench.py $(BENCH_ARGS)
 
-# target/deb/labeld_<version>_amd64.deb: binary, private libtorch, model, unit, /etc/labeld/labeld.toml.
+# target/deb/labeld_<version>_amd64.deb: binary, private libtorch, model, unit, /etc/labeld/labeld.toml,
+# man pages labeld(8) and labeld.toml(5), docs in /usr/share/doc/labeld.
 deb: setup build
+	scripts/setup-system.sh deb
 	scripts/build-deb.sh
 
 deps:
-	scripts/setup-system.sh
+	scripts/setup-system.sh run
 	scripts/setup-libtorch.sh
 
 libtorch:

@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
-# Debian packages labeld needs to build (libturbojpeg, pkg-config), to export the model
-# (python3-torch, python3-torchvision), to measure peak memory in `make bench` (time), to check the
-# systemd unit (systemd-analyze) and the syscalls its filter allows (strace), to build the .deb
-# (patchelf), to test the status page (chromium) and MQTT publishing against a real broker the tests start
-# on their own port (mosquitto, mosquitto-clients; openssl makes their TLS certificates).
-# Installs only what is missing; a no-op once done.
+# Debian packages, by what you are about to do (installs only what is missing; a no-op once done):
+#   scripts/setup-system.sh run     build labeld (pkg-config, libturbojpeg0-dev) and export the model
+#                                   (python3-torch, python3-torchvision): all `make run` needs
+#   scripts/setup-system.sh deb     + patchelf, to point the packaged binary at its private libtorch
+#   scripts/setup-system.sh bench   + time, for the peak memory `make bench` reports
+#   scripts/setup-system.sh test    + what only the tests drive: the status page in Chromium, the systemd
+#                                   unit and its syscall filter (systemd-analyze, strace), MQTT against
+#                                   a real broker (mosquitto, mosquitto-clients; openssl makes its TLS
+#                                   certificates), the man pages (groff-base) and the .deb (patchelf)
+#   scripts/setup-system.sh --list ROLE   print the role's packages, install nothing
 set -euo pipefail
 
-PACKAGES=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision time strace
-          systemd patchelf chromium mosquitto mosquitto-clients openssl)
+LIST=false
+if [[ ${1:-} == --list ]]; then LIST=true; shift; fi
+ROLE=${1:-run}
+RUN=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision)
+case $ROLE in
+    run) PACKAGES=("${RUN[@]}") ;;
+    deb) PACKAGES=("${RUN[@]}" patchelf) ;;
+    bench) PACKAGES=("${RUN[@]}" time) ;;
+    test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base) ;;
+    *) echo "setup-system: unknown role '$ROLE' (run, deb, bench or test)" >&2; exit 2 ;;
+esac
+if $LIST; then printf '%s\n' "${PACKAGES[@]}"; exit 0; fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -18,6 +32,6 @@ done
 
 SUDO=""
 [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-echo "setup-system: installing ${missing[*]}"
+echo "setup-system ($ROLE): installing ${missing[*]}"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" > /dev/null

@@ -195,7 +195,7 @@ fn the_status_page_shows_a_labelled_image_in_headless_chromium() {
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("{base}/"))
         .output()
-        .expect("run chromium (Debian package `chromium`, installed by scripts/setup-system.sh)");
+        .expect("run chromium (Debian package `chromium`, installed by scripts/setup-system.sh test)");
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !dom.is_empty(), "chromium failed after {:?}: {}", t.elapsed(), String::from_utf8_lossy(&out.stderr));
 

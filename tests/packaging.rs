@@ -22,7 +22,7 @@ fn verify_unit(unit: &Path, bin: &Path, dir: &Path) {
         .args(["verify", "--man=no"])
         .arg(&copy)
         .output()
-        .expect("run systemd-analyze (Debian package systemd, installed by scripts/setup-system.sh)");
+        .expect("run systemd-analyze (Debian package systemd, installed by scripts/setup-system.sh test)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify:\n{err}");
 }
@@ -229,7 +229,7 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .expect("run strace (Debian package strace, installed by scripts/setup-system.sh)");
+        .expect("run strace (Debian package strace, installed by scripts/setup-system.sh test)");
     let wait_log = |needle: &str| {
         let t = Instant::now();
         while !std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
@@ -275,4 +275,30 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
     assert!(used.len() > 30 && used.contains("inotify_add_watch") && used.contains("accept4"), "{used:?}");
     let outside: Vec<_> = used.difference(&allowed).collect();
     assert!(outside.is_empty(), "system calls outside @system-service (the unit would kill labeld): {outside:?}");
+}
+
+fn packages(role: &str) -> BTreeSet<String> {
+    let out = Command::new(Path::new(ROOT).join("scripts/setup-system.sh")).args(["--list", role]).output().unwrap();
+    assert!(out.status.success(), "setup-system.sh --list {role}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn make_run_installs_only_what_building_and_running_need() {
+    let run = packages("run");
+    assert!(run.contains("libturbojpeg0-dev") && run.contains("python3-torch"), "{run:?}");
+    let test = packages("test");
+    for only_tests in ["chromium", "strace", "systemd", "patchelf", "mosquitto", "mosquitto-clients", "openssl", "groff-base", "time"] {
+        assert!(!run.contains(only_tests), "make run would install {only_tests}");
+        assert!(test.contains(only_tests) || only_tests == "time", "make test lacks {only_tests}");
+    }
+    assert!(run.is_subset(&test) && run.is_subset(&packages("deb")) && packages("deb").contains("patchelf"));
+    assert!(packages("bench").contains("time"));
+    // The Makefile asks for the right role at each target.
+    let make = std::fs::read_to_string(Path::new(ROOT).join("Makefile")).unwrap();
+    for (target, role) in [("deps:", "run"), ("test:", "test"), ("deb:", "deb"), ("bench:", "bench")] {
+        let recipe = make.split(&format!("\n{target}")).nth(1).unwrap_or_else(|| panic!("no {target} in the Makefile"));
+        let recipe = recipe.split("\n\n").next().unwrap();
+        assert!(recipe.contains(&format!("scripts/setup-system.sh {role}")), "{target} does not set up {role}:{recipe}");
+    }
 }
