@@ -142,22 +142,29 @@ impl Chromium {
 
     /// The value of a JavaScript expression in the page (promises awaited).
     pub fn eval(&mut self, expression: &str) -> Value {
-        let r = self.call("Runtime.evaluate", json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }));
-        if let Some(e) = r.get("exceptionDetails") {
-            panic!("{expression} threw: {e}");
-        }
-        r["result"]["value"].clone()
+        self.try_eval(expression).unwrap_or_else(|e| panic!("{expression} threw: {e}"))
     }
 
-    /// Evaluates `expression` until it is truthy; returns its value.
+    fn try_eval(&mut self, expression: &str) -> Result<Value, Value> {
+        let r = self.call("Runtime.evaluate", json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }));
+        match r.get("exceptionDetails") {
+            Some(e) => Err(e.clone()),
+            None => Ok(r["result"]["value"].clone()),
+        }
+    }
+
+    /// Evaluates `expression` until it is truthy; returns its value. Until then it may also throw
+    /// (the page is still loading).
     pub fn wait_for(&mut self, expression: &str) -> Value {
         let t = Instant::now();
         loop {
-            let v = self.eval(expression);
-            if !(v.is_null() || v == false || v == "" || v == 0) {
-                return v;
+            let v = self.try_eval(expression);
+            if let Ok(v) = &v {
+                if !(v.is_null() || v == false || v == "" || v == 0) {
+                    return v.clone();
+                }
             }
-            assert!(t.elapsed() < self.timeout, "{expression} still false after {:?}", self.timeout);
+            assert!(t.elapsed() < self.timeout, "{expression} still not true after {:?}: {v:?}", self.timeout);
             std::thread::sleep(Duration::from_millis(50));
         }
     }
