@@ -255,7 +255,7 @@ fn try_an_image_labels_a_chosen_or_dropped_photo_and_explains_refusals_in_headle
 
     let mut c = Chromium::start(&s.dir.path().join("chromium-profile"), WAIT);
     c.open(&format!("{base}/"));
-    c.wait_for("document.getElementById('model').textContent");
+    c.wait_for("(e => e && e.textContent)(document.getElementById('model'))");
     c.call("Page.setInterceptFileChooserDialog", json!({ "enabled": true }));
 
     // Tab from the top of the page lands on the chooser; Enter opens it.
@@ -322,6 +322,24 @@ fn try_an_image_labels_a_chosen_or_dropped_photo_and_explains_refusals_in_headle
     let (_, m) = get(&format!("{base}/metrics"));
     assert_eq!(metric(&m, "labeld_images_total{status=\"ok\"}"), 5.0, "2 inbox photos + 3 uploads");
     assert_eq!(metric(&m, "labeld_images_total{status=\"error\"}"), 1.0);
+    drop(c);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn try_an_image_sends_the_token_the_page_was_opened_with() {
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret+tok/en\"\n");
+    let d = s.spawn_daemon();
+    let base = format!("http://{}", d.http_addr());
+    let red = s.dir.path().join("red.png");
+    solid(&red, RED, 64, 64);
+    let mut c = Chromium::start(&s.dir.path().join("chromium-profile"), WAIT);
+    c.open(&format!("{base}/?token=s3cret%2Btok%2Fen"));
+    c.wait_for("(e => e && e.textContent)(document.getElementById('model'))");
+    c.call("Page.setInterceptFileChooserDialog", json!({ "enabled": true }));
+    c.eval("document.getElementById('try-file').focus()");
+    assert_eq!(choose_with_key(&mut c, "Enter", &red), "done", "{}", try_status(&mut c));
+    assert!(try_status(&mut c).starts_with("red.png: tench, "), "{}", try_status(&mut c));
     drop(c);
     assert!(d.stop().success());
 }
