@@ -32,6 +32,8 @@ pub(super) struct RawMqtt {
     checkpoint: Option<PathBuf>,
     #[serde(default = "default_max_inflight")]
     max_inflight: u16,
+    #[serde(default = "default_max_message_kb")]
+    max_message_kb: usize,
 }
 
 fn default_topic() -> String {
@@ -48,6 +50,9 @@ fn default_keep_alive_s() -> u64 {
 }
 fn default_max_inflight() -> u16 {
     100
+}
+fn default_max_message_kb() -> usize {
+    256
 }
 
 /// A value that must not appear in logs or `check-config` output.
@@ -87,6 +92,9 @@ pub struct MqttConfig {
     pub checkpoint: PathBuf,
     /// Messages sent and not yet acknowledged, at most.
     pub max_inflight: u16,
+    /// A result whose topic + payload is larger is not published (logged, counted): for brokers with a
+    /// packet size limit, which drop the connection rather than refuse one message.
+    pub max_message_kb: usize,
 }
 
 /// Placeholders a result topic may use.
@@ -153,6 +161,9 @@ pub(super) fn from_raw(file: &Path, base: &Path, raw: RawMqtt, csv: &Path) -> Re
     if !(1..=3600).contains(&raw.keep_alive_s) {
         return Err(err("keep_alive_s", format!("must be 1..=3600, got {}", raw.keep_alive_s)));
     }
+    if !(1..=1024).contains(&raw.max_message_kb) {
+        return Err(err("max_message_kb", format!("must be 1..=1024, got {}", raw.max_message_kb)));
+    }
     if !(1..=1000).contains(&raw.max_inflight) {
         return Err(err("max_inflight", format!("must be 1..=1000, got {}", raw.max_inflight)));
     }
@@ -184,6 +195,7 @@ pub(super) fn from_raw(file: &Path, base: &Path, raw: RawMqtt, csv: &Path) -> Re
         host,
         checkpoint,
         max_inflight: raw.max_inflight,
+        max_message_kb: raw.max_message_kb,
     })
 }
 
@@ -192,7 +204,7 @@ impl MqttConfig {
     pub fn describe(&self) -> String {
         let q = |s: &str| toml::Value::String(s.to_string()).to_string();
         let mut s = format!(
-            "\n[mqtt]\nurl = {}\nclient_id = {}\nhost = {}\ntopic = {}\nstatus_topic = {}\nqos = {}\nkeep_alive_s = {}\nmax_inflight = {}\ncheckpoint = {}\n",
+            "\n[mqtt]\nurl = {}\nclient_id = {}\nhost = {}\ntopic = {}\nstatus_topic = {}\nqos = {}\nkeep_alive_s = {}\nmax_inflight = {}\nmax_message_kb = {}\ncheckpoint = {}\n",
             q(&self.url),
             q(&self.client_id),
             q(&self.host),
@@ -201,6 +213,7 @@ impl MqttConfig {
             self.qos,
             self.keep_alive.as_secs(),
             self.max_inflight,
+            self.max_message_kb,
             q(&self.checkpoint.display().to_string()),
         );
         if let Some(u) = &self.username {

@@ -124,6 +124,10 @@ fn render(template: &str, values: &[(&str, &str)]) -> String {
         }
     }
     out.push_str(rest);
+    // Topics starting with $ are the broker's own ($SYS): one a placeholder's value made is not labeld's.
+    if out.starts_with('$') {
+        out.replace_range(0..1, "_");
+    }
     out
 }
 
@@ -179,6 +183,9 @@ mod tests {
         m.inboxes = vec![("/srv/in".into(), "{label}".into())];
         assert_eq!(m.result(&record("/srv/in/a.jpg")).topic, "labeld/{inbox}/{label}/result");
         assert_eq!(m.status_topic(), "labeld/{inbox}/status");
+        let mut dollar = messages("{host}/x");
+        dollar.host = "$SYS".into();
+        assert_eq!(dollar.result(&record("/srv/in/a.jpg")).topic, "_SYS/x");
     }
 
     #[test]

@@ -45,7 +45,8 @@ const LAST_RETRY: Duration = Duration::from_secs(30);
 /// client with the same client id).
 const STABLE: Duration = Duration::from_secs(10);
 /// A row whose sending ends the connection this many times in a row, each time alone in flight and
-/// within a second, is one the broker refuses (too large for its packet limit): it is given up.
+/// within a second, is probably one the broker refuses (larger than its packet limit): the log says so.
+/// It is not given up (a flaky link looks the same): `[mqtt] max_message_kb` is the operator's lever.
 const STRIKES: u32 = 3;
 
 /// Publishes until `stop` is triggered, reconnecting with back-off. Returns the outbox (checkpoint saved).
@@ -73,7 +74,7 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
                 attempts_failed += 1;
                 status.connect_failed(&why);
                 tracing::warn!(broker = %settings.mqtt.url, retry_in_s = retry.as_secs_f64(), attempt = attempts_failed, "cannot connect to the MQTT broker: {why}; labelling goes on, results wait in the outbox");
-                wait_out(retry, &mut outbox, &status, &stop).await;
+                wait_out(jittered(retry), &mut outbox, &status, &stop).await;
                 retry = (retry * 2).min(LAST_RETRY);
                 continue;
             }
@@ -100,16 +101,17 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
                 if let Some((at, strikes)) = suspect
                     && strikes >= STRIKES
                 {
-                    give_up_row(&mut outbox, at, &status, &why);
-                    suspect = None;
+                    say_suspect(&mut outbox, at, strikes, &settings, &why);
                 }
                 if up_at.elapsed() >= STABLE {
                     retry = FIRST_RETRY;
                     tracing::warn!(broker = %settings.mqtt.url, unacknowledged, "lost the MQTT broker: {why}; reconnecting, the unacknowledged rows go again");
+                    // Not at once: a second client with this client id must not be kicked straight back.
+                    wait_out(jittered(FIRST_RETRY), &mut outbox, &status, &stop).await;
                 } else {
                     tracing::warn!(broker = %settings.mqtt.url, unacknowledged, retry_in_s = retry.as_secs_f64(), lasted_s = up_at.elapsed().as_secs_f64(),
                         "lost the MQTT broker right after connecting: {why}; another client with client_id {:?}, or a message the broker refuses? Retrying with back-off", settings.mqtt.client_id);
-                    wait_out(retry, &mut outbox, &status, &stop).await;
+                    wait_out(jittered(retry), &mut outbox, &status, &stop).await;
                     retry = (retry * 2).min(LAST_RETRY);
                 }
             }
@@ -165,18 +167,25 @@ fn next_suspect(suspect: Option<(Position, u32)>, session: &Session, why: &str) 
     }
 }
 
-/// Acknowledges a row the broker will never take, so that the rows after it are published.
-fn give_up_row(outbox: &mut Outbox, at: Position, status: &PublishStatus, why: &str) {
+/// Names the row that keeps ending the connection, with what the operator can do; publishing waits for it.
+fn say_suspect(outbox: &mut Outbox, at: Position, strikes: u32, s: &Settings, why: &str) {
     outbox.rewind();
-    match outbox.next_rows(1) {
-        Ok(rows) if rows.first().is_some_and(|r| r.at == at) => {
-            tracing::error!(path = %rows[0].record.path, time = %rows[0].record.time, strikes = STRIKES,
-                "the MQTT broker drops the connection every time this row is sent ({why}): too large for its packet limit? It is not published; the rows after it are");
-            outbox.acknowledged(at);
-            status.refused(1);
-        }
-        _ => outbox.rewind(),
+    if let Ok(rows) = outbox.next_rows(1)
+        && let Some(row) = rows.first().filter(|r| r.at == at)
+    {
+        let bytes = s.messages.result(&row.record).payload.len();
+        tracing::error!(path = %row.record.path, bytes, strikes, max_message_kb = s.mqtt.max_message_kb,
+            "the MQTT broker drops the connection every time this row is sent alone ({why}): a packet size limit on the broker (Mosquitto max_packet_size)? Set [mqtt] max_message_kb below it to give such rows up; until then publishing waits for this row");
     }
+    outbox.rewind();
+}
+
+/// `d` times a random factor in [0.5, 1.5): boxes (or two clients with one id) do not retry in step.
+fn jittered(d: Duration) -> Duration {
+    let mut seed = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty());
+    let unit = (u64::from_le_bytes(seed) >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.5 + unit)
 }
 
 enum Connect {
@@ -271,13 +280,13 @@ impl Session {
                 // Rows only once the broker has taken the presence message: the connection works, and a
                 // drop after that is about what was sent.
                 _ = outbox.changed(), if room > 0 && self.presence_acked => {
-                    if let Err(why) = self.send_rows(outbox, s, room) {
+                    if let Err(why) = self.send_rows(outbox, s, status, room) {
                         return End::Lost(why);
                     }
                 }
                 _ = tick.tick() => {
                     // A backstop for a missed wake-up, and the throttled checkpoint write.
-                    if room > 0 && self.presence_acked && let Err(why) = self.send_rows(outbox, s, room) {
+                    if room > 0 && self.presence_acked && let Err(why) = self.send_rows(outbox, s, status, room) {
                         return End::Lost(why);
                     }
                     save_quietly(outbox);
@@ -287,7 +296,7 @@ impl Session {
         }
     }
 
-    fn send_rows(&mut self, outbox: &mut Outbox, s: &Settings, room: usize) -> Result<(), String> {
+    fn send_rows(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus, room: usize) -> Result<(), String> {
         let rows = match outbox.next_rows(room) {
             Ok(rows) => rows,
             Err(e) => {
@@ -298,9 +307,18 @@ impl Session {
         };
         for row in rows {
             let m = s.messages.result(&row.record);
+            let bytes = m.topic.len() + m.payload.len();
+            if bytes > s.mqtt.max_message_kb * 1024 {
+                tracing::error!(path = %row.record.path, bytes, max_message_kb = s.mqtt.max_message_kb,
+                    "a result is larger than [mqtt] max_message_kb: it is not published (its sidecar and CSV row stay)");
+                self.window.push_given_up(row.at);
+                continue;
+            }
             self.client.try_publish(m.topic, self.qos, false, m.payload).map_err(|e| format!("cannot queue a message: {e}"))?;
             self.window.push(Some(row.at), self.qos);
         }
+        let released = self.window.release();
+        self.apply(released, outbox, status);
         Ok(())
     }
 
@@ -312,6 +330,14 @@ impl Session {
             Event::Incoming(Packet::PubComp(comp)) => self.window.acknowledged(comp.pkid),
             _ => Released::default(),
         };
+        self.apply(released, outbox, status);
+    }
+
+    /// Moves the checkpoint over what the window released and counts it.
+    fn apply(&mut self, released: Released, outbox: &mut Outbox, status: &PublishStatus) {
+        if released.refused > 0 {
+            status.refused(released.refused);
+        }
         if let Some(at) = released.last {
             outbox.acknowledged(at);
         }
@@ -332,7 +358,7 @@ impl Session {
         };
         loop {
             let room = self.max.saturating_sub(self.window.len());
-            if room > 0 && self.send_rows(outbox, s, room).is_err() {
+            if room > 0 && self.send_rows(outbox, s, status, room).is_err() {
                 break;
             }
             if self.window.is_empty() {
@@ -382,12 +408,17 @@ struct Entry {
     done: bool,
     /// When the event loop wrote it.
     sent_at: Option<std::time::Instant>,
+    /// Not sent at all (larger than `max_message_kb`).
+    given_up: bool,
 }
 
 /// What became acknowledged, in order, from the front of the window.
 #[derive(Default, Debug, PartialEq)]
 struct Released {
+    /// Rows the broker acknowledged.
     rows: u64,
+    /// Rows given up without being sent.
+    refused: u64,
     last: Option<Position>,
     /// A presence message was among them.
     presence: bool,
@@ -395,8 +426,15 @@ struct Released {
 
 impl Window {
     fn push(&mut self, at: Option<Position>, qos: QoS) {
-        self.entries.push_back(Entry { at, pkid: None, qos, done: false, sent_at: None });
+        self.entries.push_back(Entry { at, pkid: None, qos, done: false, sent_at: None, given_up: false });
     }
+
+    /// A row that is not sent (too large): done in its place in the order, so the checkpoint can pass it.
+    fn push_given_up(&mut self, at: Position) {
+        self.entries.push_back(Entry { at: Some(at), pkid: None, qos: QoS::AtMostOnce, done: true, sent_at: None, given_up: true });
+    }
+
+
 
     fn len(&self) -> usize {
         self.entries.len()
@@ -411,7 +449,7 @@ impl Window {
     }
 
     fn sent(&mut self, pkid: u16) -> Released {
-        if let Some(e) = self.entries.iter_mut().find(|e| e.pkid.is_none()) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.pkid.is_none() && !(e.done && e.sent_at.is_none())) {
             e.pkid = Some(pkid);
             e.done = e.qos == QoS::AtMostOnce;
             e.sent_at = Some(std::time::Instant::now());
@@ -428,8 +466,12 @@ impl Window {
 
     fn release(&mut self) -> Released {
         let mut r = Released::default();
-        while self.entries.front().is_some_and(|e| e.done) {
-            match self.entries.pop_front().and_then(|e| e.at) {
+        while let Some(e) = self.entries.pop_front_if(|e| e.done) {
+            match e.at {
+                Some(at) if e.given_up => {
+                    r.refused += 1;
+                    r.last = Some(at);
+                }
                 Some(at) => {
                     r.rows += 1;
                     r.last = Some(at);
@@ -556,10 +598,10 @@ mod tests {
         }
         // Row 20 acknowledged first: nothing released while the presence message and row 10 wait.
         assert_eq!(w.acknowledged(3), Released::default());
-        assert_eq!(w.acknowledged(1), Released { rows: 0, last: None, presence: true });
-        assert_eq!(w.acknowledged(2), Released { rows: 2, last: at(20), presence: false });
+        assert_eq!(w.acknowledged(1), Released { rows: 0, refused: 0, last: None, presence: true });
+        assert_eq!(w.acknowledged(2), Released { rows: 2, refused: 0, last: at(20), presence: false });
         assert_eq!(w.rows_in_flight(), 1);
-        assert_eq!(w.acknowledged(4), Released { rows: 1, last: at(30), presence: false });
+        assert_eq!(w.acknowledged(4), Released { rows: 1, refused: 0, last: at(30), presence: false });
         assert!(w.is_empty());
     }
 
@@ -568,8 +610,8 @@ mod tests {
         let mut w = Window::default();
         w.push(at(10), QoS::AtMostOnce);
         w.push(at(20), QoS::AtMostOnce);
-        assert_eq!(w.sent(0), Released { rows: 1, last: at(10), presence: false });
-        assert_eq!(w.sent(0), Released { rows: 1, last: at(20), presence: false });
+        assert_eq!(w.sent(0), Released { rows: 1, refused: 0, last: at(10), presence: false });
+        assert_eq!(w.sent(0), Released { rows: 1, refused: 0, last: at(20), presence: false });
     }
 
     #[test]
