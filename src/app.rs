@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::queue::{self, InFlight, QueueSender};
 use crate::publish::Publisher;
 use crate::reload;
+use crate::retain::{Retention, RetentionControl};
 use crate::shutdown::Shutdown;
 use crate::sink::recent::Recent;
 use crate::sink::record::{Record, Status};
@@ -77,6 +78,15 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     )?;
     let upload_queue = queue_tx.clone();
     let feeder = Feeder::start(queue_tx, health.lifeline("feeder", &shutdown))?;
+    // A one-off run leaves folders as they are; the daemon keeps them within [retention]'s limits.
+    let retention = if once {
+        None
+    } else {
+        let lifeline = health.lifeline("retention", &shutdown);
+        let r = Retention::start(&config, metrics.clone(), lifeline, shutdown.clone())
+            .map_err(|e| Fatal::io("cannot start the retention thread", e))?;
+        Some(r)
+    };
     let started = Instant::now();
 
     let mut progress = None;
@@ -110,10 +120,14 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             thumbnails,
             watch: None,
             health: health.clone(),
+            retention: retention.as_ref().map(Retention::control),
         };
         runtime.block_on(serve(control, upload_queue, hung_tx, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
         workers.join();
+    }
+    if let Some(r) = retention {
+        r.join();
     }
     let totals = sink.join();
     if let Some(p) = publisher {
@@ -218,6 +232,7 @@ struct Control {
     watch: Option<(Watch, Shutdown)>,
     /// Not ready while the inboxes are not watched.
     health: Health,
+    retention: Option<RetentionControl>,
 }
 
 impl Control {
@@ -264,6 +279,9 @@ impl Control {
         };
         self.live.set(r.settings);
         self.sink.reconfigure(r.output);
+        if let Some(ret) = &self.retention {
+            ret.reconfigure(&r.config);
+        }
         self.metrics.set_model(&r.config.model.name, r.config.model.precision.as_str());
         self.config = r.config;
         if r.inboxes_changed || self.watch.is_none() {

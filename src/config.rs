@@ -10,8 +10,10 @@ use serde::Deserialize;
 use crate::error::ConfigError;
 
 mod mqtt;
+mod retention;
 
 pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
+pub use retention::RetentionConfig;
 
 pub const DEFAULT_CONFIG: &str = "config/labeld.toml";
 
@@ -29,6 +31,7 @@ struct RawConfig {
     limits: RawLimits,
     http: Option<RawHttp>,
     mqtt: Option<mqtt::RawMqtt>,
+    retention: Option<retention::RawRetention>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -432,6 +435,8 @@ pub struct Config {
     pub http: Option<HttpConfig>,
     /// Publishing results to an MQTT broker (`[mqtt]`); off when absent.
     pub mqtt: Option<MqttConfig>,
+    /// Removing old images from done and quarantine folders (`[retention]`); off when absent.
+    pub retention: Option<RetentionConfig>,
 }
 
 /// The optional HTTP endpoint: metrics, health, /predict and the status page.
@@ -548,6 +553,9 @@ impl Config {
         }
         if let Some(m) = &self.mqtt {
             s += &m.describe();
+        }
+        if let Some(r) = &self.retention {
+            s += &r.describe();
         }
         s
     }
@@ -776,6 +784,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
     };
 
     let mqtt = raw.mqtt.map(|m| mqtt::from_raw(file, base, m, &csv)).transpose()?;
+    let retention = raw.retention.map(|r| retention::from_raw(file, r)).transpose()?;
 
     let file_id = file_id(&model_path);
     Ok(Config {
@@ -812,6 +821,7 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         },
         http,
         mqtt,
+        retention,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod publish;
 pub mod queue;
 pub mod reload;
+pub mod retain;
 pub mod shutdown;
 pub mod sink;
 pub mod systemd;

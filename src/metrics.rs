@@ -105,8 +105,18 @@ pub struct Metrics {
     reloads: Family<LabelSet, Counter>,
     model_info: Family<LabelSet, Gauge>,
     http_refused: Family<LabelSet, Counter>,
+    retention: Retention,
     /// Queue depth, images in flight and the recent rate, read at scrape time.
     live: Arc<LiveGauges>,
+}
+
+/// What `[retention]` removed from done and quarantine folders.
+#[derive(Clone, Default)]
+struct Retention {
+    files: Counter,
+    bytes: Counter,
+    sweeps: Counter,
+    free_bytes: Family<LabelSet, Gauge>,
 }
 
 /// Values that are read when asked for rather than counted.
@@ -162,6 +172,11 @@ impl Metrics {
         registry.register("model", "The model in use (value 1)", model_info.clone());
         let http_refused = Family::<LabelSet, Counter>::default();
         registry.register("http_refused", "HTTP requests turned away, by reason", http_refused.clone());
+        let retention = Retention::default();
+        registry.register("retention_removed_files", "Images (with their sidecars) removed by [retention]", retention.files.clone());
+        registry.register("retention_removed_bytes", "Bytes of images and sidecars removed by [retention]", retention.bytes.clone());
+        registry.register("retention_sweeps", "[retention] sweeps done", retention.sweeps.clone());
+        registry.register("retention_free_bytes", "Free bytes on the file system of each swept folder, at the last sweep", retention.free_bytes.clone());
         // Every label value is there from the start, at 0, so rates and alerts work before the first event.
         for status in ["ok", "error"] {
             let _ = images.get_or_create(&vec![("status".into(), status.into())]);
@@ -188,6 +203,7 @@ impl Metrics {
             reloads,
             model_info,
             http_refused,
+            retention,
             live,
         }
     }
@@ -255,6 +271,22 @@ impl Metrics {
 
     pub fn http_refused(&self, reason: Refused) {
         self.http_refused.get_or_create(&vec![("reason".into(), reason.name().into())]).inc();
+    }
+
+    /// A retention sweep removed `files` images (with sidecars) of `bytes` in all from one folder.
+    pub fn retention_removed(&self, files: u64, bytes: u64) {
+        self.retention.files.inc_by(files);
+        self.retention.bytes.inc_by(bytes);
+    }
+
+    pub fn retention_sweep(&self) {
+        self.retention.sweeps.inc();
+    }
+
+    /// Free bytes on the file system holding `folder`, after the latest sweep.
+    pub fn retention_free(&self, folder: &std::path::Path, free: u64) {
+        let labels = vec![("folder".into(), folder.display().to_string())];
+        self.retention.free_bytes.get_or_create(&labels).set(i64::try_from(free).unwrap_or(i64::MAX));
     }
 
     pub fn set_model(&self, name: &str, precision: &str) {

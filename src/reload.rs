@@ -1,5 +1,5 @@
-//! SIGHUP: read the config file again and work out what to apply. Inboxes, batching, output, labels
-//! and the model change live; worker count, threads, queue size, [http] and [mqtt] need a restart (inbox names in MQTT topics too) (kept as
+//! SIGHUP: read the config file again and work out what to apply. Inboxes, batching, output, labels,
+//! the model and [retention] change live; worker count, threads, queue size, [http] and [mqtt] need a restart (inbox names in MQTT topics too) (kept as
 //! they are, with a warning). A config that does not validate, or whose model does not load, is
 //! rejected and the running one stays.
 
