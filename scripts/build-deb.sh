@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds target/deb/labeld_<version>_amd64.deb from the release binary, the libtorch libraries it
 # links (private, in /usr/lib/labeld/lib, found through the binary's RUNPATH), the exported model,
-# the systemd unit, sysusers/tmpfiles entries, /etc/labeld/labeld.toml (a conffile), the man pages
-# labeld(8) and labeld.toml(5), and the docs in /usr/share/doc/labeld.
+# the systemd unit, sysusers/tmpfiles entries, /etc/labeld/labeld.toml and /etc/logrotate.d/labeld
+# (conffiles), the man pages labeld(8) and labeld.toml(5), and the docs in /usr/share/doc/labeld.
 #
 #   scripts/build-deb.sh [OUT_DIR]        (run by `make deb` after set-up and the release build)
 #   LABELD_DEB_COMPRESS=none|zstd|xz      compression (default zstd)
@@ -24,7 +24,7 @@ LIBDIR=/usr/lib/labeld/lib
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/labeld-deb.XXXXXX")
 trap 'rm -rf "$ROOT"' EXIT
 install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT$LIBDIR" "$ROOT/usr/share/labeld/models" \
-    "$ROOT/usr/share/doc/labeld" "$ROOT/etc/labeld" "$ROOT/lib/systemd/system" \
+    "$ROOT/usr/share/doc/labeld" "$ROOT/etc/labeld" "$ROOT/etc/logrotate.d" "$ROOT/lib/systemd/system" \
     "$ROOT/usr/lib/sysusers.d" "$ROOT/usr/lib/tmpfiles.d"
 
 # The binary, pointed at the private library folder relative to itself (/usr/bin/../lib/labeld/lib),
@@ -52,6 +52,7 @@ install -m 0644 "$model_file" "$ROOT/usr/share/labeld/models/$(basename "$model_
 ln -s "$(basename "$model_file")" "$ROOT/usr/share/labeld/models/default.pt"
 
 install -m 0644 config/system.toml "$ROOT/etc/labeld/labeld.toml"
+install -m 0644 scripts/deb/logrotate "$ROOT/etc/logrotate.d/labeld"
 install -m 0644 config/labeld.toml "$ROOT/usr/share/doc/labeld/labeld.toml.example"
 install -m 0644 README.md "$ROOT/usr/share/doc/labeld/README.md"
 # The guides, whichever exist at build time.
@@ -65,7 +66,7 @@ install -m 0644 systemd/labeld.service "$ROOT/lib/systemd/system/labeld.service"
 install -m 0644 systemd/labeld.sysusers "$ROOT/usr/lib/sysusers.d/labeld.conf"
 install -m 0644 systemd/labeld.tmpfiles "$ROOT/usr/lib/tmpfiles.d/labeld.conf"
 install -m 0755 scripts/deb/postinst scripts/deb/prerm scripts/deb/postrm "$ROOT/DEBIAN/"
-echo /etc/labeld/labeld.toml > "$ROOT/DEBIAN/conffiles"
+printf '%s\n' /etc/labeld/labeld.toml /etc/logrotate.d/labeld > "$ROOT/DEBIAN/conffiles"
 
 SIZE=$(du -sk --exclude=DEBIAN "$ROOT" | cut -f1)
 cat > "$ROOT/DEBIAN/control" <<CONTROL
