@@ -129,45 +129,58 @@ impl Plan {
 
 /// The retention thread; `join` after shutdown.
 pub struct Retention {
-    plan: Arc<Mutex<Option<Plan>>>,
+    control: RetentionControl,
     handle: std::thread::JoinHandle<()>,
 }
 
 /// Changes what the retention thread sweeps (SIGHUP).
 #[derive(Clone)]
-pub struct RetentionControl(Arc<Mutex<Option<Plan>>>);
+pub struct RetentionControl {
+    plan: Arc<Mutex<Option<Plan>>>,
+    wake: crossbeam_channel::Sender<()>,
+}
 
 impl RetentionControl {
-    /// Applies a reloaded config (its `[retention]` and folders) from the next sweep on.
+    /// Applies a reloaded config (its `[retention]` and folders) with a sweep now.
     pub fn reconfigure(&self, config: &Config) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Plan::from_config(config);
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = Plan::from_config(config);
+        let _ = self.wake.try_send(()); // one pending wake-up is enough
     }
 }
 
+/// How long an idle thread (no `[retention]`) waits when nothing wakes it.
+const IDLE: Duration = Duration::from_secs(86_400);
+
 impl Retention {
-    /// Starts sweeping now and every `interval_s` after (idle while the config has no `[retention]`).
+    /// Sweeps now and every `interval_s` after; idle while the config has no `[retention]` (a reload
+    /// that adds one wakes it).
     pub fn start(config: &Config, metrics: Metrics, lifeline: Lifeline, shutdown: Shutdown) -> io::Result<Retention> {
         let plan = Arc::new(Mutex::new(Plan::from_config(config)));
-        let shared = plan.clone();
+        let (wake, woken) = crossbeam_channel::bounded::<()>(1);
+        let control = RetentionControl { plan: plan.clone(), wake };
         let handle = std::thread::Builder::new().name("retention".into()).spawn(move || {
             let _lifeline = lifeline;
             loop {
-                let current = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                // Without [retention] a reload may add one: look again after the default interval.
-                let interval = current.as_ref().map_or(Duration::from_secs(300), |p| p.limits.interval);
+                let current = plan.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let interval = current.as_ref().map_or(IDLE, |p| p.limits.interval);
                 if let Some(plan) = current {
                     sweep(&plan, &metrics, &shutdown);
                 }
-                if shutdown.wait_timeout(interval) {
+                crossbeam_channel::select! {
+                    recv(shutdown.closed()) -> _ => return,
+                    recv(woken) -> _ => {}
+                    default(interval) => {}
+                }
+                if shutdown.is_triggered() {
                     return;
                 }
             }
         })?;
-        Ok(Retention { plan, handle })
+        Ok(Retention { control, handle })
     }
 
     pub fn control(&self) -> RetentionControl {
-        RetentionControl(self.plan.clone())
+        self.control.clone()
     }
 
     /// Waits for a sweep in progress to stop (shutdown must be triggered).
@@ -556,5 +569,47 @@ mod tests {
         assert!(text.contains("labeld_retention_removed_files_total 2"), "{text}");
         assert!(text.contains("labeld_retention_removed_bytes_total 6"), "{text}");
         assert!(text.contains("labeld_retention_sweeps_total 1"), "{text}");
+    }
+
+    fn plan_for(done: &Path, inboxes: Vec<PathBuf>) -> Plan {
+        let matcher = crate::config::image_matcher(&crate::config::default_include()).unwrap();
+        Plan { limits: limits(Some(30), None, None), folders: vec![Folder { path: done.to_path_buf(), matchers: vec![matcher] }], inboxes }
+    }
+
+    #[test]
+    fn a_folder_swapped_for_a_link_after_the_walk_is_refused_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (done, outside) = (d.path().join("done"), d.path().join("outside"));
+        std::fs::create_dir_all(done.join("cam1")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(done.join("cam1/old.jpg"), b"x").unwrap();
+        std::fs::write(outside.join("old.jpg"), b"precious").unwrap();
+        let plan = plan_for(&done, vec![]);
+        let root = open_root(&done).unwrap();
+        let walk = Walk { folder: 0, matchers: &plan.folders[0].matchers, skip: &HashSet::new(), dev: rustix::fs::fstat(&root).unwrap().st_dev };
+        let mut found = Vec::new();
+        walk.dir(&root, Path::new(""), &mut found, &mut Tally::default());
+        assert_eq!(found.len(), 1);
+        std::fs::rename(done.join("cam1"), d.path().join("cam1-away")).unwrap();
+        std::os::unix::fs::symlink(&outside, done.join("cam1")).unwrap();
+        let e = remove(&done, &found[0]).unwrap_err();
+        // ELOOP/EXDEV for a link on the way, ENOTDIR for a link where the folder was (O_NOFOLLOW|O_DIRECTORY).
+        assert!(crate::beneath::is_link_refusal(&e) || e.raw_os_error() == Some(libc::ENOTDIR), "{e}");
+        assert_eq!(std::fs::read(outside.join("old.jpg")).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn an_inbox_inside_a_swept_folder_is_never_entered() {
+        let d = tempfile::tempdir().unwrap();
+        let done = d.path().join("data");
+        let inbox = done.join("inbox");
+        std::fs::create_dir_all(&inbox).unwrap();
+        for p in [done.join("old.jpg"), inbox.join("waiting.jpg")] {
+            std::fs::write(&p, b"x").unwrap();
+            std::fs::File::options().write(true).open(&p).unwrap().set_modified(SystemTime::now() - Duration::from_secs(90 * 86_400)).unwrap();
+        }
+        sweep(&plan_for(&done, vec![inbox.clone()]), &Metrics::new(), &Shutdown::new());
+        assert!(!done.join("old.jpg").exists());
+        assert!(inbox.join("waiting.jpg").exists(), "an image waiting in an inbox is not retention's");
     }
 }

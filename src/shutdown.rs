@@ -77,6 +77,11 @@ impl Shutdown {
         }
     }
 
+    /// Disconnects when shutdown is triggered: for a thread's `crossbeam_channel::select!` over its inputs.
+    pub fn closed(&self) -> &Receiver<()> {
+        &self.closed
+    }
+
     /// Resolves once `trigger` has been called (immediately if it already was).
     pub async fn wait(&self) {
         let mut rx = self.tx.subscribe();
