@@ -258,3 +258,23 @@ fn a_retention_section_without_a_limit_is_a_config_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[retention]") && err.contains("max_age_days"), "{err}");
 }
+
+#[test]
+fn a_reload_that_adds_retention_sweeps_at_once() {
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
+    let done = s.dir.path().join("done");
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::write(done.join("old.jpg"), b"x").unwrap();
+    set_mtime(&done.join("old.jpg"), days_ago(100));
+    let d = s.spawn_daemon();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(done.join("old.jpg").exists(), "no [retention], nothing removed");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, format!("{text}\n[retention]\nmax_age_days = 30\ninterval_s = 3600\n")).unwrap();
+    d.signal(1);
+    d.wait_for_log("config reloaded", Duration::from_secs(30));
+    // Not an hour later: the reload wakes the sweeper.
+    wait_until("old.jpg removed after the reload", Duration::from_secs(10), || !done.join("old.jpg").exists());
+    assert!(d.stop().success());
+}
