@@ -236,7 +236,13 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
     let allowed = syscall_group("@system-service");
     assert!(allowed.contains("openat") && allowed.contains("futex"), "{allowed:?}");
 
-    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n");
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n[retention]\nmax_age_days = 30\n");
+    // A retention sweep at start (and after the reload) walks done_dir and removes an old image.
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
+    std::fs::create_dir_all(s.dir.path().join("done/cam1")).unwrap();
+    let old = s.dir.path().join("done/cam1/old.jpg");
+    std::fs::write(&old, b"x").unwrap();
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(60 * 86_400)).unwrap();
     let trace = s.dir.path().join("strace.log");
     let log = s.dir.path().join("daemon.log");
     let mut strace = Command::new("strace")
@@ -258,8 +264,9 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
         }
     };
     wait_log("ready");
+    wait_log("retention: removed");
     solid(&s.inbox.join("red.png"), RED, 64, 64);
-    wait_for_sidecar(&s.inbox.join("red.png"), Duration::from_secs(60));
+    wait_for_sidecar(&s.dir.path().join("done/red.png"), Duration::from_secs(60));
     let text = std::fs::read_to_string(&log).unwrap();
     let line = text.lines().find(|l| l.contains("HTTP on")).unwrap();
     let addr = line[line.find("addr=").unwrap() + 5..].split_whitespace().next().unwrap().to_string();
