@@ -237,7 +237,11 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
         };
         free_before[i] = Some(space.free);
         let own = skip.iter().filter(|k| **k != key_of(&root)).copied().collect();
-        let walk = Walk { folder: i, matchers: &folder.matchers, skip: &own, dev };
+        // With space to spare only files past max_age can go: keep just those (a year of images is many).
+        let now = SystemTime::now();
+        let low = space.free < wanted_free(&plan.limits, space.total);
+        let older_than = if low { None } else { Some(plan.limits.max_age.and_then(|a| now.checked_sub(a)).unwrap_or(SystemTime::UNIX_EPOCH)) };
+        let walk = Walk { folder: i, matchers: &folder.matchers, skip: &own, dev, older_than };
         let mut found = Vec::new();
         walk.dir(&root, Path::new(""), &mut found, &mut tallies[i]);
         let entry = by_fs.entry(dev).or_insert_with(|| (space, root, Vec::new()));
@@ -334,9 +338,17 @@ struct Walk<'a> {
     /// Inboxes and other swept folders.
     skip: &'a HashSet<(u64, u64)>,
     dev: u64,
+    /// Collect only files modified before this (None: all).
+    older_than: Option<SystemTime>,
 }
 
 impl Walk<'_> {
+    fn collect(&self, found: Found, out: &mut Vec<Found>) {
+        if self.older_than.is_none_or(|c| found.aged.mtime < c) {
+            out.push(found);
+        }
+    }
+
     fn wants(&self, name: &OsStr) -> bool {
         self.matchers.iter().any(|m| is_candidate_name(Path::new(name), m))
     }
@@ -374,7 +386,7 @@ impl Walk<'_> {
                         .flatten()
                         .filter(|s| FileType::from_raw_mode(s.st_mode as _) == FileType::RegularFile);
                     let (side_bytes, side_alloc) = side_stat.as_ref().map_or((0, 0), |s| (s.st_size as u64, s.st_blocks as u64 * 512));
-                    out.push(Found {
+                    let found = Found {
                         folder: self.folder,
                         dir: rel.to_path_buf(),
                         name: name.clone(),
@@ -382,7 +394,8 @@ impl Walk<'_> {
                         sidecar: side_stat.is_some().then(|| side.clone()),
                         bytes: st.st_size as u64 + side_bytes,
                         aged: Aged { mtime: mtime(st.st_mtime as i64, st.st_mtime_nsec as u32), allocated: st.st_blocks as u64 * 512 + side_alloc },
-                    });
+                    };
+                    self.collect(found, out);
                     sidecars.insert(side);
                 }
                 FileType::RegularFile => {
@@ -396,7 +409,7 @@ impl Walk<'_> {
             }
         }
         for (name, st) in orphans.into_iter().filter(|(n, _)| !sidecars.contains(n)) {
-            out.push(Found {
+            let found = Found {
                 folder: self.folder,
                 dir: rel.to_path_buf(),
                 name,
@@ -404,7 +417,8 @@ impl Walk<'_> {
                 sidecar: None,
                 bytes: st.st_size as u64,
                 aged: Aged { mtime: mtime(st.st_mtime as i64, st.st_mtime_nsec as u32), allocated: st.st_blocks as u64 * 512 },
-            });
+            };
+            self.collect(found, out);
         }
     }
 
@@ -586,7 +600,7 @@ mod tests {
         std::fs::write(outside.join("old.jpg"), b"precious").unwrap();
         let plan = plan_for(&done, vec![]);
         let root = open_root(&done).unwrap();
-        let walk = Walk { folder: 0, matchers: &plan.folders[0].matchers, skip: &HashSet::new(), dev: rustix::fs::fstat(&root).unwrap().st_dev };
+        let walk = Walk { folder: 0, matchers: &plan.folders[0].matchers, skip: &HashSet::new(), dev: rustix::fs::fstat(&root).unwrap().st_dev, older_than: None };
         let mut found = Vec::new();
         walk.dir(&root, Path::new(""), &mut found, &mut Tally::default());
         assert_eq!(found.len(), 1);
