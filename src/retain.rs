@@ -626,4 +626,34 @@ mod tests {
         assert!(!done.join("old.jpg").exists());
         assert!(inbox.join("waiting.jpg").exists(), "an image waiting in an inbox is not retention's");
     }
+
+    /// `cargo test --release --lib -- --ignored --nocapture sweep_cost`: what a sweep costs on a big folder.
+    #[test]
+    #[ignore]
+    fn sweep_cost_of_a_big_folder_with_nothing_to_remove() {
+        let d = tempfile::tempdir().unwrap();
+        let done = d.path().join("done");
+        let n = 20_000;
+        for i in 0..n {
+            let dir = done.join(format!("cam{}", i % 20));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("{i}.jpg")), b"x").unwrap();
+            std::fs::write(dir.join(format!("{i}.jpg.json")), b"{}").unwrap();
+        }
+        let plan = plan_for(&done, vec![]); // max_age_days = 30, all files new
+        let t = std::time::Instant::now();
+        sweep(&plan, &Metrics::new(), &Shutdown::new());
+        println!("max_age only: {n} images + {n} sidecars in 20 folders, swept in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+        // Low on space: every file is collected and sorted (the walk; removal is per file chosen).
+        let root = open_root(&done).unwrap();
+        let walk = Walk { folder: 0, matchers: &plan.folders[0].matchers, skip: &HashSet::new(), dev: rustix::fs::fstat(&root).unwrap().st_dev, older_than: None };
+        let t = std::time::Instant::now();
+        let mut found = Vec::new();
+        walk.dir(&root, Path::new(""), &mut found, &mut Tally::default());
+        let aged: Vec<Aged> = found.iter().map(|f| f.aged).collect();
+        let chosen = choose(&limits(None, Some(1 << 30), None), SystemTime::now(), &aged, Some(Space { free: 0, total: 1 << 40 }));
+        println!("low space: {} candidates walked and ordered in {:.0} ms", found.len(), t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((found.len(), chosen.len()), (n, n));
+        assert_eq!(std::fs::read_dir(done.join("cam0")).unwrap().count(), 2 * n / 20, "nothing was old enough or needed");
+    }
 }
