@@ -217,7 +217,7 @@ struct Tally {
 fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
     let skip = folder_keys(plan.inboxes.iter().chain(plan.folders.iter().map(|f| &f.path)));
     let mut tallies: Vec<Tally> = plan.folders.iter().map(|_| Tally::default()).collect();
-    let mut by_fs: HashMap<u64, (Space, OwnedFd, Vec<Found>)> = HashMap::new();
+    let mut by_fs: HashMap<u64, (Space, OwnedFd, Vec<Found>, usize)> = HashMap::new();
     let mut free_before: Vec<Option<u64>> = vec![None; plan.folders.len()];
     for (i, folder) in plan.folders.iter().enumerate() {
         let root = match open_root(&folder.path) {
@@ -244,12 +244,12 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
         let walk = Walk { folder: i, matchers: &folder.matchers, skip: &own, dev, older_than };
         let mut found = Vec::new();
         walk.dir(&root, Path::new(""), &mut found, &mut tallies[i]);
-        let entry = by_fs.entry(dev).or_insert_with(|| (space, root, Vec::new()));
+        let entry = by_fs.entry(dev).or_insert_with(|| (space, root, Vec::new(), i));
         entry.2.extend(found);
     }
     let now = SystemTime::now();
     let mut emptied: Vec<HashSet<PathBuf>> = plan.folders.iter().map(|_| HashSet::new()).collect();
-    for (space, fd, found) in by_fs.values() {
+    for (space, fd, found, first) in by_fs.values() {
         let aged: Vec<Aged> = found.iter().map(|f| f.aged).collect();
         for (i, why) in choose(&plan.limits, now, &aged, Some(*space)) {
             if shutdown.is_triggered() {
@@ -272,6 +272,7 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
             let want = wanted_free(&plan.limits, after.total);
             if after.free < want && !shutdown.is_triggered() {
                 tracing::warn!(
+                    folder = %plan.folders[*first].path.display(),
                     free_mb = after.free >> 20,
                     wanted_mb = want >> 20,
                     "retention: still below the free-space limit with nothing more to remove from the done and quarantine folders; something else fills this file system"
