@@ -7,7 +7,8 @@
 #   scripts/setup-system.sh test    + what only the tests drive: the status page in Chromium, the systemd
 #                                   unit and its syscall filter (systemd-analyze, strace), MQTT against
 #                                   a real broker (mosquitto, mosquitto-clients; openssl makes its TLS
-#                                   certificates), the man pages (groff-base) and the .deb (patchelf)
+#                                   certificates), the man pages (groff-base), the .deb (patchelf) and
+#                                   its logrotate entry (logrotate --debug parses it)
 #   scripts/setup-system.sh --list ROLE   print the role's packages, install nothing
 set -euo pipefail
 
@@ -19,7 +20,7 @@ case $ROLE in
     run) PACKAGES=("${RUN[@]}") ;;
     deb) PACKAGES=("${RUN[@]}" patchelf) ;;
     bench) PACKAGES=("${RUN[@]}" time) ;;
-    test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base) ;;
+    test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base logrotate) ;;
     *) echo "setup-system: unknown role '$ROLE' (run, deb, bench or test)" >&2; exit 2 ;;
 esac
 if $LIST; then printf '%s\n' "${PACKAGES[@]}"; exit 0; fi

@@ -319,7 +319,7 @@ fn make_run_installs_only_what_building_and_running_need() {
     let run = packages("run");
     assert!(run.contains("libturbojpeg0-dev") && run.contains("python3-torch"), "{run:?}");
     let test = packages("test");
-    for only_tests in ["chromium", "strace", "systemd", "patchelf", "mosquitto", "mosquitto-clients", "openssl", "groff-base", "time"] {
+    for only_tests in ["chromium", "strace", "systemd", "patchelf", "mosquitto", "mosquitto-clients", "openssl", "groff-base", "logrotate", "time"] {
         assert!(!run.contains(only_tests), "make run would install {only_tests}");
         assert!(test.contains(only_tests) || only_tests == "time", "make test lacks {only_tests}");
     }
