@@ -460,7 +460,7 @@ fn mtime(secs: i64, nsec: u32) -> SystemTime {
 /// Removes `f` (then its sidecar), reached again beneath `root` without following links; false when it
 /// is no longer the file that was chosen (replaced or gone since).
 fn remove(root: &Path, f: &Found) -> io::Result<bool> {
-    // Invariant I6 (docs/design.md), applied to the swept folder: resolved beneath its root, never through a link.
+    // Invariants I6 and I11 (docs/design.md), applied to the swept folder: resolved beneath its root, never through a link.
     let path = root.join(&f.dir).join(&f.name);
     let at = Beneath::new(root, &path)?;
     let dir = at.open_parent()?;
