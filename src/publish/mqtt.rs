@@ -87,7 +87,16 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
         let up_at = std::time::Instant::now();
         // While a row is suspected of ending connections, rows go one at a time: the next loss is its.
         let max = if suspect.is_some() { 1 } else { usize::from(settings.mqtt.max_inflight) };
-        let mut session = Session { client, events, window: Window::default(), qos: qos(settings.mqtt.qos), max, acked_rows: 0, presence_acked: false };
+        let mut session = Session {
+            client,
+            events,
+            window: Window::default(),
+            qos: qos(settings.mqtt.qos),
+            max,
+            full: usize::from(settings.mqtt.max_inflight),
+            acked_rows: 0,
+            presence_acked: false,
+        };
         session.announce(&settings, true);
         match session.publish(&mut outbox, &settings, &status, &stop).await {
             End::Stopped => {
@@ -249,7 +258,9 @@ struct Session {
     events: Events,
     window: Window,
     qos: QoS,
+    /// Messages in flight at most now: 1 while a row is suspected of ending connections, else `full`.
     max: usize,
+    full: usize,
     /// Rows the broker acknowledged in this connection.
     acked_rows: u64,
     /// The broker acknowledged the `online` message: it accepts this client's publishes at all.
@@ -344,6 +355,8 @@ impl Session {
         if released.rows > 0 {
             self.acked_rows += released.rows;
             status.published(released.rows);
+            // A row got through: whatever ended the last connection, this one carries rows; full window.
+            self.max = self.full;
         }
         self.presence_acked |= released.presence;
     }
