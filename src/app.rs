@@ -298,7 +298,11 @@ impl Control {
         }
         self.metrics.reload("applied");
         let changed = if r.changed.is_empty() { "nothing".to_string() } else { r.changed.join(" ") };
-        tracing::info!(changed = %changed, "config reloaded");
+        if r.at_next_restart.is_empty() {
+            tracing::info!(changed = %changed, "config reloaded");
+        } else {
+            tracing::info!(changed = %changed, at_next_restart = %r.at_next_restart.join(" "), "config reloaded");
+        }
         self.systemd.ready(&crate::systemd::summary(&self.metrics));
     }
 }

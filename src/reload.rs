@@ -20,6 +20,8 @@ pub struct Reload {
     pub inboxes_changed: bool,
     /// Sections that changed, for the log.
     pub changed: Vec<String>,
+    /// Sections that changed in the file but apply only at the next restart (kept as they run).
+    pub at_next_restart: Vec<&'static str>,
 }
 
 /// The workers' settings for `c`.
@@ -39,18 +41,22 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
 /// worker switches to it.
 pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool) -> Result<Reload, String> {
     let mut new = Config::load(file).map_err(|e| e.to_string())?;
+    let mut at_next_restart = Vec::new();
     let w = (&old.workers, &new.workers);
     if (w.0.count, w.0.threads, w.0.queue) != (w.1.count, w.1.threads, w.1.queue) {
+        at_next_restart.push("[workers] count/threads/queue");
         tracing::warn!("[workers] count, threads and queue take effect at the next restart; keeping the running values");
         new.workers.count = old.workers.count;
         new.workers.threads = old.workers.threads;
         new.workers.queue = old.workers.queue;
     }
     if old.http != new.http {
+        at_next_restart.push("[http]");
         tracing::warn!("[http] takes effect at the next restart; keeping the running endpoint");
         new.http = old.http.clone();
     }
     if old.mqtt != new.mqtt {
+        at_next_restart.push("[mqtt]");
         tracing::warn!("[mqtt] takes effect at the next restart; keeping the running broker connection");
         new.mqtt = old.mqtt.clone();
     }
@@ -67,7 +73,7 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool) -
         .chain(before.iter().filter(|(n, _)| !after.iter().any(|(m, _)| m == n)).map(|(n, _)| n.clone()))
         .collect();
     let inboxes_changed = watch_keys(old) != watch_keys(&new);
-    Ok(Reload { output: OutputSettings::from_config(&new), config: new, settings, inboxes_changed, changed })
+    Ok(Reload { output: OutputSettings::from_config(&new), config: new, settings, inboxes_changed, changed, at_next_restart })
 }
 
 /// What the watch stage depends on (quarantine and on_done are the sink's).

@@ -571,6 +571,23 @@ fn a_row_the_broker_drops_the_connection_for_is_named_and_waited_for_until_max_m
 }
 
 #[test]
+fn a_reload_that_changes_mqtt_keeps_the_connection_and_says_it_applies_at_the_next_restart() {
+    let b = Broker::start(BrokerOptions::default());
+    let s = Setup::new("channel_mean", &mqtt_section(&b, ""));
+    let d = s.spawn_daemon();
+    b.wait_for_log("New client connected from 127.0.0.1", WAIT);
+    s.edit_config("keep_alive_s = 2\n", "keep_alive_s = 5\n");
+    d.signal(1);
+    d.wait_for_log("config reloaded", WAIT);
+    let log = d.log_text();
+    let line = log.lines().find(|l| l.contains("config reloaded")).unwrap();
+    assert!(line.contains("at_next_restart=[mqtt]"), "{line}");
+    assert!(log.contains("[mqtt] takes effect at the next restart"), "{log}");
+    assert_eq!(b.count_in_log("New client connected"), 1, "the running connection is kept");
+    assert!(d.stop().success());
+}
+
+#[test]
 fn check_config_names_a_bad_url_and_unreadable_password_and_ca_files() {
     let b = Broker::down(BrokerOptions::default());
     let s = Setup::new("channel_mean", &mqtt_section(&b, "username = \"labeld\"\npassword_file = \"mqtt.pass\"\n"));
