@@ -182,16 +182,8 @@ fn the_status_page_shows_a_labelled_image_in_headless_chromium() {
     let profile = s.dir.path().join("chromium-profile");
     let t = Instant::now();
     let out = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
+        .args(devtools::HEADLESS)
+        .args(["--virtual-time-budget=5000", "--dump-dom"])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("{base}/"))
         .output()

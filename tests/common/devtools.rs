@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// How every test runs Chromium: headless, as root in a container, nothing fetched in the background.
+pub const HEADLESS: [&str; 6] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+];
+
 pub struct Chromium {
     child: Child,
     commands: std::io::PipeWriter,
@@ -33,15 +43,8 @@ impl Chromium {
         let (replies, child_writes) = std::io::pipe().expect("pipe for DevTools replies");
         let (r, w) = (child_reads.as_raw_fd(), child_writes.as_raw_fd());
         let mut cmd = Command::new("chromium");
-        cmd.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--remote-debugging-pipe",
-        ])
+        cmd.args(HEADLESS)
+        .arg("--remote-debugging-pipe")
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("about:blank")
         .stdin(Stdio::null())
