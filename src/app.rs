@@ -11,6 +11,7 @@ use crate::health::Health;
 use crate::infer::labels::Labels;
 use crate::infer::worker::Workers;
 use crate::infer::{BatchDone, LiveSettings};
+use crate::ledger::ArchiveFolders;
 use crate::metrics::Metrics;
 use crate::queue::{self, InFlight, QueueSender};
 use crate::publish::Publisher;
@@ -47,8 +48,11 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     let hung_tx = done_tx.clone();
     // With [mqtt], the sink announces every durable row to the outbox the publisher reads.
     let tap = config.mqtt.is_some().then(LogTap::new);
+    let folders = ArchiveFolders::default();
+    folders.pin(&config);
     let sink = Sink::start(
         OutputSettings::from_config(&config),
+        folders.clone(),
         done_rx,
         metrics.clone(),
         recent.clone(),
@@ -83,7 +87,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
         None
     } else {
         let lifeline = health.lifeline("retention", &shutdown);
-        let r = Retention::start(&config, metrics.clone(), lifeline, shutdown.clone())
+        let r = Retention::start(&config, folders.clone(), metrics.clone(), lifeline, shutdown.clone())
             .map_err(|e| Fatal::io("cannot start the retention thread", e))?;
         Some(r)
     };
@@ -121,6 +125,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             watch: None,
             health: health.clone(),
             retention: retention.as_ref().map(Retention::control),
+            folders,
         };
         runtime.block_on(serve(control, upload_queue, hung_tx, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
@@ -233,6 +238,7 @@ struct Control {
     /// Not ready while the inboxes are not watched.
     health: Health,
     retention: Option<RetentionControl>,
+    folders: ArchiveFolders,
 }
 
 impl Control {
@@ -265,13 +271,14 @@ impl Control {
         let (old, thumbnails) = (self.config.clone(), self.thumbnails);
         let file = old.file.clone();
         let labels_now = self.live.get().labels.len();
-        let prepared = tokio::task::spawn_blocking(move || reload::prepare(&old, labels_now, &file, thumbnails))
+        let folders = self.folders.clone();
+        let prepared = tokio::task::spawn_blocking(move || reload::prepare(&old, labels_now, &file, thumbnails, &folders))
             .await
             .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
         let r = match prepared {
             Ok(r) => r,
             Err(reason) => {
-                tracing::error!(config = %self.config.file.display(), "config reload rejected, the running config stays: {reason}");
+                tracing::error!(config = %self.config.file.display(), reason = %reason, "config reload rejected, the running config stays");
                 self.metrics.reload("rejected");
                 self.systemd.ready(&crate::systemd::summary(&self.metrics));
                 return;

@@ -116,10 +116,7 @@ impl<'a> Beneath<'a> {
     }
 
     fn open_with(&self, flags: OFlags, mode: Mode, rel: &Path) -> io::Result<OwnedFd> {
-        let root = self.open_root()?;
-        let rel: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
-        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        Ok(rustix::fs::openat2(&root, rel, flags | OFlags::CLOEXEC, mode, resolve)?)
+        open_beneath(&self.open_root()?, rel, flags, mode)
     }
 
     /// Opens the file for reading without following a link and without blocking on a FIFO.
@@ -168,6 +165,32 @@ impl<'a> Beneath<'a> {
         id.xxh3 = Some(xxhash_rust::xxh3::xxh3_64(&bytes));
         Ok((bytes, id))
     }
+}
+
+/// Opens `rel` beneath the folder open as `root`: a link at any component, a `..` or an absolute path is
+/// refused by the kernel, never followed. An empty `rel` is the root itself.
+pub fn open_beneath(root: &OwnedFd, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
+    let rel: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    Ok(rustix::fs::openat2(root, rel, flags | OFlags::CLOEXEC, mode, resolve)?)
+}
+
+/// Opens the folder `rel` beneath `root`, creating each missing component (mode 0755): none may be a
+/// link, a file or a mount's way out.
+pub fn create_dirs_beneath(root: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+    let mut dir = open_beneath(root, Path::new(""), dir_flags, Mode::empty())?;
+    for c in rel.components() {
+        let Component::Normal(name) = c else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a plain relative path", rel.display())));
+        };
+        match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        dir = open_beneath(&dir, Path::new(name), dir_flags, Mode::empty())?;
+    }
+    Ok(dir)
 }
 
 /// Where the folder open as `dir` is now, as a path under `root` (the root spelled as configured):
@@ -235,17 +258,8 @@ pub fn is_link_refusal(e: &io::Error) -> bool {
 /// renamed over `name`. A link planted at any name cannot redirect the write; a rename replaces a link
 /// at `name` itself, never its target. The caller syncs `dir` when the rename must be durable.
 pub fn write_atomic_in(dir: &OwnedFd, name: &std::ffi::OsStr, bytes: &[u8]) -> io::Result<()> {
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let (tmp, fd) = loop {
-        let tmp = temp_name();
-        match rustix::fs::openat(dir, &tmp, flags, Mode::from_raw_mode(0o644)) {
-            Ok(fd) => break (tmp, fd),
-            Err(e) if e == rustix::io::Errno::EXIST => continue,
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let (tmp, mut f) = create_temp(dir)?;
     let result = (|| {
-        let mut f = File::from(fd);
         f.write_all(bytes)?;
         f.sync_data()?;
         rustix::fs::renameat(dir, &tmp, dir, name)?;
@@ -255,6 +269,20 @@ pub fn write_atomic_in(dir: &OwnedFd, name: &std::ffi::OsStr, bytes: &[u8]) -> i
         let _ = rustix::fs::unlinkat(dir, &tmp, rustix::fs::AtFlags::empty());
     }
     result
+}
+
+/// A new temp file in `dir` under an unpredictable dot-name (`O_CREAT | O_EXCL | O_NOFOLLOW`, mode 0644),
+/// for the caller to fill, sync and rename (or unlink on failure).
+pub fn create_temp(dir: &OwnedFd) -> io::Result<(PathBuf, File)> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    loop {
+        let tmp = temp_name();
+        match rustix::fs::openat(dir, &tmp, flags, Mode::from_raw_mode(0o644)) {
+            Ok(fd) => return Ok((tmp, File::from(fd))),
+            Err(e) if e == rustix::io::Errno::EXIST => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The device and inode of `name` in `dir` (a link itself, never its target).

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::error::ConfigError;
 
+mod folders;
 mod mqtt;
 mod retention;
 
@@ -678,15 +679,8 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             return Err(err(&key("settle_ms"), format!("must be at most 600000, got {}", ib.settle_ms)));
         }
         let quarantine = ib.quarantine.map(|q| absolute(base, &q));
-        if let Some(q) = &quarantine {
-            check_side_folder(&path, q).map_err(|reason| err(&key("quarantine"), reason))?;
-        }
         let on_done = match (ib.on_done, ib.done_dir) {
-            (RawOnDone::Move, Some(d)) => {
-                let d = absolute(base, &d);
-                check_side_folder(&path, &d).map_err(|reason| err(&key("done_dir"), reason))?;
-                OnDone::Move(d)
-            }
+            (RawOnDone::Move, Some(d)) => OnDone::Move(absolute(base, &d)),
             (RawOnDone::Move, None) => {
                 return Err(err(&key("done_dir"), "on_done = \"move\" needs done_dir, the folder labelled images move to".into()));
             }
@@ -725,6 +719,8 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
             on_done,
         });
     }
+
+    folders::check(&inboxes).map_err(|(key, reason)| err(&key, reason))?;
 
     let w = raw.workers;
     // Two workers overlap one image's decoding with another's inference.
@@ -823,19 +819,6 @@ fn validate(file: &Path, base: &Path, raw: RawConfig) -> Result<Config, ConfigEr
         mqtt,
         retention,
     })
-}
-
-/// A quarantine or done folder: outside the inbox, or a dot-folder inside it (which is never watched).
-fn check_side_folder(inbox: &Path, folder: &Path) -> Result<(), String> {
-    let rel = folder.strip_prefix(inbox).ok();
-    let hidden = rel.is_some_and(|r| r.components().next().is_some_and(|c| c.as_os_str().to_string_lossy().starts_with('.')));
-    if rel.is_some() && !hidden {
-        return Err(format!(
-            "{} is inside the inbox; use a folder outside it or a dot-folder such as \".done\"",
-            folder.display()
-        ));
-    }
-    Ok(())
 }
 
 /// CPUs this process may use: the cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`; systemd's

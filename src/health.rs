@@ -37,7 +37,7 @@ pub struct Lifeline {
 impl Lifeline {
     /// Records that the thread stops for `reason` though labeld is not done.
     pub fn died(&self, reason: &str) {
-        tracing::error!(thread = %self.thread, "thread died: {reason}; labeld stops and exits non-zero so that it is restarted");
+        tracing::error!(thread = %self.thread, reason = %reason, "thread died; labeld stops and exits non-zero so that it is restarted");
         self.health.0.dead.lock().unwrap_or_else(|e| e.into_inner()).push((self.thread.clone(), reason.to_string()));
         self.shutdown.fail(&self.thread, reason);
     }

@@ -12,6 +12,8 @@ pub mod health;
 pub mod http;
 pub mod infer;
 pub mod job;
+pub mod ledger;
+pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod progress;

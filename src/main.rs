@@ -57,7 +57,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    labeld::logging::init();
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(code) => code,
@@ -97,17 +97,4 @@ fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Logs go to stderr; `LABELD_LOG` (or `RUST_LOG`) sets the filter, default `info`.
-fn init_logging() {
-    let filter = std::env::var("LABELD_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
 }

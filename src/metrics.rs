@@ -117,6 +117,7 @@ struct Retention {
     bytes: Counter,
     sweeps: Counter,
     free_bytes: Family<LabelSet, Gauge>,
+    foreign: Family<LabelSet, Gauge>,
 }
 
 /// Values that are read when asked for rather than counted.
@@ -177,6 +178,11 @@ impl Metrics {
         registry.register("retention_removed_bytes", "Bytes of images and sidecars removed by [retention]", retention.bytes.clone());
         registry.register("retention_sweeps", "[retention] sweeps done", retention.sweeps.clone());
         registry.register("retention_free_bytes", "Free bytes on the file system of each swept folder, at the last sweep", retention.free_bytes.clone());
+        registry.register(
+            "retention_foreign_files",
+            "Files of each swept folder due for removal by age or space that labeld did not archive there (left alone), at the last sweep",
+            retention.foreign.clone(),
+        );
         // Every label value is there from the start, at 0, so rates and alerts work before the first event.
         for status in ["ok", "error"] {
             let _ = images.get_or_create(&vec![("status".into(), status.into())]);
@@ -287,6 +293,11 @@ impl Metrics {
     pub fn retention_free(&self, folder: &std::path::Path, free: u64) {
         let labels = vec![("folder".into(), folder.display().to_string())];
         self.retention.free_bytes.get_or_create(&labels).set(i64::try_from(free).unwrap_or(i64::MAX));
+    }
+
+    pub fn retention_foreign(&self, folder: &std::path::Path, files: u64) {
+        let labels = vec![("folder".into(), folder.display().to_string())];
+        self.retention.foreign.get_or_create(&labels).set(i64::try_from(files).unwrap_or(i64::MAX));
     }
 
     pub fn set_model(&self, name: &str, precision: &str) {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::infer::labels::Labels;
 use crate::infer::{InferSettings, worker};
+use crate::ledger::ArchiveFolders;
 use crate::sink::OutputSettings;
 
 /// A new config, checked and ready to apply.
@@ -39,7 +40,8 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
 /// Reads `file` and checks it against the running config `old` (whose label list has `old_labels`
 /// names). Blocking: loads the new model once when it changed, to be sure it works before any
 /// worker switches to it.
-pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool) -> Result<Reload, String> {
+/// Once the new config is accepted, its done and quarantine folders are pinned anew in `folders`.
+pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, folders: &ArchiveFolders) -> Result<Reload, String> {
     let mut new = Config::load(file).map_err(|e| e.to_string())?;
     let mut at_next_restart = Vec::new();
     let w = (&old.workers, &new.workers);
@@ -73,6 +75,7 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool) -
         .chain(before.iter().filter(|(n, _)| !after.iter().any(|(m, _)| m == n)).map(|(n, _)| n.clone()))
         .collect();
     let inboxes_changed = watch_keys(old) != watch_keys(&new);
+    folders.pin(&new);
     Ok(Reload { output: OutputSettings::from_config(&new), config: new, settings, inboxes_changed, changed, at_next_restart })
 }
 

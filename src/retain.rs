@@ -1,33 +1,40 @@
-//! Retention (`[retention]`): a thread that, every `interval_s`, removes labelled images (with their
-//! sidecars) from each inbox's `done_dir` and `quarantine`: those older than `max_age_days`, and, while
+//! Retention (`[retention]`): a thread that, every `interval_s`, removes archived images (with their
+//! sidecars) from the `done_dir` and `quarantine` folders: those older than `max_age_days`, and, while
 //! the file system holding a folder has less free space than `min_free_mb` / `min_free_percent`, the
 //! oldest first. "Old" is the image's modification time (a move keeps it; the camera's write time).
 //!
-//! Only those folders are swept, never an inbox (a folder that is an inbox root is not entered), and
-//! only names an inbox would label (`include`) and their sidecars are removed: a CSV log or notes kept
-//! in the folder stay. Nothing is followed through a link: folders are opened `O_NOFOLLOW` relative to
-//! their parent while walking, and each removal resolves its path again beneath the folder root with
-//! `beneath` (RESOLVE_BENEATH | NO_SYMLINKS), so a folder swapped for a link mid-sweep cannot make labeld
-//! delete outside. Links themselves are left alone. File systems mounted below a folder are not entered.
-//! The choice of what to remove is a pure function (`choose`); the I/O around it is thin.
+//! Invariant I11 (docs/design.md): a file is removed only when the folder's archive ledger records it
+//! (its device, inode, size and mtime, written before labeld moved it there; see `ledger.rs`). Where a
+//! file is and what its name looks like decide nothing: anything else in those folders (an operator's
+//! files, another program's, a file edited since) is left alone and counted as foreign. Folders are the
+//! pinned ones (`ArchiveFolder::root`): a folder replaced since start or reload is not swept. The walk
+//! opens every sub-folder `O_NOFOLLOW` beneath the pinned root, never enters an inbox, another swept
+//! folder or another file system, and leaves links alone; each removal checks the key again on the
+//! folder descriptor it walked. The choice of what to remove is a pure function (`choose`); the I/O
+//! around it is thin.
+//!
+//! Archives made before the ledger existed are adopted once per folder, at its first sweep: an image
+//! whose sidecar beside it is a labeld record of that very file (same size and mtime, and the same
+//! device and inode, or the same XXH3 of its bytes after a copy across file systems), with that sidecar.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use globset::GlobSet;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
-use crate::beneath::Beneath;
-use crate::config::{Config, OnDone, RetentionConfig, is_candidate_name};
+use crate::beneath;
+use crate::config::{Config, RetentionConfig};
 use crate::health::Lifeline;
+use crate::ledger::{ArchiveFolder, ArchiveFolders, FileKey, archive_paths};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::sink::record::Record;
 use crate::sink::sidecar::sidecar_path;
 
 /// Why a file was chosen for removal.
@@ -91,38 +98,19 @@ pub fn choose(limits: &RetentionConfig, now: SystemTime, files: &[Aged], space: 
     chosen
 }
 
-/// A folder to sweep and the `include` patterns of the inboxes that put images there.
-#[derive(Debug, Clone)]
-struct Folder {
-    path: PathBuf,
-    matchers: Vec<GlobSet>,
-}
-
 /// What a sweep needs from the config; replaced on reload.
 #[derive(Debug, Clone)]
 struct Plan {
     limits: RetentionConfig,
-    folders: Vec<Folder>,
-    /// Inbox roots and the other swept folders: never entered while walking a folder.
+    folders: Vec<Arc<ArchiveFolder>>,
+    /// Inbox roots: never entered while walking a folder.
     inboxes: Vec<PathBuf>,
 }
 
 impl Plan {
-    fn from_config(c: &Config) -> Option<Plan> {
+    fn from_config(c: &Config, pinned: &ArchiveFolders) -> Option<Plan> {
         let limits = c.retention.clone()?;
-        let mut folders: Vec<Folder> = Vec::new();
-        for ib in &c.inboxes {
-            let done = match &ib.on_done {
-                OnDone::Move(d) => Some(d),
-                _ => None,
-            };
-            for path in done.into_iter().chain(ib.quarantine.as_ref()) {
-                match folders.iter_mut().find(|f| &f.path == path) {
-                    Some(f) => f.matchers.push(ib.matcher.clone()),
-                    None => folders.push(Folder { path: path.clone(), matchers: vec![ib.matcher.clone()] }),
-                }
-            }
-        }
+        let folders = archive_paths(c).iter().filter_map(|p| pinned.get(p)).collect();
         Some(Plan { limits, folders, inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect() })
     }
 }
@@ -137,13 +125,14 @@ pub struct Retention {
 #[derive(Clone)]
 pub struct RetentionControl {
     plan: Arc<Mutex<Option<Plan>>>,
+    folders: ArchiveFolders,
     wake: crossbeam_channel::Sender<()>,
 }
 
 impl RetentionControl {
-    /// Applies a reloaded config (its `[retention]` and folders) with a sweep now.
+    /// Applies a reloaded config (its `[retention]` and folders, pinned by the reload) with a sweep now.
     pub fn reconfigure(&self, config: &Config) {
-        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = Plan::from_config(config);
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = Plan::from_config(config, &self.folders);
         let _ = self.wake.try_send(()); // one pending wake-up is enough
     }
 }
@@ -154,10 +143,10 @@ const IDLE: Duration = Duration::from_secs(86_400);
 impl Retention {
     /// Sweeps now and every `interval_s` after; idle while the config has no `[retention]` (a reload
     /// that adds one wakes it).
-    pub fn start(config: &Config, metrics: Metrics, lifeline: Lifeline, shutdown: Shutdown) -> io::Result<Retention> {
-        let plan = Arc::new(Mutex::new(Plan::from_config(config)));
+    pub fn start(config: &Config, folders: ArchiveFolders, metrics: Metrics, lifeline: Lifeline, shutdown: Shutdown) -> io::Result<Retention> {
+        let plan = Arc::new(Mutex::new(Plan::from_config(config, &folders)));
         let (wake, woken) = crossbeam_channel::bounded::<()>(1);
-        let control = RetentionControl { plan: plan.clone(), wake };
+        let control = RetentionControl { plan: plan.clone(), folders, wake };
         let handle = std::thread::Builder::new().name("retention".into()).spawn(move || {
             let _lifeline = lifeline;
             loop {
@@ -189,17 +178,23 @@ impl Retention {
     }
 }
 
-/// A removable image (or a sidecar whose image is gone) found in a folder.
+/// A regular file of a swept folder with its sidecar (if present), or a sidecar without its image.
 #[derive(Debug)]
-struct Found {
-    folder: usize,
+struct Unit {
     /// Its folder, relative to the swept folder's root.
     dir: PathBuf,
     name: OsString,
-    inode: u64,
-    sidecar: Option<OsString>,
+    key: FileKey,
+    sidecar: Option<(OsString, FileKey)>,
     bytes: u64,
     aged: Aged,
+}
+
+/// A unit found in folder `folder` during a sweep.
+#[derive(Debug)]
+struct Found {
+    folder: usize,
+    unit: Unit,
 }
 
 /// What one folder's walk and removals came to in one sweep.
@@ -210,62 +205,89 @@ struct Tally {
     by_age: u64,
     by_space: u64,
     links: u64,
+    /// Files due for removal by age or space, but not recorded as archived: left alone.
+    foreign: u64,
     errors: Vec<String>,
 }
 
-/// One pass over every folder: per file system, the candidates of all its folders compete, oldest first.
+/// One pass over every folder: per file system, the archived files of all its folders compete, oldest first.
 fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
-    let skip = folder_keys(plan.inboxes.iter().chain(plan.folders.iter().map(|f| &f.path)));
+    let roots: Vec<Option<Arc<OwnedFd>>> = plan.folders.iter().map(|f| f.root().ok()).collect();
+    let skip = folder_keys(&plan.inboxes, &roots);
     let mut tallies: Vec<Tally> = plan.folders.iter().map(|_| Tally::default()).collect();
-    let mut by_fs: HashMap<u64, (Space, OwnedFd, Vec<Found>, usize)> = HashMap::new();
+    let mut by_fs: HashMap<u64, (Space, Arc<OwnedFd>, Vec<Found>, usize)> = HashMap::new();
     let mut free_before: Vec<Option<u64>> = vec![None; plan.folders.len()];
     for (i, folder) in plan.folders.iter().enumerate() {
-        let root = match open_root(&folder.path) {
-            Ok(fd) => fd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // nothing moved there yet
-            Err(e) => {
-                tallies[i].errors.push(format!("cannot open {}: {e}", folder.path.display()));
-                continue;
-            }
-        };
-        let (dev, space) = match (rustix::fs::fstat(&root).map_err(io::Error::from), Space::of(&root)) {
+        // A folder not available or replaced was logged when that was found; it is not swept.
+        let Some(root) = &roots[i] else { continue };
+        let t = &mut tallies[i];
+        let (dev, space) = match (rustix::fs::fstat(root.as_ref()).map_err(io::Error::from), Space::of(root)) {
             (Ok(st), Ok(space)) => (st.st_dev, space),
             (Err(e), _) | (_, Err(e)) => {
-                tallies[i].errors.push(format!("cannot stat {}: {e}", folder.path.display()));
+                t.errors.push(format!("cannot stat {}: {e}", folder.path.display()));
                 continue;
             }
         };
+        let own: HashSet<(u64, u64)> = skip.iter().filter(|k| **k != key_of(root)).copied().collect();
+        match folder.adopted(root) {
+            Ok(true) => {}
+            Ok(false) => adopt(folder, root, dev, &own, t),
+            Err(e) => t.errors.push(format!("cannot read the archive ledger: {e}")),
+        }
         free_before[i] = Some(space.free);
-        let own = skip.iter().filter(|k| **k != key_of(&root)).copied().collect();
         // With space to spare only files past max_age can go: keep just those (a year of images is many).
         let now = SystemTime::now();
         let low = space.free < wanted_free(&plan.limits, space.total);
         let older_than = if low { None } else { Some(plan.limits.max_age.and_then(|a| now.checked_sub(a)).unwrap_or(SystemTime::UNIX_EPOCH)) };
-        let walk = Walk { folder: i, matchers: &folder.matchers, skip: &own, dev, older_than };
+        let mut units = Vec::new();
+        walk(root, dev, &own, t, &mut |_, unit| {
+            if older_than.is_none_or(|c| unit.aged.mtime < c) {
+                units.push(unit);
+            }
+        });
+        let archived = match recorded(folder, root, &units) {
+            Ok(r) => r,
+            Err(e) => {
+                t.errors.push(format!("cannot read the archive ledger: {e}"));
+                continue;
+            }
+        };
         let mut found = Vec::new();
-        walk.dir(&root, Path::new(""), &mut found, &mut tallies[i]);
-        let entry = by_fs.entry(dev).or_insert_with(|| (space, root, Vec::new(), i));
+        for mut unit in units {
+            let side_foreign = unit.sidecar.as_ref().is_some_and(|(_, k)| !archived.contains(k));
+            if !archived.contains(&unit.key) {
+                t.foreign += 1 + u64::from(unit.sidecar.is_some());
+                continue;
+            }
+            // A sidecar labeld did not put there stays, even beside an image that goes.
+            if side_foreign {
+                t.foreign += 1;
+                unit.sidecar = None;
+            }
+            found.push(Found { folder: i, unit });
+        }
+        let entry = by_fs.entry(dev).or_insert_with(|| (space, root.clone(), Vec::new(), i));
         entry.2.extend(found);
     }
     let now = SystemTime::now();
     let mut emptied: Vec<HashSet<PathBuf>> = plan.folders.iter().map(|_| HashSet::new()).collect();
     for (space, fd, found, first) in by_fs.values() {
-        let aged: Vec<Aged> = found.iter().map(|f| f.aged).collect();
+        let aged: Vec<Aged> = found.iter().map(|f| f.unit.aged).collect();
         for (i, why) in choose(&plan.limits, now, &aged, Some(*space)) {
             if shutdown.is_triggered() {
                 break;
             }
-            let f = &found[i];
-            let t = &mut tallies[f.folder];
-            match remove(&plan.folders[f.folder].path, f) {
+            let Found { folder, unit } = &found[i];
+            let (Some(root), t) = (&roots[*folder], &mut tallies[*folder]) else { continue };
+            match remove(root, unit) {
                 Ok(true) => {
                     t.files += 1;
-                    t.bytes += f.bytes;
+                    t.bytes += unit.bytes;
                     *(if why == Why::Age { &mut t.by_age } else { &mut t.by_space }) += 1;
-                    emptied[f.folder].insert(f.dir.clone());
+                    emptied[*folder].insert(unit.dir.clone());
                 }
                 Ok(false) => {}
-                Err(e) => t.errors.push(format!("cannot remove {}: {e}", plan.folders[f.folder].path.join(&f.dir).join(&f.name).display())),
+                Err(e) => t.errors.push(format!("cannot remove {}: {e}", plan.folders[*folder].path.join(&unit.dir).join(&unit.name).display())),
             }
         }
         if let Ok(after) = Space::of(fd) {
@@ -275,24 +297,40 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
                     folder = %plan.folders[*first].path.display(),
                     free_mb = after.free >> 20,
                     wanted_mb = want >> 20,
-                    "retention: still below the free-space limit with nothing more to remove from the done and quarantine folders; something else fills this file system"
+                    "retention: still below the free-space limit with nothing more labeld archived to remove from the done and quarantine folders; something else fills this file system"
                 );
             }
         }
     }
     for (i, folder) in plan.folders.iter().enumerate() {
-        remove_empty_folders(&folder.path, &emptied[i]);
-        report(folder, &tallies[i], free_before[i], metrics);
+        if let Some(root) = &roots[i] {
+            remove_empty_folders(root, &emptied[i]);
+            if folder.compaction_due(SystemTime::now()) && !shutdown.is_triggered() {
+                match folder.compact(root) {
+                    Ok((kept, dropped)) => tracing::debug!(folder = %folder.path.display(), kept, dropped, "archive ledger compacted"),
+                    Err(e) => tallies[i].errors.push(format!("cannot compact the archive ledger: {e}")),
+                }
+            }
+            report(folder, root, &tallies[i], free_before[i], metrics);
+        }
     }
     metrics.retention_sweep();
 }
 
-/// One line per folder that lost files, one per folder that had errors; metrics.
-fn report(folder: &Folder, t: &Tally, free_before: Option<u64>, metrics: &Metrics) {
-    let free_after = open_root(&folder.path).and_then(|fd| Space::of(&fd)).ok().map(|s| s.free);
+/// Which keys of `units` (images and sidecars) the folder's ledger records.
+fn recorded(folder: &ArchiveFolder, root: &OwnedFd, units: &[Unit]) -> io::Result<HashSet<FileKey>> {
+    let keys: HashSet<FileKey> = units.iter().flat_map(|u| std::iter::once(u.key).chain(u.sidecar.as_ref().map(|s| s.1))).collect();
+    folder.recorded(root, &keys)
+}
+
+/// One line per folder that lost files, one per folder with files left alone, one per folder that
+/// had errors; metrics.
+fn report(folder: &ArchiveFolder, root: &OwnedFd, t: &Tally, free_before: Option<u64>, metrics: &Metrics) {
+    let free_after = Space::of(root).ok().map(|s| s.free);
     if let Some(free) = free_after {
         metrics.retention_free(&folder.path, free);
     }
+    metrics.retention_foreign(&folder.path, t.foreign);
     if t.files > 0 {
         metrics.retention_removed(t.files, t.bytes);
         let mb = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.1}", b as f64 / (1024.0 * 1024.0)));
@@ -308,134 +346,151 @@ fn report(folder: &Folder, t: &Tally, free_before: Option<u64>, metrics: &Metric
             "retention: removed old images and their sidecars"
         );
     }
+    if t.foreign > 0 {
+        tracing::info!(
+            folder = %folder.path.display(),
+            files = t.foreign,
+            "retention: files due for removal that labeld did not archive here are left alone (someone else's, or changed since)"
+        );
+    }
     if let Some(first) = t.errors.first() {
         tracing::warn!(
             folder = %folder.path.display(),
             errors = t.errors.len(),
-            "retention: {first} (and {} more); those files stay, retried at the next sweep: check the folder's owner, permissions and mount",
-            t.errors.len() - 1
+            first_error = %first,
+            "retention: errors; those files stay, retried at the next sweep: check the folder's owner, permissions and mount"
         );
     }
-}
-
-/// The configured folder itself is the operator's and followed as written.
-fn open_root(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 fn key_of(fd: &OwnedFd) -> (u64, u64) {
     rustix::fs::fstat(fd).map(|st| (st.st_dev, st.st_ino)).unwrap_or((u64::MAX, u64::MAX))
 }
 
-/// (device, inode) of each existing folder.
-fn folder_keys<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> HashSet<(u64, u64)> {
-    paths.filter_map(|p| rustix::fs::stat(p).ok().map(|st| (st.st_dev, st.st_ino))).collect()
+/// (device, inode) of each existing inbox and pinned folder: never entered from another folder.
+fn folder_keys(inboxes: &[PathBuf], roots: &[Option<Arc<OwnedFd>>]) -> HashSet<(u64, u64)> {
+    let inboxes = inboxes.iter().filter_map(|p| rustix::fs::stat(p).ok().map(|st| (st.st_dev, st.st_ino)));
+    inboxes.chain(roots.iter().flatten().map(|r| key_of(r))).collect()
 }
 
-/// Walking one swept folder.
-struct Walk<'a> {
-    folder: usize,
-    matchers: &'a [GlobSet],
-    /// Inboxes and other swept folders.
-    skip: &'a HashSet<(u64, u64)>,
-    dev: u64,
-    /// Collect only files modified before this (None: all).
-    older_than: Option<SystemTime>,
-}
-
-impl Walk<'_> {
-    fn collect(&self, found: Found, out: &mut Vec<Found>) {
-        if self.older_than.is_none_or(|c| found.aged.mtime < c) {
-            out.push(found);
-        }
-    }
-
-    fn wants(&self, name: &OsStr) -> bool {
-        self.matchers.iter().any(|m| is_candidate_name(Path::new(name), m))
-    }
-
-    /// Collects the removable files of the folder open as `dir` (at `rel`), and walks its subfolders.
-    fn dir(&self, dir: &OwnedFd, rel: &Path, out: &mut Vec<Found>, t: &mut Tally) {
-        let names = match list(dir) {
+/// Calls `visit` with each unit beneath `root` (its folder's descriptor and the unit), walking
+/// sub-folders `O_NOFOLLOW`, not into other file systems or the folders of `skip`.
+fn walk(root: &OwnedFd, dev: u64, skip: &HashSet<(u64, u64)>, t: &mut Tally, visit: &mut dyn FnMut(&OwnedFd, Unit)) {
+    let Ok(dup) = beneath::open_beneath(root, Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else { return };
+    let mut stack = vec![(dup, PathBuf::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let names = match list(&dir) {
             Ok(n) => n,
-            Err(e) => return t.errors.push(format!("cannot list {}: {e}", rel.display())),
+            Err(e) => {
+                t.errors.push(format!("cannot list {}: {e}", rel.display()));
+                continue;
+            }
         };
-        let present: HashSet<&OsStr> = names.iter().map(OsString::as_os_str).collect();
-        let mut sidecars: HashSet<OsString> = HashSet::new();
-        let mut orphans = Vec::new();
-        for name in &names {
-            // Dot-names are labeld's temp files (a copy into this folder in progress) or not images.
+        let mut files: HashMap<OsString, rustix::fs::Stat> = HashMap::new();
+        for name in names {
+            // Dot-names are labeld's own (the ledger, temp files of a copy in progress) or hidden.
             if name.as_bytes().starts_with(b".") {
                 continue;
             }
-            let st = match rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            let st = match rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(e) if e == rustix::io::Errno::NOENT => continue,
                 Err(e) => {
-                    t.errors.push(format!("cannot stat {}: {e}", rel.join(name).display()));
+                    t.errors.push(format!("cannot stat {}: {e}", rel.join(&name).display()));
                     continue;
                 }
             };
-            match FileType::from_raw_mode(st.st_mode as _) {
+            match FileType::from_raw_mode(st.st_mode) {
                 FileType::Symlink => t.links += 1,
-                FileType::Directory => self.subdir(dir, rel, name, (st.st_dev, st.st_ino), out, t),
-                FileType::RegularFile if self.wants(name) => {
-                    let side = sidecar_path(Path::new(name)).into_os_string();
-                    let side_stat = present
-                        .contains(side.as_os_str())
-                        .then(|| rustix::fs::statat(dir, side.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).ok())
-                        .flatten()
-                        .filter(|s| FileType::from_raw_mode(s.st_mode as _) == FileType::RegularFile);
-                    let (side_bytes, side_alloc) = side_stat.as_ref().map_or((0, 0), |s| (s.st_size as u64, s.st_blocks as u64 * 512));
-                    let found = Found {
-                        folder: self.folder,
-                        dir: rel.to_path_buf(),
-                        name: name.clone(),
-                        inode: st.st_ino as u64,
-                        sidecar: side_stat.is_some().then(|| side.clone()),
-                        bytes: st.st_size as u64 + side_bytes,
-                        aged: Aged { mtime: mtime(st.st_mtime as i64, st.st_mtime_nsec as u32), allocated: st.st_blocks as u64 * 512 + side_alloc },
-                    };
-                    self.collect(found, out);
-                    sidecars.insert(side);
+                FileType::Directory if st.st_dev == dev && !skip.contains(&(st.st_dev, st.st_ino)) => {
+                    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+                    match beneath::open_beneath(&dir, Path::new(&name), flags, Mode::empty()) {
+                        // Still the folder that was stat'ed, not one swapped in since.
+                        Ok(sub) if key_of(&sub) == (st.st_dev, st.st_ino) => stack.push((sub, rel.join(&name))),
+                        Ok(_) => {}
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) => {}
+                        Err(e) => t.errors.push(format!("cannot open {}: {e}", rel.join(&name).display())),
+                    }
                 }
                 FileType::RegularFile => {
-                    // A sidecar left without its image (a crash between the two removals or moves).
-                    let image = name.as_bytes().strip_suffix(b".json").map(OsStr::from_bytes);
-                    if image.is_some_and(|i| self.wants(i) && !present.contains(i)) {
-                        orphans.push((name.clone(), st));
-                    }
+                    files.insert(name, st);
                 }
                 _ => {}
             }
         }
-        for (name, st) in orphans.into_iter().filter(|(n, _)| !sidecars.contains(n)) {
-            let found = Found {
-                folder: self.folder,
-                dir: rel.to_path_buf(),
-                name,
-                inode: st.st_ino as u64,
-                sidecar: None,
-                bytes: st.st_size as u64,
-                aged: Aged { mtime: mtime(st.st_mtime as i64, st.st_mtime_nsec as u32), allocated: st.st_blocks as u64 * 512 },
+        let sidecars: HashSet<OsString> = files.keys().map(|n| sidecar_path(Path::new(n)).into_os_string()).collect();
+        for (name, st) in &files {
+            if sidecars.contains(name) {
+                continue; // visited with its image
+            }
+            let side = sidecar_path(Path::new(name)).into_os_string();
+            let side_st = files.get(&side);
+            let unit = Unit {
+                dir: rel.clone(),
+                name: name.clone(),
+                key: FileKey::of(st),
+                sidecar: side_st.map(|s| (side.clone(), FileKey::of(s))),
+                bytes: st.st_size as u64 + side_st.map_or(0, |s| s.st_size as u64),
+                aged: Aged {
+                    mtime: mtime(st.st_mtime, st.st_mtime_nsec as u32),
+                    allocated: (st.st_blocks as u64 + side_st.map_or(0, |s| s.st_blocks as u64)) * 512,
+                },
             };
-            self.collect(found, out);
+            visit(&dir, unit);
         }
     }
+}
 
-    fn subdir(&self, dir: &OwnedFd, rel: &Path, name: &OsStr, key: (u64, u64), out: &mut Vec<Found>, t: &mut Tally) {
-        if key.0 != self.dev || self.skip.contains(&key) {
+/// Adopts what an earlier version archived in `folder` (see the module docs), then marks the ledger
+/// so that this never runs again for it.
+fn adopt(folder: &ArchiveFolder, root: &OwnedFd, dev: u64, skip: &HashSet<(u64, u64)>, t: &mut Tally) {
+    let mut adopted = 0u64;
+    let mut failed = None;
+    walk(root, dev, skip, t, &mut |dir, unit| {
+        let Some((side, side_key)) = &unit.sidecar else { return };
+        if failed.is_some() || !is_labeld_record_of(dir, &unit.name, unit.key, side) {
             return;
         }
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-            // Still the folder that was stat'ed, not one swapped in since.
-            Ok(sub) if key_of(&sub) == key => self.dir(&sub, &rel.join(name), out, t),
-            Ok(_) => {}
-            Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {}
-            Err(e) => t.errors.push(format!("cannot open {}: {e}", rel.join(name).display())),
+        let (img_rel, side_rel) = (unit.dir.join(&unit.name), unit.dir.join(side));
+        match folder.record(root, &[(unit.key, img_rel.as_path()), (*side_key, side_rel.as_path())]) {
+            Ok(()) => adopted += 1,
+            Err(e) => failed = Some(e),
         }
+    });
+    if let Some(e) = failed {
+        return t.errors.push(format!("cannot record adopted images in the archive ledger (tried again at the next sweep): {e}"));
     }
+    match folder.mark_adopted(root) {
+        Ok(()) => tracing::info!(folder = %folder.path.display(), images = adopted, "retention: adopted images archived before the archive ledger existed (each with a sidecar that records that very file)"),
+        Err(e) => t.errors.push(format!("cannot write the archive ledger: {e}")),
+    }
+}
+
+/// The sidecar `side` (in `dir`) is labeld's record of the file `name` with `key`.
+fn is_labeld_record_of(dir: &OwnedFd, name: &OsStr, key: FileKey, side: &OsStr) -> bool {
+    let Some(bytes) = read_small(dir, side, 1 << 20) else { return false };
+    let Ok(Record { file: Some(id), .. }) = serde_json::from_slice::<Record>(&bytes) else { return false };
+    if (id.size, id.mtime_ns) != (key.size, key.mtime_ns) {
+        return false;
+    }
+    if (id.dev, id.inode) == (key.dev, key.ino) {
+        return true;
+    }
+    // Copied across file systems: the same bytes.
+    id.xxh3.is_some_and(|h| read_small(dir, name, u64::MAX).is_some_and(|b| b.len() as u64 == key.size && xxhash_rust::xxh3::xxh3_64(&b) == h))
+}
+
+/// The whole regular file `name` in `dir` if it is at most `max` bytes (no link followed, no FIFO waited on).
+fn read_small(dir: &OwnedFd, name: &OsStr, max: u64) -> Option<Vec<u8>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let f = std::fs::File::from(rustix::fs::openat(dir, name, flags, Mode::empty()).ok()?);
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > max {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(max).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 fn list(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
@@ -457,45 +512,42 @@ fn mtime(secs: i64, nsec: u32) -> SystemTime {
     }
 }
 
-/// Removes `f` (then its sidecar), reached again beneath `root` without following links; false when it
-/// is no longer the file that was chosen (replaced or gone since).
-fn remove(root: &Path, f: &Found) -> io::Result<bool> {
-    // Invariants I6 and I11 (docs/design.md), applied to the swept folder: resolved beneath its root, never through a link.
-    let path = root.join(&f.dir).join(&f.name);
-    let at = Beneath::new(root, &path)?;
-    let dir = at.open_parent()?;
-    match rustix::fs::statat(&dir, &f.name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) if st.st_ino as u64 == f.inode && FileType::from_raw_mode(st.st_mode as _) == FileType::RegularFile => {}
-        Ok(_) => return Ok(false),
-        Err(e) if e == rustix::io::Errno::NOENT => return Ok(false),
-        Err(e) => return Err(e.into()),
+/// Removes `u` (then its sidecar), reached again beneath the pinned `root` without links; false when
+/// it is no longer the file that was chosen (replaced, edited or gone since).
+fn remove(root: &OwnedFd, u: &Unit) -> io::Result<bool> {
+    // Invariants I6 and I11 (docs/design.md), applied to the swept folder: resolved beneath its pinned root, never through a link.
+    let dir = beneath::open_beneath(root, &u.dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty())?;
+    let is = |name: &OsStr, key: FileKey| match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && FileKey::of(&st) == key),
+        Err(e) if e == rustix::io::Errno::NOENT => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    };
+    if !is(&u.name, u.key)? {
+        return Ok(false);
     }
-    rustix::fs::unlinkat(&dir, &f.name, AtFlags::empty())?;
-    if let Some(side) = &f.sidecar {
-        match rustix::fs::unlinkat(&dir, side, AtFlags::empty()) {
-            Err(e) if e != rustix::io::Errno::NOENT => return Err(e.into()),
-            _ => {}
-        }
+    rustix::fs::unlinkat(&dir, &u.name, AtFlags::empty())?;
+    if let Some((side, key)) = &u.sidecar
+        && is(side, *key)?
+    {
+        rustix::fs::unlinkat(&dir, side, AtFlags::empty())?;
     }
     Ok(true)
 }
 
-/// Removes the folders this sweep emptied and their parents that became empty, never `root` itself.
-fn remove_empty_folders(root: &Path, emptied: &HashSet<PathBuf>) {
+/// Removes the folders this sweep emptied and their parents that became empty, never the root itself.
+fn remove_empty_folders(root: &OwnedFd, emptied: &HashSet<PathBuf>) {
     let mut dirs: Vec<&PathBuf> = emptied.iter().filter(|d| !d.as_os_str().is_empty()).collect();
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     for d in dirs {
         let mut at: &Path = d;
-        while !at.as_os_str().is_empty() {
-            let path = root.join(at);
-            let Ok(beneath) = Beneath::new(root, &path) else { break };
-            let removed = beneath
-                .open_parent()
-                .and_then(|parent| Ok(rustix::fs::unlinkat(&parent, beneath.file_name(), AtFlags::REMOVEDIR)?));
+        while let (Some(parent), Some(name)) = (at.parent(), at.file_name()) {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
+            let removed = beneath::open_beneath(root, parent, flags, Mode::empty())
+                .and_then(|p| Ok(rustix::fs::unlinkat(&p, name, AtFlags::REMOVEDIR)?));
             if removed.is_err() {
                 break; // not empty (or gone): its parents are not empty either
             }
-            at = at.parent().unwrap_or(Path::new(""));
+            at = parent;
         }
     }
 }
@@ -555,28 +607,64 @@ mod tests {
         assert_eq!(wanted_free(&limits(None, None, Some(50.0)), 1001), 501);
     }
 
+    fn days_ago(d: u64) -> SystemTime {
+        SystemTime::now() - Duration::from_secs(d * 86_400)
+    }
+
+    /// Writes `rel` in `folder` with `mtime`, as a file labeld did not put there.
+    fn plant(folder: &Path, rel: &str, body: &[u8], mtime: SystemTime) -> PathBuf {
+        let p = folder.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, body).unwrap();
+        std::fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+        p
+    }
+
+    /// Writes `rel` in `folder` with `mtime` and records it in the folder's ledger, as an archive move does.
+    fn archive(folder: &ArchiveFolder, rel: &str, body: &[u8], mtime: SystemTime) -> PathBuf {
+        let p = plant(&folder.path, rel, body, mtime);
+        let key = FileKey::of(&rustix::fs::stat(&p).unwrap());
+        folder.record(&folder.root().unwrap(), &[(key, Path::new(rel))]).unwrap();
+        p
+    }
+
+    fn plan_for(folder: Arc<ArchiveFolder>, inboxes: Vec<PathBuf>) -> Plan {
+        Plan { limits: limits(Some(30), None, None), folders: vec![folder], inboxes }
+    }
+
+    /// A folder whose ledger already says adopted (what a folder labeld created looks like).
+    fn fresh(path: &Path) -> Arc<ArchiveFolder> {
+        let f = Arc::new(ArchiveFolder::new(path));
+        f.mark_adopted(&f.root().unwrap()).unwrap();
+        f
+    }
+
     #[test]
-    fn a_sweep_removes_images_with_sidecars_and_emptied_folders_and_leaves_links_and_other_files() {
+    fn a_sweep_removes_archived_images_with_sidecars_and_emptied_folders_and_leaves_everything_else() {
         let d = tempfile::tempdir().unwrap();
         let done = d.path().join("done");
-        let outside = d.path().join("outside.jpg");
-        std::fs::write(&outside, b"keep me").unwrap();
-        std::fs::create_dir_all(done.join("cam1/2024")).unwrap();
-        for (p, body) in [("cam1/2024/a.jpg", "aa"), ("cam1/2024/a.jpg.json", "{}"), ("b.jpg", "bb"), ("c.JPG.json", "{}"), ("notes.txt", "n")] {
-            std::fs::write(done.join(p), body).unwrap();
+        let folder = fresh(&done);
+        let outside = plant(d.path(), "outside.jpg", b"keep me", days_ago(400));
+        let old = days_ago(100);
+        archive(&folder, "cam1/2024/a.jpg", b"aa", old);
+        archive(&folder, "cam1/2024/a.jpg.json", b"{}", old);
+        archive(&folder, "b.jpg", b"bb", SystemTime::now());
+        archive(&folder, "c.JPG.json", b"{}", old); // a sidecar whose image went before
+        // Not labeld's: an old photo, a file that only looks like a sidecar, notes, a link.
+        for rel in ["never-seen.jpg", "looks-like.jpg.json", "notes.txt", "cam2/x.png"] {
+            plant(&done, rel, b"theirs", days_ago(3000));
         }
         std::os::unix::fs::symlink(&outside, done.join("link.jpg")).unwrap();
-        let old = SystemTime::now() - Duration::from_secs(100 * 86_400);
-        for p in ["cam1/2024/a.jpg", "c.JPG.json", "notes.txt"] {
-            std::fs::File::options().write(true).open(done.join(p)).unwrap().set_modified(old).unwrap();
-        }
-        let matcher = crate::config::image_matcher(&crate::config::default_include()).unwrap();
-        let plan = Plan { limits: limits(Some(30), None, None), folders: vec![Folder { path: done.clone(), matchers: vec![matcher] }], inboxes: vec![] };
+        // Archived, then edited by someone: no longer the file labeld archived.
+        let edited = archive(&folder, "edited.jpg", b"v1", old);
+        std::fs::write(&edited, b"v2 longer").unwrap();
+        std::fs::File::options().write(true).open(&edited).unwrap().set_modified(old).unwrap();
+
         let metrics = Metrics::new();
-        sweep(&plan, &metrics, &Shutdown::new());
+        sweep(&plan_for(folder.clone(), vec![]), &metrics, &Shutdown::new());
         assert!(!done.join("cam1").exists(), "the emptied folders go");
-        assert!(!done.join("c.JPG.json").exists(), "an old sidecar without its image goes");
-        for kept in ["b.jpg", "notes.txt", "link.jpg"] {
+        assert!(!done.join("c.JPG.json").exists(), "an archived sidecar without its image goes");
+        for kept in ["b.jpg", "notes.txt", "link.jpg", "never-seen.jpg", "looks-like.jpg.json", "cam2/x.png", "edited.jpg", ".labeld-archive"] {
             assert!(std::fs::symlink_metadata(done.join(kept)).is_ok(), "{kept} was removed");
         }
         assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
@@ -585,48 +673,114 @@ mod tests {
         assert!(text.contains("labeld_retention_removed_files_total 2"), "{text}");
         assert!(text.contains("labeld_retention_removed_bytes_total 6"), "{text}");
         assert!(text.contains("labeld_retention_sweeps_total 1"), "{text}");
-    }
-
-    fn plan_for(done: &Path, inboxes: Vec<PathBuf>) -> Plan {
-        let matcher = crate::config::image_matcher(&crate::config::default_include()).unwrap();
-        Plan { limits: limits(Some(30), None, None), folders: vec![Folder { path: done.to_path_buf(), matchers: vec![matcher] }], inboxes }
+        // never-seen, looks-like (not the sidecar of a file there), notes, x.png, edited.
+        assert!(text.contains(&format!("labeld_retention_foreign_files{{folder=\"{}\"}} 5", done.display())), "{text}");
     }
 
     #[test]
     fn a_folder_swapped_for_a_link_after_the_walk_is_refused_not_followed() {
         let d = tempfile::tempdir().unwrap();
         let (done, outside) = (d.path().join("done"), d.path().join("outside"));
-        std::fs::create_dir_all(done.join("cam1")).unwrap();
-        std::fs::create_dir_all(&outside).unwrap();
-        std::fs::write(done.join("cam1/old.jpg"), b"x").unwrap();
-        std::fs::write(outside.join("old.jpg"), b"precious").unwrap();
-        let plan = plan_for(&done, vec![]);
-        let root = open_root(&done).unwrap();
-        let walk = Walk { folder: 0, matchers: &plan.folders[0].matchers, skip: &HashSet::new(), dev: rustix::fs::fstat(&root).unwrap().st_dev, older_than: None };
-        let mut found = Vec::new();
-        walk.dir(&root, Path::new(""), &mut found, &mut Tally::default());
-        assert_eq!(found.len(), 1);
+        let folder = fresh(&done);
+        archive(&folder, "cam1/old.jpg", b"x", days_ago(100));
+        let precious = plant(&outside, "old.jpg", b"precious", days_ago(100));
+        let root = folder.root().unwrap();
+        let mut units = Vec::new();
+        walk(&root, rustix::fs::fstat(root.as_ref()).unwrap().st_dev, &HashSet::new(), &mut Tally::default(), &mut |_, u| units.push(u));
+        assert_eq!(units.len(), 1);
         std::fs::rename(done.join("cam1"), d.path().join("cam1-away")).unwrap();
         std::os::unix::fs::symlink(&outside, done.join("cam1")).unwrap();
-        let e = remove(&done, &found[0]).unwrap_err();
-        // ELOOP/EXDEV for a link on the way, ENOTDIR for a link where the folder was (O_NOFOLLOW|O_DIRECTORY).
-        assert!(crate::beneath::is_link_refusal(&e) || e.raw_os_error() == Some(libc::ENOTDIR), "{e}");
-        assert_eq!(std::fs::read(outside.join("old.jpg")).unwrap(), b"precious");
+        // The same name and even the same key outside: never reached through the link.
+        let e = remove(&root, &units[0]).unwrap_err();
+        assert!(beneath::is_link_refusal(&e) || e.raw_os_error() == Some(libc::ENOTDIR), "{e}");
+        assert_eq!(std::fs::read(&precious).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn a_swept_folder_replaced_by_a_link_is_not_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let (done, elsewhere) = (d.path().join("done"), d.path().join("elsewhere"));
+        let folder = fresh(&done);
+        archive(&folder, "old.jpg", b"x", days_ago(100));
+        // The same archived bytes and key can only be in the real folder; elsewhere holds someone's old files.
+        let theirs = plant(&elsewhere, "old.jpg", b"x", days_ago(100));
+        std::fs::rename(&done, d.path().join("done.real")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &done).unwrap();
+        sweep(&plan_for(folder, vec![]), &Metrics::new(), &Shutdown::new());
+        assert!(theirs.exists());
+        assert!(d.path().join("done.real/old.jpg").exists(), "a replaced folder is not swept at all");
     }
 
     #[test]
     fn an_inbox_inside_a_swept_folder_is_never_entered() {
         let d = tempfile::tempdir().unwrap();
         let done = d.path().join("data");
-        let inbox = done.join("inbox");
-        std::fs::create_dir_all(&inbox).unwrap();
-        for p in [done.join("old.jpg"), inbox.join("waiting.jpg")] {
-            std::fs::write(&p, b"x").unwrap();
-            std::fs::File::options().write(true).open(&p).unwrap().set_modified(SystemTime::now() - Duration::from_secs(90 * 86_400)).unwrap();
-        }
-        sweep(&plan_for(&done, vec![inbox.clone()]), &Metrics::new(), &Shutdown::new());
+        let folder = fresh(&done);
+        archive(&folder, "old.jpg", b"x", days_ago(90));
+        // Recorded, yet inside an inbox (a config that allowed it): the inbox is not retention's.
+        let waiting = archive(&folder, "inbox/waiting.jpg", b"x", days_ago(90));
+        sweep(&plan_for(folder, vec![done.join("inbox")]), &Metrics::new(), &Shutdown::new());
         assert!(!done.join("old.jpg").exists());
-        assert!(inbox.join("waiting.jpg").exists(), "an image waiting in an inbox is not retention's");
+        assert!(waiting.exists(), "an image waiting in an inbox is not retention's");
+    }
+
+    /// A labeld sidecar for `image` as it is now (what an earlier version wrote when it labelled it).
+    fn sidecar_for(image: &Path, bytes_hash: bool) -> String {
+        let mut id = crate::beneath::Identity::of(&std::fs::metadata(image).unwrap());
+        if bytes_hash {
+            id.xxh3 = Some(xxhash_rust::xxh3::xxh3_64(&std::fs::read(image).unwrap()));
+            id.inode += 1; // as after a copy across file systems
+        }
+        let r = serde_json::json!({"path": "/in/a.jpg", "time": "2020-01-01T00:00:00Z", "model": "m", "status": "ok", "latency_ms": 1.0, "file": id});
+        r.to_string()
+    }
+
+    #[test]
+    fn archives_from_before_the_ledger_are_adopted_once_by_their_sidecars() {
+        let d = tempfile::tempdir().unwrap();
+        let done = d.path().join("done");
+        let old = days_ago(100);
+        let same = plant(&done, "cam/same.jpg", b"labelled here", old);
+        std::fs::write(done.join("cam/same.jpg.json"), sidecar_for(&same, false)).unwrap();
+        let copied = plant(&done, "copied.jpg", b"labelled, then copied", old);
+        std::fs::write(done.join("copied.jpg.json"), sidecar_for(&copied, true)).unwrap();
+        // A photo and a JSON that only looks like its sidecar, and a sidecar of another file.
+        let photo = plant(&done, "photo.jpg", b"someone's photo", old);
+        std::fs::write(done.join("photo.jpg.json"), r#"{"path":"x","status":"ok"}"#).unwrap();
+        let other = plant(&done, "other.jpg", b"other", old);
+        std::fs::write(done.join("other.jpg.json"), sidecar_for(&same, false)).unwrap();
+        let folder = Arc::new(ArchiveFolder::new(&done));
+        let plan = plan_for(folder.clone(), vec![]);
+        sweep(&plan, &Metrics::new(), &Shutdown::new());
+        for gone in ["cam/same.jpg", "cam/same.jpg.json", "copied.jpg", "copied.jpg.json"] {
+            assert!(!done.join(gone).exists(), "{gone} was not adopted");
+        }
+        for kept in [&photo, &other, &done.join("photo.jpg.json"), &done.join("other.jpg.json")] {
+            assert!(kept.exists(), "{} was adopted", kept.display());
+        }
+        assert!(folder.adopted(&folder.root().unwrap()).unwrap());
+        // Once: a pair that matches, made after adoption, is not adopted later.
+        let late = plant(&done, "late.jpg", b"late", old);
+        std::fs::write(done.join("late.jpg.json"), sidecar_for(&late, false)).unwrap();
+        sweep(&plan, &Metrics::new(), &Shutdown::new());
+        assert!(late.exists());
+    }
+
+    #[test]
+    fn low_space_removes_only_archived_files_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let done = d.path().join("done");
+        let folder = fresh(&done);
+        let theirs = plant(&done, "aaa-oldest.jpg", b"t", days_ago(9000));
+        let a = archive(&folder, "a.jpg", b"a", days_ago(3));
+        let b = archive(&folder, "b.jpg", b"b", days_ago(2));
+        let root = folder.root().unwrap();
+        // Ask for more free space than the file system has: everything archived is due, nothing else.
+        let total = Space::of(&root).unwrap().total;
+        let plan = Plan { limits: RetentionConfig { max_age: None, min_free_bytes: Some(total), min_free_percent: None, interval: Duration::from_secs(60) }, folders: vec![folder], inboxes: vec![] };
+        sweep(&plan, &Metrics::new(), &Shutdown::new());
+        assert!(!a.exists() && !b.exists());
+        assert!(theirs.exists());
     }
 
     /// `cargo test --release --lib -- --ignored --nocapture sweep_cost`: what a sweep costs on a big folder.
@@ -635,27 +789,30 @@ mod tests {
     fn sweep_cost_of_a_big_folder_with_nothing_to_remove() {
         let d = tempfile::tempdir().unwrap();
         let done = d.path().join("done");
+        let folder = fresh(&done);
         let n = 20_000;
+        let now = SystemTime::now();
         for i in 0..n {
-            let dir = done.join(format!("cam{}", i % 20));
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join(format!("{i}.jpg")), b"x").unwrap();
-            std::fs::write(dir.join(format!("{i}.jpg.json")), b"{}").unwrap();
+            archive(&folder, &format!("cam{}/{i}.jpg", i % 20), b"x", now);
+            archive(&folder, &format!("cam{}/{i}.jpg.json", i % 20), b"{}", now);
         }
-        let plan = plan_for(&done, vec![]); // max_age_days = 30, all files new
+        let plan = plan_for(folder.clone(), vec![]); // max_age_days = 30, all files new
         let t = std::time::Instant::now();
         sweep(&plan, &Metrics::new(), &Shutdown::new());
-        println!("max_age only: {n} images + {n} sidecars in 20 folders, swept in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-        // Low on space: every file is collected and sorted (the walk; removal is per file chosen).
-        let root = open_root(&done).unwrap();
-        let walk = Walk { folder: 0, matchers: &plan.folders[0].matchers, skip: &HashSet::new(), dev: rustix::fs::fstat(&root).unwrap().st_dev, older_than: None };
+        println!("max_age only: {n} images + {n} sidecars in 20 folders, swept in {:.0} ms (ledger compacted in it)", t.elapsed().as_secs_f64() * 1e3);
         let t = std::time::Instant::now();
-        let mut found = Vec::new();
-        walk.dir(&root, Path::new(""), &mut found, &mut Tally::default());
-        let aged: Vec<Aged> = found.iter().map(|f| f.aged).collect();
+        sweep(&plan, &Metrics::new(), &Shutdown::new());
+        println!("again, ledger already compact: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+        // Low on space: every file is collected, looked up in the ledger and sorted.
+        let root = folder.root().unwrap();
+        let t = std::time::Instant::now();
+        let mut units = Vec::new();
+        walk(&root, rustix::fs::fstat(root.as_ref()).unwrap().st_dev, &HashSet::new(), &mut Tally::default(), &mut |_, u| units.push(u));
+        let archived = recorded(&folder, &root, &units).unwrap();
+        let aged: Vec<Aged> = units.iter().filter(|u| archived.contains(&u.key)).map(|u| u.aged).collect();
         let chosen = choose(&limits(None, Some(1 << 30), None), SystemTime::now(), &aged, Some(Space { free: 0, total: 1 << 40 }));
-        println!("low space: {} candidates walked and ordered in {:.0} ms", found.len(), t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!((found.len(), chosen.len()), (n, n));
+        println!("low space: {} candidates walked, looked up and ordered in {:.0} ms", units.len(), t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!((units.len(), chosen.len()), (n, n));
         assert_eq!(std::fs::read_dir(done.join("cam0")).unwrap().count(), 2 * n / 20, "nothing was old enough or needed");
     }
 }

@@ -240,12 +240,15 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
     let allowed = syscall_group("@system-service");
     assert!(allowed.contains("openat") && allowed.contains("futex"), "{allowed:?}");
 
-    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n[retention]\nmax_age_days = 30\n");
-    // A retention sweep at start (and after the reload) walks done_dir and removes an old image.
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n[retention]\nmax_age_days = 30\ninterval_s = 10\n");
+    // Retention sweeps walk done_dir (with a file that is not labeld's) and remove an old image labeld
+    // archived there (its record in the ledger written before the move).
     s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
     std::fs::create_dir_all(s.dir.path().join("done/cam1")).unwrap();
-    let old = s.dir.path().join("done/cam1/old.jpg");
-    std::fs::write(&old, b"x").unwrap();
+    std::fs::write(s.dir.path().join("done/cam1/theirs.jpg"), b"x").unwrap();
+    std::fs::create_dir_all(s.inbox.join("cam1")).unwrap();
+    let old = s.inbox.join("cam1/old.png");
+    solid(&old, RED, 32, 32);
     std::fs::File::options().write(true).open(&old).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(60 * 86_400)).unwrap();
     let trace = s.dir.path().join("strace.log");
     let log = s.dir.path().join("daemon.log");

@@ -1,8 +1,12 @@
-//! `[retention]` against the real binary: a small real tmpfs filling up with moved images, and old
-//! files past `max_age_days` in a done folder and a quarantine.
+//! `[retention]` against the real binary: a small real tmpfs filling up with moved images, old files
+//! past `max_age_days` in a done folder and a quarantine, and the set-ups a hostile or careless
+//! operator makes: archive folders that are inboxes or hold them, links, folders swapped while
+//! running, unrelated data, files still being written, and `kill -9` in the middle of archiving. Each
+//! asserts that no file without an archive record was removed and nothing outside changed.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
@@ -189,65 +193,128 @@ fn a_filling_tmpfs_gets_its_oldest_moved_images_removed_and_nothing_else() {
     }
 }
 
+/// Every path below `root` (links not followed) with what it is: kind, size, mtime and a hash of the
+/// bytes for files, the target for links. Two equal snapshots: nothing there changed.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).follow_links(false).into_iter().filter_map(Result::ok) {
+        let m = e.path().symlink_metadata().unwrap();
+        let what = if m.file_type().is_symlink() {
+            format!("link -> {}", std::fs::read_link(e.path()).unwrap().display())
+        } else if m.is_file() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            format!("file {} {:?} {:x}", m.len(), m.modified().unwrap(), xxhash_rust::xxh3::xxh3_64(&bytes))
+        } else {
+            "dir".to_string()
+        };
+        out.insert(e.path().to_path_buf(), what);
+    }
+    out
+}
+
+fn assert_unchanged(before: &BTreeMap<PathBuf, String>, root: &Path) {
+    assert_unchanged_but(before, root, &[]);
+}
+
+/// Like `assert_unchanged`, except for the files of `except` (the test's own).
+fn assert_unchanged_but(before: &BTreeMap<PathBuf, String>, root: &Path, except: &[&Path]) {
+    let mut after = snapshot(root);
+    let mut before = before.clone();
+    for p in except {
+        before.remove(*p);
+        after.remove(*p);
+    }
+    for (p, was) in &before {
+        assert_eq!(after.get(p), Some(was), "{} changed", p.display());
+    }
+    for p in after.keys() {
+        assert!(before.contains_key(p), "{} appeared", p.display());
+    }
+}
+
+fn years_ago(y: u64) -> SystemTime {
+    days_ago(y * 365)
+}
+
+/// Someone else's old photo with a file beside it that only looks like its sidecar.
+fn plant_foreign(dir: &Path, name: &str) -> [PathBuf; 2] {
+    std::fs::create_dir_all(dir).unwrap();
+    let (img, side) = (dir.join(name), dir.join(format!("{name}.json")));
+    solid(&img, RED, 32, 32);
+    std::fs::write(&side, r#"{"path":"/elsewhere/x.jpg","status":"ok","top":[]}"#).unwrap();
+    for p in [&img, &side] {
+        set_mtime(p, years_ago(6));
+    }
+    [img, side]
+}
+
+/// Images of `(name, colour)` taken `mtime`, renamed into `inbox` whole (a camera's upload).
+fn arrive(s: &Setup, inbox: &Path, names: &[&str], mtime: SystemTime, broken: bool) {
+    let staging = s.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    for name in names {
+        let p = staging.join(name.replace('/', "_"));
+        if broken {
+            std::fs::write(&p, b"not an image at all").unwrap();
+        } else {
+            solid(&p, RED, 64, 48);
+        }
+        set_mtime(&p, mtime);
+        let to = inbox.join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::rename(&p, &to).unwrap();
+    }
+}
+
 #[test]
-fn images_older_than_max_age_days_leave_done_and_quarantine_with_their_sidecars() {
-    let s = Setup::new("channel_mean", "\n[retention]\nmax_age_days = 30\ninterval_s = 10\n");
+fn images_older_than_max_age_days_leave_done_and_quarantine_with_their_sidecars_and_nothing_else_does() {
+    let s = Setup::new("channel_mean", "\n[http]\nlisten = \"127.0.0.1:0\"\n\n[retention]\nmax_age_days = 30\ninterval_s = 10\n");
     s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\nquarantine = \"rejects\"\n");
     let (done, rejects) = (s.dir.path().join("done"), s.dir.path().join("rejects"));
-    std::fs::create_dir_all(done.join("cam1/2025-01")).unwrap();
-    std::fs::create_dir_all(&rejects).unwrap();
-    let old = [done.join("cam1/2025-01/old.jpg"), done.join("old2.png"), rejects.join("broken.jpg")];
-    let kept = [done.join("new.jpg"), done.join("results-copy.csv"), done.join("old-notes.txt")];
-    for p in old.iter().chain(&kept) {
-        std::fs::write(p, vec![7u8; 1000]).unwrap();
-        if p.extension().is_some_and(|e| e != "csv" && e != "txt") {
-            std::fs::write(p.with_file_name(format!("{}.json", p.file_name().unwrap().to_string_lossy())), "{}").unwrap();
-        }
+    // In the done folder before labeld: not its own, whatever their age and names.
+    let foreign = plant_foreign(&done.join("cam1/2025-01"), "old.png");
+    std::fs::write(done.join("results-copy.csv"), "a,b\n").unwrap();
+    std::fs::write(done.join("old-notes.txt"), "n\n").unwrap();
+    for p in [done.join("results-copy.csv"), done.join("old-notes.txt")] {
+        set_mtime(&p, days_ago(400));
     }
-    for p in &old {
-        set_mtime(p, days_ago(40));
-    }
-    for p in &kept[1..] {
-        set_mtime(p, days_ago(400)); // old, but not an image: not retention's
-    }
-    set_mtime(&kept[0], days_ago(29));
     let outside = s.dir.path().join("outside.jpg");
     std::fs::write(&outside, b"keep").unwrap();
     std::os::unix::fs::symlink(&outside, done.join("link.jpg")).unwrap();
     set_link_mtime(&done.join("link.jpg"), days_ago(400));
+    let planted = snapshot(&done.join("cam1"));
 
     let check = s.labeld().args(["check-config", "--config"]).arg(&s.config).output().unwrap();
     let shown = String::from_utf8_lossy(&check.stdout);
     assert!(shown.contains("[retention]\nmax_age_days = 30\ninterval_s = 10\n"), "{shown}");
 
     let d = s.spawn_daemon();
-    d.wait_for_log("retention: removed", Duration::from_secs(30));
-    for p in &old {
-        assert!(!p.exists(), "{} is 40 days old", p.display());
-        assert!(!p.with_file_name(format!("{}.json", p.file_name().unwrap().to_string_lossy())).exists(), "its sidecar went too");
-    }
-    assert!(!done.join("cam1").exists(), "folders emptied by the sweep go");
-    assert!(done.is_dir() && rejects.is_dir(), "the configured folders stay");
-    for p in &kept {
+    let addr = d.http_addr();
+    // Photos taken 40 days ago arrive now (one in a sub-folder with the same name as a foreign one), one
+    // broken; one taken 29 days ago.
+    arrive(&s, &s.inbox, &["cam1/2025-01/old.png", "old2.png"], days_ago(40), false);
+    arrive(&s, &s.inbox, &["broken.jpg"], days_ago(40), true);
+    arrive(&s, &s.inbox, &["new.png"], days_ago(29), false);
+    wait_until("all four labelled", Duration::from_secs(30), || s.csv.exists() && s.rows().len() == 4);
+    // The archived old ones go at a sweep; the foreign files and the 29-day-old image stay.
+    let gone = [done.join("cam1/2025-01/old~1.png"), done.join("old2.png"), rejects.join("broken.jpg")];
+    wait_until("the archived old images removed", Duration::from_secs(40), || {
+        gone.iter().all(|p| !p.exists() && !p.with_file_name(format!("{}.json", p.file_name().unwrap().to_string_lossy())).exists())
+    });
+    assert!(done.join("new.png").exists() && done.join("new.png.json").exists());
+    assert_unchanged(&planted, &done.join("cam1"));
+    for p in foreign.iter().chain([&done.join("results-copy.csv"), &done.join("old-notes.txt"), &outside]) {
         assert!(p.exists(), "{} was removed", p.display());
     }
-    assert!(done.join("new.jpg.json").exists());
     assert!(std::fs::symlink_metadata(done.join("link.jpg")).unwrap().file_type().is_symlink());
-    assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
-
-    // An image taken 31 days ago and labelled now: moved with its mtime, removed at the next sweep.
-    let late = s.dir.path().join("late.png");
-    solid(&late, RED, 64, 48);
-    set_mtime(&late, days_ago(31));
-    std::fs::rename(&late, s.inbox.join("late.png")).unwrap();
-    wait_until("late.png labelled and moved", Duration::from_secs(30), || done.join("late.png.json").exists());
-    wait_until("late.png removed by the next sweep", Duration::from_secs(30), || !done.join("late.png").exists() && !done.join("late.png.json").exists());
+    assert!(done.is_dir() && rejects.is_dir(), "the configured folders stay");
+    let m = metrics(&addr);
+    let foreign_line = format!("labeld_retention_foreign_files{{folder=\"{}\"}}", done.display());
+    assert!(m.lines().any(|l| l.starts_with(&foreign_line) && l.ends_with(" 4")), "old.png, its look-alike sidecar, the csv copy, the notes:\n{m}");
+    assert!(d.log_text().contains("retention: files due for removal that labeld did not archive here are left alone"));
     let log = d.log_text();
     assert!(d.stop().success());
     println!("max_age_days = 30: removed {} files ({} bytes)", removed_in_log(&log, "files"), removed_in_log(&log, "bytes"));
-    for l in log.lines().filter(|l| l.contains("retention: removed")) {
-        println!("  {l}");
-    }
 }
 
 #[test]
@@ -264,17 +331,216 @@ fn a_reload_that_adds_retention_sweeps_at_once() {
     let s = Setup::new("channel_mean", "");
     s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
     let done = s.dir.path().join("done");
-    std::fs::create_dir_all(&done).unwrap();
-    std::fs::write(done.join("old.jpg"), b"x").unwrap();
-    set_mtime(&done.join("old.jpg"), days_ago(100));
     let d = s.spawn_daemon();
+    arrive(&s, &s.inbox, &["old.png"], days_ago(100), false);
+    wait_until("old.png archived", Duration::from_secs(30), || done.join("old.png.json").exists());
+    // A fixed wait: asserting that nothing happens without [retention].
     std::thread::sleep(Duration::from_millis(500));
-    assert!(done.join("old.jpg").exists(), "no [retention], nothing removed");
+    assert!(done.join("old.png").exists(), "no [retention], nothing removed");
     let text = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(&s.config, format!("{text}\n[retention]\nmax_age_days = 30\ninterval_s = 3600\n")).unwrap();
     d.signal(1);
     d.wait_for_log("config reloaded", Duration::from_secs(30));
     // Not an hour later: the reload wakes the sweeper.
-    wait_until("old.jpg removed after the reload", Duration::from_secs(10), || !done.join("old.jpg").exists());
+    wait_until("old.png removed after the reload", Duration::from_secs(10), || !done.join("old.png").exists());
+    assert!(d.stop().success());
+}
+
+#[test]
+fn archive_folders_that_are_inboxes_hold_inboxes_or_are_links_or_system_folders_are_refused() {
+    let s = Setup::new("channel_mean", "\n[retention]\nmax_age_days = 1\ninterval_s = 10\n");
+    let second = s.dir.path().join("camera2");
+    // The second inbox's unlabelled images, one still being written: years old, never labeld's.
+    let waiting = plant_foreign(&second, "IMG_0001.jpg");
+    let mut writer = std::fs::File::create(second.join("IMG_0002.jpg")).unwrap();
+    std::io::Write::write_all(&mut writer, b"\xff\xd8 half a jpeg").unwrap();
+    set_mtime(&second.join("IMG_0002.jpg"), years_ago(3));
+    std::os::unix::fs::symlink(&s.inbox, s.dir.path().join("inbox-link")).unwrap();
+    std::fs::create_dir_all(s.dir.path().join("real-done")).unwrap();
+    std::os::unix::fs::symlink(s.dir.path().join("real-done"), s.dir.path().join("done-link")).unwrap();
+    let before = snapshot(s.dir.path());
+    let base = std::fs::read_to_string(&s.config).unwrap();
+    let second_inbox = "\n[[inbox]]\npath = \"camera2\"\nsettle_ms = 200\n".to_string();
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("quarantine = \"camera2\"\n", &second_inbox, &["[[inbox]] #1 quarantine", "camera2", "[[inbox]] #2 path", "not labelled yet"]),
+        ("on_done = \"move\"\ndone_dir = \"inbox-link\"\n", "", &["[[inbox]] #1 done_dir", "inbox-link", "symbolic link"]),
+        ("on_done = \"move\"\ndone_dir = \"done-link\"\n", "", &["[[inbox]] #1 done_dir", "done-link", "symbolic link", "real-done"]),
+        ("on_done = \"move\"\ndone_dir = \".\"\n", "", &["[[inbox]] #1 done_dir", "contains the inbox"]),
+        ("quarantine = \"inbox/rejects\"\n", "", &["[[inbox]] #1 quarantine", "inside the inbox", "dot-folder"]),
+        ("on_done = \"move\"\ndone_dir = \"camera2/done\"\n", &second_inbox, &["[[inbox]] #1 done_dir", "inside the inbox of [[inbox]] #2 path"]),
+        ("on_done = \"move\"\ndone_dir = \"/\"\n", "", &["[[inbox]] #1 done_dir", "system folder"]),
+        ("quarantine = \"/etc\"\n", "", &["[[inbox]] #1 quarantine", "/etc", "system folder"]),
+        ("on_done = \"move\"\ndone_dir = \"/var\"\n", "", &["[[inbox]] #1 done_dir", "top-level"]),
+    ];
+    for (keys, extra, expect) in cases {
+        let text = base.replacen("settle_ms = 200\n", &format!("settle_ms = 200\n{keys}"), 1) + extra;
+        std::fs::write(&s.config, &text).unwrap();
+        for args in [&["check-config", "--config"][..], &["run", "--once", "--config"][..]] {
+            let out = s.labeld().args(args).arg(&s.config).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} with {keys}: {err}");
+            for e in *expect {
+                assert!(err.contains(e), "{args:?} with {keys}: {e:?} not in {err}");
+            }
+        }
+    }
+    drop(writer);
+    assert_unchanged_but(&before, s.dir.path(), &[&s.config]);
+    assert!(waiting.iter().all(|p| p.exists()));
+    // A dot-folder inside the inbox, and a folder beside it, are fine.
+    for keys in ["quarantine = \"inbox/.rejects\"\n", "on_done = \"move\"\ndone_dir = \"done\"\n"] {
+        std::fs::write(&s.config, base.replacen("settle_ms = 200\n", &format!("settle_ms = 200\n{keys}"), 1)).unwrap();
+        let out = s.labeld().args(["check-config", "--config"]).arg(&s.config).output().unwrap();
+        assert!(out.status.success(), "{keys}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn archive_folders_swapped_for_links_while_running_are_neither_swept_nor_written_until_a_reload_finds_them_real() {
+    let s = Setup::new("channel_mean", "\n[http]\nlisten = \"127.0.0.1:0\"\n\n[retention]\nmax_age_days = 1\ninterval_s = 10\n");
+    let disk = s.dir.path().join("disk");
+    let Some(_mount) = Tmpfs::mount(&disk, "16m") else { return };
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"disk/done\"\nquarantine = \"disk/rejects\"\n");
+    let (done, rejects) = (disk.join("done"), disk.join("rejects"));
+    // Somewhere else on the same disk: old files, one of them a look-alike of what labeld archives.
+    let elsewhere = disk.join("elsewhere");
+    plant_foreign(&elsewhere, "a.png");
+    plant_foreign(&elsewhere, "broken.jpg");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    arrive(&s, &s.inbox, &["a.png"], years_ago(5), false);
+    arrive(&s, &s.inbox, &["broken.jpg"], years_ago(5), true);
+    wait_until("both archived", Duration::from_secs(30), || done.join("a.png.json").exists() && rejects.join("broken.jpg.json").exists());
+    let outside = snapshot(&elsewhere);
+    for dir in [&done, &rejects] {
+        let real = dir.with_extension("real");
+        std::fs::rename(dir, &real).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir).unwrap();
+    }
+    let (done_real, rejects_real) = (snapshot(&done.with_extension("real")), snapshot(&rejects.with_extension("real")));
+    // The config now names links: the reload is refused and the running folders are found replaced.
+    d.signal(1);
+    d.wait_for_log("config reload rejected", Duration::from_secs(30));
+    arrive(&s, &s.inbox, &["b.png"], years_ago(5), false);
+    wait_until("b.png labelled", Duration::from_secs(30), || s.inbox.join("b.png.json").exists());
+    wait_until("both replacements noticed", Duration::from_secs(40), || d.count_in_log("archive folder replaced") >= 2);
+    // A whole sweep after both were noticed.
+    let sweeps = metric(&metrics(&addr), "labeld_retention_sweeps_total");
+    wait_until("a sweep after the replacements", Duration::from_secs(30), || metric(&metrics(&addr), "labeld_retention_sweeps_total") >= sweeps + 2);
+    assert_unchanged(&outside, &elsewhere);
+    assert_unchanged(&done_real, &done.with_extension("real"));
+    assert_unchanged(&rejects_real, &rejects.with_extension("real"));
+    assert!(s.inbox.join("b.png").exists(), "an image that cannot be archived stays in its inbox");
+    assert!(d.log_text().contains("cannot archive labelled image"), "{}", d.log_text());
+
+    // The operator puts the folders back and reloads: archiving and sweeping resume.
+    for dir in [&done, &rejects] {
+        std::fs::remove_file(dir).unwrap();
+        std::fs::rename(dir.with_extension("real"), dir).unwrap();
+    }
+    d.signal(1);
+    d.wait_for_log("config reloaded", Duration::from_secs(30));
+    wait_until("b.png archived and removed, a.png and broken.jpg removed", Duration::from_secs(40), || {
+        !s.inbox.join("b.png").exists() && !done.join("b.png").exists() && !done.join("a.png").exists() && !rejects.join("broken.jpg").exists()
+    });
+    assert_unchanged(&outside, &elsewhere);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_done_dir_above_unrelated_data_on_a_full_disk_removes_only_what_labeld_archived() {
+    let s = Setup::new("channel_mean", "\n[http]\nlisten = \"127.0.0.1:0\"\n\n[retention]\nmin_free_mb = 100\nmax_age_days = 1\ninterval_s = 10\n");
+    let disk = s.dir.path().join("disk");
+    // Never as much free space as asked for: everything in the folder is due, what is not labeld's stays.
+    let Some(_mount) = Tmpfs::mount(&disk, "8m") else { return };
+    // The operator points done_dir at a folder that already holds other data.
+    let data = disk.join("data");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"disk/data\"\n");
+    let mut theirs = plant_foreign(&data.join("photos/2019"), "old.jpg").to_vec();
+    theirs.extend(plant_foreign(&data, "a.png")); // the very name labeld will archive under (it gets a.png~1)
+    std::fs::write(data.join("export.json"), b"{}").unwrap();
+    set_mtime(&data.join("export.json"), years_ago(4));
+    // Still being written by another program, old timestamp.
+    let mut writer = std::fs::File::create(data.join("live.jpg")).unwrap();
+    std::io::Write::write_all(&mut writer, b"\xff\xd8 partial").unwrap();
+    set_mtime(&data.join("live.jpg"), years_ago(2));
+    theirs.extend([data.join("export.json"), data.join("live.jpg")]);
+    let before: Vec<(PathBuf, Vec<u8>)> = theirs.iter().map(|p| (p.clone(), std::fs::read(p).unwrap())).collect();
+
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    arrive(&s, &s.inbox, &["a.png", "b.png", "cam/c.png"], years_ago(5), false);
+    wait_until("three labelled", Duration::from_secs(30), || s.csv.exists() && s.rows().len() == 3);
+    let archived = [data.join("a.png~1.png"), data.join("b.png"), data.join("cam/c.png")];
+    wait_until("what labeld archived is removed", Duration::from_secs(40), || archived.iter().all(|p| !p.exists()));
+    std::io::Write::write_all(&mut writer, b" more").unwrap();
+    drop(writer);
+    wait_until("a sweep after the writer finished", Duration::from_secs(40), || metric(&metrics(&addr), "labeld_retention_sweeps_total") >= 3);
+    for (p, bytes) in &before {
+        let now = std::fs::read(p).unwrap_or_else(|e| panic!("{} was removed: {e}", p.display()));
+        if !p.ends_with("live.jpg") {
+            assert_eq!(&now, bytes, "{} changed", p.display());
+        }
+    }
+    let m = metrics(&addr);
+    assert!(m.contains(&format!("labeld_retention_foreign_files{{folder=\"{}\"}} 6", data.display())), "{m}");
+    assert!(d.log_text().contains("retention: still below the free-space limit"), "100 MB free cannot be reached on 8 MB");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn kill_9_while_images_are_archived_loses_nothing_and_removes_only_recorded_files() {
+    let s = Setup::new("channel_mean", "\n[retention]\nmax_age_days = 1\ninterval_s = 10\n");
+    let disk = s.dir.path().join("disk");
+    let Some(_mount) = Tmpfs::mount(&disk, "64m") else { return };
+    s.edit_config("path = \"inbox\"\n", "path = \"disk/inbox\"\n");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"disk/done\"\nquarantine = \"disk/rejects\"\n");
+    let (inbox, done) = (disk.join("inbox"), disk.join("done"));
+    std::fs::create_dir_all(&inbox).unwrap();
+    let foreign = plant_foreign(&done, "zz-theirs.png");
+    let n = 300;
+    let names: Vec<String> = (0..n).map(|i| format!("cam{}/img-{i:03}.{}", i % 3, if i % 50 == 7 { "jpg" } else { "png" })).collect();
+    let staging = disk.join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut staged = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let p = staging.join(format!("{i}.png"));
+        if name.ends_with(".jpg") {
+            std::fs::write(&p, b"broken").unwrap();
+        } else {
+            solid(&p, RED, 64, 48);
+        }
+        set_mtime(&p, years_ago(3));
+        staged.push(p);
+    }
+    let mut d = s.spawn_daemon();
+    for (p, name) in staged.iter().zip(&names) {
+        let to = inbox.join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::rename(p, &to).unwrap();
+    }
+    wait_until("some archived", Duration::from_secs(60), || s.csv.exists() && s.rows().len() >= 60);
+    d.signal(9);
+    d.wait_exit();
+    let d = s.spawn_daemon();
+    wait_until("every image labelled and set aside", Duration::from_secs(120), || {
+        s.csv.exists() && s.rows().len() >= n && walkdir::WalkDir::new(&inbox).into_iter().filter_map(Result::ok).all(|e| e.file_type().is_dir())
+    });
+    // Each image: one row, and it was archived (its record written before the move), so it is removed.
+    let rows = s.rows();
+    let mut per_path = BTreeMap::<String, usize>::new();
+    for r in &rows {
+        *per_path.entry(r[1].to_string()).or_default() += 1;
+    }
+    for name in &names {
+        assert_eq!(per_path.get(&inbox.join(name).to_string_lossy().into_owned()), Some(&1), "{name}");
+    }
+    wait_until("every archived file removed", Duration::from_secs(40), || {
+        walkdir::WalkDir::new(&disk).into_iter().filter_map(Result::ok).filter(|e| e.file_type().is_file()).all(|e| {
+            let p = e.path();
+            foreign.iter().any(|f| f == p) || p.file_name().unwrap().to_string_lossy().starts_with(".labeld-archive")
+        })
+    });
+    assert!(foreign.iter().all(|p| p.exists()));
     assert!(d.stop().success());
 }

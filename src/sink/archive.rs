@@ -16,14 +16,21 @@ use super::record::{Record, Status};
 use super::relocate::{self, move_sidecar, move_under, path_under};
 use super::sidecar::{self, sidecar_path};
 use crate::config::{InboxConfig, OnDone};
+use crate::ledger::{ArchiveFolder, ArchiveFolders};
+
+/// The pinned archive folder for `path`.
+fn folder(folders: &ArchiveFolders, path: &Path) -> io::Result<std::sync::Arc<ArchiveFolder>> {
+    folders.get(path).ok_or_else(|| io::Error::other(format!("{} was not opened at start or reload", path.display())))
+}
 
 /// Archives one labelled image of `ib` (and its sidecar) per `ib.on_done`.
-pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
+pub fn apply(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path) -> io::Result<()> {
     match &ib.on_done {
         OnDone::Keep => Ok(()),
         OnDone::Move(dir) => {
-            let dest = move_under(&ib.path, dir, image)?;
-            move_sidecar(&ib.path, image, &dest)
+            let done = folder(folders, dir)?;
+            let dest = move_under(&ib.path, &done, image)?;
+            move_sidecar(&ib.path, image, &done, &dest)
         }
         OnDone::Delete => {
             relocate::remove(&ib.path, image)?;
@@ -34,10 +41,11 @@ pub fn apply(ib: &InboxConfig, image: &Path) -> io::Result<()> {
 
 /// Moves one failed image of `ib` (and its error sidecar) into the inbox's quarantine, if it has one;
 /// returns where the image went.
-pub fn quarantine(ib: &InboxConfig, image: &Path) -> io::Result<Option<PathBuf>> {
+pub fn quarantine(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path) -> io::Result<Option<PathBuf>> {
     let Some(q) = &ib.quarantine else { return Ok(None) };
-    let dest = move_under(&ib.path, q, image)?;
-    move_sidecar(&ib.path, image, &dest)?;
+    let q = folder(folders, q)?;
+    let dest = move_under(&ib.path, &q, image)?;
+    move_sidecar(&ib.path, image, &q, &dest)?;
     Ok(Some(dest))
 }
 
@@ -58,7 +66,7 @@ fn read_sidecar(image: &Path) -> Option<Record> {
 /// Sets aside every image of `ib` that already has its sidecar (ok → on_done, error → quarantine), and
 /// finishes moves interrupted by a crash (a sidecar left behind by its image). Returns how many files
 /// were handled.
-pub fn finish(ib: &InboxConfig) -> usize {
+pub fn finish(ib: &InboxConfig, folders: &ArchiveFolders) -> usize {
     if (ib.on_done == OnDone::Keep && ib.quarantine.is_none()) || !ib.path.is_dir() {
         return 0;
     }
@@ -73,14 +81,14 @@ pub fn finish(ib: &InboxConfig) -> usize {
         if let Some(image_name) = name.strip_suffix(".json") {
             let image = path.with_file_name(image_name);
             if ib.wants(&image) && !image.exists() {
-                if let Some(done) = follow_image(ib, &image) {
+                if let Some(done) = follow_image(ib, folders, &image) {
                     report(path, done, &mut handled);
                 }
             }
         } else if ib.wants(path) && sidecar::is_labelled_under(&ib.path, path) {
             let done = match read_sidecar(path).map(|r| r.status) {
-                Some(Status::Ok) if ib.on_done != OnDone::Keep => apply(ib, path),
-                Some(Status::Error) if ib.quarantine.is_some() => quarantine(ib, path).map(drop),
+                Some(Status::Ok) if ib.on_done != OnDone::Keep => apply(ib, folders, path),
+                Some(Status::Error) if ib.quarantine.is_some() => quarantine(ib, folders, path).map(drop),
                 _ => continue,
             };
             report(path, done, &mut handled);
@@ -94,7 +102,7 @@ pub fn finish(ib: &InboxConfig) -> usize {
 
 /// A sidecar whose image is gone: the image was set aside and a crash came before its sidecar
 /// followed. Moves it to the image (or deletes it, for on_done = "delete"); None if it is not that.
-fn follow_image(ib: &InboxConfig, image: &Path) -> Option<io::Result<()>> {
+fn follow_image(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path) -> Option<io::Result<()>> {
     let record = read_sidecar(image)?;
     let dir = match (record.status, &ib.on_done, &ib.quarantine) {
         (Status::Ok, OnDone::Move(dir), _) => dir,
@@ -102,9 +110,10 @@ fn follow_image(ib: &InboxConfig, image: &Path) -> Option<io::Result<()>> {
         (Status::Error, _, Some(q)) => q,
         _ => return None,
     };
+    let archive = folders.get(dir)?;
     let wanted = path_under(&ib.path, dir, image).ok()?;
-    let dest = relocate::moved_without_sidecar(&wanted)?;
-    Some(move_sidecar(&ib.path, image, &dest))
+    let dest = relocate::moved_without_sidecar(&archive, &wanted)?;
+    Some(move_sidecar(&ib.path, image, &archive, &dest))
 }
 
 fn report(path: &Path, r: io::Result<()>, handled: &mut usize) {

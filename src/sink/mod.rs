@@ -36,6 +36,7 @@ use crate::health::Lifeline;
 use crate::infer::{BatchDone, Outcome};
 use crate::metrics::{Metrics, Stage};
 use crate::job::{Claim, Job, Source};
+use crate::ledger::ArchiveFolders;
 use recent::Recent;
 use record::{Record, Status};
 use result_log::{Columns, LogTap, ResultLog};
@@ -93,6 +94,7 @@ impl Sink {
     /// writing results as batches arrive. With a `tap`, every durable append is announced to the outbox. The sink ends when every worker has dropped its sender.
     pub fn start(
         settings: OutputSettings,
+        folders: ArchiveFolders,
         rx: Receiver<BatchDone>,
         metrics: Metrics,
         recent: Recent,
@@ -103,12 +105,13 @@ impl Sink {
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
         finish_interrupted_batches(&log, &settings.inboxes);
         for ib in &settings.inboxes {
-            archive::finish(ib);
+            archive::finish(ib, &folders);
         }
         let control = SinkControl { reopen: Arc::new(AtomicBool::new(false)), next: Arc::new(Mutex::new(None)) };
         let writer = Writer {
             log,
             inboxes: settings.inboxes,
+            folders,
             control: control.clone(),
             rows: Vec::new(),
             sidecars: Vec::new(),
@@ -236,6 +239,8 @@ struct Pending {
 struct Writer {
     log: ResultLog,
     inboxes: Vec<InboxConfig>,
+    /// The done and quarantine folders, pinned (at start and by each reload).
+    folders: ArchiveFolders,
     control: SinkControl,
     /// CSV rows not yet written.
     rows: Vec<Record>,
@@ -303,12 +308,10 @@ impl Writer {
                 Err(e) => tracing::error!(csv = %next.csv.display(), error = %e, "cannot open the new results log; still writing to {}", self.log.path().display()),
             }
         }
+        // Also with unchanged settings: a reload may have made an archive folder usable again, and
+        // images labelled while it was not are still in their inbox.
         for ib in &next.inboxes {
-            let before = self.inboxes.iter().find(|o| o.path == ib.path).map(|o| (&o.on_done, &o.quarantine));
-            let sets_aside = ib.on_done != OnDone::Keep || ib.quarantine.is_some();
-            if sets_aside && before != Some((&ib.on_done, &ib.quarantine)) {
-                archive::finish(ib);
-            }
+            archive::finish(ib, &self.folders);
         }
         self.inboxes = next.inboxes;
     }
@@ -547,11 +550,11 @@ impl Writer {
         }
         match p.record.status {
             Status::Ok => {
-                if let Err(e) = archive::apply(ib, image) {
+                if let Err(e) = archive::apply(ib, &self.folders, image) {
                     tracing::error!(path = %image.display(), on_done = ib.on_done.as_str(), error = %e, "cannot archive labelled image; it stays in the inbox (retried at the next start)");
                 }
             }
-            Status::Error => match archive::quarantine(ib, image) {
+            Status::Error => match archive::quarantine(ib, &self.folders, image) {
                 Ok(Some(dest)) => tracing::info!(from = %image.display(), to = %dest.display(), "moved to quarantine"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(path = %image.display(), error = %e, "cannot move to quarantine; the image and its error sidecar stay in the inbox (retried at the next start)"),

@@ -7,56 +7,64 @@
 //! on the same filesystem; across filesystems a copy into an `O_CREAT|O_EXCL` temp file beside the
 //! destination, then the same no-replace rename. The source is reached beneath the inbox root without
 //! following links (`beneath`), so a folder swapped for a link cannot make labeld move a file from
-//! outside the inbox; the destination folder is the operator's own.
+//! outside the inbox. The destination is reached beneath the pinned archive folder, also without links,
+//! and each file is recorded in that folder's ledger before it appears under its name (invariant I11).
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use super::sidecar::sidecar_path;
 use crate::beneath::{self, Beneath};
+use crate::ledger::{ArchiveFolder, FileKey};
 
 /// More images of one name than this in one folder is an operator problem, not a reason to loop.
 const MAX_SUFFIX: u32 = 100_000;
 
-/// Moves `image` from `inbox` to the same relative path under `dir` (quarantine, done_dir), creating
+/// Moves `image` from `inbox` to the same relative path under the archive folder `dest`, creating
 /// folders as needed, under the first free numbered name; returns where it went.
-pub fn move_under(inbox: &Path, dir: &Path, image: &Path) -> io::Result<PathBuf> {
-    let wanted = path_under(inbox, dir, image)?;
+pub fn move_under(inbox: &Path, dest: &ArchiveFolder, image: &Path) -> io::Result<PathBuf> {
+    let rel = rel_in(inbox, image)?;
+    let root = dest.root()?;
     let src = Beneath::new(inbox, image)?;
     let src_dir = src.open_parent()?;
-    let dest_dir = open_dest_dir(&wanted)?;
+    let rel_dir = rel.parent().unwrap_or(Path::new(""));
+    let dest_dir = beneath::create_dirs_beneath(&root, rel_dir)?;
     for n in 0..MAX_SUFFIX {
-        let dest = numbered(&wanted, n);
+        let name = numbered(Path::new(src.file_name()), n);
         // A stray sidecar on the name would be taken for this image's.
-        if fs::symlink_metadata(sidecar_path(&dest)).is_ok() {
+        if exists_in(&dest_dir, sidecar_path(&name).as_os_str())? {
             continue;
         }
-        match move_at(&src_dir, src.file_name(), &dest_dir, file_name(&dest)) {
-            Ok(()) => return Ok(dest),
+        let rel_dest = rel_dir.join(&name);
+        let record = |key: FileKey| dest.record(&root, &[(key, rel_dest.as_path())]);
+        match move_at(&src_dir, src.file_name(), &dest_dir, name.as_os_str(), &record) {
+            Ok(()) => return Ok(dest.path.join(&rel_dest)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", image.display(), dest.display()))),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", image.display(), dest.path.join(&rel_dest).display()))),
         }
     }
-    Err(io::Error::other(format!("{MAX_SUFFIX} files named like {} already: clear that folder", wanted.display())))
+    Err(io::Error::other(format!("{MAX_SUFFIX} files named like {} already: clear that folder", dest.path.join(rel).display())))
 }
 
-/// Moves the sidecar of `image` (in `inbox`) beside `dest`, where the image went, and makes both
-/// moves durable.
-pub fn move_sidecar(inbox: &Path, image: &Path, dest: &Path) -> io::Result<()> {
-    let (from, to) = (sidecar_path(image), sidecar_path(dest));
+/// Moves the sidecar of `image` (in `inbox`) beside `dest_image` (where the image went, in the archive
+/// folder `dest`), and makes both moves durable.
+pub fn move_sidecar(inbox: &Path, image: &Path, dest: &ArchiveFolder, dest_image: &Path) -> io::Result<()> {
+    let from = sidecar_path(image);
+    let rel_to = sidecar_path(rel_in(&dest.path, dest_image)?);
+    let root = dest.root()?;
     let src = Beneath::new(inbox, &from)?;
     let src_dir = src.open_parent()?;
-    let dest_dir = open_dest_dir(&to)?;
-    move_at(&src_dir, src.file_name(), &dest_dir, file_name(&to))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", from.display(), to.display())))?;
+    let dest_dir = beneath::create_dirs_beneath(&root, rel_to.parent().unwrap_or(Path::new("")))?;
+    let record = |key: FileKey| dest.record(&root, &[(key, rel_to.as_path())]);
+    move_at(&src_dir, src.file_name(), &dest_dir, file_name(&rel_to), &record)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", from.display(), dest.path.join(&rel_to).display())))?;
     beneath::sync_dir(&dest_dir)?;
     beneath::sync_dir(&src_dir)
 }
@@ -67,23 +75,30 @@ pub fn remove(inbox: &Path, path: &Path) -> io::Result<()> {
     Ok(rustix::fs::unlinkat(at.open_parent()?, at.file_name(), AtFlags::empty())?)
 }
 
-/// The folder `dest` goes in, created if needed (it is the operator's: followed as configured).
-fn open_dest_dir(dest: &Path) -> io::Result<OwnedFd> {
-    let parent = dest.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent)?;
-    Ok(rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+fn exists_in(dir: &OwnedFd, name: &OsStr) -> io::Result<bool> {
+    match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn file_name(p: &Path) -> &OsStr {
     p.file_name().unwrap_or_default()
 }
 
+/// `path` relative to `root`, as a plain path (no `..`, not empty).
+fn rel_in<'a>(root: &Path, path: &'a Path) -> io::Result<&'a Path> {
+    let rel = path.strip_prefix(root).map_err(|_| io::Error::other(format!("{} is not in {}", path.display(), root.display())))?;
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a plain path below {}", path.display(), root.display())));
+    }
+    Ok(rel)
+}
+
 /// `image`'s path relative to `inbox`, placed under `dir`.
 pub fn path_under(inbox: &Path, dir: &Path, image: &Path) -> io::Result<PathBuf> {
-    let rel = image
-        .strip_prefix(inbox)
-        .map_err(|_| io::Error::other(format!("{} is not in inbox {}", image.display(), inbox.display())))?;
-    Ok(dir.join(rel))
+    Ok(dir.join(rel_in(inbox, image)?))
 }
 
 /// `d/IMG_0001.jpg` and n → `d/IMG_0001~n.jpg`; n = 0 leaves the name as it is.
@@ -98,23 +113,27 @@ pub fn numbered(path: &Path, n: u32) -> PathBuf {
     path.with_file_name(OsString::from_vec(name))
 }
 
-/// Where a crash left the image whose sidecar did not follow it to `wanted`'s folder: of `wanted` and
-/// its numbered names, the file without a sidecar that arrived last (newest ctime; a move sets it).
-pub fn moved_without_sidecar(wanted: &Path) -> Option<PathBuf> {
-    let dir = wanted.parent()?;
-    let mut best: Option<((i64, i64), PathBuf)> = None;
-    for entry in fs::read_dir(dir).ok()?.flatten() {
-        let p = entry.path();
-        if !is_numbered_of(&p, wanted) || fs::symlink_metadata(sidecar_path(&p)).is_ok() {
+/// Where a crash left the image whose sidecar did not follow it to `wanted` (a path in the archive
+/// folder `dest`): of `wanted` and its numbered names, the file without a sidecar that arrived last
+/// (newest ctime; a move sets it). Looked for beneath the pinned folder, without links.
+pub fn moved_without_sidecar(dest: &ArchiveFolder, wanted: &Path) -> Option<PathBuf> {
+    let rel = rel_in(&dest.path, wanted).ok()?;
+    let root = dest.root().ok()?;
+    let rel_dir = rel.parent().unwrap_or(Path::new(""));
+    let dir = beneath::open_beneath(&root, rel_dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty()).ok()?;
+    let mut best: Option<((i64, i64), OsString)> = None;
+    for entry in rustix::fs::Dir::read_from(&dir).ok()?.flatten() {
+        let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+        if !is_numbered_of(Path::new(&name), Path::new(file_name(rel))) || exists_in(&dir, sidecar_path(Path::new(&name)).as_os_str()).unwrap_or(true) {
             continue;
         }
-        let Ok(m) = fs::symlink_metadata(&p) else { continue };
-        let arrived = (m.ctime(), m.ctime_nsec());
-        if m.is_file() && best.as_ref().is_none_or(|(t, _)| arrived > *t) {
-            best = Some((arrived, p));
+        let Ok(st) = rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) else { continue };
+        let arrived = (st.st_ctime, st.st_ctime_nsec as i64);
+        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && best.as_ref().is_none_or(|(t, _)| arrived > *t) {
+            best = Some((arrived, name));
         }
     }
-    best.map(|(_, p)| p)
+    best.map(|(_, name)| dest.path.join(rel_dir).join(name))
 }
 
 /// True for `wanted` itself and for `numbered(wanted, n)` with any n ≥ 1.
@@ -136,11 +155,24 @@ fn split_name(path: &Path) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Moves `from` to `to` (names in open folders), failing with `AlreadyExists` if `to` exists;
-/// across filesystems copies, then removes `from`.
-fn move_at(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
-    match rename_no_replace(from_dir, from, to_dir, to) {
+/// across filesystems copies, then removes `from`. `record` is called with the key the file will have
+/// at `to`, and must succeed, before the file appears there.
+fn move_at(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr, record: &dyn Fn(FileKey) -> io::Result<()>) -> io::Result<()> {
+    let st = rustix::fs::statat(from_dir, from, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let same_fs = rustix::fs::fstat(to_dir).is_ok_and(|d| d.st_dev == st.st_dev);
+    let moved = if same_fs {
+        // A rename keeps device, inode, size and mtime: the key recorded is the key it will have.
+        record(FileKey::of(&st))?;
+        rename_no_replace(from_dir, from, to_dir, to)
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EXDEV))
+    };
+    match moved {
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            copy_no_replace(from_dir, from, to_dir, to)?;
+            copy_no_replace(from_dir, from, to_dir, to, record)?;
             Ok(rustix::fs::unlinkat(from_dir, from, AtFlags::empty())?)
         }
         other => other,
@@ -158,42 +190,29 @@ fn rename_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &Os
     }
 }
 
-/// Copies `from` into a fresh temp file beside `to` (contents, permissions, mtime, fsynced), then
-/// renames it to `to` unless that exists. The source is left in place.
-fn copy_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
+/// Copies `from` into a fresh temp file beside `to` (contents, permissions, mtime, fsynced), records
+/// the copy's key, then renames it to `to` unless that exists. The source is left in place.
+fn copy_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr, record: &dyn Fn(FileKey) -> io::Result<()>) -> io::Result<()> {
     let read = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let mut src = File::from(rustix::fs::openat(from_dir, from, read, Mode::empty())?);
     let meta = src.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
-    let (tmp, mut out) = create_temp_in(to_dir)?;
+    let (tmp, mut out) = beneath::create_temp(to_dir)?;
     let result = (|| {
         io::copy(&mut src, &mut out)?;
         out.set_permissions(meta.permissions())?;
         // Keep the original mtime: the copy is the same image.
         out.set_modified(meta.modified()?)?;
         out.sync_all()?;
-        rename_no_replace(to_dir, &tmp, to_dir, to)
+        record(FileKey::of(&rustix::fs::fstat(&out)?))?;
+        rename_no_replace(to_dir, tmp.as_os_str(), to_dir, to)
     })();
     if result.is_err() {
         let _ = rustix::fs::unlinkat(to_dir, &tmp, AtFlags::empty());
     }
     result
-}
-
-/// `.labeld-move-<pid>-<n>.part` in `dir`, created with O_CREAT|O_EXCL (a dotfile: never an image).
-fn create_temp_in(dir: &OwnedFd) -> io::Result<(OsString, File)> {
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    for n in 0..MAX_SUFFIX {
-        let tmp = OsString::from(format!(".labeld-move-{}-{n}.part", std::process::id()));
-        match rustix::fs::openat(dir, &tmp, flags, Mode::from_raw_mode(0o600)) {
-            Ok(fd) => return Ok((tmp, File::from(fd))),
-            Err(Errno::EXIST) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(io::Error::other("no free temp name for a copy"))
 }
 
 #[cfg(test)]
@@ -212,66 +231,97 @@ mod tests {
         assert!(!is_numbered_of(Path::new("/d/IMG_0001~1.png"), Path::new("/d/IMG_0001.jpg")));
     }
 
-    #[test]
-    fn a_taken_name_is_never_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let (inbox, done) = (dir.path().join("in"), dir.path().join("done"));
-        fs::create_dir_all(&inbox).unwrap();
-        for content in [b"one", b"two", b"thr"] {
-            let img = inbox.join("IMG_0001.jpg");
-            fs::write(&img, content).unwrap();
-            fs::write(sidecar_path(&img), content).unwrap();
-            let dest = move_under(&inbox, &done, &img).unwrap();
-            move_sidecar(&inbox, &img, &dest).unwrap();
-        }
-        for (n, content) in [(0, b"one"), (1, b"two"), (2, b"thr")] {
-            let img = numbered(&done.join("IMG_0001.jpg"), n);
-            assert_eq!(fs::read(&img).unwrap(), content);
-            assert_eq!(fs::read(sidecar_path(&img)).unwrap(), content);
-        }
-        assert_eq!(fs::read_dir(&inbox).unwrap().count(), 0);
+    use std::fs;
+
+    fn keys_recorded(folder: &ArchiveFolder, paths: &[PathBuf]) -> usize {
+        let root = folder.root().unwrap();
+        let keys = paths.iter().map(|p| FileKey::of(&rustix::fs::stat(p).unwrap())).collect();
+        folder.recorded(&root, &keys).unwrap().len()
     }
 
     #[test]
-    fn a_folder_swapped_for_a_link_is_not_followed_out_of_the_inbox() {
+    fn a_taken_name_is_never_replaced_and_every_file_moved_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, done) = (dir.path().join("in"), dir.path().join("done"));
+        fs::create_dir_all(inbox.join("cam")).unwrap();
+        let folder = ArchiveFolder::new(&done);
+        for content in [b"one", b"two", b"thr"] {
+            let img = inbox.join("cam/IMG_0001.jpg");
+            fs::write(&img, content).unwrap();
+            fs::write(sidecar_path(&img), content).unwrap();
+            let dest = move_under(&inbox, &folder, &img).unwrap();
+            move_sidecar(&inbox, &img, &folder, &dest).unwrap();
+        }
+        let mut moved = Vec::new();
+        for (n, content) in [(0, b"one"), (1, b"two"), (2, b"thr")] {
+            let img = numbered(&done.join("cam/IMG_0001.jpg"), n);
+            assert_eq!(fs::read(&img).unwrap(), content);
+            assert_eq!(fs::read(sidecar_path(&img)).unwrap(), content);
+            moved.extend([sidecar_path(&img), img]);
+        }
+        assert_eq!(fs::read_dir(inbox.join("cam")).unwrap().count(), 0);
+        assert_eq!(keys_recorded(&folder, &moved), 6);
+    }
+
+    #[test]
+    fn a_folder_swapped_for_a_link_is_not_followed_out_of_the_inbox_nor_into_the_archive() {
         let dir = tempfile::tempdir().unwrap();
         let (inbox, done, outside) = (dir.path().join("in"), dir.path().join("done"), dir.path().join("outside"));
         fs::create_dir_all(&inbox).unwrap();
         fs::create_dir_all(&outside).unwrap();
         fs::write(outside.join("a.jpg"), b"not yours").unwrap();
         std::os::unix::fs::symlink(&outside, inbox.join("cam")).unwrap();
-        assert!(move_under(&inbox, &done, &inbox.join("cam/a.jpg")).is_err());
+        let folder = ArchiveFolder::new(&done);
+        assert!(move_under(&inbox, &folder, &inbox.join("cam/a.jpg")).is_err());
         assert_eq!(fs::read(outside.join("a.jpg")).unwrap(), b"not yours");
+        // A link planted inside the archive folder where the image's sub-folder goes.
+        fs::create_dir_all(inbox.join("cam2")).unwrap();
+        fs::write(inbox.join("cam2/b.jpg"), b"b").unwrap();
+        std::os::unix::fs::symlink(&outside, done.join("cam2")).unwrap();
+        assert!(move_under(&inbox, &folder, &inbox.join("cam2/b.jpg")).is_err());
+        assert!(inbox.join("cam2/b.jpg").exists(), "the image stays in its inbox");
+        assert!(!outside.join("b.jpg").exists());
     }
 
     #[test]
     fn the_image_a_crash_parted_from_its_sidecar_is_the_last_moved_without_one() {
         let dir = tempfile::tempdir().unwrap();
+        let folder = ArchiveFolder::new(dir.path());
         let wanted = dir.path().join("IMG_0001.jpg");
         fs::write(&wanted, b"a").unwrap();
         fs::write(sidecar_path(&wanted), b"{}").unwrap();
         fs::write(numbered(&wanted, 1), b"b").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(20)); // ctimes one clock tick apart at least
         fs::write(numbered(&wanted, 2), b"c").unwrap();
         fs::write(dir.path().join("IMG_0001~3.png"), b"d").unwrap();
-        assert_eq!(moved_without_sidecar(&wanted), Some(numbered(&wanted, 2)));
+        assert_eq!(moved_without_sidecar(&folder, &wanted), Some(numbered(&wanted, 2)));
         fs::write(sidecar_path(&numbered(&wanted, 2)), b"{}").unwrap();
-        assert_eq!(moved_without_sidecar(&wanted), Some(numbered(&wanted, 1)));
+        assert_eq!(moved_without_sidecar(&folder, &wanted), Some(numbered(&wanted, 1)));
     }
 
     #[test]
-    fn a_copy_across_filesystems_refuses_a_taken_name() {
+    fn a_copy_across_filesystems_refuses_a_taken_name_and_records_the_copy() {
         let dir = tempfile::tempdir().unwrap();
         let (from, to) = (dir.path().join("a"), dir.path().join("b"));
         fs::write(&from, b"new").unwrap();
         fs::write(&to, b"old").unwrap();
         let fd: OwnedFd = File::open(dir.path()).unwrap().into();
-        let copy = || copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("b"));
+        let seen = std::cell::Cell::new(None);
+        let record = |k: FileKey| {
+            seen.set(Some(k));
+            Ok(())
+        };
+        let copy = || copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("b"), &record);
         assert_eq!(copy().unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&to).unwrap(), b"old");
         fs::remove_file(&to).unwrap();
         copy().unwrap();
         assert_eq!(fs::read(&to).unwrap(), b"new");
+        assert_eq!(seen.get(), Some(FileKey::of(&rustix::fs::stat(&to).unwrap())), "the key recorded is the copy's");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temp file left");
+        // A record that cannot be written stops the move.
+        let refuse = |_: FileKey| Err(io::Error::other("ledger full"));
+        assert!(copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("c"), &refuse).is_err());
+        assert!(!dir.path().join("c").exists());
     }
 }

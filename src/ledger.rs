@@ -1,0 +1,616 @@
+//! Archive folders (`done_dir`, `quarantine`) and the ledger of what labeld put into them.
+//! Invariant I11 (docs/design.md): retention removes only files this ledger records.
+//!
+//! Each folder is pinned: opened once at start and at every reload (`O_DIRECTORY | O_NOFOLLOW`, its
+//! device and inode kept), and every move into it and every sweep of it work beneath that descriptor.
+//! Before each use the configured path must still lead to the pinned folder; a folder renamed away or
+//! replaced (by a link or another folder) is logged once and not used again until a reload pins it
+//! anew. A configured path that is itself a link is never pinned.
+//!
+//! The ledger is `.labeld-archive` in the folder's root: a header, then one line per file labeld placed
+//! in the folder (`<unix time> <dev> <inode> <size> <mtime_ns> <path below the root, escaped>`), appended
+//! and fdatasynced *before* the file appears under its name. So a crash at any point leaves every
+//! archived file recorded; a record whose move never happened matches nothing. A torn last line (a crash
+//! mid-append) does not parse and is passed over: a file it would have recorded is kept, never removed.
+//! Compaction rewrites the ledger (temp file, fsync, rename, folder fsync) without the records whose file
+//! is no longer at its path with its identity.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::beneath;
+use crate::config::{Config, OnDone};
+
+/// The ledger's name in each archive folder (a dotfile: never labelled, never swept).
+pub const LEDGER: &str = ".labeld-archive";
+const HEADER: &str = "labeld-archive 1";
+const ADOPTED: &str = "adopted";
+/// A record younger than this is kept by compaction even if its file is not (yet) at its path: its
+/// move may still be under way.
+const SETTLING: Duration = Duration::from_secs(60);
+
+/// What identifies an archived file: a move within a file system keeps all four; an edit, a
+/// replacement or a copy changes at least one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileKey {
+    pub fn of(st: &rustix::fs::Stat) -> FileKey {
+        FileKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
+        }
+    }
+}
+
+/// One ledger line.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    time: u64,
+    key: FileKey,
+    rel: PathBuf,
+}
+
+impl Entry {
+    fn line(&self) -> Vec<u8> {
+        let k = &self.key;
+        let mut out = format!("{} {} {} {} {} ", self.time, k.dev, k.ino, k.size, k.mtime_ns).into_bytes();
+        escape(self.rel.as_os_str().as_bytes(), &mut out);
+        out.push(b'\n');
+        out
+    }
+
+    fn parse(line: &[u8]) -> Option<Entry> {
+        let text = std::str::from_utf8(line).ok()?;
+        let mut it = text.split(' ');
+        let time = it.next()?.parse().ok()?;
+        let key = FileKey { dev: it.next()?.parse().ok()?, ino: it.next()?.parse().ok()?, size: it.next()?.parse().ok()?, mtime_ns: it.next()?.parse().ok()? };
+        let rel = PathBuf::from(OsStr::from_bytes(&unescape(it.next()?)?));
+        (it.next().is_none() && !rel.as_os_str().is_empty()).then_some(Entry { time, key, rel })
+    }
+}
+
+/// Bytes outside printable ASCII, space and backslash become `\xHH`: one record per line, whatever the name.
+fn escape(bytes: &[u8], out: &mut Vec<u8>) {
+    for &b in bytes {
+        if b.is_ascii_graphic() && b != b'\\' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+    }
+}
+
+fn unescape(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            let hex = s.get(i + 2..i + 4).filter(|_| b.get(i + 1) == Some(&b'x'))?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Why a folder cannot be used now.
+#[derive(Debug, Clone)]
+enum Pin {
+    Pinned { fd: Arc<OwnedFd>, dev: u64, ino: u64 },
+    /// Could not be opened (missing and not creatable, no permission): tried again at the next use.
+    Unavailable(String),
+    /// The configured path is a link, or no longer leads to the folder pinned: unused until a reload.
+    Refused(String),
+}
+
+/// One archive folder, pinned, with its ledger.
+#[derive(Debug)]
+pub struct ArchiveFolder {
+    pub path: PathBuf,
+    pin: Mutex<Pin>,
+    /// The ledger open for appending (lazily), behind the lock every append and the end of a compaction take.
+    ledger: Mutex<Option<File>>,
+    /// Records appended since the last compaction, and the records it kept (None: not compacted yet).
+    growth: Mutex<(u64, Option<(u64, SystemTime)>)>,
+}
+
+impl ArchiveFolder {
+    /// Pins `path` on its own; the daemon goes through `ArchiveFolders`, which shares one value per path.
+    pub(crate) fn new(path: &Path) -> ArchiveFolder {
+        let f = ArchiveFolder {
+            path: path.to_path_buf(),
+            pin: Mutex::new(Pin::Unavailable("not opened yet".into())),
+            ledger: Mutex::new(None),
+            growth: Mutex::new((0, None)),
+        };
+        f.repin();
+        f
+    }
+
+    fn lock_pin(&self) -> MutexGuard<'_, Pin> {
+        self.pin.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_ledger(&self) -> MutexGuard<'_, Option<File>> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens the configured path anew (start, reload): creates it if missing, refuses a link.
+    fn repin(&self) {
+        let new = pin(&self.path);
+        match &new {
+            Pin::Pinned { .. } => {}
+            Pin::Unavailable(why) => tracing::warn!(folder = %self.path.display(), reason = %why, "archive folder not available; images stay in their inbox until it is"),
+            Pin::Refused(why) => tracing::error!(folder = %self.path.display(), reason = %why, "archive folder refused; nothing is moved there or removed from it until a reload names a real folder"),
+        }
+        let mut p = self.lock_pin();
+        let same = matches!((&*p, &new), (Pin::Pinned { dev: a, ino: b, .. }, Pin::Pinned { dev: c, ino: d, .. }) if (a, b) == (c, d));
+        if !same {
+            *self.lock_ledger() = None;
+        }
+        *p = new;
+    }
+
+    /// The pinned folder, once its configured path is checked to still lead to it. A folder that was
+    /// replaced is logged (once) and refused until a reload; one that was not available is tried again.
+    pub fn root(&self) -> io::Result<Arc<OwnedFd>> {
+        let mut p = self.lock_pin();
+        if let Pin::Unavailable(_) = &*p {
+            *p = pin(&self.path);
+        }
+        match &*p {
+            Pin::Pinned { fd, dev, ino } => {
+                let now = rustix::fs::lstat(&self.path).map(|st| (st.st_dev, st.st_ino, rustix::fs::FileType::from_raw_mode(st.st_mode)));
+                match now {
+                    Ok((d, i, rustix::fs::FileType::Directory)) if (d, i) == (*dev, *ino) => Ok(fd.clone()),
+                    other => {
+                        let what = match other {
+                            Ok((_, _, rustix::fs::FileType::Symlink)) => "is a symbolic link now",
+                            Ok(_) => "leads to another folder now",
+                            Err(_) => "is gone (renamed or deleted)",
+                        };
+                        let why = format!("{} {what}; the folder labeld opened at start or reload is not used again until a reload finds a real folder there", self.path.display());
+                        tracing::error!(folder = %self.path.display(), "archive folder replaced: {what}; nothing is moved there or removed from it until a reload");
+                        *p = Pin::Refused(why.clone());
+                        Err(io::Error::other(why))
+                    }
+                }
+            }
+            Pin::Unavailable(why) | Pin::Refused(why) => Err(io::Error::other(why.clone())),
+        }
+    }
+
+    /// Records `files` (keys, paths below the root) as archived, durably, before they appear there.
+    pub fn record(&self, root: &OwnedFd, files: &[(FileKey, &Path)]) -> io::Result<()> {
+        let time = unix_now();
+        let mut bytes = Vec::new();
+        for (key, rel) in files {
+            bytes.extend(Entry { time, key: *key, rel: rel.to_path_buf() }.line());
+        }
+        let mut ledger = self.lock_ledger();
+        if ledger.is_none() {
+            *ledger = Some(open_append(root)?);
+        }
+        let f = ledger.as_mut().expect("opened above");
+        let written = f.write_all(&bytes).and_then(|()| f.sync_data());
+        if written.is_err() {
+            // Reopened at the next record, which starts on a fresh line.
+            *ledger = None;
+        }
+        written?;
+        self.lock_growth().0 += files.len() as u64;
+        Ok(())
+    }
+
+    fn lock_growth(&self) -> MutexGuard<'_, (u64, Option<(u64, SystemTime)>)> {
+        self.growth.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Which of `candidates` the ledger records (one pass over it; memory bounded by `candidates`).
+    pub fn recorded(&self, root: &OwnedFd, candidates: &HashSet<FileKey>) -> io::Result<HashSet<FileKey>> {
+        let mut found = HashSet::new();
+        if candidates.is_empty() {
+            return Ok(found);
+        }
+        let Some(file) = open_read(root)? else { return Ok(found) };
+        for_each_line(file, u64::MAX, |line| {
+            if let Some(e) = Entry::parse(line).filter(|e| candidates.contains(&e.key)) {
+                found.insert(e.key);
+            }
+        })?;
+        Ok(found)
+    }
+
+    /// Whether files archived before the ledger existed were adopted (see `adopt` in retain.rs).
+    pub fn adopted(&self, root: &OwnedFd) -> io::Result<bool> {
+        let Some(file) = open_read(root)? else { return Ok(false) };
+        let mut adopted = false;
+        for_each_line(file, u64::MAX, |line| adopted |= line.starts_with(ADOPTED.as_bytes()))?;
+        Ok(adopted)
+    }
+
+    /// Notes that adoption is done: it never runs again for this folder.
+    pub fn mark_adopted(&self, root: &OwnedFd) -> io::Result<()> {
+        let mut ledger = self.lock_ledger();
+        if ledger.is_none() {
+            *ledger = Some(open_append(root)?);
+        }
+        let f = ledger.as_mut().expect("opened above");
+        f.write_all(format!("{ADOPTED} {}\n", unix_now()).as_bytes())?;
+        f.sync_data()
+    }
+
+    /// Whether the ledger has grown enough since its last compaction to be worth one (amortised: a
+    /// compaction reads every record once).
+    pub fn compaction_due(&self, now: SystemTime) -> bool {
+        let g = self.lock_growth();
+        match g.1 {
+            None => true,
+            Some((kept, at)) => g.0 > kept.max(1000) || now.duration_since(at).is_ok_and(|d| d > Duration::from_secs(86_400)),
+        }
+    }
+
+    /// Rewrites the ledger without the records whose file is no longer at its path with its key
+    /// (removed by retention or by someone else, or a move a crash cut short). Returns (kept, dropped).
+    /// Appends go on while the records are checked; they are carried over under the lock at the end.
+    pub fn compact(&self, root: &OwnedFd) -> io::Result<(u64, u64)> {
+        let Some(draft) = self.draft(root)? else {
+            *self.lock_growth() = (0, Some((0, SystemTime::now())));
+            return Ok((0, 0));
+        };
+        let tmp = draft.tmp.clone();
+        let result = self.install(root, draft);
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(root, &tmp, AtFlags::empty());
+        }
+        result
+    }
+
+    /// The records up to the ledger's present end that still hold, in a temp file beside it.
+    fn draft(&self, root: &OwnedFd) -> io::Result<Option<Draft>> {
+        let Some(file) = open_read(root)? else { return Ok(None) };
+        let settled_before = unix_now().saturating_sub(SETTLING.as_secs());
+        let (tmp, mut out) = beneath::create_temp(root)?;
+        let mut draft = Draft { tmp, out: None, end: 0, kept: 0, dropped: 0 };
+        let written = (|| {
+            draft.end = file.metadata()?.len();
+            let mut w = io::BufWriter::new(&mut out);
+            w.write_all(format!("{HEADER}\n").as_bytes())?;
+            let mut adopted = false;
+            let mut seen = HashSet::new();
+            let mut failure = None;
+            for_each_line(file, draft.end, |line| {
+                if failure.is_some() {
+                    return;
+                }
+                if line.starts_with(ADOPTED.as_bytes()) {
+                    adopted = true;
+                    return;
+                }
+                let Some(e) = Entry::parse(line) else { return };
+                let keep = seen.insert((e.key, e.rel.clone())) && (e.time >= settled_before || key_at(root, &e.rel) == Some(e.key));
+                if keep {
+                    draft.kept += 1;
+                    if let Err(err) = w.write_all(&e.line()) {
+                        failure = Some(err);
+                    }
+                } else {
+                    draft.dropped += 1;
+                }
+            })?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            if adopted {
+                w.write_all(format!("{ADOPTED} {}\n", unix_now()).as_bytes())?;
+            }
+            w.flush()
+        })();
+        if let Err(e) = written {
+            let _ = rustix::fs::unlinkat(root, &draft.tmp, AtFlags::empty());
+            return Err(e);
+        }
+        draft.out = Some(out);
+        Ok(Some(draft))
+    }
+
+    /// Appends what was recorded since `draft` was begun and puts it in place of the ledger.
+    fn install(&self, root: &OwnedFd, draft: Draft) -> io::Result<(u64, u64)> {
+        let Draft { tmp, out, end, kept, dropped } = draft;
+        let mut out = out.ok_or_else(|| io::Error::other("compaction draft not written"))?;
+        let mut ledger = self.lock_ledger();
+        let mut appended = Vec::new();
+        if let Some(mut tail) = open_read(root)? {
+            tail.seek(io::SeekFrom::Start(end))?;
+            tail.read_to_end(&mut appended)?;
+            if appended.last().is_some_and(|b| *b != b'\n') {
+                appended.push(b'\n'); // a record cut short by a failed write stays apart from the next
+            }
+            out.write_all(&appended)?;
+        }
+        out.sync_all()?;
+        rustix::fs::renameat(root, &tmp, root, LEDGER)?;
+        beneath::sync_dir(root)?;
+        *ledger = None;
+        let since = appended.iter().filter(|b| **b == b'\n').count() as u64;
+        *self.lock_growth() = (since, Some((kept, SystemTime::now())));
+        Ok((kept + since, dropped))
+    }
+}
+
+/// A compacted ledger being written (`ArchiveFolder::compact`).
+struct Draft {
+    tmp: PathBuf,
+    out: Option<File>,
+    /// Where the ledger ended when the draft was begun.
+    end: u64,
+    kept: u64,
+    dropped: u64,
+}
+
+/// Opens `path` as an archive folder root: created if missing (as configured), never through a link
+/// at its last component.
+fn pin(path: &Path) -> Pin {
+    if let Ok(st) = rustix::fs::lstat(path) {
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink {
+            let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+            return Pin::Refused(format!("{} is a symbolic link (to {to}); name the folder itself", path.display()));
+        }
+    } else if let Err(e) = std::fs::create_dir_all(path) {
+        return Pin::Unavailable(format!("cannot create {}: {e}", path.display()));
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::open(path, flags, Mode::empty()).and_then(|fd| Ok((rustix::fs::fstat(&fd)?, fd))) {
+        Ok((st, fd)) => Pin::Pinned { fd: Arc::new(fd), dev: st.st_dev, ino: st.st_ino },
+        Err(e) if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {
+            Pin::Refused(format!("{} is not a folder (a link or a file): {e}", path.display()))
+        }
+        Err(e) => Pin::Unavailable(format!("cannot open {}: {e}", path.display())),
+    }
+}
+
+fn open_append(root: &OwnedFd) -> io::Result<File> {
+    // Read as well: a torn last line is looked for before the first append.
+    let flags = OFlags::RDWR | OFlags::APPEND | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(root, LEDGER, flags, Mode::from_raw_mode(0o640))?;
+    let mut f = File::from(fd);
+    let len = f.metadata()?.len();
+    if len == 0 {
+        f.write_all(format!("{HEADER}\n").as_bytes())?;
+    } else if !ends_with_newline(&f)? {
+        // A crash tore the last line: the next record starts on its own line.
+        f.write_all(b"\n")?;
+    }
+    Ok(f)
+}
+
+fn ends_with_newline(f: &File) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(true);
+    }
+    let mut last = [0u8];
+    f.read_exact_at(&mut last, len - 1)?;
+    Ok(last[0] == b'\n')
+}
+
+fn open_read(root: &OwnedFd) -> io::Result<Option<File>> {
+    match rustix::fs::openat(root, LEDGER, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Calls `f` on each whole line of the first `limit` bytes (a line without its newline is torn: skipped).
+fn for_each_line(file: File, limit: u64, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+    let mut r = BufReader::with_capacity(1 << 16, file.take(limit));
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        if let Some(body) = line.strip_suffix(b"\n") {
+            f(body);
+        }
+    }
+}
+
+/// The key of the file at `rel` beneath `root`, reached without links.
+fn key_at(root: &OwnedFd, rel: &Path) -> Option<FileKey> {
+    let fd = beneath::open_beneath(root, rel, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty()).ok()?;
+    let st = rustix::fs::fstat(&fd).ok()?;
+    (rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile).then(|| FileKey::of(&st))
+}
+
+/// Every archive folder the config names, pinned; one value per path for the life of the process, so
+/// that the sink's moves and the sweeps share one ledger lock.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveFolders {
+    folders: Arc<Mutex<HashMap<PathBuf, Arc<ArchiveFolder>>>>,
+}
+
+impl ArchiveFolders {
+    /// Pins every done_dir and quarantine of `config` (again, for folders pinned before: a reload is
+    /// the operator saying which folder the path means now).
+    pub fn pin(&self, config: &Config) {
+        let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
+        for path in archive_paths(config) {
+            match folders.get(&path) {
+                Some(f) => f.repin(),
+                None => {
+                    folders.insert(path.clone(), Arc::new(ArchiveFolder::new(&path)));
+                }
+            }
+        }
+    }
+
+    /// The folder pinned for `path` (None if no config named it).
+    pub fn get(&self, path: &Path) -> Option<Arc<ArchiveFolder>> {
+        self.folders.lock().unwrap_or_else(|e| e.into_inner()).get(path).cloned()
+    }
+}
+
+/// Every done_dir and quarantine of `config`, each once.
+pub fn archive_paths(config: &Config) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for ib in &config.inboxes {
+        let done = match &ib.on_done {
+            OnDone::Move(d) => Some(d),
+            _ => None,
+        };
+        for p in done.into_iter().chain(ib.quarantine.as_ref()) {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(path: &Path) -> FileKey {
+        FileKey::of(&rustix::fs::stat(path).unwrap())
+    }
+
+    #[test]
+    fn entries_round_trip_whatever_the_name() {
+        for name in ["a.jpg", "cam 1/IMG\n0001~2.jpg", "\\x41 weird\\", "ü/\u{1b}[31m.png"] {
+            let e = Entry { time: 7, key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: -4 }, rel: PathBuf::from(name) };
+            let line = e.line();
+            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "{name:?}");
+            assert_eq!(Entry::parse(line.strip_suffix(b"\n").unwrap()), Some(e), "{name:?}");
+        }
+        for torn in ["7 1 2 3", "7 1 2 3 -4", "x 1 2 3 4 a", "7 1 2 3 4 a b", "7 1 2 3 4 \\x4", ""] {
+            assert_eq!(Entry::parse(torn.as_bytes()), None, "{torn:?}");
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_and_a_torn_line_matches_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = ArchiveFolder::new(d.path());
+        let root = folder.root().unwrap();
+        std::fs::write(d.path().join("a.jpg"), b"a").unwrap();
+        std::fs::write(d.path().join("b.jpg"), b"bb").unwrap();
+        let (a, b) = (key(&d.path().join("a.jpg")), key(&d.path().join("b.jpg")));
+        folder.record(&root, &[(a, Path::new("a.jpg"))]).unwrap();
+        // A crash mid-append: half a record for b.
+        let mut f = File::options().append(true).open(d.path().join(LEDGER)).unwrap();
+        let half = Entry { time: 1, key: b, rel: "b.jpg".into() }.line();
+        f.write_all(&half[..half.len() / 2]).unwrap();
+        let again = ArchiveFolder::new(d.path());
+        let root = again.root().unwrap();
+        let both: HashSet<FileKey> = [a, b].into();
+        assert_eq!(again.recorded(&root, &both).unwrap(), [a].into());
+        again.record(&root, &[(b, Path::new("b.jpg"))]).unwrap();
+        assert_eq!(again.recorded(&root, &both).unwrap(), both);
+        let text = std::fs::read_to_string(d.path().join(LEDGER)).unwrap();
+        assert!(text.starts_with("labeld-archive 1\n"), "{text}");
+    }
+
+    #[test]
+    fn compaction_drops_records_of_files_gone_or_changed_and_keeps_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = ArchiveFolder::new(d.path());
+        let root = folder.root().unwrap();
+        std::fs::create_dir(d.path().join("cam")).unwrap();
+        for n in ["cam/a.jpg", "b.jpg", "c.jpg"] {
+            std::fs::write(d.path().join(n), n).unwrap();
+        }
+        let keys: Vec<FileKey> = ["cam/a.jpg", "b.jpg", "c.jpg"].iter().map(|n| key(&d.path().join(n))).collect();
+        // Recorded long ago (compaction keeps fresh records whatever it finds).
+        let old = |k: FileKey, rel: &str| Entry { time: 1000, key: k, rel: rel.into() }.line();
+        let mut f = File::options().append(true).create(true).open(d.path().join(LEDGER)).unwrap();
+        f.write_all(format!("{HEADER}\n").as_bytes()).unwrap();
+        for (k, rel) in keys.iter().zip(["cam/a.jpg", "b.jpg", "c.jpg"]) {
+            f.write_all(&old(*k, rel)).unwrap();
+        }
+        f.write_all(&old(keys[0], "cam/a.jpg")).unwrap(); // a duplicate
+        std::fs::remove_file(d.path().join("b.jpg")).unwrap();
+        std::fs::write(d.path().join("c.jpg"), b"edited since").unwrap();
+        folder.mark_adopted(&root).unwrap();
+        assert!(folder.compaction_due(SystemTime::now()));
+        assert_eq!(folder.compact(&root).unwrap(), (1, 3));
+        assert!(!folder.compaction_due(SystemTime::now()));
+        let all: HashSet<FileKey> = keys.iter().copied().collect();
+        assert_eq!(folder.recorded(&root, &all).unwrap(), [keys[0]].into());
+        assert!(folder.adopted(&root).unwrap(), "the adoption mark survives compaction");
+        // Appends after a compaction go to the new file.
+        folder.record(&root, &[(keys[2], Path::new("c.jpg"))]).unwrap();
+        assert_eq!(folder.recorded(&root, &all).unwrap().len(), 2);
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(!names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")), "{names:?}");
+    }
+
+    #[test]
+    fn records_made_during_a_compaction_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = ArchiveFolder::new(d.path());
+        let root = folder.root().unwrap();
+        let a = key(&d.path().join(".")); // any key: fresh records are kept whatever is at their path
+        folder.record(&root, &[(a, Path::new("a.jpg"))]).unwrap();
+        let draft = folder.draft(&root).unwrap().unwrap();
+        let b = FileKey { size: a.size + 1, ..a };
+        folder.record(&root, &[(b, Path::new("b.jpg"))]).unwrap();
+        // A failed write left half a record behind it.
+        let half = Entry { time: 1, key: a, rel: "c.jpg".into() }.line();
+        File::options().append(true).open(d.path().join(LEDGER)).unwrap().write_all(&half[..10]).unwrap();
+        assert_eq!(folder.install(&root, draft).unwrap(), (3, 0));
+        let c = FileKey { size: a.size + 2, ..a };
+        folder.record(&root, &[(c, Path::new("c.jpg"))]).unwrap();
+        assert_eq!(folder.recorded(&root, &[a, b, c].into()).unwrap(), [a, b, c].into());
+    }
+
+    #[test]
+    fn a_folder_replaced_by_a_link_is_refused_until_pinned_again() {
+        let d = tempfile::tempdir().unwrap();
+        let (done, elsewhere) = (d.path().join("done"), d.path().join("elsewhere"));
+        std::fs::create_dir(&elsewhere).unwrap();
+        let folder = ArchiveFolder::new(&done);
+        assert!(done.is_dir(), "created at pinning");
+        folder.root().unwrap();
+        std::fs::rename(&done, d.path().join("done.real")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &done).unwrap();
+        let e = folder.root().unwrap_err().to_string();
+        assert!(e.contains("symbolic link now"), "{e}");
+        std::fs::remove_file(&done).unwrap();
+        std::fs::rename(d.path().join("done.real"), &done).unwrap();
+        assert!(folder.root().is_err(), "refused until a reload, even once the folder is back");
+        folder.repin();
+        folder.root().unwrap();
+        std::os::unix::fs::symlink(&elsewhere, d.path().join("link")).unwrap();
+        let linked = ArchiveFolder::new(&d.path().join("link"));
+        assert!(linked.root().unwrap_err().to_string().contains("symbolic link"));
+    }
+}
