@@ -19,7 +19,7 @@ use crate::reload;
 use crate::retain::{Retention, RetentionControl};
 use crate::shutdown::Shutdown;
 use crate::sink::recent::Recent;
-use crate::sink::record::{Record, Status};
+use crate::vocab::Status;
 use crate::sink::result_log::LogTap;
 use crate::sink::{OutputSettings, Sink, SinkControl, Totals};
 use crate::systemd::Systemd;
@@ -350,7 +350,7 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     for batch in done_rx {
         let mut out = stdout.lock();
         for o in &batch.outcomes {
-            let r = Record::new(o, &batch.model, batch.min_score, Instant::now());
+            let r = o.record(&batch.model, batch.min_score, Instant::now());
             match r.status {
                 Status::Ok => totals.ok += 1,
                 Status::Error => totals.errors += 1,

@@ -87,3 +87,24 @@ pub enum ImageError {
     #[error("not labelled: its batch was stuck in {thread} for over {secs} s (hung worker); not retried, so a bad image cannot stall labeld again after a restart")]
     Hung { thread: String, secs: u64 },
 }
+
+/// The text of a panic payload (a `&str` or `String`, as `panic!` makes).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// libtorch errors carry a C++ backtrace; operators need the first line. An exception raised inside
+/// a TorchScript model comes after the script's traceback: its last line says what the model raised.
+pub fn first_line(s: &str) -> String {
+    let first = s.lines().next().unwrap_or(s);
+    if first.contains("failed in the TorchScript interpreter")
+        && let Some(raised) = s.lines().rev().map(str::trim).find(|l| !l.is_empty())
+    {
+        return raised.to_string();
+    }
+    first.to_string()
+}

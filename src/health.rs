@@ -65,7 +65,7 @@ pub fn note_panics() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let place = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-            let what = format!("{}{place}", crate::infer::model::panic_message(info.payload()));
+            let what = format!("{}{place}", crate::error::panic_message(info.payload()));
             LAST_PANIC.with(|p| *p.borrow_mut() = Some(what));
             default(info);
         }));

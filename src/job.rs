@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::beneath::Identity;
-use crate::sink::record::Record;
+use crate::vocab::Identity;
+use crate::vocab::Record;
 
 /// An image to label.
 #[derive(Clone, Debug)]

@@ -34,8 +34,8 @@ use crate::health::Lifeline;
 use crate::ledger::{ArchiveFolder, ArchiveFolders, FileKey, archive_paths};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::sink::record::Record;
-use crate::sink::sidecar::sidecar_path;
+use crate::vocab::Record;
+use crate::vocab::sidecar_path;
 
 /// Why a file was chosen for removal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -726,7 +726,7 @@ mod tests {
 
     /// A labeld sidecar for `image` as it is now (what an earlier version wrote when it labelled it).
     fn sidecar_for(image: &Path, bytes_hash: bool) -> String {
-        let mut id = crate::beneath::Identity::of(&std::fs::metadata(image).unwrap());
+        let mut id = crate::vocab::Identity::of(&std::fs::metadata(image).unwrap());
         if bytes_hash {
             id.xxh3 = Some(xxhash_rust::xxh3::xxh3_64(&std::fs::read(image).unwrap()));
             id.inode += 1; // as after a copy across file systems

@@ -18,7 +18,7 @@ use crate::metrics::Refused;
 use crate::job::Upload;
 use crate::queue::Pushed;
 use crate::shutdown::Shutdown;
-use crate::sink::record::Status;
+use crate::vocab::Status;
 
 /// How long `POST /predict` waits for its result before answering 503.
 const PREDICT_TIMEOUT: Duration = Duration::from_secs(60);

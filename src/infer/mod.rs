@@ -10,11 +10,12 @@ pub mod resample;
 pub mod worker;
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::ModelConfig;
 use crate::error::ImageError;
 use crate::job::Job;
+use crate::vocab::record::{self, Record, Status, Top};
 use labels::Labels;
 
 /// One ranked class for one image.
@@ -35,6 +36,51 @@ pub struct Outcome {
     pub finished_at: Instant,
     /// A small JPEG of the crop the model saw (only when the status page is on).
     pub thumb: Option<Vec<u8>>,
+}
+
+impl Outcome {
+    /// The record of this result, made by `model` (with `[model] min_score`), written at `now`.
+    pub fn record(&self, model: &str, min_score: Option<f32>, now: Instant) -> Record {
+        let o = self;
+        let latency = now.saturating_duration_since(o.job.ready_at).as_secs_f64() * 1e3;
+        let (status, top, error) = match &o.result {
+            Ok(preds) => (
+                Status::Ok,
+                Some(
+                    preds
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| Top {
+                            rank: i + 1,
+                            class_id: p.class_id,
+                            label: p.label.clone(),
+                            label_en: p.label_en.clone(),
+                            score: record::round(f64::from(p.score), 1e6),
+                        })
+                        .collect(),
+                ),
+                None,
+            ),
+            Err(e) => (Status::Error, None, Some(e.to_string())),
+        };
+        let confident = match (&o.result, min_score) {
+            (Ok(preds), Some(min)) => Some(preds.first().is_some_and(|p| p.score >= min)),
+            _ => None,
+        };
+        // An upload has no path: its record goes back to its client only.
+        let path = o.job.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        Record {
+            path,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            model: model.to_string(),
+            status,
+            top,
+            confident,
+            latency_ms: record::round(latency, 10.0),
+            error,
+            file: o.job.identity,
+        }
+    }
 }
 
 /// What a worker sends on after each batch.

@@ -167,7 +167,7 @@ pub fn prepared(mut module: CModule, passes: Option<Passes>, kind: Kind, crop: i
     let checked = attempt.and_then(|(fast, fp32)| guarded(|| same_logits(&module, &fast, fp32.as_ref(), kind, crop).map(|()| fast)));
     let prepared = match checked {
         Ok(fast) => (fast, Optimisation::Optimised { passes, took: start.elapsed() }),
-        Err(reason) => (module, Optimisation::Unoptimised { reason: super::model::first_line(&reason) }),
+        Err(reason) => (module, Optimisation::Unoptimised { reason: crate::error::first_line(&reason) }),
     };
     // The copies made on the way (frozen, folded, the discarded module) are freed; give their pages back.
     // SAFETY: malloc_trim only releases free heap memory.
@@ -178,7 +178,7 @@ pub fn prepared(mut module: CModule, passes: Option<Passes>, kind: Kind, crop: i
 /// `f`, with a libtorch panic turned into an error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|p| Err(format!("libtorch panicked: {}", super::model::panic_message(&*p))))
+        .unwrap_or_else(|p| Err(format!("libtorch panicked: {}", crate::error::panic_message(&*p))))
 }
 
 /// Runs copies of both modules on the same probe batch (copies: a stateful model's own counters must

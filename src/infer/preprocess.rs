@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::resample::{Isa, Window, resize_window};
 use crate::config::Preprocess;
 use crate::metrics::{Stage, StageTimes};
-use crate::beneath::Identity;
+use crate::vocab::Identity;
 use crate::error::ImageError;
 
 /// One per worker: holds the JPEG decoder between images.

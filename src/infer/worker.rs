@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::layout::Layout;
-use super::model::{Classifier, panic_message};
+use super::model::Classifier;
+use crate::error::panic_message;
 use crate::beneath::Beneath;
 use super::preprocess::Preprocessor;
 use super::{BatchDone, InferSettings, LiveSettings, Outcome, Prediction};

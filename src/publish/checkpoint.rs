@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sink::result_log::Fingerprint;
+use crate::vocab::results_log::Fingerprint;
 
 pub const VERSION: u32 = 1;
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use crate::config::{InboxConfig, MqttConfig};
-use crate::sink::record::{Record, Status};
+use crate::vocab::{Record, Status};
 
 /// Builds messages for one box: its host name, its inboxes (to name the one a row's image came from) and
 /// its topic templates.
@@ -138,8 +138,8 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::beneath::Identity;
-    use crate::sink::record::Top;
+    use crate::vocab::Identity;
+    use crate::vocab::Top;
 
     fn messages(topic: &str) -> Messages {
         Messages {

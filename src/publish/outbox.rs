@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::checkpoint::{self, Checkpoint, GenerationMark};
-use crate::sink::record::Record;
-use crate::sink::result_log::{parse_row, Announced, Columns, LogTap};
+use crate::vocab::Record;
+use crate::sink::result_log::{Announced, LogTap};
+use crate::vocab::results_log::{Columns, parse_row};
 
 /// The checkpoint is written at most this often while acknowledgements stream in.
 const SAVE_EVERY: Duration = Duration::from_millis(100);
@@ -643,8 +644,8 @@ impl Read for ReadAt<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::beneath::Identity;
-    use crate::sink::record::{Status, Top};
+    use crate::vocab::Identity;
+    use crate::vocab::{Status, Top};
     use crate::sink::result_log::ResultLog;
     use std::io::Write;
 

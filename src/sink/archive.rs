@@ -12,9 +12,10 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::record::{Record, Status};
+use crate::vocab::{Record, Status};
 use super::relocate::{self, move_sidecar, move_under, path_under};
-use super::sidecar::{self, sidecar_path};
+use crate::labelled;
+use crate::vocab::sidecar_path;
 use crate::config::{InboxConfig, OnDone};
 use crate::ledger::{ArchiveFolder, ArchiveFolders};
 
@@ -85,7 +86,7 @@ pub fn finish(ib: &InboxConfig, folders: &ArchiveFolders) -> usize {
                     report(path, done, &mut handled);
                 }
             }
-        } else if ib.wants(path) && sidecar::is_labelled_under(&ib.path, path) {
+        } else if ib.wants(path) && labelled::is_labelled_under(&ib.path, path) {
             let done = match read_sidecar(path).map(|r| r.status) {
                 Some(Status::Ok) if ib.on_done != OnDone::Keep => apply(ib, folders, path),
                 Some(Status::Error) if ib.quarantine.is_some() => quarantine(ib, folders, path).map(drop),

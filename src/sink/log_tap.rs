@@ -5,43 +5,16 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-/// How many bytes at the start of a log identify its content (with the file's dev and inode).
-pub const FINGERPRINT_LEN: u64 = 4096;
+pub use crate::vocab::results_log::{FINGERPRINT_LEN, Fingerprint};
 
 /// Rotated-away files the reader has not taken yet; beyond this the oldest are dropped (the outbox then
 /// looks for them beside the log by fingerprint).
 const MAX_RETIRED: usize = 64;
 
-/// The content identity of a log file: xxh3-64 of its first `len` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    pub len: u64,
-    pub xxh3: u64,
-}
-
-impl Fingerprint {
-    /// Of the first `min(FINGERPRINT_LEN, available)` bytes of `file`; `None` for an empty one.
-    pub fn of(file: &File, available: u64) -> std::io::Result<Option<Fingerprint>> {
-        let len = available.min(FINGERPRINT_LEN);
-        if len == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0; len as usize];
-        file.read_exact_at(&mut buf, 0)?;
-        Ok(Some(Fingerprint { len, xxh3: xxhash_rust::xxh3::xxh3_64(&buf) }))
-    }
-
-    /// Whether `file` (of which `available` bytes count) starts with the bytes this fingerprint was taken of.
-    pub fn matches(&self, file: &File, available: u64) -> bool {
-        available >= self.len && Fingerprint::of(file, self.len).ok().flatten().is_some_and(|f| f == *self)
-    }
-}
 
 /// One file's life as the log: from when the writer opened it (or found it emptied) until it moved on.
 #[derive(Debug, Clone)]

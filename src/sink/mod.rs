@@ -12,7 +12,6 @@
 
 pub mod archive;
 pub mod log_tap;
-pub mod record;
 pub mod recent;
 pub mod relocate;
 pub mod result_log;
@@ -29,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::beneath::{self, Beneath, Identity};
+use crate::beneath::{self, Beneath};
+use crate::vocab::Identity;
 use crate::config::{Config, InboxConfig, LabelSource, LabelsLang, OnDone};
 use crate::error::{Fatal, ImageError};
 use crate::health::Lifeline;
@@ -38,8 +38,9 @@ use crate::metrics::{Metrics, Stage};
 use crate::job::{Claim, Job, Source};
 use crate::ledger::ArchiveFolders;
 use recent::Recent;
-use record::{Record, Status};
-use result_log::{Columns, LogTap, ResultLog};
+use result_log::{LogTap, ResultLog};
+use crate::vocab::results_log::Columns;
+use crate::vocab::{Record, Status};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
@@ -187,7 +188,7 @@ fn needs_sidecar(record: &Record, inboxes: &[InboxConfig]) -> bool {
     let image = Path::new(&record.path);
     let Ok(meta) = std::fs::symlink_metadata(image) else { return false };
     let root = beneath::root_of(inboxes.iter().map(|i| i.path.as_path()), image);
-    if !meta.is_file() || sidecar::is_labelled_under(root, image) {
+    if !meta.is_file() || crate::labelled::is_labelled_under(root, image) {
         return false;
     }
     // Not a file replaced since the row was written.
@@ -351,7 +352,7 @@ impl Writer {
     /// Counts a result in the metrics and the status page's recent list; returns its record.
     fn count(&self, o: &Outcome, (model, min_score): (&str, Option<f32>)) -> Record {
         let now = Instant::now();
-        let record = Record::new(o, model, min_score, now);
+        let record = o.record(model, min_score, now);
         self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.job.ready_at));
         self.recent.push(record.clone(), o.thumb.clone());
         record

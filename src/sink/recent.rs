@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::record::Record;
+use crate::vocab::Record;
 
 /// How many results the status page keeps.
 pub const KEEP: usize = 50;

@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
-use super::sidecar::sidecar_path;
 use crate::beneath::{self, Beneath};
 use crate::ledger::{ArchiveFolder, FileKey};
+use crate::vocab::sidecar_path;
 
 /// More images of one name than this in one folder is an operator problem, not a reason to loop.
 const MAX_SUFFIX: u32 = 100_000;

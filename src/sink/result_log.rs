@@ -15,10 +15,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::record::{Record, Status, Top};
-use crate::beneath::Identity;
-
-pub use super::log_tap::{Announced, Fingerprint, LogTap, TapView};
+pub use super::log_tap::{Announced, LogTap, TapView};
+use crate::vocab::results_log::{Columns, header, parse_row, row};
+use crate::vocab::Record;
 
 pub struct ResultLog {
     path: PathBuf,
@@ -28,61 +27,6 @@ pub struct ResultLog {
     torn_after: Option<u64>,
     /// The outbox's view of this log, when results are published.
     tap: Option<LogTap>,
-}
-
-/// Which columns a row has: `top_k` (class, label, score) groups, plus `labelN_en` after each label
-/// when labels are translated, plus a trailing `confident` with `[model] min_score`, then `file_id`
-/// (the identity of the file version the row describes, `dev:inode:size:mtime_ns:ctime_ns`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Columns {
-    pub top_k: usize,
-    pub english: bool,
-    pub confident: bool,
-}
-
-impl Columns {
-    pub fn plain(top_k: usize) -> Self {
-        Columns { top_k, english: false, confident: false }
-    }
-
-    fn per_rank(&self) -> usize {
-        if self.english { 4 } else { 3 }
-    }
-
-    fn len(&self) -> usize {
-        3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident) + 1
-    }
-
-    /// The columns a log's header line names; `None` for a line that is not one of labeld's headers.
-    pub fn from_header(line: &str) -> Option<Columns> {
-        let names: Vec<&str> = line.trim_end_matches(['\r', '\n']).split(',').collect();
-        let english = names.contains(&"label1_en");
-        let confident = names.contains(&"confident");
-        let per = if english { 4 } else { 3 };
-        let ranked = names.len().checked_sub(3 + 3 + usize::from(confident) + 1)?;
-        if ranked % per != 0 {
-            return None;
-        }
-        let c = Columns { top_k: ranked / per, english, confident };
-        (header(c) == names).then_some(c)
-    }
-}
-
-pub fn header(c: Columns) -> Vec<String> {
-    let mut h = vec!["time".to_string(), "path".into(), "status".into()];
-    for i in 1..=c.top_k {
-        h.extend([format!("class{i}"), format!("label{i}")]);
-        if c.english {
-            h.push(format!("label{i}_en"));
-        }
-        h.push(format!("score{i}"));
-    }
-    h.extend(["latency_ms".to_string(), "error".into(), "model".into()]);
-    if c.confident {
-        h.push("confident".into());
-    }
-    h.push("file_id".into());
-    h
 }
 
 impl ResultLog {
@@ -154,7 +98,7 @@ impl ResultLog {
         if before == 0 {
             buf.extend(encode(&[header(self.columns)])?);
         }
-        let rows: Vec<Vec<String>> = records.iter().map(|r| self.row(r)).collect();
+        let rows: Vec<Vec<String>> = records.iter().map(|r| row(self.columns, r)).collect();
         buf.extend(encode(&rows)?);
         self.write_whole(&buf, before)?;
         if let Some(tap) = &self.tap {
@@ -217,66 +161,6 @@ impl ResultLog {
         Ok(())
     }
 
-    fn row(&self, r: &Record) -> Vec<String> {
-        let mut row: Vec<String> = vec![r.time.clone(), r.path.clone(), r.status.as_str().into()];
-        let top = r.top.as_deref().unwrap_or(&[]);
-        for i in 0..self.columns.top_k {
-            let t = top.get(i);
-            row.push(t.map(|t| t.class_id.to_string()).unwrap_or_default());
-            row.push(t.map(|t| t.label.clone()).unwrap_or_default());
-            if self.columns.english {
-                row.push(t.and_then(|t| t.label_en.clone()).unwrap_or_default());
-            }
-            row.push(t.map(|t| format!("{:.6}", t.score)).unwrap_or_default());
-        }
-        row.extend([format!("{:.1}", r.latency_ms), r.error.clone().unwrap_or_default(), r.model.clone()]);
-        if self.columns.confident {
-            row.push(r.confident.map(|c| c.to_string()).unwrap_or_default());
-        }
-        row.push(r.file.map(Identity::to_key).unwrap_or_default());
-        row
-    }
-
-}
-
-/// A log row parsed back with the columns of the log it is in; `None` for the header and for rows that
-/// do not fit them.
-pub fn parse_row(c: Columns, row: &csv::StringRecord) -> Option<Record> {
-    let (k, per) = (c.top_k, c.per_rank());
-    if row.len() != c.len() || row.get(0) == Some("time") {
-        return None;
-    }
-    let status = match row.get(2)? {
-        "ok" => Status::Ok,
-        "error" => Status::Error,
-        _ => return None,
-    };
-    let mut top = Vec::new();
-    for i in 0..k {
-        let at = 3 + per * i;
-        let (class, label) = (row.get(at)?, row.get(at + 1)?);
-        if class.is_empty() {
-            continue;
-        }
-        let label_en = c.english.then(|| row.get(at + 2).unwrap_or_default().to_string());
-        let score = row.get(at + per - 1)?;
-        top.push(Top { rank: i + 1, class_id: class.parse().ok()?, label: label.to_string(), label_en, score: score.parse().ok()? });
-    }
-    let tail = 3 + per * k;
-    let error = row.get(tail + 1).filter(|e| !e.is_empty()).map(String::from);
-    let confident = if c.confident { row.get(tail + 3).and_then(|v| v.parse().ok()) } else { None };
-    let file = row.get(c.len() - 1).and_then(Identity::from_key);
-    Some(Record {
-        time: row.get(0)?.to_string(),
-        path: row.get(1)?.to_string(),
-        status,
-        top: (status == Status::Ok).then_some(top),
-        confident,
-        latency_ms: row.get(tail)?.parse().ok()?,
-        error,
-        model: row.get(tail + 2)?.to_string(),
-        file,
-    })
 }
 
 /// Rows as RFC 4180 CSV lines.
@@ -343,6 +227,7 @@ fn repair_torn_tail(file: &File, path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::{Identity, Status, Top};
 
     fn rec(path: &str) -> Record {
         Record {

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::error::Fatal;
 use crate::health::Lifeline;
 use crate::queue::{Pushed, QueueSender, ReadyFile, Resubmit};
-use crate::sink::sidecar::is_labelled;
+use crate::labelled::is_labelled;
 
 pub struct Feeder {
     tx: Sender<ReadyFile>,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::config::InboxConfig;
-use crate::sink::sidecar::is_labelled;
+use crate::labelled::is_labelled;
 
 /// What a scan of an inbox found.
 #[derive(Debug, Default)]

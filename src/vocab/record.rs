@@ -1,11 +1,9 @@
-//! The result for one image, as written to its JSON sidecar and printed by `classify`.
-
-use std::time::{Instant, SystemTime};
+//! The result for one image, as written to its JSON sidecar, its CSV row and its MQTT message, and
+//! printed by `classify`.
 
 use serde::{Deserialize, Serialize};
 
-use crate::beneath::Identity;
-use crate::infer::Outcome;
+use super::Identity;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -57,48 +55,8 @@ pub struct Top {
 }
 
 impl Record {
-    pub fn new(o: &Outcome, model: &str, min_score: Option<f32>, now: Instant) -> Record {
-        let latency = now.saturating_duration_since(o.job.ready_at).as_secs_f64() * 1e3;
-        let (status, top, error) = match &o.result {
-            Ok(preds) => (
-                Status::Ok,
-                Some(
-                    preds
-                        .iter()
-                        .enumerate()
-                        .map(|(i, p)| Top {
-                            rank: i + 1,
-                            class_id: p.class_id,
-                            label: p.label.clone(),
-                            label_en: p.label_en.clone(),
-                            score: round(f64::from(p.score), 1e6),
-                        })
-                        .collect(),
-                ),
-                None,
-            ),
-            Err(e) => (Status::Error, None, Some(e.to_string())),
-        };
-        let confident = match (&o.result, min_score) {
-            (Ok(preds), Some(min)) => Some(preds.first().is_some_and(|p| p.score >= min)),
-            _ => None,
-        };
-        // An upload has no path: its record goes back to its client only.
-        let path = o.job.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        Record {
-            path,
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            model: model.to_string(),
-            status,
-            top,
-            confident,
-            latency_ms: round(latency, 10.0),
-            error,
-            file: o.job.identity,
-        }
-    }
-
-    #[cfg(test)]
+    /// A record for tests.
+    #[doc(hidden)]
     pub fn example() -> Record {
         Record {
             path: "/in/a.jpg".into(),
@@ -114,6 +72,7 @@ impl Record {
     }
 }
 
-fn round(v: f64, scale: f64) -> f64 {
+/// `v` rounded to `1/scale`: scores to 6 decimals, latencies to 0.1 ms.
+pub fn round(v: f64, scale: f64) -> f64 {
     (v * scale).round() / scale
 }
