@@ -2,7 +2,8 @@
 //!
 //! The pipeline, in order: `config` → `watch` → `queue` → `infer` → `sink`. Around it: `reload`
 //! (SIGHUP), `health` and `systemd` (readiness, watchdog), `http` (metrics, /predict, status page),
-//! `progress` (terminal progress bar). `app` wires them for each command.
+//! `progress` (terminal progress bar), `probe` (a container health check's HTTP GET). `app` wires them
+//! for each command.
 
 pub mod app;
 pub mod beneath;
@@ -14,6 +15,7 @@ pub mod infer;
 pub mod job;
 pub mod manual;
 pub mod metrics;
+pub mod probe;
 pub mod progress;
 pub mod publish;
 pub mod queue;

@@ -51,13 +51,25 @@ enum Command {
         #[arg(long, short, env = "LABELD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// GET a URL of labeld's HTTP endpoint (e.g. http://127.0.0.1:9187/healthz), for health checks where
+    /// there is no curl: exit 0 on a 2xx answer (its body on stdout), 1 on any other answer or none.
+    Probe {
+        /// An http:// URL.
+        url: String,
+        /// Seconds to wait for the connection and for the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+        timeout: u64,
+    },
     /// Write the man pages labeld(8) and labeld.toml(5) into DIR/man8 and DIR/man5 (run when the .deb is built).
     #[command(hide = true)]
     Man { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    if let Err(e) = init_logging() {
+        eprintln!("labeld: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(code) => code,
@@ -92,6 +104,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
             print!("{}", c.describe());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Probe { url, timeout } => Ok(labeld::probe::run(&url, std::time::Duration::from_secs(timeout))),
         Command::Man { dir } => {
             labeld::manual::write(Cli::command(), &dir)?;
             Ok(ExitCode::SUCCESS)
@@ -100,14 +113,21 @@ fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
 }
 
 /// Logs go to stderr; `LABELD_LOG` (or `RUST_LOG`) sets the filter, default `info`.
-fn init_logging() {
+/// `LABELD_LOG_FORMAT=json` writes one JSON object per line, for log collectors.
+fn init_logging() -> Result<(), String> {
     let filter = std::env::var("LABELD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match std::env::var("LABELD_LOG_FORMAT").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("" | "text") => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        // Fields beside the message at the top level: {"timestamp":…,"level":"WARN","message":…,"path":…}
+        Ok("json") => logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+        Ok(other) => return Err(format!("LABELD_LOG_FORMAT: must be text or json, got {other:?}")),
+        Err(e) => return Err(format!("LABELD_LOG_FORMAT: {e}")),
+    }
+    Ok(())
 }
