@@ -1,11 +1,12 @@
 //! The container image. Always run: what the image relies on in labeld itself, `labeld probe` (its
-//! health check) and JSON logs. Ignored by `make test`, run by `make image-test` (which builds the
-//! image first when it is older than its inputs): the archive `make image` wrote, taken apart and run the
-//! way a container runtime runs it, without one (podman cannot start containers on the build machines,
-//! docker has no engine there). The config is read from the archive; the root is unpacked (skopeo,
-//! umoci); labeld starts as PID 1 of new mount, PID, network, IPC and UTS namespaces, chrooted into the
-//! root mounted read-only, as the image's user, with a host folder as its volume; real photos dropped
-//! into the volume get their rows; the image's own health check answers; SIGTERM stops it with exit 0.
+//! health check) and JSON logs, and deploy/*.yaml against what the image is built with. Ignored by
+//! `make test`, run by `make image-test` (which builds the image first when it is older than its
+//! inputs): the archive `make image` wrote, taken apart and run the way a container runtime runs it,
+//! without one (podman cannot start containers on the build machines, docker has no engine there). The
+//! config is read from the archive; the root is unpacked (skopeo, umoci); labeld starts as PID 1 of new
+//! mount, PID, network, IPC and UTS namespaces, chrooted into the root mounted read-only, as the image's
+//! user, with a host folder as its volume; real photos dropped into the volume get their rows; the
+//! image's own health check answers; SIGTERM stops it with exit 0.
 
 mod common;
 
@@ -105,6 +106,43 @@ fn json_logs_are_one_object_per_line_with_time_level_message_and_fields() {
     let bad = s.labeld().env("LABELD_LOG_FORMAT", "xml").arg("--version").output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(text(&bad.stderr).contains("LABELD_LOG_FORMAT: must be text or json"), "{}", text(&bad.stderr));
+}
+
+/// deploy/compose.yaml and deploy/kubernetes.yaml, parsed (Debian's python3-yaml, which python3-torch
+/// brings), name what the image is built with: its tag, user, volume and health endpoints.
+#[test]
+fn the_compose_and_kubernetes_files_match_the_image() {
+    let read = |rel: &str| std::fs::read_to_string(Path::new(ROOT).join(rel)).unwrap();
+    let build = read("scripts/build-image.sh");
+    assert!(build.contains("LABELD_IMAGE_UID=10001\n") && build.contains("PORT=9187\n"), "the image's user or port changed: update deploy/ and the docs");
+    assert!(read("config/container.toml").contains("listen = \"127.0.0.1:9187\""));
+    let yaml = |rel: &str| -> Value {
+        let script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+        let out = run(Command::new("/usr/bin/python3").args(["-c", script]).arg(Path::new(ROOT).join(rel)));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let tag = format!("labeld:{}", env!("CARGO_PKG_VERSION"));
+    let probe = |path: &str| serde_json::json!(["labeld", "probe", format!("http://127.0.0.1:9187{path}")]);
+
+    let compose = yaml("deploy/compose.yaml");
+    let svc = &compose["services"]["labeld"];
+    assert_eq!(svc["image"], tag.as_str());
+    assert_eq!(svc["read_only"], true);
+    assert!(svc["volumes"][0].as_str().is_some_and(|v| v.ends_with(":/var/lib/labeld")), "{svc}");
+    assert!(svc["healthcheck"].is_null(), "the image's own health check applies");
+
+    let k8s = yaml("deploy/kubernetes.yaml");
+    assert_eq!((k8s["kind"].as_str(), k8s["spec"]["strategy"]["type"].as_str()), (Some("Deployment"), Some("Recreate")));
+    let pod = &k8s["spec"]["template"]["spec"];
+    let user = &pod["securityContext"];
+    assert_eq!((user["runAsUser"].as_u64(), user["runAsGroup"].as_u64(), user["runAsNonRoot"].as_bool()), (Some(10001), Some(10001), Some(true)));
+    let c = &pod["containers"][0];
+    assert_eq!(c["image"], tag.as_str());
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["volumeMounts"][0]["mountPath"], VOLUME);
+    assert_eq!(c["livenessProbe"]["exec"]["command"], probe("/healthz"));
+    assert_eq!(c["startupProbe"]["exec"]["command"], probe("/healthz"));
+    assert_eq!(c["readinessProbe"]["exec"]["command"], probe("/readyz"));
 }
 
 // ---- the built image ----
