@@ -6,8 +6,10 @@
 CARGO ?= cargo
 CONFIG ?= config/labeld.toml
 BIN := target/release/labeld
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE := target/image/labeld-$(VERSION).docker.tar
 
-.PHONY: run test bench deb setup deps libtorch model build golden clean-deps
+.PHONY: run test bench deb image image-test setup deps libtorch model build golden clean-deps
 
 run: setup build
 	$(BIN) run --config $(CONFIG)
@@ -33,6 +35,24 @@ bench: setup build
 deb: setup build
 	scripts/setup-system.sh deb
 	scripts/build-deb.sh
+
+# target/image/labeld-<version>.docker.tar: a container image on no base image, a Debian 12 root from
+# the Debian archive (mmdebstrap) with the .deb installed (built stripped), committed by buildah. As
+# root. `podman load` or `docker load` it (docs/operations.md#containers).
+image: setup build
+	scripts/setup-system.sh image
+	scripts/build-image.sh
+
+# The image taken apart and run in a chroot as PID 1 of its own namespaces (tests/image.rs; `make test`
+# leaves it out: building the image takes minutes). Builds the image first when it is older than what
+# goes into it.
+image-test: setup build
+	scripts/setup-system.sh image
+	$(MAKE) --no-print-directory $(IMAGE)
+	$(CARGO) test --release --test image -- --include-ignored
+
+$(IMAGE): $(BIN) models/default.pt config/container.toml config/system.toml scripts/build-image.sh scripts/build-deb.sh $(wildcard scripts/image/* scripts/deb/* systemd/*)
+	$(MAKE) --no-print-directory image
 
 deps:
 	scripts/setup-system.sh run

@@ -7,12 +7,15 @@
 #   scripts/build-deb.sh [OUT_DIR]        (run by `make deb` after set-up and the release build)
 #   LABELD_DEB_COMPRESS=none|zstd|xz      compression (default zstd)
 #   LABELD_BIN=PATH                       the labeld binary to package (default target/release/labeld)
+#   LABELD_DEB_STRIP=1                    strip the binary's debug info and the libtorch libraries' symbol
+#                                         tables (~180 MB less; the container image installs this one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${1:-target/deb}
 COMPRESS=${LABELD_DEB_COMPRESS:-zstd}
 BIN=${LABELD_BIN:-target/release/labeld}
+STRIP=${LABELD_DEB_STRIP:-0}
 MODEL=models/default.pt
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 ARCH=$(dpkg --print-architecture)
@@ -30,6 +33,8 @@ install -d "$ROOT/DEBIAN" "$ROOT/usr/bin" "$ROOT$LIBDIR" "$ROOT/usr/share/labeld
 # The binary, pointed at the private library folder relative to itself (/usr/bin/../lib/labeld/lib),
 # so it also runs from an unpacked tree (`dpkg-deb -x`).
 install -m 0755 "$BIN" "$ROOT/usr/bin/labeld"
+# Panic messages keep their file:line and backtraces their function names without the debug info.
+if [[ $STRIP == 1 ]]; then strip --strip-debug "$ROOT/usr/bin/labeld"; fi
 patchelf --set-rpath '$ORIGIN/../lib/labeld/lib' "$ROOT/usr/bin/labeld"
 
 # Every library the binary loads from libtorch's folder (directly or through another one), under
@@ -41,6 +46,8 @@ ldd "$BIN" | awk -v dir="$TORCH_LIB/" 'index($3, dir) == 1 {print $1, $3}' | whi
 done
 # What the copied libraries need besides each other must come from Debian (checked below).
 for lib in "$ROOT$LIBDIR"/*.so*; do
+    # Linking and loading read only the dynamic symbol table.
+    if [[ $STRIP == 1 ]]; then strip --strip-unneeded "$lib"; fi
     patchelf --set-rpath '$ORIGIN' "$lib"
 done
 missing=$(env -u LD_LIBRARY_PATH ldd "$ROOT/usr/bin/labeld" "$ROOT$LIBDIR"/*.so* | grep "not found" || true)

@@ -4,6 +4,11 @@
 #                                   (python3-torch, python3-torchvision): all `make run` needs
 #   scripts/setup-system.sh deb     + patchelf, to point the packaged binary at its private libtorch
 #   scripts/setup-system.sh bench   + time, for the peak memory `make bench` reports
+#   scripts/setup-system.sh image   + what `make image` and `make image-test` drive: the .deb (patchelf;
+#                                   binutils strips it), a Debian root file system from the archive
+#                                   (mmdebstrap), the image committed from it (buildah), read back and
+#                                   unpacked (skopeo, umoci), run in its own network namespace (iproute2
+#                                   brings up its loopback)
 #   scripts/setup-system.sh test    + what only the tests drive: the status page in Chromium, the systemd
 #                                   unit and its syscall filter (systemd-analyze, strace), MQTT against
 #                                   a real broker (mosquitto, mosquitto-clients; openssl makes its TLS
@@ -20,8 +25,9 @@ case $ROLE in
     run) PACKAGES=("${RUN[@]}") ;;
     deb) PACKAGES=("${RUN[@]}" patchelf) ;;
     bench) PACKAGES=("${RUN[@]}" time) ;;
+    image) PACKAGES=("${RUN[@]}" patchelf binutils mmdebstrap buildah skopeo umoci iproute2) ;;
     test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base logrotate) ;;
-    *) echo "setup-system: unknown role '$ROLE' (run, deb, bench or test)" >&2; exit 2 ;;
+    *) echo "setup-system: unknown role '$ROLE' (run, deb, bench, image or test)" >&2; exit 2 ;;
 esac
 if $LIST; then printf '%s\n' "${PACKAGES[@]}"; exit 0; fi
 

@@ -2,7 +2,8 @@
 //!
 //! The pipeline, in order: `config` → `watch` → `queue` → `infer` → `sink`. Around it: `reload`
 //! (SIGHUP), `health` and `systemd` (readiness, watchdog), `http` (metrics, /predict, status page),
-//! `progress` (terminal progress bar). `app` wires them for each command.
+//! `progress` (terminal progress bar), `probe` (a container health check's HTTP GET). `app` wires them
+//! for each command.
 
 pub mod app;
 pub mod beneath;
@@ -17,6 +18,7 @@ pub mod ledger;
 pub mod logging;
 pub mod manual;
 pub mod metrics;
+pub mod probe;
 pub mod progress;
 pub mod publish;
 pub mod queue;

@@ -11,17 +11,26 @@ use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::Writer;
 
 /// Logs go to stderr; `LABELD_LOG` (or `RUST_LOG`) sets the filter, default `info`.
-pub fn init() {
+/// `LABELD_LOG_FORMAT=json` writes one JSON object per line, for log collectors (JSON escapes every
+/// value itself); the default text format escapes them as the module docs say.
+pub fn init() -> Result<(), String> {
     let filter = std::env::var("LABELD_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .fmt_fields(SafeFields)
-        .init();
+        .with_target(false);
+    match std::env::var("LABELD_LOG_FORMAT").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("" | "text") => {
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).fmt_fields(SafeFields).init()
+        }
+        // Fields beside the message at the top level: {"timestamp":…,"level":"WARN","message":…,"path":…}
+        Ok("json") => logs.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
+        Ok(other) => return Err(format!("LABELD_LOG_FORMAT: must be text or json, got {other:?}")),
+        Err(e) => return Err(format!("LABELD_LOG_FORMAT: {e}")),
+    }
+    Ok(())
 }
 
 /// Formats an event's fields as `message key=value key="quoted value"`, escaped (see the module docs).

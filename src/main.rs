@@ -51,13 +51,25 @@ enum Command {
         #[arg(long, short, env = "LABELD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// GET a URL of labeld's HTTP endpoint (e.g. http://127.0.0.1:9187/healthz), for health checks where
+    /// there is no curl: exit 0 on a 2xx answer (its body on stdout), 1 on any other answer or none.
+    Probe {
+        /// An http:// URL.
+        url: String,
+        /// Seconds to wait for the connection and for the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+        timeout: u64,
+    },
     /// Write the man pages labeld(8) and labeld.toml(5) into DIR/man8 and DIR/man5 (run when the .deb is built).
     #[command(hide = true)]
     Man { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
-    labeld::logging::init();
+    if let Err(e) = labeld::logging::init() {
+        eprintln!("labeld: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(code) => code,
@@ -92,6 +104,7 @@ fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
             print!("{}", c.describe());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Probe { url, timeout } => Ok(labeld::probe::run(&url, std::time::Duration::from_secs(timeout))),
         Command::Man { dir } => {
             labeld::manual::write(Cli::command(), &dir)?;
             Ok(ExitCode::SUCCESS)

@@ -355,3 +355,30 @@ fn help_is_there_for_every_command() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{args:?}");
     }
 }
+
+/// LABELD_LOG_FORMAT=json (the container image sets it): every stderr line is one JSON object.
+#[test]
+fn json_logs_are_one_object_per_line_with_time_level_message_and_fields() {
+    let s = Setup::new("channel_mean", "");
+    solid(&s.inbox.join("red.png"), RED, 64, 64);
+    std::fs::write(s.inbox.join("notes.jpg"), b"hello").unwrap();
+    let out = s.labeld().env("LABELD_LOG_FORMAT", "json").args(["run", "--once", "--config"]).arg(&s.config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{lines:?}");
+    for l in &lines {
+        assert!(l["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+        assert!(["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&l["level"].as_str().unwrap_or_default()), "{l}");
+        assert!(l["message"].is_string(), "{l}");
+    }
+    let failed = lines.iter().find(|l| l["level"] == "WARN" && l["message"] == "image not labelled").expect("the failed image's line");
+    assert!(failed["path"].as_str().is_some_and(|p| p.ends_with("notes.jpg")), "{failed}");
+    assert_eq!(failed["error"], "not a supported image format", "{failed}");
+
+    let bad = s.labeld().env("LABELD_LOG_FORMAT", "xml").arg("--version").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("LABELD_LOG_FORMAT: must be text or json"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

@@ -609,3 +609,61 @@ fn connections_beyond_max_connections_wait_in_the_kernel_queue() {
     drop(silent);
     assert!(d.stop().success());
 }
+
+/// `labeld probe URL` (the container image's health check) against the endpoint it checks.
+fn probe(url: &str, timeout_s: &str) -> std::process::Output {
+    std::process::Command::new(BIN).args(["probe", "--timeout", timeout_s, url]).output().expect("run labeld probe")
+}
+
+#[test]
+fn probe_exits_0_only_on_a_2xx_answer() {
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\n");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+
+    let ok = probe(&format!("http://{addr}/healthz"), "3");
+    assert_eq!((ok.status.code(), lossy(&ok.stdout).as_str()), (Some(0), "ok\n"), "{}", lossy(&ok.stderr));
+    let ready = probe(&format!("http://{addr}/readyz"), "3");
+    assert_eq!((ready.status.code(), lossy(&ready.stdout).as_str()), (Some(0), "ready\n"), "{}", lossy(&ready.stderr));
+    let missing = probe(&format!("http://{addr}/nothing-here"), "3");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(lossy(&missing.stderr).contains(": 404"), "{}", lossy(&missing.stderr));
+
+    // A real 503: the inbox folder is gone, /readyz says so, and the probe turns 0 again once it is back.
+    std::fs::remove_dir(&s.inbox).unwrap();
+    let t = Instant::now();
+    let gone = loop {
+        let out = probe(&format!("http://{addr}/readyz"), "3");
+        if out.status.code() == Some(1) {
+            break out;
+        }
+        assert!(t.elapsed() < WAIT, "/readyz never turned 503 with the inbox gone");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(lossy(&gone.stderr).contains(": 503"), "{}", lossy(&gone.stderr));
+    std::fs::create_dir(&s.inbox).unwrap();
+    let t = Instant::now();
+    while !probe(&format!("http://{addr}/readyz"), "3").status.success() {
+        assert!(t.elapsed() < WAIT, "/readyz never turned 200 with the inbox back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.stop().success());
+
+    // Nothing listening: refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused = probe(&format!("http://127.0.0.1:{port}/healthz"), "3");
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(lossy(&refused.stderr).contains("cannot connect"), "{}", lossy(&refused.stderr));
+    // Something that accepts and never answers: given up after --timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let t = Instant::now();
+    let hung = probe(&format!("http://{}/healthz", silent.local_addr().unwrap()), "1");
+    assert_eq!(hung.status.code(), Some(1), "{}", lossy(&hung.stderr));
+    assert!(t.elapsed() < Duration::from_secs(10), "the probe took {:?}", t.elapsed());
+    // A URL it cannot use is a usage error, not a verdict on health.
+    assert_eq!(probe("https://127.0.0.1:9187/healthz", "3").status.code(), Some(2));
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

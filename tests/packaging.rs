@@ -328,11 +328,25 @@ fn make_run_installs_only_what_building_and_running_need() {
     }
     assert!(run.is_subset(&test) && run.is_subset(&packages("deb")) && packages("deb").contains("patchelf"));
     assert!(packages("bench").contains("time"));
+    // The image's tools only where images are built: not for make run, not for make test.
+    let image = packages("image");
+    assert!(run.is_subset(&image) && packages("deb").is_subset(&image), "make image builds the .deb: {image:?}");
+    for only_image in ["mmdebstrap", "buildah", "skopeo", "umoci"] {
+        assert!(image.contains(only_image), "make image lacks {only_image}");
+        assert!(!run.contains(only_image) && !test.contains(only_image), "make run or make test would install {only_image}");
+    }
     // The Makefile asks for the right role at each target.
     let make = std::fs::read_to_string(Path::new(ROOT).join("Makefile")).unwrap();
-    for (target, role) in [("deps:", "run"), ("test:", "test"), ("deb:", "deb"), ("bench:", "bench")] {
+    let recipe = |target: &str| -> String {
         let recipe = make.split(&format!("\n{target}")).nth(1).unwrap_or_else(|| panic!("no {target} in the Makefile"));
-        let recipe = recipe.split("\n\n").next().unwrap();
+        recipe.split("\n\n").next().unwrap().to_string()
+    };
+    for (target, role) in [("deps:", "run"), ("test:", "test"), ("deb:", "deb"), ("bench:", "bench"), ("image:", "image"), ("image-test:", "image")] {
+        let recipe = recipe(target);
         assert!(recipe.contains(&format!("scripts/setup-system.sh {role}")), "{target} does not set up {role}:{recipe}");
     }
+    // make test leaves the image tests out (#[ignore]: they need the built image and minutes); make
+    // image-test runs them.
+    assert!(!recipe("test:").contains("ignored"), "{}", recipe("test:"));
+    assert!(recipe("image-test:").contains("--test image -- --include-ignored"), "{}", recipe("image-test:"));
 }

@@ -127,6 +127,7 @@ fn sections(r: &mut Roff) {
     r.control("SH", ["ENVIRONMENT"]);
     tagged(r, "LABELD_CONFIG", "The config file when --config is not given.");
     tagged(r, "LABELD_LOG", "Log filter for stderr (e.g. info, debug, labeld=debug); RUST_LOG is read when it is unset. Default: info.");
+    tagged(r, "LABELD_LOG_FORMAT", "text (the default) or json: one JSON object per line with timestamp, level, message and the fields, for log collectors.");
     r.control("SH", ["SIGNALS"]);
     tagged(r, "SIGHUP", "Reopen the results log (after logrotate moved it), then re-read the config file and apply it; a file with errors is rejected and the running config stays.");
     tagged(r, "SIGTERM, SIGINT", "Stop taking new images, finish the batch in flight, flush the results log and exit 0; images still queued are labelled at the next start. A second signal exits at once with 128 + the signal (143 or 130); the batch in flight is labelled after the restart.");
