@@ -1,7 +1,8 @@
-//! SIGHUP: read the config file again and work out what to apply. Inboxes, batching, output, labels,
-//! the model and [retention] change live; worker count, threads, queue size, [http] and [mqtt] need a restart (inbox names in MQTT topics too) (kept as
-//! they are, with a warning). A config that does not validate, or whose model does not load, is
-//! rejected and the running one stays.
+//! SIGHUP: read the config file again and work out what to apply. What each section does on reload
+//! is in its module's docs (`config/<section>.rs`): inboxes, batching, output, limits, labels, the
+//! model and [retention] change live; worker count, threads, queue size, [http] and [mqtt] need a
+//! restart (kept as they are, with a warning). Sections are compared as checked values. A config that
+//! does not validate, or whose model does not load, is rejected and the running one stays.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub struct Reload {
 pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> InferSettings {
     InferSettings {
         model: c.model.clone(),
+        preprocess: c.model.preprocess(&c.limits),
         labels,
         max_batch: c.workers.max_batch,
         max_delay: c.workers.max_delay,
@@ -44,13 +46,10 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
 pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, folders: &ArchiveFolders) -> Result<Reload, String> {
     let mut new = Config::load(file).map_err(|e| e.to_string())?;
     let mut at_next_restart = Vec::new();
-    let w = (&old.workers, &new.workers);
-    if (w.0.count, w.0.threads, w.0.queue) != (w.1.count, w.1.threads, w.1.queue) {
+    if old.workers.restart_only() != new.workers.restart_only() {
         at_next_restart.push("[workers] count/threads/queue");
         tracing::warn!("[workers] count, threads and queue take effect at the next restart; keeping the running values");
-        new.workers.count = old.workers.count;
-        new.workers.threads = old.workers.threads;
-        new.workers.queue = old.workers.queue;
+        new.workers = new.workers.keeping_restart_only(&old.workers);
     }
     if old.http != new.http {
         at_next_restart.push("[http]");
@@ -67,38 +66,23 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, f
     if old.model.needs_reload(&new.model) || old_labels != settings.labels.len() {
         worker::load(&settings).map_err(|e| format!("{e}; keeping the running model"))?;
     }
-    let (before, after) = (sections(&old.describe()), sections(&new.describe()));
-    let changed: Vec<String> = after
-        .iter()
-        .filter(|(name, text)| before.iter().find(|(n, _)| n == name).map(|(_, t)| t) != Some(text))
-        .map(|(name, _)| name.clone())
-        .chain(before.iter().filter(|(n, _)| !after.iter().any(|(m, _)| m == n)).map(|(n, _)| n.clone()))
-        .collect();
-    let inboxes_changed = watch_keys(old) != watch_keys(&new);
+    let changed = changed_sections(old, &new);
+    let inboxes_changed = !old.inboxes.iter().map(|i| i.watch_settings()).eq(new.inboxes.iter().map(|i| i.watch_settings()));
     folders.pin(&new);
     Ok(Reload { output: OutputSettings::from_config(&new), config: new, settings, inboxes_changed, changed, at_next_restart })
 }
 
-/// What the watch stage depends on (quarantine and on_done are the sink's).
-fn watch_keys(c: &Config) -> Vec<String> {
-    c.inboxes
-        .iter()
-        .map(|i| format!("{:?} {} {:?} {:?} {} {:?}", i.path, i.recursive, i.include, i.settle, i.poll, i.poll_interval))
-        .collect()
-}
-
-/// `describe()` split into its sections: ("[model]", text), ("[[inbox]]", all inboxes), ...
-fn sections(described: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = Vec::new();
-    for line in described.lines().filter(|l| !l.starts_with('#')) {
-        if line.starts_with('[') {
-            if out.last().is_none_or(|(n, _)| n != line) {
-                out.push((line.to_string(), String::new()));
-            }
-        } else if let Some((_, text)) = out.last_mut() {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    out
+/// The sections of `new` that differ from `old`, for the log.
+fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
+    let differs = [
+        ("[model]", old.model != new.model),
+        ("[[inbox]]", old.inboxes != new.inboxes),
+        ("[output]", old.output != new.output),
+        ("[workers]", old.workers != new.workers),
+        ("[limits]", old.limits != new.limits),
+        ("[http]", old.http != new.http),
+        ("[mqtt]", old.mqtt != new.mqtt),
+        ("[retention]", old.retention != new.retention),
+    ];
+    differs.iter().filter(|(_, d)| *d).map(|(name, _)| name.to_string()).collect()
 }

@@ -204,7 +204,7 @@ impl MqttConfig {
     pub fn describe(&self) -> String {
         let q = |s: &str| toml::Value::String(s.to_string()).to_string();
         let mut s = format!(
-            "\n[mqtt]\nurl = {}\nclient_id = {}\nhost = {}\ntopic = {}\nstatus_topic = {}\nqos = {}\nkeep_alive_s = {}\nmax_inflight = {}\nmax_message_kb = {}\ncheckpoint = {}\n",
+            "[mqtt]\nurl = {}\nclient_id = {}\nhost = {}\ntopic = {}\nstatus_topic = {}\nqos = {}\nkeep_alive_s = {}\nmax_inflight = {}\nmax_message_kb = {}\ncheckpoint = {}\n",
             q(&self.url),
             q(&self.client_id),
             q(&self.host),

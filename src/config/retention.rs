@@ -70,7 +70,7 @@ pub(super) fn from_raw(file: &Path, raw: RawRetention) -> Result<RetentionConfig
 impl RetentionConfig {
     /// The `[retention]` section as `check-config` prints it.
     pub fn describe(&self) -> String {
-        let mut s = "\n[retention]\n".to_string();
+        let mut s = "[retention]\n".to_string();
         if let Some(age) = self.max_age {
             s += &format!("max_age_days = {}\n", age.as_secs() / DAY_S);
         }
@@ -117,7 +117,7 @@ mod tests {
     fn the_description_reads_back_as_the_same_section() {
         let c = parse("max_age_days = 90\nmin_free_percent = 10\ninterval_s = 60\n").unwrap();
         let text = c.describe();
-        assert_eq!(text, "\n[retention]\nmax_age_days = 90\nmin_free_percent = 10.0\ninterval_s = 60\n");
-        assert_eq!(parse(text.trim_start().trim_start_matches("[retention]\n")).unwrap(), c);
+        assert_eq!(text, "[retention]\nmax_age_days = 90\nmin_free_percent = 10.0\ninterval_s = 60\n");
+        assert_eq!(parse(text.trim_start_matches("[retention]\n")).unwrap(), c);
     }
 }

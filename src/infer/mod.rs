@@ -12,7 +12,7 @@ pub mod worker;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Preprocess};
 use crate::error::ImageError;
 use crate::job::Job;
 use crate::vocab::record::{self, Record, Status, Top};
@@ -98,6 +98,8 @@ pub struct BatchDone {
 #[derive(Debug)]
 pub struct InferSettings {
     pub model: ModelConfig,
+    /// The model's input within `[limits]`.
+    pub preprocess: Preprocess,
     pub labels: Arc<Labels>,
     pub max_batch: usize,
     pub max_delay: Duration,

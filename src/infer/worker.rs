@@ -153,7 +153,7 @@ fn same_model(a: &InferSettings, b: &InferSettings) -> bool {
 /// Loads the model `s` names, checked against its label count and warmed up for its batch size.
 pub fn load(s: &InferSettings) -> Result<Classifier, Fatal> {
     let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
-    Classifier::load(&s.model.path, s.model.preprocess.crop, s.labels.len(), s.max_batch, s.model.precision, passes)
+    Classifier::load(&s.model.path, s.model.crop, s.labels.len(), s.max_batch, s.model.precision, passes)
 }
 
 struct Worker {
@@ -400,7 +400,7 @@ fn prepare_batches(
     thread: &str,
 ) {
     let mut settings = live.get();
-    let mut pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
+    let mut pre = Preprocessor::with_times(settings.preprocess.clone(), times.clone());
     let mut batcher = Batcher::new(settings.max_batch, settings.max_delay);
     loop {
         let mut files = batcher.next(rx, shutdown);
@@ -412,8 +412,8 @@ fn prepare_batches(
         let now = live.get();
         if !Arc::ptr_eq(&now, &settings) {
             settings = now;
-            if pre.config() != &settings.model.preprocess {
-                pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
+            if pre.config() != &settings.preprocess {
+                pre = Preprocessor::with_times(settings.preprocess.clone(), times.clone());
             }
             batcher = Batcher::new(settings.max_batch, settings.max_delay);
         }
@@ -427,7 +427,7 @@ fn prepare_batches(
             if let Err(ImageError::Crashed(panic)) = &loaded {
                 tracing::error!(image = %f.describe(), %panic, "preprocessing panicked on an image: it gets an error record; rebuilding the preprocessor");
                 // Its scratch buffers may be in any state after the unwind.
-                pre = Preprocessor::with_times(settings.model.preprocess.clone(), times.clone());
+                pre = Preprocessor::with_times(settings.preprocess.clone(), times.clone());
                 pre.set_thumbnails(settings.thumbnails);
             }
             results.push(loaded.err().map(Err));

@@ -60,7 +60,7 @@ impl OutputSettings {
     pub fn from_config(c: &Config) -> Self {
         let english = c.model.labels == LabelSource::ImageNet && c.model.labels_lang != LabelsLang::En;
         OutputSettings {
-            csv: c.csv.clone(),
+            csv: c.output.csv.clone(),
             columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some() },
             inboxes: c.inboxes.clone(),
         }
