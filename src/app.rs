@@ -45,7 +45,6 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     }
     metrics.set_model(&config.model.name, config.model.precision.as_str());
     let (done_tx, done_rx) = crossbeam_channel::bounded::<BatchDone>(config.workers.count * 2);
-    let hung_tx = done_tx.clone();
     // With [mqtt], the sink announces every durable row to the outbox the publisher reads.
     let tap = config.mqtt.is_some().then(LogTap::new);
     let folders = ArchiveFolders::default();
@@ -95,7 +94,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
 
     let mut progress = None;
     if once {
-        drop((upload_queue, hung_tx));
+        drop(upload_queue);
         let bar = crate::progress::bar(None);
         let stop_ticker = Shutdown::new();
         let ticker = bar.clone().map(|pb| spawn_progress(pb, metrics.clone(), stop_ticker.clone()));
@@ -127,7 +126,7 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             retention: retention.as_ref().map(Retention::control),
             folders,
         };
-        runtime.block_on(serve(control, upload_queue, hung_tx, recent, reload_rx, shutdown.clone()))?;
+        runtime.block_on(serve(control, upload_queue, recent, reload_rx, shutdown.clone()))?;
         feeder.finish();
         workers.join();
     }
@@ -170,7 +169,6 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
 async fn serve(
     mut control: Control,
     upload_queue: QueueSender,
-    hung_tx: crossbeam_channel::Sender<BatchDone>,
     recent: Recent,
     mut reload_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
     shutdown: Shutdown,
@@ -201,7 +199,7 @@ async fn serve(
     tracing::info!("ready");
     control.systemd.ready(&crate::systemd::summary(&control.metrics));
     let supervisor =
-        control.systemd.supervise(health.clone(), control.metrics.clone(), control.live.clone(), hung_tx, shutdown.clone());
+        control.systemd.supervise(health.clone(), control.metrics.clone(), control.sink.clone(), shutdown.clone());
     let mut watch_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

@@ -5,30 +5,35 @@
 //! device and inode kept), and every move into it and every sweep of it work beneath that descriptor.
 //! Before each use the configured path must still lead to the pinned folder; a folder renamed away or
 //! replaced (by a link or another folder) is logged once and not used again until a reload pins it
-//! anew. A configured path that is itself a link is never pinned.
+//! anew. A configured path that is itself a link is never pinned, and a folder that was not there at
+//! start is checked against the inboxes again before it is first used.
 //!
 //! The ledger is `.labeld-archive` in the folder's root: a header, then one line per file labeld placed
-//! in the folder (`<unix time> <dev> <inode> <size> <mtime_ns> <path below the root, escaped>`), appended
-//! and fdatasynced *before* the file appears under its name. So a crash at any point leaves every
-//! archived file recorded; a record whose move never happened matches nothing. A torn last line (a crash
-//! mid-append) does not parse and is passed over: a file it would have recorded is kept, never removed.
-//! Compaction rewrites the ledger (temp file, fsync, rename, folder fsync) without the records whose file
-//! is no longer at its path with its identity.
+//! in the folder (`<unix time> <dev> <inode> <size> <mtime_ns> <btime_ns> <path below the root,
+//! escaped>`), appended and fdatasynced *before* the file appears under its name. A file is labeld's
+//! only while it is at that path with that key: the birth time tells a new file that reuses a freed
+//! inode (same size, `cp -p`'s mtime) from the one archived. A crash at any point leaves every archived
+//! file recorded; a record whose move never happened matches nothing; a torn last line does not parse
+//! and is passed over, so a file it would have recorded is kept, never removed. The ledger is only ever
+//! opened as a regular file (no FIFO, device or link), reopened when it was replaced behind labeld's
+//! back, and appends and compactions take an `flock` on the folder, so two labeld processes sharing a
+//! folder cannot lose each other's records. Compaction rewrites the ledger (temp file, fsync, rename,
+//! folder fsync) without the records whose file is no longer at its path with its key.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, StatxFlags};
 
 use crate::beneath;
-use crate::config::{Config, OnDone};
+use crate::config::{Config, OnDone, check_archive_folder};
 
 /// The ledger's name in each archive folder (a dotfile: never labelled, never swept).
 pub const LEDGER: &str = ".labeld-archive";
@@ -37,25 +42,64 @@ const ADOPTED: &str = "adopted";
 /// A record younger than this is kept by compaction even if its file is not (yet) at its path: its
 /// move may still be under way.
 const SETTLING: Duration = Duration::from_secs(60);
+/// A ledger line longer than this is no record (a path is at most 4096 bytes, escaped ×4).
+const MAX_LINE: usize = 20_000;
 
-/// What identifies an archived file: a move within a file system keeps all four; an edit, a
-/// replacement or a copy changes at least one.
+/// What identifies an archived file: a move within a file system keeps all of it; an edit, a
+/// replacement or a copy changes at least one part. `btime_ns` is 0 where the file system keeps no
+/// birth time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileKey {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i64,
+    pub btime_ns: i64,
 }
 
-impl FileKey {
-    pub fn of(st: &rustix::fs::Stat) -> FileKey {
-        FileKey {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            size: st.st_size as u64,
-            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000).saturating_add(st.st_mtime_nsec as i64),
-        }
+/// What `statx` says of a file, as labeld uses it.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub kind: FileType,
+    pub key: FileKey,
+    /// Bytes allocated on disk.
+    pub allocated: u64,
+    pub mtime: SystemTime,
+    /// The mount it is on (0 where the kernel does not say).
+    pub mnt_id: u64,
+}
+
+impl Meta {
+    /// Of `name` in the folder `dir`, not following a link (an empty `name`: `dir` itself).
+    pub fn at(dir: impl AsFd, name: impl AsRef<Path>) -> io::Result<Meta> {
+        let name = name.as_ref();
+        let flags = if name.as_os_str().is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::SYMLINK_NOFOLLOW };
+        let st = rustix::fs::statx(dir, name, flags, StatxFlags::BASIC_STATS | StatxFlags::BTIME | StatxFlags::MNT_ID)?;
+        let ns = |t: rustix::fs::StatxTimestamp| t.tv_sec.saturating_mul(1_000_000_000).saturating_add(i64::from(t.tv_nsec));
+        let btime_ns = if st.stx_mask & StatxFlags::BTIME.bits() != 0 { ns(st.stx_btime) } else { 0 };
+        let mtime = if st.stx_mtime.tv_sec >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::new(st.stx_mtime.tv_sec as u64, st.stx_mtime.tv_nsec)
+        } else {
+            SystemTime::UNIX_EPOCH - Duration::from_secs(st.stx_mtime.tv_sec.unsigned_abs())
+        };
+        Ok(Meta {
+            kind: FileType::from_raw_mode(u32::from(st.stx_mode)),
+            key: FileKey {
+                dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+                ino: st.stx_ino,
+                size: st.stx_size,
+                mtime_ns: ns(st.stx_mtime),
+                btime_ns,
+            },
+            allocated: st.stx_blocks.saturating_mul(512),
+            mtime,
+            mnt_id: if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 { st.stx_mnt_id } else { 0 },
+        })
+    }
+
+    /// Of the open file `fd`.
+    pub fn of(fd: impl AsFd) -> io::Result<Meta> {
+        Meta::at(fd, "")
     }
 }
 
@@ -70,7 +114,7 @@ struct Entry {
 impl Entry {
     fn line(&self) -> Vec<u8> {
         let k = &self.key;
-        let mut out = format!("{} {} {} {} {} ", self.time, k.dev, k.ino, k.size, k.mtime_ns).into_bytes();
+        let mut out = format!("{} {} {} {} {} {} ", self.time, k.dev, k.ino, k.size, k.mtime_ns, k.btime_ns).into_bytes();
         escape(self.rel.as_os_str().as_bytes(), &mut out);
         out.push(b'\n');
         out
@@ -80,9 +124,16 @@ impl Entry {
         let text = std::str::from_utf8(line).ok()?;
         let mut it = text.split(' ');
         let time = it.next()?.parse().ok()?;
-        let key = FileKey { dev: it.next()?.parse().ok()?, ino: it.next()?.parse().ok()?, size: it.next()?.parse().ok()?, mtime_ns: it.next()?.parse().ok()? };
+        let key = FileKey {
+            dev: it.next()?.parse().ok()?,
+            ino: it.next()?.parse().ok()?,
+            size: it.next()?.parse().ok()?,
+            mtime_ns: it.next()?.parse().ok()?,
+            btime_ns: it.next()?.parse().ok()?,
+        };
         let rel = PathBuf::from(OsStr::from_bytes(&unescape(it.next()?)?));
-        (it.next().is_none() && !rel.as_os_str().is_empty()).then_some(Entry { time, key, rel })
+        let plain = rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        (it.next().is_none() && !rel.as_os_str().is_empty() && plain).then_some(Entry { time, key, rel })
     }
 }
 
@@ -118,21 +169,27 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Why a folder cannot be used now.
+/// Whether a folder can be used now.
 #[derive(Debug, Clone)]
 enum Pin {
     Pinned { fd: Arc<OwnedFd>, dev: u64, ino: u64 },
-    /// Could not be opened (missing and not creatable, no permission): tried again at the next use.
+    /// Could not be opened (missing and not creatable, no permission): tried again at the next use,
+    /// after the same checks as the config's.
     Unavailable(String),
     /// The configured path is a link, or no longer leads to the folder pinned: unused until a reload.
     Refused(String),
 }
+
+/// A file archived into a folder: its key and its path below the folder's root.
+pub type Archived = (FileKey, PathBuf);
 
 /// One archive folder, pinned, with its ledger.
 #[derive(Debug)]
 pub struct ArchiveFolder {
     pub path: PathBuf,
     pin: Mutex<Pin>,
+    /// The inboxes of the config that named it: a folder opened late is checked against them first.
+    inboxes: Mutex<Vec<PathBuf>>,
     /// The ledger open for appending (lazily), behind the lock every append and the end of a compaction take.
     ledger: Mutex<Option<File>>,
     /// Records appended since the last compaction, and the records it kept (None: not compacted yet).
@@ -141,14 +198,15 @@ pub struct ArchiveFolder {
 
 impl ArchiveFolder {
     /// Pins `path` on its own; the daemon goes through `ArchiveFolders`, which shares one value per path.
-    pub(crate) fn new(path: &Path) -> ArchiveFolder {
+    pub(crate) fn new(path: &Path, inboxes: Vec<PathBuf>) -> ArchiveFolder {
         let f = ArchiveFolder {
             path: path.to_path_buf(),
             pin: Mutex::new(Pin::Unavailable("not opened yet".into())),
+            inboxes: Mutex::new(Vec::new()),
             ledger: Mutex::new(None),
             growth: Mutex::new((0, None)),
         };
-        f.repin();
+        f.repin(inboxes);
         f
     }
 
@@ -160,19 +218,25 @@ impl ArchiveFolder {
         self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_growth(&self) -> MutexGuard<'_, (u64, Option<(u64, SystemTime)>)> {
+        self.growth.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Opens the configured path anew (start, reload): creates it if missing, refuses a link.
-    fn repin(&self) {
+    fn repin(&self, inboxes: Vec<PathBuf>) {
+        *self.inboxes.lock().unwrap_or_else(|e| e.into_inner()) = inboxes;
         let new = pin(&self.path);
         match &new {
-            Pin::Pinned { .. } => {}
+            Pin::Pinned { fd, .. } => {
+                if let Err(e) = start_ledger_if_new(fd) {
+                    tracing::warn!(folder = %self.path.display(), error = %e, "cannot start the archive ledger; tried again at the first move");
+                }
+            }
             Pin::Unavailable(why) => tracing::warn!(folder = %self.path.display(), reason = %why, "archive folder not available; images stay in their inbox until it is"),
             Pin::Refused(why) => tracing::error!(folder = %self.path.display(), reason = %why, "archive folder refused; nothing is moved there or removed from it until a reload names a real folder"),
         }
         let mut p = self.lock_pin();
-        let same = matches!((&*p, &new), (Pin::Pinned { dev: a, ino: b, .. }, Pin::Pinned { dev: c, ino: d, .. }) if (a, b) == (c, d));
-        if !same {
-            *self.lock_ledger() = None;
-        }
+        *self.lock_ledger() = None;
         *p = new;
     }
 
@@ -181,16 +245,26 @@ impl ArchiveFolder {
     pub fn root(&self) -> io::Result<Arc<OwnedFd>> {
         let mut p = self.lock_pin();
         if let Pin::Unavailable(_) = &*p {
-            *p = pin(&self.path);
+            let inboxes = self.inboxes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            *p = match check_archive_folder(&self.path, &inboxes) {
+                Ok(()) => pin(&self.path),
+                Err(why) => {
+                    tracing::error!(folder = %self.path.display(), reason = %why, "archive folder refused now that it is there; nothing is moved there or removed from it until a reload");
+                    Pin::Refused(why)
+                }
+            };
+            if let Pin::Pinned { fd, .. } = &*p {
+                start_ledger_if_new(fd)?;
+            }
         }
         match &*p {
             Pin::Pinned { fd, dev, ino } => {
-                let now = rustix::fs::lstat(&self.path).map(|st| (st.st_dev, st.st_ino, rustix::fs::FileType::from_raw_mode(st.st_mode)));
+                let now = rustix::fs::lstat(&self.path).map(|st| (st.st_dev, st.st_ino, FileType::from_raw_mode(st.st_mode)));
                 match now {
-                    Ok((d, i, rustix::fs::FileType::Directory)) if (d, i) == (*dev, *ino) => Ok(fd.clone()),
+                    Ok((d, i, FileType::Directory)) if (d, i) == (*dev, *ino) => Ok(fd.clone()),
                     other => {
                         let what = match other {
-                            Ok((_, _, rustix::fs::FileType::Symlink)) => "is a symbolic link now",
+                            Ok((_, _, FileType::Symlink)) => "is a symbolic link now",
                             Ok(_) => "leads to another folder now",
                             Err(_) => "is gone (renamed or deleted)",
                         };
@@ -205,42 +279,51 @@ impl ArchiveFolder {
         }
     }
 
-    /// Records `files` (keys, paths below the root) as archived, durably, before they appear there.
-    pub fn record(&self, root: &OwnedFd, files: &[(FileKey, &Path)]) -> io::Result<()> {
-        let time = unix_now();
-        let mut bytes = Vec::new();
-        for (key, rel) in files {
-            bytes.extend(Entry { time, key: *key, rel: rel.to_path_buf() }.line());
-        }
+    /// Appends `bytes` to the ledger durably, under the folder's lock, reopening it if it was replaced.
+    fn append(&self, root: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
         let mut ledger = self.lock_ledger();
-        if ledger.is_none() {
-            *ledger = Some(open_append(root)?);
-        }
-        let f = ledger.as_mut().expect("opened above");
-        let written = f.write_all(&bytes).and_then(|()| f.sync_data());
+        let written = with_folder_lock(root, || {
+            if let Some(f) = ledger.as_ref() {
+                if !is_the_ledger(f, root) {
+                    *ledger = None; // deleted, renamed or compacted by another process since
+                }
+            }
+            if ledger.is_none() {
+                *ledger = Some(open_append(root)?);
+            }
+            let f = ledger.as_mut().ok_or_else(|| io::Error::other("archive ledger not open"))?;
+            f.write_all(bytes)?;
+            f.sync_data()
+        });
         if written.is_err() {
             // Reopened at the next record, which starts on a fresh line.
             *ledger = None;
         }
-        written?;
+        written
+    }
+
+    /// Records `files` (keys, paths below the root) as archived, durably, before they appear there.
+    pub fn record(&self, root: &OwnedFd, files: &[(FileKey, &Path)]) -> io::Result<()> {
+        let time = unix_now();
+        let bytes: Vec<u8> = files.iter().flat_map(|(key, rel)| Entry { time, key: *key, rel: rel.to_path_buf() }.line()).collect();
+        self.append(root, &bytes)?;
         self.lock_growth().0 += files.len() as u64;
         Ok(())
     }
 
-    fn lock_growth(&self) -> MutexGuard<'_, (u64, Option<(u64, SystemTime)>)> {
-        self.growth.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Which of `candidates` the ledger records (one pass over it; memory bounded by `candidates`).
-    pub fn recorded(&self, root: &OwnedFd, candidates: &HashSet<FileKey>) -> io::Result<HashSet<FileKey>> {
+    pub fn recorded(&self, root: &OwnedFd, candidates: &HashSet<Archived>) -> io::Result<HashSet<Archived>> {
         let mut found = HashSet::new();
         if candidates.is_empty() {
             return Ok(found);
         }
         let Some(file) = open_read(root)? else { return Ok(found) };
         for_each_line(file, u64::MAX, |line| {
-            if let Some(e) = Entry::parse(line).filter(|e| candidates.contains(&e.key)) {
-                found.insert(e.key);
+            if let Some(e) = Entry::parse(line) {
+                let a = (e.key, e.rel);
+                if candidates.contains(&a) {
+                    found.insert(a);
+                }
             }
         })?;
         Ok(found)
@@ -256,17 +339,11 @@ impl ArchiveFolder {
 
     /// Notes that adoption is done: it never runs again for this folder.
     pub fn mark_adopted(&self, root: &OwnedFd) -> io::Result<()> {
-        let mut ledger = self.lock_ledger();
-        if ledger.is_none() {
-            *ledger = Some(open_append(root)?);
-        }
-        let f = ledger.as_mut().expect("opened above");
-        f.write_all(format!("{ADOPTED} {}\n", unix_now()).as_bytes())?;
-        f.sync_data()
+        self.append(root, format!("{ADOPTED} {}\n", unix_now()).as_bytes())
     }
 
     /// Whether the ledger has grown enough since its last compaction to be worth one (amortised: a
-    /// compaction reads every record once).
+    /// compaction reads every record once), or a day went by.
     pub fn compaction_due(&self, now: SystemTime) -> bool {
         let g = self.lock_growth();
         match g.1 {
@@ -294,11 +371,11 @@ impl ArchiveFolder {
     /// The records up to the ledger's present end that still hold, in a temp file beside it.
     fn draft(&self, root: &OwnedFd) -> io::Result<Option<Draft>> {
         let Some(file) = open_read(root)? else { return Ok(None) };
+        let of = Meta::of(&file)?.key;
         let settled_before = unix_now().saturating_sub(SETTLING.as_secs());
         let (tmp, mut out) = beneath::create_temp(root)?;
-        let mut draft = Draft { tmp, out: None, end: 0, kept: 0, dropped: 0 };
+        let mut draft = Draft { tmp, out: None, of: (of.dev, of.ino), end: of.size, kept: 0, dropped: 0 };
         let written = (|| {
-            draft.end = file.metadata()?.len();
             let mut w = io::BufWriter::new(&mut out);
             w.write_all(format!("{HEADER}\n").as_bytes())?;
             let mut adopted = false;
@@ -339,27 +416,33 @@ impl ArchiveFolder {
         Ok(Some(draft))
     }
 
-    /// Appends what was recorded since `draft` was begun and puts it in place of the ledger.
+    /// Appends what was recorded since `draft` was begun and puts it in place of the ledger, unless
+    /// the ledger was replaced meanwhile (then nothing changes; the next compaction starts over).
     fn install(&self, root: &OwnedFd, draft: Draft) -> io::Result<(u64, u64)> {
-        let Draft { tmp, out, end, kept, dropped } = draft;
+        let Draft { tmp, out, of, end, kept, dropped } = draft;
         let mut out = out.ok_or_else(|| io::Error::other("compaction draft not written"))?;
         let mut ledger = self.lock_ledger();
-        let mut appended = Vec::new();
-        if let Some(mut tail) = open_read(root)? {
+        with_folder_lock(root, || {
+            let Some(mut tail) = open_read(root)? else { return Err(io::Error::other("the archive ledger was removed during compaction")) };
+            let now = Meta::of(&tail)?.key;
+            if (now.dev, now.ino) != of || now.size < end {
+                return Err(io::Error::other("the archive ledger was replaced during compaction; compacted again later"));
+            }
             tail.seek(io::SeekFrom::Start(end))?;
+            let mut appended = Vec::new();
             tail.read_to_end(&mut appended)?;
             if appended.last().is_some_and(|b| *b != b'\n') {
                 appended.push(b'\n'); // a record cut short by a failed write stays apart from the next
             }
             out.write_all(&appended)?;
-        }
-        out.sync_all()?;
-        rustix::fs::renameat(root, &tmp, root, LEDGER)?;
-        beneath::sync_dir(root)?;
-        *ledger = None;
-        let since = appended.iter().filter(|b| **b == b'\n').count() as u64;
-        *self.lock_growth() = (since, Some((kept, SystemTime::now())));
-        Ok((kept + since, dropped))
+            out.sync_all()?;
+            rustix::fs::renameat(root, &tmp, root, LEDGER)?;
+            beneath::sync_dir(root)?;
+            *ledger = None;
+            let since = appended.iter().filter(|b| **b == b'\n').count() as u64;
+            *self.lock_growth() = (since, Some((kept, SystemTime::now())));
+            Ok((kept + since, dropped))
+        })
     }
 }
 
@@ -367,17 +450,26 @@ impl ArchiveFolder {
 struct Draft {
     tmp: PathBuf,
     out: Option<File>,
-    /// Where the ledger ended when the draft was begun.
+    /// The ledger the draft was made from (device, inode), and where it ended then.
+    of: (u64, u64),
     end: u64,
     kept: u64,
     dropped: u64,
+}
+
+/// Runs `f` holding an exclusive `flock` on the folder `root` (other labeld processes sharing it wait).
+fn with_folder_lock<T>(root: &OwnedFd, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    rustix::fs::flock(root, FlockOperation::LockExclusive)?;
+    let result = f();
+    let _ = rustix::fs::flock(root, FlockOperation::Unlock);
+    result
 }
 
 /// Opens `path` as an archive folder root: created if missing (as configured), never through a link
 /// at its last component.
 fn pin(path: &Path) -> Pin {
     if let Ok(st) = rustix::fs::lstat(path) {
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink {
+        if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
             let to = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
             return Pin::Refused(format!("{} is a symbolic link (to {to}); name the folder itself", path.display()));
         }
@@ -394,11 +486,31 @@ fn pin(path: &Path) -> Pin {
     }
 }
 
+/// A folder with nothing in it and no ledger yet (labeld just made it, or it is new) has nothing to
+/// adopt: its ledger starts marked adopted, so that a file someone puts there later is never adopted.
+fn start_ledger_if_new(root: &OwnedFd) -> io::Result<()> {
+    let mut entries = rustix::fs::Dir::read_from(root)?;
+    let empty = entries.by_ref().filter_map(Result::ok).all(|e| matches!(e.file_name().to_bytes(), b"." | b".."));
+    if !empty {
+        return Ok(());
+    }
+    with_folder_lock(root, || {
+        let mut f = open_append(root)?;
+        if f.metadata()?.len() == HEADER.len() as u64 + 1 {
+            f.write_all(format!("{ADOPTED} {}\n", unix_now()).as_bytes())?;
+            f.sync_data()?;
+            beneath::sync_dir(root)?;
+        }
+        Ok(())
+    })
+}
+
+/// Opens the ledger for appending (created with its header if missing): only a regular file, never
+/// through a link, never waiting on a FIFO.
 fn open_append(root: &OwnedFd) -> io::Result<File> {
     // Read as well: a torn last line is looked for before the first append.
-    let flags = OFlags::RDWR | OFlags::APPEND | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat(root, LEDGER, flags, Mode::from_raw_mode(0o640))?;
-    let mut f = File::from(fd);
+    let flags = OFlags::RDWR | OFlags::APPEND | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let mut f = regular(rustix::fs::openat(root, LEDGER, flags, Mode::from_raw_mode(0o640))?)?;
     let len = f.metadata()?.len();
     if len == 0 {
         f.write_all(format!("{HEADER}\n").as_bytes())?;
@@ -407,6 +519,30 @@ fn open_append(root: &OwnedFd) -> io::Result<File> {
         f.write_all(b"\n")?;
     }
     Ok(f)
+}
+
+fn open_read(root: &OwnedFd) -> io::Result<Option<File>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    match rustix::fs::openat(root, LEDGER, flags, Mode::empty()) {
+        Ok(fd) => regular(fd).map(Some),
+        Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
+        Err(e) => Err(io::Error::new(io::Error::from(e).kind(), format!("cannot open the archive ledger {LEDGER}: {e}"))),
+    }
+}
+
+fn regular(fd: OwnedFd) -> io::Result<File> {
+    let f = File::from(fd);
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!("the archive ledger {LEDGER} is not a regular file: move it away and reload")));
+    }
+    Ok(f)
+}
+
+/// Whether `f` is still the file named `LEDGER` in `root`.
+fn is_the_ledger(f: &File, root: &OwnedFd) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(held) = f.metadata() else { return false };
+    rustix::fs::statat(root, LEDGER, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| (st.st_dev, st.st_ino) == (held.dev(), held.ino()))
 }
 
 fn ends_with_newline(f: &File) -> io::Result<bool> {
@@ -420,34 +556,46 @@ fn ends_with_newline(f: &File) -> io::Result<bool> {
     Ok(last[0] == b'\n')
 }
 
-fn open_read(root: &OwnedFd) -> io::Result<Option<File>> {
-    match rustix::fs::openat(root, LEDGER, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
-        Ok(fd) => Ok(Some(File::from(fd))),
-        Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Calls `f` on each whole line of the first `limit` bytes (a line without its newline is torn: skipped).
+/// Calls `f` on each whole line of the first `limit` bytes: a line without its newline is torn, and a
+/// line over `MAX_LINE` is no record; both are skipped, and neither is held in memory whole.
 fn for_each_line(file: File, limit: u64, mut f: impl FnMut(&[u8])) -> io::Result<()> {
     let mut r = BufReader::with_capacity(1 << 16, file.take(limit));
     let mut line = Vec::new();
+    let mut too_long = false;
     loop {
-        line.clear();
-        if r.read_until(b'\n', &mut line)? == 0 {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
             return Ok(());
         }
-        if let Some(body) = line.strip_suffix(b"\n") {
-            f(body);
+        let (chunk, ends) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if !too_long {
+            if line.len() + chunk.len() > MAX_LINE {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let used = ends.unwrap_or(buf.len());
+        r.consume(used);
+        if ends.is_some() {
+            if !too_long {
+                f(&line);
+            }
+            line.clear();
+            too_long = false;
         }
     }
 }
 
-/// The key of the file at `rel` beneath `root`, reached without links.
-fn key_at(root: &OwnedFd, rel: &Path) -> Option<FileKey> {
+/// The key of the regular file at `rel` beneath `root`, reached without links.
+pub fn key_at(root: &OwnedFd, rel: &Path) -> Option<FileKey> {
     let fd = beneath::open_beneath(root, rel, OFlags::PATH | OFlags::NOFOLLOW, Mode::empty()).ok()?;
-    let st = rustix::fs::fstat(&fd).ok()?;
-    (rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile).then(|| FileKey::of(&st))
+    let m = Meta::of(&fd).ok()?;
+    (m.kind == FileType::RegularFile).then_some(m.key)
 }
 
 /// Every archive folder the config names, pinned; one value per path for the life of the process, so
@@ -461,12 +609,13 @@ impl ArchiveFolders {
     /// Pins every done_dir and quarantine of `config` (again, for folders pinned before: a reload is
     /// the operator saying which folder the path means now).
     pub fn pin(&self, config: &Config) {
+        let inboxes: Vec<PathBuf> = config.inboxes.iter().map(|i| i.path.clone()).collect();
         let mut folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
         for path in archive_paths(config) {
             match folders.get(&path) {
-                Some(f) => f.repin(),
+                Some(f) => f.repin(inboxes.clone()),
                 None => {
-                    folders.insert(path.clone(), Arc::new(ArchiveFolder::new(&path)));
+                    folders.insert(path.clone(), Arc::new(ArchiveFolder::new(&path, inboxes.clone())));
                 }
             }
         }
@@ -499,72 +648,97 @@ pub fn archive_paths(config: &Config) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
-    fn key(path: &Path) -> FileKey {
-        FileKey::of(&rustix::fs::stat(path).unwrap())
+    pub(crate) fn key(path: &Path) -> FileKey {
+        Meta::at(rustix::fs::CWD, path).unwrap().key
+    }
+
+    fn archived(paths: &[(&Path, &str)]) -> HashSet<Archived> {
+        paths.iter().map(|(p, rel)| (key(p), PathBuf::from(rel))).collect()
     }
 
     #[test]
     fn entries_round_trip_whatever_the_name() {
         for name in ["a.jpg", "cam 1/IMG\n0001~2.jpg", "\\x41 weird\\", "ü/\u{1b}[31m.png"] {
-            let e = Entry { time: 7, key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: -4 }, rel: PathBuf::from(name) };
+            let e = Entry { time: 7, key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: -4, btime_ns: 5 }, rel: PathBuf::from(name) };
             let line = e.line();
             assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "{name:?}");
             assert_eq!(Entry::parse(line.strip_suffix(b"\n").unwrap()), Some(e), "{name:?}");
         }
-        for torn in ["7 1 2 3", "7 1 2 3 -4", "x 1 2 3 4 a", "7 1 2 3 4 a b", "7 1 2 3 4 \\x4", ""] {
+        for torn in ["7 1 2 3 4", "7 1 2 3 -4 5", "x 1 2 3 4 5 a", "7 1 2 3 4 5 a b", "7 1 2 3 4 5 \\x4", "7 1 2 3 4 5 ../x", "7 1 2 3 4 5 /etc/x", ""] {
             assert_eq!(Entry::parse(torn.as_bytes()), None, "{torn:?}");
         }
     }
 
     #[test]
-    fn records_survive_reopening_and_a_torn_line_matches_nothing() {
+    fn a_file_that_reuses_an_archived_inode_is_not_the_archived_one() {
         let d = tempfile::tempdir().unwrap();
-        let folder = ArchiveFolder::new(d.path());
+        let p = d.path().join("a.jpg");
+        std::fs::write(&p, b"archived").unwrap();
+        let before = key(&p);
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20)); // birth times one clock tick apart at least
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"replaced").unwrap();
+        std::fs::File::options().write(true).open(&p).unwrap().set_modified(mtime).unwrap();
+        let after = key(&p);
+        assert_eq!((after.size, after.mtime_ns), (before.size, before.mtime_ns));
+        assert_ne!(after, before, "same size and mtime, maybe the same inode: the birth time tells them apart");
+    }
+
+    #[test]
+    fn records_survive_reopening_and_a_torn_or_huge_line_matches_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = ArchiveFolder::new(d.path(), vec![]);
         let root = folder.root().unwrap();
         std::fs::write(d.path().join("a.jpg"), b"a").unwrap();
         std::fs::write(d.path().join("b.jpg"), b"bb").unwrap();
         let (a, b) = (key(&d.path().join("a.jpg")), key(&d.path().join("b.jpg")));
         folder.record(&root, &[(a, Path::new("a.jpg"))]).unwrap();
-        // A crash mid-append: half a record for b.
         let mut f = File::options().append(true).open(d.path().join(LEDGER)).unwrap();
+        f.write_all(&vec![b'7'; 3 * MAX_LINE]).unwrap();
+        f.write_all(b"\n").unwrap();
+        // A crash mid-append: half a record for b.
         let half = Entry { time: 1, key: b, rel: "b.jpg".into() }.line();
         f.write_all(&half[..half.len() / 2]).unwrap();
-        let again = ArchiveFolder::new(d.path());
+        let again = ArchiveFolder::new(d.path(), vec![]);
         let root = again.root().unwrap();
-        let both: HashSet<FileKey> = [a, b].into();
-        assert_eq!(again.recorded(&root, &both).unwrap(), [a].into());
+        let both = archived(&[(&d.path().join("a.jpg"), "a.jpg"), (&d.path().join("b.jpg"), "b.jpg")]);
+        assert_eq!(again.recorded(&root, &both).unwrap().len(), 1);
         again.record(&root, &[(b, Path::new("b.jpg"))]).unwrap();
         assert_eq!(again.recorded(&root, &both).unwrap(), both);
-        let text = std::fs::read_to_string(d.path().join(LEDGER)).unwrap();
-        assert!(text.starts_with("labeld-archive 1\n"), "{text}");
+        // The key alone is not enough: the same file under another name is not what was archived.
+        let elsewhere: HashSet<Archived> = [(a, PathBuf::from("renamed.jpg"))].into();
+        assert!(again.recorded(&root, &elsewhere).unwrap().is_empty());
+        let text = std::fs::read(d.path().join(LEDGER)).unwrap();
+        assert!(text.starts_with(b"labeld-archive 1\n"));
     }
 
     #[test]
     fn compaction_drops_records_of_files_gone_or_changed_and_keeps_the_rest() {
         let d = tempfile::tempdir().unwrap();
-        let folder = ArchiveFolder::new(d.path());
+        let folder = ArchiveFolder::new(d.path(), vec![]);
         let root = folder.root().unwrap();
         std::fs::create_dir(d.path().join("cam")).unwrap();
-        for n in ["cam/a.jpg", "b.jpg", "c.jpg"] {
+        let names = ["cam/a.jpg", "b.jpg", "c.jpg"];
+        for n in names {
             std::fs::write(d.path().join(n), n).unwrap();
         }
-        let keys: Vec<FileKey> = ["cam/a.jpg", "b.jpg", "c.jpg"].iter().map(|n| key(&d.path().join(n))).collect();
+        let keys: Vec<FileKey> = names.iter().map(|n| key(&d.path().join(n))).collect();
         // Recorded long ago (compaction keeps fresh records whatever it finds).
         let old = |k: FileKey, rel: &str| Entry { time: 1000, key: k, rel: rel.into() }.line();
-        let mut f = File::options().append(true).create(true).open(d.path().join(LEDGER)).unwrap();
-        f.write_all(format!("{HEADER}\n").as_bytes()).unwrap();
-        for (k, rel) in keys.iter().zip(["cam/a.jpg", "b.jpg", "c.jpg"]) {
+        let mut f = File::options().append(true).open(d.path().join(LEDGER)).unwrap();
+        for (k, rel) in keys.iter().zip(names) {
             f.write_all(&old(*k, rel)).unwrap();
         }
         f.write_all(&old(keys[0], "cam/a.jpg")).unwrap(); // a duplicate
         std::fs::remove_file(d.path().join("b.jpg")).unwrap();
         std::fs::write(d.path().join("c.jpg"), b"edited since").unwrap();
-        folder.mark_adopted(&root).unwrap();
+        assert!(folder.adopted(&root).unwrap(), "a folder labeld made has nothing to adopt");
         assert!(folder.compaction_due(SystemTime::now()));
         assert_eq!(folder.compact(&root).unwrap(), (1, 3));
         assert!(!folder.compaction_due(SystemTime::now()));
-        let all: HashSet<FileKey> = keys.iter().copied().collect();
-        assert_eq!(folder.recorded(&root, &all).unwrap(), [keys[0]].into());
+        let all: HashSet<Archived> = keys.iter().zip(names).map(|(k, n)| (*k, PathBuf::from(n))).collect();
+        assert_eq!(folder.recorded(&root, &all).unwrap(), [(keys[0], PathBuf::from("cam/a.jpg"))].into());
         assert!(folder.adopted(&root).unwrap(), "the adoption mark survives compaction");
         // Appends after a compaction go to the new file.
         folder.record(&root, &[(keys[2], Path::new("c.jpg"))]).unwrap();
@@ -574,22 +748,60 @@ mod tests {
     }
 
     #[test]
-    fn records_made_during_a_compaction_are_kept() {
+    fn records_made_during_a_compaction_are_kept_and_a_ledger_replaced_meanwhile_is_left_as_it_is() {
         let d = tempfile::tempdir().unwrap();
-        let folder = ArchiveFolder::new(d.path());
+        let folder = ArchiveFolder::new(d.path(), vec![]);
         let root = folder.root().unwrap();
-        let a = key(&d.path().join(".")); // any key: fresh records are kept whatever is at their path
+        let a = FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, btime_ns: 5 }; // fresh records are kept whatever is at their path
         folder.record(&root, &[(a, Path::new("a.jpg"))]).unwrap();
         let draft = folder.draft(&root).unwrap().unwrap();
-        let b = FileKey { size: a.size + 1, ..a };
+        let b = FileKey { size: 30, ..a };
         folder.record(&root, &[(b, Path::new("b.jpg"))]).unwrap();
         // A failed write left half a record behind it.
         let half = Entry { time: 1, key: a, rel: "c.jpg".into() }.line();
         File::options().append(true).open(d.path().join(LEDGER)).unwrap().write_all(&half[..10]).unwrap();
         assert_eq!(folder.install(&root, draft).unwrap(), (3, 0));
-        let c = FileKey { size: a.size + 2, ..a };
+        let c = FileKey { size: 300, ..a };
         folder.record(&root, &[(c, Path::new("c.jpg"))]).unwrap();
-        assert_eq!(folder.recorded(&root, &[a, b, c].into()).unwrap(), [a, b, c].into());
+        let want: HashSet<Archived> = [(a, "a.jpg".into()), (b, "b.jpg".into()), (c, "c.jpg".into())].into();
+        assert_eq!(folder.recorded(&root, &want).unwrap(), want);
+        // Another process compacts (renames a new ledger in) while this one drafts: this one gives up.
+        let draft = folder.draft(&root).unwrap().unwrap();
+        let copy = d.path().join("copy");
+        std::fs::copy(d.path().join(LEDGER), &copy).unwrap();
+        std::fs::rename(&copy, d.path().join(LEDGER)).unwrap();
+        assert!(folder.install(&root, draft).is_err());
+        assert_eq!(folder.recorded(&root, &want).unwrap(), want);
+    }
+
+    #[test]
+    fn a_ledger_deleted_or_replaced_while_running_is_written_anew_not_into_the_old_file() {
+        let d = tempfile::tempdir().unwrap();
+        let folder = ArchiveFolder::new(d.path(), vec![]);
+        let root = folder.root().unwrap();
+        let a = FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, btime_ns: 5 };
+        folder.record(&root, &[(a, Path::new("a.jpg"))]).unwrap();
+        std::fs::remove_file(d.path().join(LEDGER)).unwrap();
+        let b = FileKey { size: 30, ..a };
+        folder.record(&root, &[(b, Path::new("b.jpg"))]).unwrap();
+        let want: HashSet<Archived> = [(b, "b.jpg".into())].into();
+        assert_eq!(folder.recorded(&root, &want).unwrap(), want);
+    }
+
+    #[test]
+    fn a_ledger_that_is_a_fifo_or_a_folder_is_refused_at_once_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("theirs.txt"), b"x").unwrap(); // not a new folder: no ledger made at pinning
+        let c = std::ffi::CString::new(d.path().join(LEDGER).as_os_str().as_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let folder = ArchiveFolder::new(d.path(), vec![]);
+        let root = folder.root().unwrap();
+        let a = FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, btime_ns: 5 };
+        let e = folder.record(&root, &[(a, Path::new("a.jpg"))]).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(folder.mark_adopted(&root).is_err());
+        assert!(folder.adopted(&root).is_err());
+        assert!(folder.recorded(&root, &[(a, PathBuf::from("a.jpg"))].into()).is_err());
     }
 
     #[test]
@@ -597,7 +809,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (done, elsewhere) = (d.path().join("done"), d.path().join("elsewhere"));
         std::fs::create_dir(&elsewhere).unwrap();
-        let folder = ArchiveFolder::new(&done);
+        let folder = ArchiveFolder::new(&done, vec![]);
         assert!(done.is_dir(), "created at pinning");
         folder.root().unwrap();
         std::fs::rename(&done, d.path().join("done.real")).unwrap();
@@ -607,10 +819,25 @@ mod tests {
         std::fs::remove_file(&done).unwrap();
         std::fs::rename(d.path().join("done.real"), &done).unwrap();
         assert!(folder.root().is_err(), "refused until a reload, even once the folder is back");
-        folder.repin();
+        folder.repin(vec![]);
         folder.root().unwrap();
         std::os::unix::fs::symlink(&elsewhere, d.path().join("link")).unwrap();
-        let linked = ArchiveFolder::new(&d.path().join("link"));
+        let linked = ArchiveFolder::new(&d.path().join("link"), vec![]);
         assert!(linked.root().unwrap_err().to_string().contains("symbolic link"));
+    }
+
+    #[test]
+    fn a_folder_that_appears_later_is_checked_against_the_inboxes_before_it_is_used() {
+        let d = tempfile::tempdir().unwrap();
+        let inbox = d.path().join("inbox");
+        std::fs::create_dir(&inbox).unwrap();
+        std::fs::write(d.path().join("mnt"), b"a file where the mount will be").unwrap();
+        let folder = ArchiveFolder::new(&d.path().join("mnt/done"), vec![inbox.clone()]);
+        assert!(folder.root().is_err());
+        std::fs::remove_file(d.path().join("mnt")).unwrap();
+        std::os::unix::fs::symlink(&inbox, d.path().join("mnt")).unwrap();
+        let e = folder.root().unwrap_err().to_string();
+        assert!(e.contains("inside the inbox"), "{e}");
+        assert!(!inbox.join("done").exists(), "nothing was created inside the inbox");
     }
 }

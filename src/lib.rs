@@ -6,6 +6,7 @@
 //! for each command.
 
 pub mod app;
+pub mod backoff;
 pub mod beneath;
 pub mod config;
 pub mod error;

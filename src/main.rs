@@ -84,6 +84,7 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<ExitCode, Fatal> {
     match command {
         Command::Run { config, once } => {
+            labeld::shutdown::survive_early_hangups().map_err(|e| Fatal::io("cannot install signal handlers", e))?;
             let config = Config::load(&config)?;
             labeld::app::run(config, once)?;
             Ok(ExitCode::SUCCESS)

@@ -4,18 +4,21 @@
 //! oldest first. "Old" is the image's modification time (a move keeps it; the camera's write time).
 //!
 //! Invariant I11 (docs/design.md): a file is removed only when the folder's archive ledger records it
-//! (its device, inode, size and mtime, written before labeld moved it there; see `ledger.rs`). Where a
+//! at its path with its key (device, inode, size, mtime, birth time; written before labeld moved it
+//! there; see `ledger.rs`). Where a
 //! file is and what its name looks like decide nothing: anything else in those folders (an operator's
 //! files, another program's, a file edited since) is left alone and counted as foreign. Folders are the
 //! pinned ones (`ArchiveFolder::root`): a folder replaced since start or reload is not swept. The walk
 //! opens every sub-folder `O_NOFOLLOW` beneath the pinned root, never enters an inbox, another swept
-//! folder or another file system, and leaves links alone; each removal checks the key again on the
+//! folder, another file system or mount (bind mounts included), and leaves links alone; each removal checks the key again on the
 //! folder descriptor it walked. The choice of what to remove is a pure function (`choose`); the I/O
 //! around it is thin.
 //!
 //! Archives made before the ledger existed are adopted once per folder, at its first sweep: an image
-//! whose sidecar beside it is a labeld record of that very file (same size and mtime, and the same
-//! device and inode, or the same XXH3 of its bytes after a copy across file systems), with that sidecar.
+//! whose sidecar beside it is a labeld record of that very file moved here from an inbox of the config
+//! (its `path` in an inbox, not here; same size and mtime; the same device and inode, or, when it was
+//! labelled on another file system, the same XXH3 of its bytes), with that sidecar. A folder labeld
+//! created, or found empty, has nothing to adopt.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -31,7 +34,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use crate::beneath;
 use crate::config::{Config, RetentionConfig};
 use crate::health::Lifeline;
-use crate::ledger::{ArchiveFolder, ArchiveFolders, FileKey, archive_paths};
+use crate::ledger::{ArchiveFolder, ArchiveFolders, Archived, FileKey, Meta, archive_paths};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::vocab::Record;
@@ -101,17 +104,17 @@ pub fn choose(limits: &RetentionConfig, now: SystemTime, files: &[Aged], space: 
 /// What a sweep needs from the config; replaced on reload.
 #[derive(Debug, Clone)]
 struct Plan {
-    limits: RetentionConfig,
+    /// `[retention]`; without it nothing is removed, the ledgers are only compacted once a day.
+    limits: Option<RetentionConfig>,
     folders: Vec<Arc<ArchiveFolder>>,
-    /// Inbox roots: never entered while walking a folder.
+    /// Inbox roots: never entered while walking a folder; adopted sidecars must name an image in one.
     inboxes: Vec<PathBuf>,
 }
 
 impl Plan {
-    fn from_config(c: &Config, pinned: &ArchiveFolders) -> Option<Plan> {
-        let limits = c.retention.clone()?;
+    fn from_config(c: &Config, pinned: &ArchiveFolders) -> Plan {
         let folders = archive_paths(c).iter().filter_map(|p| pinned.get(p)).collect();
-        Some(Plan { limits, folders, inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect() })
+        Plan { limits: c.retention.clone(), folders, inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect() }
     }
 }
 
@@ -124,7 +127,7 @@ pub struct Retention {
 /// Changes what the retention thread sweeps (SIGHUP).
 #[derive(Clone)]
 pub struct RetentionControl {
-    plan: Arc<Mutex<Option<Plan>>>,
+    plan: Arc<Mutex<Plan>>,
     folders: ArchiveFolders,
     wake: crossbeam_channel::Sender<()>,
 }
@@ -137,12 +140,12 @@ impl RetentionControl {
     }
 }
 
-/// How long an idle thread (no `[retention]`) waits when nothing wakes it.
+/// How often the ledgers are compacted when no `[retention]` sweeps them.
 const IDLE: Duration = Duration::from_secs(86_400);
 
 impl Retention {
-    /// Sweeps now and every `interval_s` after; idle while the config has no `[retention]` (a reload
-    /// that adds one wakes it).
+    /// Sweeps now and every `interval_s` after; without `[retention]` only compacts the archive
+    /// ledgers now and then (a reload that adds the section wakes it).
     pub fn start(config: &Config, folders: ArchiveFolders, metrics: Metrics, lifeline: Lifeline, shutdown: Shutdown) -> io::Result<Retention> {
         let plan = Arc::new(Mutex::new(Plan::from_config(config, &folders)));
         let (wake, woken) = crossbeam_channel::bounded::<()>(1);
@@ -151,17 +154,15 @@ impl Retention {
             let _lifeline = lifeline;
             loop {
                 let current = plan.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let interval = current.as_ref().map_or(IDLE, |p| p.limits.interval);
-                if let Some(plan) = current {
-                    sweep(&plan, &metrics, &shutdown);
+                match &current.limits {
+                    Some(_) => sweep(&current, &metrics, &shutdown),
+                    None => compact_ledgers(&current, &shutdown),
                 }
+                let interval = current.limits.as_ref().map_or(IDLE, |l| l.interval);
                 crossbeam_channel::select! {
                     recv(shutdown.closed()) -> _ => return,
                     recv(woken) -> _ => {}
                     default(interval) => {}
-                }
-                if shutdown.is_triggered() {
-                    return;
                 }
             }
         })?;
@@ -190,6 +191,16 @@ struct Unit {
     aged: Aged,
 }
 
+impl Unit {
+    fn archived(&self) -> Archived {
+        (self.key, self.dir.join(&self.name))
+    }
+
+    fn sidecar_archived(&self) -> Option<Archived> {
+        self.sidecar.as_ref().map(|(name, key)| (*key, self.dir.join(name)))
+    }
+}
+
 /// A unit found in folder `folder` during a sweep.
 #[derive(Debug)]
 struct Found {
@@ -205,13 +216,22 @@ struct Tally {
     by_age: u64,
     by_space: u64,
     links: u64,
-    /// Files due for removal by age or space, but not recorded as archived: left alone.
+    /// Files due for removal by age or space, but not recorded as archived there: left alone.
     foreign: u64,
     errors: Vec<String>,
 }
 
+/// The folder the root of a walk is, and what is never entered from it.
+struct Bounds<'a> {
+    dev: u64,
+    mnt_id: u64,
+    /// Inboxes and the other swept folders.
+    skip: &'a HashSet<(u64, u64)>,
+}
+
 /// One pass over every folder: per file system, the archived files of all its folders compete, oldest first.
 fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
+    let Some(limits) = &plan.limits else { return };
     let roots: Vec<Option<Arc<OwnedFd>>> = plan.folders.iter().map(|f| f.root().ok()).collect();
     let skip = folder_keys(&plan.inboxes, &roots);
     let mut tallies: Vec<Tally> = plan.folders.iter().map(|_| Tally::default()).collect();
@@ -221,26 +241,27 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
         // A folder not available or replaced was logged when that was found; it is not swept.
         let Some(root) = &roots[i] else { continue };
         let t = &mut tallies[i];
-        let (dev, space) = match (rustix::fs::fstat(root.as_ref()).map_err(io::Error::from), Space::of(root)) {
-            (Ok(st), Ok(space)) => (st.st_dev, space),
+        let (meta, space) = match (Meta::of(root.as_ref()), Space::of(root)) {
+            (Ok(m), Ok(space)) => (m, space),
             (Err(e), _) | (_, Err(e)) => {
                 t.errors.push(format!("cannot stat {}: {e}", folder.path.display()));
                 continue;
             }
         };
-        let own: HashSet<(u64, u64)> = skip.iter().filter(|k| **k != key_of(root)).copied().collect();
+        let own: HashSet<(u64, u64)> = skip.iter().filter(|k| **k != (meta.key.dev, meta.key.ino)).copied().collect();
+        let bounds = Bounds { dev: meta.key.dev, mnt_id: meta.mnt_id, skip: &own };
         match folder.adopted(root) {
             Ok(true) => {}
-            Ok(false) => adopt(folder, root, dev, &own, t),
+            Ok(false) => adopt(folder, root, &bounds, &plan.inboxes, t),
             Err(e) => t.errors.push(format!("cannot read the archive ledger: {e}")),
         }
         free_before[i] = Some(space.free);
         // With space to spare only files past max_age can go: keep just those (a year of images is many).
         let now = SystemTime::now();
-        let low = space.free < wanted_free(&plan.limits, space.total);
-        let older_than = if low { None } else { Some(plan.limits.max_age.and_then(|a| now.checked_sub(a)).unwrap_or(SystemTime::UNIX_EPOCH)) };
+        let low = space.free < wanted_free(limits, space.total);
+        let older_than = if low { None } else { Some(limits.max_age.and_then(|a| now.checked_sub(a)).unwrap_or(SystemTime::UNIX_EPOCH)) };
         let mut units = Vec::new();
-        walk(root, dev, &own, t, &mut |_, unit| {
+        walk(root, &bounds, t, &mut |_, unit| {
             if older_than.is_none_or(|c| unit.aged.mtime < c) {
                 units.push(unit);
             }
@@ -254,8 +275,8 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
         };
         let mut found = Vec::new();
         for mut unit in units {
-            let side_foreign = unit.sidecar.as_ref().is_some_and(|(_, k)| !archived.contains(k));
-            if !archived.contains(&unit.key) {
+            let side_foreign = unit.sidecar_archived().is_some_and(|s| !archived.contains(&s));
+            if !archived.contains(&unit.archived()) {
                 t.foreign += 1 + u64::from(unit.sidecar.is_some());
                 continue;
             }
@@ -266,14 +287,14 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
             }
             found.push(Found { folder: i, unit });
         }
-        let entry = by_fs.entry(dev).or_insert_with(|| (space, root.clone(), Vec::new(), i));
+        let entry = by_fs.entry(meta.key.dev).or_insert_with(|| (space, root.clone(), Vec::new(), i));
         entry.2.extend(found);
     }
     let now = SystemTime::now();
     let mut emptied: Vec<HashSet<PathBuf>> = plan.folders.iter().map(|_| HashSet::new()).collect();
     for (space, fd, found, first) in by_fs.values() {
         let aged: Vec<Aged> = found.iter().map(|f| f.unit.aged).collect();
-        for (i, why) in choose(&plan.limits, now, &aged, Some(*space)) {
+        for (i, why) in choose(limits, now, &aged, Some(*space)) {
             if shutdown.is_triggered() {
                 break;
             }
@@ -291,7 +312,7 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
             }
         }
         if let Ok(after) = Space::of(fd) {
-            let want = wanted_free(&plan.limits, after.total);
+            let want = wanted_free(limits, after.total);
             if after.free < want && !shutdown.is_triggered() {
                 tracing::warn!(
                     folder = %plan.folders[*first].path.display(),
@@ -305,22 +326,38 @@ fn sweep(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
     for (i, folder) in plan.folders.iter().enumerate() {
         if let Some(root) = &roots[i] {
             remove_empty_folders(root, &emptied[i]);
-            if folder.compaction_due(SystemTime::now()) && !shutdown.is_triggered() {
-                match folder.compact(root) {
-                    Ok((kept, dropped)) => tracing::debug!(folder = %folder.path.display(), kept, dropped, "archive ledger compacted"),
-                    Err(e) => tallies[i].errors.push(format!("cannot compact the archive ledger: {e}")),
-                }
-            }
+            compact_if_due(folder, root, shutdown, &mut tallies[i].errors);
             report(folder, root, &tallies[i], free_before[i], metrics);
         }
     }
     metrics.retention_sweep();
 }
 
-/// Which keys of `units` (images and sidecars) the folder's ledger records.
-fn recorded(folder: &ArchiveFolder, root: &OwnedFd, units: &[Unit]) -> io::Result<HashSet<FileKey>> {
-    let keys: HashSet<FileKey> = units.iter().flat_map(|u| std::iter::once(u.key).chain(u.sidecar.as_ref().map(|s| s.1))).collect();
-    folder.recorded(root, &keys)
+fn compact_if_due(folder: &ArchiveFolder, root: &OwnedFd, shutdown: &Shutdown, errors: &mut Vec<String>) {
+    if folder.compaction_due(SystemTime::now()) && !shutdown.is_triggered() {
+        match folder.compact(root) {
+            Ok((kept, dropped)) => tracing::debug!(folder = %folder.path.display(), kept, dropped, "archive ledger compacted"),
+            Err(e) => errors.push(format!("cannot compact the archive ledger: {e}")),
+        }
+    }
+}
+
+/// Without `[retention]`: the ledgers still drop the records of files that are gone.
+fn compact_ledgers(plan: &Plan, shutdown: &Shutdown) {
+    for folder in &plan.folders {
+        let Ok(root) = folder.root() else { continue };
+        let mut errors = Vec::new();
+        compact_if_due(folder, &root, shutdown, &mut errors);
+        if let Some(e) = errors.first() {
+            tracing::warn!(folder = %folder.path.display(), error = %e, "archive ledger not compacted; tried again tomorrow");
+        }
+    }
+}
+
+/// Which of `units` (images and sidecars, each by key and path) the folder's ledger records.
+fn recorded(folder: &ArchiveFolder, root: &OwnedFd, units: &[Unit]) -> io::Result<HashSet<Archived>> {
+    let wanted: HashSet<Archived> = units.iter().flat_map(|u| std::iter::once(u.archived()).chain(u.sidecar_archived())).collect();
+    folder.recorded(root, &wanted)
 }
 
 /// One line per folder that lost files, one per folder with files left alone, one per folder that
@@ -363,19 +400,17 @@ fn report(folder: &ArchiveFolder, root: &OwnedFd, t: &Tally, free_before: Option
     }
 }
 
-fn key_of(fd: &OwnedFd) -> (u64, u64) {
-    rustix::fs::fstat(fd).map(|st| (st.st_dev, st.st_ino)).unwrap_or((u64::MAX, u64::MAX))
-}
-
 /// (device, inode) of each existing inbox and pinned folder: never entered from another folder.
 fn folder_keys(inboxes: &[PathBuf], roots: &[Option<Arc<OwnedFd>>]) -> HashSet<(u64, u64)> {
     let inboxes = inboxes.iter().filter_map(|p| rustix::fs::stat(p).ok().map(|st| (st.st_dev, st.st_ino)));
-    inboxes.chain(roots.iter().flatten().map(|r| key_of(r))).collect()
+    let roots = roots.iter().flatten().filter_map(|r| Meta::of(r.as_ref()).ok().map(|m| (m.key.dev, m.key.ino)));
+    inboxes.chain(roots).collect()
 }
 
 /// Calls `visit` with each unit beneath `root` (its folder's descriptor and the unit), walking
-/// sub-folders `O_NOFOLLOW`, not into other file systems or the folders of `skip`.
-fn walk(root: &OwnedFd, dev: u64, skip: &HashSet<(u64, u64)>, t: &mut Tally, visit: &mut dyn FnMut(&OwnedFd, Unit)) {
+/// sub-folders `O_NOFOLLOW`, never into another mount (a bind mount of the same file system included)
+/// or the folders of `bounds.skip`.
+fn walk(root: &OwnedFd, bounds: &Bounds, t: &mut Tally, visit: &mut dyn FnMut(&OwnedFd, Unit)) {
     let Ok(dup) = beneath::open_beneath(root, Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()) else { return };
     let mut stack = vec![(dup, PathBuf::new())];
     while let Some((dir, rel)) = stack.pop() {
@@ -386,55 +421,52 @@ fn walk(root: &OwnedFd, dev: u64, skip: &HashSet<(u64, u64)>, t: &mut Tally, vis
                 continue;
             }
         };
-        let mut files: HashMap<OsString, rustix::fs::Stat> = HashMap::new();
+        let mut files: HashMap<OsString, Meta> = HashMap::new();
         for name in names {
             // Dot-names are labeld's own (the ledger, temp files of a copy in progress) or hidden.
             if name.as_bytes().starts_with(b".") {
                 continue;
             }
-            let st = match rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(e) if e == rustix::io::Errno::NOENT => continue,
+            let m = match Meta::at(&dir, &name) {
+                Ok(m) => m,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => {
                     t.errors.push(format!("cannot stat {}: {e}", rel.join(&name).display()));
                     continue;
                 }
             };
-            match FileType::from_raw_mode(st.st_mode) {
+            match m.kind {
                 FileType::Symlink => t.links += 1,
-                FileType::Directory if st.st_dev == dev && !skip.contains(&(st.st_dev, st.st_ino)) => {
+                FileType::Directory if m.key.dev == bounds.dev && (m.mnt_id == bounds.mnt_id || m.mnt_id == 0) && !bounds.skip.contains(&(m.key.dev, m.key.ino)) => {
                     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW;
                     match beneath::open_beneath(&dir, Path::new(&name), flags, Mode::empty()) {
-                        // Still the folder that was stat'ed, not one swapped in since.
-                        Ok(sub) if key_of(&sub) == (st.st_dev, st.st_ino) => stack.push((sub, rel.join(&name))),
+                        // Still the folder that was looked at, not one swapped in since.
+                        Ok(sub) if Meta::of(&sub).is_ok_and(|s| (s.key.dev, s.key.ino) == (m.key.dev, m.key.ino)) => stack.push((sub, rel.join(&name))),
                         Ok(_) => {}
                         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR | libc::EXDEV)) => {}
                         Err(e) => t.errors.push(format!("cannot open {}: {e}", rel.join(&name).display())),
                     }
                 }
                 FileType::RegularFile => {
-                    files.insert(name, st);
+                    files.insert(name, m);
                 }
                 _ => {}
             }
         }
         let sidecars: HashSet<OsString> = files.keys().map(|n| sidecar_path(Path::new(n)).into_os_string()).collect();
-        for (name, st) in &files {
+        for (name, m) in &files {
             if sidecars.contains(name) {
                 continue; // visited with its image
             }
             let side = sidecar_path(Path::new(name)).into_os_string();
-            let side_st = files.get(&side);
+            let side_m = files.get(&side);
             let unit = Unit {
                 dir: rel.clone(),
                 name: name.clone(),
-                key: FileKey::of(st),
-                sidecar: side_st.map(|s| (side.clone(), FileKey::of(s))),
-                bytes: st.st_size as u64 + side_st.map_or(0, |s| s.st_size as u64),
-                aged: Aged {
-                    mtime: mtime(st.st_mtime, st.st_mtime_nsec as u32),
-                    allocated: (st.st_blocks as u64 + side_st.map_or(0, |s| s.st_blocks as u64)) * 512,
-                },
+                key: m.key,
+                sidecar: side_m.map(|s| (side.clone(), s.key)),
+                bytes: m.key.size + side_m.map_or(0, |s| s.key.size),
+                aged: Aged { mtime: m.mtime, allocated: m.allocated + side_m.map_or(0, |s| s.allocated) },
             };
             visit(&dir, unit);
         }
@@ -443,12 +475,13 @@ fn walk(root: &OwnedFd, dev: u64, skip: &HashSet<(u64, u64)>, t: &mut Tally, vis
 
 /// Adopts what an earlier version archived in `folder` (see the module docs), then marks the ledger
 /// so that this never runs again for it.
-fn adopt(folder: &ArchiveFolder, root: &OwnedFd, dev: u64, skip: &HashSet<(u64, u64)>, t: &mut Tally) {
+fn adopt(folder: &ArchiveFolder, root: &OwnedFd, bounds: &Bounds, inboxes: &[PathBuf], t: &mut Tally) {
     let mut adopted = 0u64;
     let mut failed = None;
-    walk(root, dev, skip, t, &mut |dir, unit| {
+    walk(root, bounds, t, &mut |dir, unit| {
         let Some((side, side_key)) = &unit.sidecar else { return };
-        if failed.is_some() || !is_labeld_record_of(dir, &unit.name, unit.key, side) {
+        let here = folder.path.join(&unit.dir).join(&unit.name);
+        if failed.is_some() || !is_labeld_record_of(dir, &unit, side, &here, bounds.dev, inboxes) {
             return;
         }
         let (img_rel, side_rel) = (unit.dir.join(&unit.name), unit.dir.join(side));
@@ -461,23 +494,28 @@ fn adopt(folder: &ArchiveFolder, root: &OwnedFd, dev: u64, skip: &HashSet<(u64, 
         return t.errors.push(format!("cannot record adopted images in the archive ledger (tried again at the next sweep): {e}"));
     }
     match folder.mark_adopted(root) {
-        Ok(()) => tracing::info!(folder = %folder.path.display(), images = adopted, "retention: adopted images archived before the archive ledger existed (each with a sidecar that records that very file)"),
+        Ok(()) => tracing::info!(folder = %folder.path.display(), images = adopted, "retention: adopted images archived before the archive ledger existed (each with a sidecar that records that very file, moved here from an inbox)"),
         Err(e) => t.errors.push(format!("cannot write the archive ledger: {e}")),
     }
 }
 
-/// The sidecar `side` (in `dir`) is labeld's record of the file `name` with `key`.
-fn is_labeld_record_of(dir: &OwnedFd, name: &OsStr, key: FileKey, side: &OsStr) -> bool {
+/// The sidecar `side` (in `dir`) is labeld's record of the image `unit`, which was moved here (now at
+/// `here`) from one of `inboxes`: its path names an image in an inbox, not this place; size and mtime
+/// match; and the device and inode match, or, only when the record's device is another file system
+/// than the folder's (a copy across file systems), the XXH3 of the bytes.
+fn is_labeld_record_of(dir: &OwnedFd, unit: &Unit, side: &OsStr, here: &Path, folder_dev: u64, inboxes: &[PathBuf]) -> bool {
     let Some(bytes) = read_small(dir, side, 1 << 20) else { return false };
-    let Ok(Record { file: Some(id), .. }) = serde_json::from_slice::<Record>(&bytes) else { return false };
-    if (id.size, id.mtime_ns) != (key.size, key.mtime_ns) {
+    let Ok(Record { path, file: Some(id), .. }) = serde_json::from_slice::<Record>(&bytes) else { return false };
+    let from = Path::new(&path);
+    let from_an_inbox = inboxes.iter().any(|ib| from.starts_with(ib) && from != ib.as_path());
+    if !from_an_inbox || from == here || (id.size, id.mtime_ns) != (unit.key.size, unit.key.mtime_ns) {
         return false;
     }
-    if (id.dev, id.inode) == (key.dev, key.ino) {
+    if (id.dev, id.inode) == (unit.key.dev, unit.key.ino) {
         return true;
     }
-    // Copied across file systems: the same bytes.
-    id.xxh3.is_some_and(|h| read_small(dir, name, u64::MAX).is_some_and(|b| b.len() as u64 == key.size && xxhash_rust::xxh3::xxh3_64(&b) == h))
+    id.dev != folder_dev
+        && id.xxh3.is_some_and(|h| read_small(dir, &unit.name, u64::MAX).is_some_and(|b| b.len() as u64 == unit.key.size && xxhash_rust::xxh3::xxh3_64(&b) == h))
 }
 
 /// The whole regular file `name` in `dir` if it is at most `max` bytes (no link followed, no FIFO waited on).
@@ -504,23 +542,15 @@ fn list(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
     Ok(names)
 }
 
-fn mtime(secs: i64, nsec: u32) -> SystemTime {
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::new(secs as u64, nsec)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
 /// Removes `u` (then its sidecar), reached again beneath the pinned `root` without links; false when
 /// it is no longer the file that was chosen (replaced, edited or gone since).
 fn remove(root: &OwnedFd, u: &Unit) -> io::Result<bool> {
     // Invariants I6 and I11 (docs/design.md), applied to the swept folder: resolved beneath its pinned root, never through a link.
     let dir = beneath::open_beneath(root, &u.dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty())?;
-    let is = |name: &OsStr, key: FileKey| match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && FileKey::of(&st) == key),
-        Err(e) if e == rustix::io::Errno::NOENT => Ok(false),
-        Err(e) => Err(io::Error::from(e)),
+    let is = |name: &OsStr, key: FileKey| match Meta::at(&dir, name) {
+        Ok(m) => Ok(m.kind == FileType::RegularFile && m.key == key),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
     };
     if !is(&u.name, u.key)? {
         return Ok(false);
@@ -620,23 +650,33 @@ mod tests {
         p
     }
 
+    fn key(p: &Path) -> FileKey {
+        Meta::at(rustix::fs::CWD, p).unwrap().key
+    }
+
     /// Writes `rel` in `folder` with `mtime` and records it in the folder's ledger, as an archive move does.
     fn archive(folder: &ArchiveFolder, rel: &str, body: &[u8], mtime: SystemTime) -> PathBuf {
         let p = plant(&folder.path, rel, body, mtime);
-        let key = FileKey::of(&rustix::fs::stat(&p).unwrap());
-        folder.record(&folder.root().unwrap(), &[(key, Path::new(rel))]).unwrap();
+        folder.record(&folder.root().unwrap(), &[(key(&p), Path::new(rel))]).unwrap();
         p
     }
 
     fn plan_for(folder: Arc<ArchiveFolder>, inboxes: Vec<PathBuf>) -> Plan {
-        Plan { limits: limits(Some(30), None, None), folders: vec![folder], inboxes }
+        Plan { limits: Some(limits(Some(30), None, None)), folders: vec![folder], inboxes }
     }
 
-    /// A folder whose ledger already says adopted (what a folder labeld created looks like).
+    /// A folder labeld created: nothing to adopt.
     fn fresh(path: &Path) -> Arc<ArchiveFolder> {
-        let f = Arc::new(ArchiveFolder::new(path));
-        f.mark_adopted(&f.root().unwrap()).unwrap();
+        let f = Arc::new(ArchiveFolder::new(path, vec![]));
+        assert!(f.adopted(&f.root().unwrap()).unwrap());
         f
+    }
+
+    fn walk_all(root: &OwnedFd) -> Vec<Unit> {
+        let m = Meta::of(root).unwrap();
+        let mut units = Vec::new();
+        walk(root, &Bounds { dev: m.key.dev, mnt_id: m.mnt_id, skip: &HashSet::new() }, &mut Tally::default(), &mut |_, u| units.push(u));
+        units
     }
 
     #[test]
@@ -685,8 +725,7 @@ mod tests {
         archive(&folder, "cam1/old.jpg", b"x", days_ago(100));
         let precious = plant(&outside, "old.jpg", b"precious", days_ago(100));
         let root = folder.root().unwrap();
-        let mut units = Vec::new();
-        walk(&root, rustix::fs::fstat(root.as_ref()).unwrap().st_dev, &HashSet::new(), &mut Tally::default(), &mut |_, u| units.push(u));
+        let units = walk_all(&root);
         assert_eq!(units.len(), 1);
         std::fs::rename(done.join("cam1"), d.path().join("cam1-away")).unwrap();
         std::os::unix::fs::symlink(&outside, done.join("cam1")).unwrap();
@@ -724,14 +763,16 @@ mod tests {
         assert!(waiting.exists(), "an image waiting in an inbox is not retention's");
     }
 
-    /// A labeld sidecar for `image` as it is now (what an earlier version wrote when it labelled it).
-    fn sidecar_for(image: &Path, bytes_hash: bool) -> String {
+    /// A labeld sidecar for `image` as it is now, as labeld wrote it when the image was at `labelled_at`
+    /// (`other_fs`: labelled on another file system, then copied here).
+    fn sidecar_for(image: &Path, labelled_at: &str, other_fs: bool) -> String {
         let mut id = crate::vocab::Identity::of(&std::fs::metadata(image).unwrap());
-        if bytes_hash {
+        if other_fs {
             id.xxh3 = Some(xxhash_rust::xxh3::xxh3_64(&std::fs::read(image).unwrap()));
-            id.inode += 1; // as after a copy across file systems
+            id.inode += 1;
+            id.dev += 1;
         }
-        let r = serde_json::json!({"path": "/in/a.jpg", "time": "2020-01-01T00:00:00Z", "model": "m", "status": "ok", "latency_ms": 1.0, "file": id});
+        let r = serde_json::json!({"path": labelled_at, "time": "2020-01-01T00:00:00Z", "model": "m", "status": "ok", "latency_ms": 1.0, "file": id});
         r.to_string()
     }
 
@@ -741,27 +782,44 @@ mod tests {
         let done = d.path().join("done");
         let old = days_ago(100);
         let same = plant(&done, "cam/same.jpg", b"labelled here", old);
-        std::fs::write(done.join("cam/same.jpg.json"), sidecar_for(&same, false)).unwrap();
+        std::fs::write(done.join("cam/same.jpg.json"), sidecar_for(&same, "/in/cam/same.jpg", false)).unwrap();
         let copied = plant(&done, "copied.jpg", b"labelled, then copied", old);
-        std::fs::write(done.join("copied.jpg.json"), sidecar_for(&copied, true)).unwrap();
+        std::fs::write(done.join("copied.jpg.json"), sidecar_for(&copied, "/in/copied.jpg", true)).unwrap();
         // A photo and a JSON that only looks like its sidecar, and a sidecar of another file.
         let photo = plant(&done, "photo.jpg", b"someone's photo", old);
         std::fs::write(done.join("photo.jpg.json"), r#"{"path":"x","status":"ok"}"#).unwrap();
         let other = plant(&done, "other.jpg", b"other", old);
-        std::fs::write(done.join("other.jpg.json"), sidecar_for(&same, false)).unwrap();
-        let folder = Arc::new(ArchiveFolder::new(&done));
-        let plan = plan_for(folder.clone(), vec![]);
+        std::fs::write(done.join("other.jpg.json"), sidecar_for(&same, "/in/cam/same.jpg", false)).unwrap();
+        // Labelled where it lies (the folder was an inbox with on_done = "keep"), and labelled in an
+        // inbox this config does not have.
+        let in_place = plant(&done, "kept.jpg", b"labelled in place", old);
+        std::fs::write(done.join("kept.jpg.json"), sidecar_for(&in_place, &in_place.to_string_lossy(), false)).unwrap();
+        let foreign_inbox = plant(&done, "theirs.jpg", b"another labeld's", old);
+        std::fs::write(done.join("theirs.jpg.json"), sidecar_for(&foreign_inbox, "/elsewhere/theirs.jpg", false)).unwrap();
+        // An operator's copy (cp -p) of an archived image beside it: the same bytes on the same file
+        // system is a copy, not the archived file.
+        let dup = plant(&done, "dup.jpg", b"labelled here", old);
+        std::fs::write(done.join("dup.jpg.json"), {
+            let mut id = crate::vocab::Identity::of(&std::fs::metadata(&same).unwrap());
+            id.xxh3 = Some(xxhash_rust::xxh3::xxh3_64(b"labelled here"));
+            serde_json::json!({"path": "/in/dup.jpg", "time": "t", "model": "m", "status": "ok", "latency_ms": 1.0, "file": id}).to_string()
+        })
+        .unwrap();
+        std::fs::write(done.join("notes.txt"), b"keeps the folder from looking new").unwrap();
+        let folder = Arc::new(ArchiveFolder::new(&done, vec![]));
+        let plan = plan_for(folder.clone(), vec![PathBuf::from("/in")]);
         sweep(&plan, &Metrics::new(), &Shutdown::new());
         for gone in ["cam/same.jpg", "cam/same.jpg.json", "copied.jpg", "copied.jpg.json"] {
             assert!(!done.join(gone).exists(), "{gone} was not adopted");
         }
-        for kept in [&photo, &other, &done.join("photo.jpg.json"), &done.join("other.jpg.json")] {
+        for kept in [&photo, &other, &in_place, &foreign_inbox, &dup] {
             assert!(kept.exists(), "{} was adopted", kept.display());
+            assert!(sidecar_path(kept).exists(), "the sidecar of {} was adopted", kept.display());
         }
         assert!(folder.adopted(&folder.root().unwrap()).unwrap());
         // Once: a pair that matches, made after adoption, is not adopted later.
         let late = plant(&done, "late.jpg", b"late", old);
-        std::fs::write(done.join("late.jpg.json"), sidecar_for(&late, false)).unwrap();
+        std::fs::write(done.join("late.jpg.json"), sidecar_for(&late, "/in/late.jpg", false)).unwrap();
         sweep(&plan, &Metrics::new(), &Shutdown::new());
         assert!(late.exists());
     }
@@ -777,7 +835,7 @@ mod tests {
         let root = folder.root().unwrap();
         // Ask for more free space than the file system has: everything archived is due, nothing else.
         let total = Space::of(&root).unwrap().total;
-        let plan = Plan { limits: RetentionConfig { max_age: None, min_free_bytes: Some(total), min_free_percent: None, interval: Duration::from_secs(60) }, folders: vec![folder], inboxes: vec![] };
+        let plan = Plan { limits: Some(RetentionConfig { max_age: None, min_free_bytes: Some(total), min_free_percent: None, interval: Duration::from_secs(60) }), folders: vec![folder], inboxes: vec![] };
         sweep(&plan, &Metrics::new(), &Shutdown::new());
         assert!(!a.exists() && !b.exists());
         assert!(theirs.exists());
@@ -806,10 +864,9 @@ mod tests {
         // Low on space: every file is collected, looked up in the ledger and sorted.
         let root = folder.root().unwrap();
         let t = std::time::Instant::now();
-        let mut units = Vec::new();
-        walk(&root, rustix::fs::fstat(root.as_ref()).unwrap().st_dev, &HashSet::new(), &mut Tally::default(), &mut |_, u| units.push(u));
+        let units = walk_all(&root);
         let archived = recorded(&folder, &root, &units).unwrap();
-        let aged: Vec<Aged> = units.iter().filter(|u| archived.contains(&u.key)).map(|u| u.aged).collect();
+        let aged: Vec<Aged> = units.iter().filter(|u| archived.contains(&u.archived())).map(|u| u.aged).collect();
         let chosen = choose(&limits(None, Some(1 << 30), None), SystemTime::now(), &aged, Some(Space { free: 0, total: 1 << 40 }));
         println!("low space: {} candidates walked, looked up and ordered in {:.0} ms", units.len(), t.elapsed().as_secs_f64() * 1e3);
         assert_eq!((units.len(), chosen.len()), (n, n));

@@ -111,6 +111,13 @@ impl Shutdown {
     }
 }
 
+/// Keeps a SIGHUP that arrives while labeld starts (before `trigger_on_signals`) from killing it, as
+/// the signal's default action would: the config being read then is the newest anyway.
+pub fn survive_early_hangups() -> std::io::Result<()> {
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, std::sync::Arc::new(AtomicBool::new(false)))?;
+    Ok(())
+}
+
 /// The exit code after a second SIGTERM/SIGINT: 128 + the signal, as a shell reports a process that
 /// signal killed (143 for SIGTERM, 130 for SIGINT).
 pub fn forced_exit_code(sig: i32) -> i32 {

@@ -4,18 +4,15 @@
 //! still records the images of a stuck worker.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use sd_notify::NotifyState;
 
-use crate::error::ImageError;
 use crate::health::{Health, Stall};
-use crate::infer::{BatchDone, LiveSettings, Outcome};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::sink::SinkControl;
 
 /// A worker step (one batch's decode, or one forward pass) taking longer than this counts as hung
 /// when systemd's watchdog is off; /healthz uses it too.
@@ -65,16 +62,10 @@ impl Systemd {
     }
 
     /// Until shutdown: checks that the workers make progress and sends STATUS= (and WATCHDOG=1 while
-    /// none is stuck). The images of a stuck step get an error record at once (through `results`),
-    /// so that after the restart the watchdog causes they are not tried again.
-    pub fn supervise(
-        self,
-        health: Health,
-        metrics: Metrics,
-        live: LiveSettings,
-        results: Sender<BatchDone>,
-        shutdown: Shutdown,
-    ) -> Option<JoinHandle<()>> {
+    /// none is stuck), every watchdog half-interval (at most every second). The images of a stuck step
+    /// are handed to the sink at once for an error record, so that after the restart the watchdog
+    /// causes they are not tried again.
+    pub fn supervise(self, health: Health, metrics: Metrics, sink: SinkControl, shutdown: Shutdown) -> Option<JoinHandle<()>> {
         let watchdog = if self.enabled { sd_notify::watchdog_enabled() } else { None };
         let tick = watchdog.map_or(Duration::from_secs(1), |wd| (wd / 2).min(Duration::from_secs(1)));
         let limit = Self::stall_limit();
@@ -84,12 +75,12 @@ impl Systemd {
         let spawned = std::thread::Builder::new().name("supervisor".into()).spawn(move || {
             let _line = health.lifeline("supervisor", &shutdown);
             let mut reported: HashSet<(String, u64)> = HashSet::new();
-            while !shutdown.is_triggered() {
+            loop {
                 let summary = summary(&metrics);
                 let stalls = health.stalls(limit);
                 for stall in &stalls {
                     if reported.insert((stall.thread.clone(), stall.since_ms)) {
-                        record_hung(stall, &live, &results);
+                        report_hung(stall, &sink);
                     }
                 }
                 reported.retain(|(t, since)| stalls.iter().any(|s| &s.thread == t && s.since_ms == *since));
@@ -97,15 +88,18 @@ impl Systemd {
                     None => self.send(&[NotifyState::Watchdog, NotifyState::Status(&summary)]),
                     Some(why) => self.send(&[NotifyState::Status(&format!("{why}; {summary}"))]),
                 }
-                std::thread::sleep(tick);
+                crossbeam_channel::select! {
+                    recv(shutdown.closed()) -> _ => return,
+                    default(tick) => {}
+                }
             }
         });
         spawned.map_err(|e| tracing::error!(error = %e, "cannot start the supervisor thread")).ok()
     }
 }
 
-/// Logs a stuck step and hands an error record for each of its images to the sink.
-fn record_hung(stall: &Stall, live: &LiveSettings, results: &Sender<BatchDone>) {
+/// Logs a stuck step and hands its images to the sink, which records each as not labelled.
+fn report_hung(stall: &Stall, sink: &SinkControl) {
     let files: Vec<String> = stall.files.iter().map(|j| j.describe()).collect();
     tracing::error!(
         thread = %stall.thread,
@@ -113,19 +107,8 @@ fn record_hung(stall: &Stall, live: &LiveSettings, results: &Sender<BatchDone>) 
         images = ?files,
         "a worker is stuck in one step: its images get an error record, and the watchdog ping is withheld so systemd restarts labeld"
     );
-    let settings = live.get();
-    let outcomes: Vec<Outcome> = stall
-        .files
-        .iter()
-        .map(|j| Outcome {
-            job: j.clone(),
-            result: Err(ImageError::Hung { thread: stall.thread.clone(), secs: stall.for_.as_secs() }),
-            finished_at: Instant::now(),
-            thumb: None,
-        })
-        .collect();
-    if !outcomes.is_empty() {
-        let _ = results.send(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: None });
+    if !stall.files.is_empty() {
+        sink.hung(&stall.thread, stall.for_.as_secs(), stall.files.clone());
     }
 }
 

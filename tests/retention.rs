@@ -431,7 +431,7 @@ fn archive_folders_swapped_for_links_while_running_are_neither_swept_nor_written
     assert_unchanged(&done_real, &done.with_extension("real"));
     assert_unchanged(&rejects_real, &rejects.with_extension("real"));
     assert!(s.inbox.join("b.png").exists(), "an image that cannot be archived stays in its inbox");
-    assert!(d.log_text().contains("cannot archive labelled image"), "{}", d.log_text());
+    assert!(d.log_text().contains("cannot set the image aside"), "{}", d.log_text());
 
     // The operator puts the folders back and reloads: archiving and sweeping resume.
     for dir in [&done, &rejects] {
@@ -543,4 +543,180 @@ fn kill_9_while_images_are_archived_loses_nothing_and_removes_only_recorded_file
     });
     assert!(foreign.iter().all(|p| p.exists()));
     assert!(d.stop().success());
+}
+
+/// The inode of `p` (links not followed).
+fn inode(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).unwrap().ino()
+}
+
+#[test]
+fn an_edited_replacement_of_an_archived_image_is_never_removed_even_on_the_same_inode() {
+    let s = Setup::new("channel_mean", "\n[http]\nlisten = \"127.0.0.1:0\"\n\n[retention]\nmax_age_days = 30\ninterval_s = 10\n");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
+    let done = s.dir.path().join("done");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    // Due in a minute: taken 30 days ago less 60 s.
+    arrive(&s, &s.inbox, &["a.png"], days_ago(30) + Duration::from_secs(60), false);
+    wait_until("a.png archived", Duration::from_secs(30), || done.join("a.png.json").exists());
+    let archived = done.join("a.png");
+    let (bytes, mtime, ino) = (std::fs::read(&archived).unwrap(), std::fs::metadata(&archived).unwrap().modified().unwrap(), inode(&archived));
+    // The operator swaps in an edited copy of the same size and mtime (rm + cp -p): the file system
+    // often hands the freed inode straight back.
+    let mut edited = bytes.clone();
+    let at = edited.len() / 2;
+    edited[at] ^= 0xff;
+    std::fs::remove_file(&archived).unwrap();
+    std::fs::write(&archived, &edited).unwrap();
+    set_mtime(&archived, mtime);
+    println!("replacement on the same inode: {}", inode(&archived) == ino);
+    // Two whole sweeps after the image became due.
+    wait_until("due", Duration::from_secs(90), || SystemTime::now() > mtime + Duration::from_secs(30 * 86_400));
+    let sweeps = metric(&metrics(&addr), "labeld_retention_sweeps_total");
+    wait_until("two sweeps", Duration::from_secs(40), || metric(&metrics(&addr), "labeld_retention_sweeps_total") >= sweeps + 2);
+    assert_eq!(std::fs::read(&archived).unwrap(), edited, "the edited copy is not the archived image");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_ledger_that_is_a_fifo_stops_nothing_and_labeld_stops_at_once() {
+    let s = Setup::new("channel_mean", "\n[http]\nlisten = \"127.0.0.1:0\"\n\n[retention]\nmax_age_days = 30\ninterval_s = 10\n");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\nquarantine = \"rejects\"\n");
+    let (done, rejects) = (s.dir.path().join("done"), s.dir.path().join("rejects"));
+    std::fs::create_dir_all(&done).unwrap();
+    let fifo = std::ffi::CString::new(done.join(".labeld-archive").as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    arrive(&s, &s.inbox, &["old.png"], years_ago(2), false);
+    arrive(&s, &s.inbox, &["broken.jpg"], years_ago(2), true);
+    wait_until("old.png labelled", Duration::from_secs(30), || s.inbox.join("old.png.json").exists());
+    // The quarantine, with a ledger of its own, is archived into and swept as usual.
+    wait_until("broken.jpg quarantined and removed", Duration::from_secs(40), || !rejects.join("broken.jpg").exists() && !s.inbox.join("broken.jpg").exists());
+    let sweeps = metric(&metrics(&addr), "labeld_retention_sweeps_total");
+    wait_until("sweeps go on", Duration::from_secs(40), || metric(&metrics(&addr), "labeld_retention_sweeps_total") >= sweeps + 1);
+    assert!(s.inbox.join("old.png").exists(), "it cannot be recorded, so it is not moved");
+    assert!(d.log_text().contains("not a regular file"), "{}", d.log_text());
+    let t = Instant::now();
+    assert!(d.stop().success());
+    assert!(t.elapsed() < Duration::from_secs(10), "stopping took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_ledger_deleted_while_running_is_started_again_and_what_is_archived_after_is_removed() {
+    let s = Setup::new("channel_mean", "\n[retention]\nmax_age_days = 30\ninterval_s = 10\n");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
+    let done = s.dir.path().join("done");
+    let d = s.spawn_daemon();
+    arrive(&s, &s.inbox, &["a.png"], years_ago(2), false);
+    wait_until("a.png archived and removed", Duration::from_secs(40), || s.rows().len() == 1 && !done.join("a.png").exists());
+    std::fs::remove_file(done.join(".labeld-archive")).unwrap();
+    arrive(&s, &s.inbox, &["b.png"], years_ago(2), false);
+    wait_until("b.png archived and removed", Duration::from_secs(40), || s.rows().len() == 2 && !s.inbox.join("b.png").exists() && !done.join("b.png").exists());
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_camera_renaming_new_frames_over_one_name_never_gets_an_unlabelled_frame_archived() {
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"move\"\ndone_dir = \"done\"\n");
+    let done = s.dir.path().join("done");
+    let staging = s.dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let n = 400;
+    for i in 0..n {
+        solid(&staging.join(format!("{i}.png")), [(i % 250) as u8, 20, 20], 16, 16 + (i % 7) as u32);
+    }
+    let d = s.spawn_daemon();
+    for i in 0..n {
+        std::fs::rename(staging.join(format!("{i}.png")), s.inbox.join("latest.png")).unwrap();
+        std::thread::sleep(Duration::from_millis((i % 4) as u64 * 5)); // a camera's pace: 0–15 ms apart
+    }
+    // Until the last frame is labelled and the folder is quiet.
+    wait_until("the last frame set aside", Duration::from_secs(60), || !s.inbox.join("latest.png").exists() && !s.inbox.join("latest.png.json").exists());
+    let rows: Vec<String> = s.rows().iter().map(|r| r[r.len() - 1].to_string()).collect();
+    assert!(d.stop().success());
+    let mut archived = 0;
+    for e in std::fs::read_dir(&done).unwrap().map(|e| e.unwrap().path()) {
+        let name = e.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".json") || name.starts_with('.') {
+            continue;
+        }
+        archived += 1;
+        let side = common::read_sidecar(&e);
+        assert_eq!(side["file"]["inode"].as_u64(), Some(inode(&e)), "{name}: its sidecar describes another frame");
+        let id = format!("{}:{}:", side["file"]["dev"], side["file"]["inode"]);
+        assert!(rows.iter().any(|r| r.starts_with(&id)), "{name} has no row");
+    }
+    println!("{n} frames renamed over one name: {} rows, {archived} archived", rows.len());
+    assert!(archived > 0);
+}
+
+#[test]
+fn photos_labelled_where_they_lie_are_not_adopted_when_their_folder_becomes_a_done_dir() {
+    let s = Setup::new("channel_mean", "");
+    // First the folder is an inbox that keeps what it labels.
+    let photos = s.dir.path().join("photos");
+    std::fs::create_dir_all(photos.join("2015")).unwrap();
+    s.edit_config("path = \"inbox\"\n", "path = \"photos\"\n");
+    for name in ["2015/beach.png", "2015/hill.png"] {
+        let p = photos.join(name);
+        solid(&p, RED, 48, 48);
+        set_mtime(&p, years_ago(10));
+    }
+    assert!(s.run_once().status.success());
+    assert!(photos.join("2015/beach.png.json").exists());
+    // Then it becomes a done_dir with retention: the photos are not labeld's archive.
+    std::fs::write(
+        &s.config,
+        std::fs::read_to_string(&s.config).unwrap().replace("path = \"photos\"\n", "path = \"inbox\"\non_done = \"move\"\ndone_dir = \"photos\"\n")
+            + "\n[retention]\nmax_age_days = 1\ninterval_s = 10\n",
+    )
+    .unwrap();
+    let before = snapshot(&photos);
+    let d = s.spawn_daemon();
+    arrive(&s, &s.inbox, &["new.png"], years_ago(2), false);
+    wait_until("new.png archived and removed", Duration::from_secs(40), || s.rows().len() == 3 && !s.inbox.join("new.png").exists() && !photos.join("new.png").exists());
+    assert!(d.stop().success());
+    let mut after = snapshot(&photos);
+    after.retain(|p, _| !p.ends_with(".labeld-archive"));
+    assert_eq!(after, before, "only what labeld archived went");
+}
+
+#[test]
+fn a_sighup_while_labeld_starts_does_not_stop_it() {
+    let s = Setup::new("channel_mean", "");
+    let log = s.dir.path().join("early.log");
+    let mut child = s
+        .labeld()
+        .args(["run", "--config"])
+        .arg(&s.config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    // From the moment labeld's main has run its first step it catches SIGHUP (before that the
+    // kernel is still loading libraries, and systemd sends no reload before READY=1).
+    let catches_hup = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("SigCgt:"))?.to_owned();
+            u64::from_str_radix(line["SigCgt:".len()..].trim(), 16).ok()
+        }).is_some_and(|mask| mask & (1 << (libc::SIGHUP - 1)) != 0)
+    };
+    wait_until("labeld catches SIGHUP", Duration::from_secs(60), catches_hup);
+    let t = Instant::now();
+    let mut sent = 0;
+    while !std::fs::read_to_string(&log).unwrap().contains("INFO ready") {
+        assert!(child.try_wait().unwrap().is_none(), "labeld died from SIGHUP #{sent} at {:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(60), "not ready");
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(child.try_wait().unwrap().is_none());
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    println!("{sent} SIGHUPs while starting");
 }

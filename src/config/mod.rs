@@ -19,6 +19,7 @@ mod output;
 mod retention;
 mod workers;
 
+pub use folders::check_archive_folder;
 pub use http::HttpConfig;
 pub use inbox::{InboxConfig, OnDone, WatchSettings, default_include, image_matcher, is_candidate_name};
 pub use limits::Limits;

@@ -11,6 +11,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::layout::Layout;
 use super::model::Classifier;
+use crate::backoff::Backoff;
 use crate::error::panic_message;
 use crate::beneath::Beneath;
 use super::preprocess::Preprocessor;
@@ -304,7 +305,7 @@ impl Worker {
         n: usize,
         shutdown: &Shutdown,
     ) -> Option<Vec<Ranked>> {
-        let mut delay = RETRY_FIRST;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut failed = false;
         let slot = self.slot.clone();
         loop {
@@ -327,6 +328,7 @@ impl Worker {
                 Err(e) => {
                     failed = true;
                     self.health.set_model_failing(Some(e.clone()));
+                    let delay = backoff.failed(Instant::now());
                     tracing::error!(
                         thread = %self.name,
                         images = n,
@@ -337,7 +339,6 @@ impl Worker {
                     if shutdown.wait_timeout(delay) {
                         return None;
                     }
-                    delay = (delay * 2).min(RETRY_MAX);
                 }
             }
         }

@@ -24,13 +24,14 @@ fn folder(folders: &ArchiveFolders, path: &Path) -> io::Result<std::sync::Arc<Ar
     folders.get(path).ok_or_else(|| io::Error::other(format!("{} was not opened at start or reload", path.display())))
 }
 
-/// Archives one labelled image of `ib` (and its sidecar) per `ib.on_done`.
-pub fn apply(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path) -> io::Result<()> {
+/// Archives one labelled image of `ib` (and its sidecar) per `ib.on_done`. `expect`: the device and
+/// inode of the file that was labelled; another file at that path is left where it is.
+pub fn apply(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path, expect: Option<(u64, u64)>) -> io::Result<()> {
     match &ib.on_done {
         OnDone::Keep => Ok(()),
         OnDone::Move(dir) => {
             let done = folder(folders, dir)?;
-            let dest = move_under(&ib.path, &done, image)?;
+            let dest = move_under(&ib.path, &done, image, expect)?;
             move_sidecar(&ib.path, image, &done, &dest)
         }
         OnDone::Delete => {
@@ -42,10 +43,10 @@ pub fn apply(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path) -> io::Re
 
 /// Moves one failed image of `ib` (and its error sidecar) into the inbox's quarantine, if it has one;
 /// returns where the image went.
-pub fn quarantine(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path) -> io::Result<Option<PathBuf>> {
+pub fn quarantine(ib: &InboxConfig, folders: &ArchiveFolders, image: &Path, expect: Option<(u64, u64)>) -> io::Result<Option<PathBuf>> {
     let Some(q) = &ib.quarantine else { return Ok(None) };
     let q = folder(folders, q)?;
-    let dest = move_under(&ib.path, &q, image)?;
+    let dest = move_under(&ib.path, &q, image, expect)?;
     move_sidecar(&ib.path, image, &q, &dest)?;
     Ok(Some(dest))
 }
@@ -87,9 +88,11 @@ pub fn finish(ib: &InboxConfig, folders: &ArchiveFolders) -> usize {
                 }
             }
         } else if ib.wants(path) && labelled::is_labelled_under(&ib.path, path) {
-            let done = match read_sidecar(path).map(|r| r.status) {
-                Some(Status::Ok) if ib.on_done != OnDone::Keep => apply(ib, folders, path),
-                Some(Status::Error) if ib.quarantine.is_some() => quarantine(ib, folders, path).map(drop),
+            let Some(record) = read_sidecar(path) else { continue };
+            let expect = record.file.map(|id| (id.dev, id.inode));
+            let done = match record.status {
+                Status::Ok if ib.on_done != OnDone::Keep => apply(ib, folders, path, expect),
+                Status::Error if ib.quarantine.is_some() => quarantine(ib, folders, path, expect).map(drop),
                 _ => continue,
             };
             report(path, done, &mut handled);

@@ -9,6 +9,11 @@
 //!
 //! Output failures (disk full, read-only folder) do not lose results: what could not be written is
 //! kept and retried with back-off (0.5 s doubling to 30 s), and the images stay in flight meanwhile.
+//! An image that could not be set aside (its archive folder full, unavailable or replaced) stays in
+//! its inbox with its row and sidecar and is tried again with back-off (0.5 s doubling to 5 min).
+//!
+//! The sink is one thread that blocks on its inputs: results from the workers, commands (reopen the
+//! log, new settings, a stuck worker's images to record) and the deadline of the next retry.
 
 pub mod archive;
 pub mod log_tap;
@@ -21,16 +26,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 
+use crate::backoff::Backoff;
 use crate::beneath::{self, Beneath};
 use crate::vocab::Identity;
-use crate::config::{Config, InboxConfig, LabelSource, LabelsLang, OnDone};
+use crate::config::{Config, InboxConfig, LabelSource, LabelsLang};
 use crate::error::{Fatal, ImageError};
 use crate::health::Lifeline;
 use crate::infer::{BatchDone, Outcome};
@@ -54,6 +59,8 @@ pub struct OutputSettings {
     pub csv: PathBuf,
     pub columns: Columns,
     pub inboxes: Vec<InboxConfig>,
+    /// The model's name, for records the workers did not make (a stuck worker's images).
+    pub model: String,
 }
 
 impl OutputSettings {
@@ -63,6 +70,7 @@ impl OutputSettings {
             csv: c.output.csv.clone(),
             columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some() },
             inboxes: c.inboxes.clone(),
+            model: c.model.name.clone(),
         }
     }
 }
@@ -72,21 +80,35 @@ pub struct Sink {
     control: SinkControl,
 }
 
-/// Asks the running sink to reopen its log (SIGHUP) or to take new settings (reload). Both happen
-/// between batches.
+/// What the running sink is asked to do besides writing results; each is done between batches.
+enum Command {
+    /// Reopen the results log (SIGHUP, after logrotate `create`).
+    Reopen,
+    /// New settings from a reload.
+    Reconfigure(OutputSettings),
+    /// The images of a worker stuck for `secs` in thread `thread`: each gets an error record now.
+    Hung { thread: String, secs: u64, jobs: Vec<Job> },
+}
+
+/// Asks the running sink to reopen its log, take new settings, or record a stuck worker's images.
 #[derive(Clone)]
 pub struct SinkControl {
-    reopen: Arc<AtomicBool>,
-    next: Arc<Mutex<Option<OutputSettings>>>,
+    tx: crossbeam_channel::Sender<Command>,
 }
 
 impl SinkControl {
     pub fn reopen(&self) {
-        self.reopen.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(Command::Reopen);
     }
 
     pub fn reconfigure(&self, s: OutputSettings) {
-        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        let _ = self.tx.send(Command::Reconfigure(s));
+    }
+
+    /// Records `jobs` as not labelled because their worker `thread` was stuck for `secs`: so that after
+    /// the restart the watchdog causes they are not tried again.
+    pub fn hung(&self, thread: &str, secs: u64, jobs: Vec<Job>) {
+        let _ = self.tx.send(Command::Hung { thread: thread.to_string(), secs, jobs });
     }
 }
 
@@ -108,15 +130,17 @@ impl Sink {
         for ib in &settings.inboxes {
             archive::finish(ib, &folders);
         }
-        let control = SinkControl { reopen: Arc::new(AtomicBool::new(false)), next: Arc::new(Mutex::new(None)) };
+        let (tx, commands) = crossbeam_channel::unbounded();
+        let control = SinkControl { tx };
         let writer = Writer {
             log,
             inboxes: settings.inboxes,
             folders,
-            control: control.clone(),
+            model: settings.model,
             rows: Vec::new(),
             sidecars: Vec::new(),
-            backoff: Backoff::default(),
+            backoff: Backoff::new(WRITE_RETRY_FIRST, WRITE_RETRY_MAX),
+            asides: Vec::new(),
             totals: Totals::default(),
             metrics,
             recent,
@@ -128,7 +152,7 @@ impl Sink {
             .name("sink".into())
             .spawn(move || {
                 let _line = lifeline;
-                writer.run(rx)
+                writer.run(rx, commands)
             })
             .map_err(|e| Fatal::io("cannot start sink thread", e))?;
         Ok(Sink { handle, control })
@@ -203,29 +227,19 @@ fn needs_sidecar(record: &Record, inboxes: &[InboxConfig]) -> bool {
 
 const FAULT_RETRY_FIRST: Duration = Duration::from_millis(500);
 const FAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+const WRITE_RETRY_FIRST: Duration = Duration::from_millis(500);
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 const MAX_FAULTS_TRACKED: usize = 100_000;
 
-#[derive(Default)]
-struct Backoff {
-    delay: Option<Duration>,
-    next: Option<Instant>,
-}
-
-impl Backoff {
-    fn failed(&mut self) -> Duration {
-        let d = self.delay.map_or(Duration::from_millis(500), |d| (d * 2).min(Duration::from_secs(30)));
-        self.delay = Some(d);
-        self.next = Some(Instant::now() + d);
-        d
-    }
-
-    fn succeeded(&mut self) {
-        *self = Backoff::default();
-    }
-
-    fn due(&self) -> bool {
-        self.next.is_none_or(|t| Instant::now() >= t)
-    }
+/// An image with its row and sidecar that could not be set aside yet (its archive folder full,
+/// unavailable or replaced): tried again with back-off; it waits in its inbox meanwhile.
+struct Aside {
+    image: PathBuf,
+    status: Status,
+    /// The device and inode of the file that was labelled.
+    expect: Option<(u64, u64)>,
+    tries: u32,
+    next: Instant,
 }
 
 /// A result whose sidecar is not written yet. It holds the job, and so the image's claim: the image
@@ -242,12 +256,15 @@ struct Writer {
     inboxes: Vec<InboxConfig>,
     /// The done and quarantine folders, pinned (at start and by each reload).
     folders: ArchiveFolders,
-    control: SinkControl,
+    /// The model's name, for a stuck worker's records.
+    model: String,
     /// CSV rows not yet written.
     rows: Vec<Record>,
     /// Sidecars not yet written.
     sidecars: Vec<Pending>,
+    /// When rows and sidecars that failed are written again.
     backoff: Backoff,
+    asides: Vec<Aside>,
     totals: Totals,
     metrics: Metrics,
     recent: Recent,
@@ -262,30 +279,25 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<BatchDone>) -> Totals {
+    fn run(mut self, rx: Receiver<BatchDone>, mut commands: Receiver<Command>) -> Totals {
         loop {
-            let wait = if self.rows.is_empty() && self.sidecars.is_empty() {
-                Duration::from_millis(500)
-            } else {
-                Duration::from_millis(100)
-            };
-            match rx.recv_timeout(wait) {
-                Ok(batch) => self.accept(batch),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            let retry = self.next_retry().map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+            crossbeam_channel::select! {
+                recv(rx) -> batch => match batch {
+                    Ok(batch) => self.accept(batch),
+                    Err(_) => break, // every worker is done
+                },
+                recv(commands) -> command => match command {
+                    Ok(c) => self.command(c),
+                    Err(_) => commands = crossbeam_channel::never(),
+                },
+                recv(retry) -> _ => {}
             }
-            if self.control.reopen.swap(false, Ordering::SeqCst) {
-                if let Err(e) = self.log.reopen() {
-                    tracing::error!(csv = %self.log.path().display(), error = %e, "cannot reopen results log");
-                }
-            }
-            let next = self.control.next.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(next) = next {
-                self.reconfigure(next);
-            }
-            if self.backoff.due() {
+            let now = Instant::now();
+            if self.backoff.due(now) {
                 self.flush();
             }
+            self.retry_asides(now);
         }
         self.flush();
         if !self.rows.is_empty() || !self.sidecars.is_empty() {
@@ -298,8 +310,34 @@ impl Writer {
         self.totals
     }
 
+    /// When the sink must wake without input: rows or sidecars to write again, or an image to set aside.
+    fn next_retry(&self) -> Option<Instant> {
+        let writes = (!self.rows.is_empty() || !self.sidecars.is_empty()).then(|| self.backoff.next()).flatten();
+        writes.into_iter().chain(self.asides.iter().map(|a| a.next)).min()
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Reopen => {
+                if let Err(e) = self.log.reopen() {
+                    tracing::error!(csv = %self.log.path().display(), error = %e, "cannot reopen results log");
+                }
+            }
+            Command::Reconfigure(next) => self.reconfigure(next),
+            Command::Hung { thread, secs, jobs } => {
+                let now = Instant::now();
+                let outcomes = jobs
+                    .into_iter()
+                    .map(|job| Outcome { job, result: Err(ImageError::Hung { thread: thread.clone(), secs }), finished_at: now, thumb: None })
+                    .collect();
+                self.accept(BatchDone { outcomes, model: Arc::from(self.model.as_str()), min_score: None });
+            }
+        }
+    }
+
     /// New settings from a reload. Rows not yet written go to the new log.
     fn reconfigure(&mut self, next: OutputSettings) {
+        self.model = next.model.clone();
         if next.csv != self.log.path() || next.columns != self.log.columns() {
             match ResultLog::open_tapped(&next.csv, next.columns, self.log.tap()) {
                 Ok(log) => {
@@ -364,7 +402,7 @@ impl Writer {
     fn retry_later(&mut self, claim: &Claim, error: &str) {
         let tries = self.faults.entry(claim.path().to_path_buf()).or_insert(0);
         *tries += 1;
-        let delay = FAULT_RETRY_FIRST.saturating_mul(1 << (*tries - 1).min(10)).min(FAULT_RETRY_MAX);
+        let delay = Backoff::new(FAULT_RETRY_FIRST, FAULT_RETRY_MAX).delay_after(*tries);
         self.metrics.read_faults.inc();
         tracing::warn!(path = %claim.path().display(), error, tries = *tries, retry_in = ?delay, "cannot read image now; not recorded, retried");
         claim.retry_after(delay);
@@ -437,7 +475,7 @@ impl Writer {
                 Ok(()) => self.rows.clear(),
                 Err(e) => {
                     self.metrics.csv_write_errors.inc();
-                    let retry = self.backoff.failed();
+                    let retry = self.backoff.failed(Instant::now());
                     tracing::error!(csv = %self.log.path().display(), error = %e, rows = self.rows.len(), retry_in = ?retry, "cannot write to results log");
                 }
             }
@@ -491,7 +529,7 @@ impl Writer {
         }
         self.sidecars = failed;
         if let Some((image, e)) = first_error {
-            let retry = self.backoff.failed();
+            let retry = self.backoff.failed(Instant::now());
             tracing::error!(path = %image.display(), error = %e, pending = self.sidecars.len(), retry_in = ?retry, "cannot write sidecar");
         } else if self.rows.is_empty() {
             self.backoff.succeeded();
@@ -535,31 +573,66 @@ impl Writer {
     }
 
     /// Only the very file that was labelled is moved or deleted: if another file took its path
-    /// meanwhile (folders renamed or swapped), it is left alone (invariant I4, docs/design.md).
-    fn set_aside(&self, p: &Pending) {
-        let image = p.image.as_path();
-        let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) else { return };
-        if ib.on_done == OnDone::Keep && ib.quarantine.is_none() {
+    /// meanwhile (folders renamed or swapped), it is left alone (invariant I4, docs/design.md). One
+    /// that cannot be set aside now is tried again with back-off.
+    fn set_aside(&mut self, p: &Pending) {
+        let expect = p.job.identity.map(|id| (id.dev, id.inode));
+        let mut aside = Aside { image: p.image.clone(), status: p.record.status, expect, tries: 0, next: Instant::now() };
+        if !self.try_aside(&mut aside) {
+            self.asides.push(aside);
+            if self.asides.len() > MAX_FAULTS_TRACKED {
+                // Those forgotten wait in their inbox until the next start or reload sets them aside.
+                self.asides.remove(0);
+            }
+        }
+    }
+
+    /// Images whose set-aside failed, once their wait is over.
+    fn retry_asides(&mut self, now: Instant) {
+        if self.asides.iter().all(|a| a.next > now) {
             return;
         }
-        if let Some(id) = p.job.identity {
-            let now = Beneath::new(&ib.path, image).and_then(|b| b.metadata()).map(|m| (m.dev(), m.ino()));
-            if now.ok() != Some((id.dev, id.inode)) {
-                tracing::warn!(path = %image.display(), "another file took this path after it was labelled; not moved or deleted");
-                return;
-            }
+        let mut waiting = std::mem::take(&mut self.asides);
+        waiting.retain_mut(|a| a.next > now || !self.try_aside(a));
+        self.asides = waiting;
+    }
+
+    /// Sets `a` aside; false when it should be tried again later (its wait set).
+    fn try_aside(&self, a: &mut Aside) -> bool {
+        let image = a.image.as_path();
+        let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) else { return true };
+        if !ib.sets_aside() {
+            return true;
         }
-        match p.record.status {
-            Status::Ok => {
-                if let Err(e) = archive::apply(ib, &self.folders, image) {
-                    tracing::error!(path = %image.display(), on_done = ib.on_done.as_str(), error = %e, "cannot archive labelled image; it stays in the inbox (retried at the next start)");
+        if let Some(id) = a.expect {
+            let now = Beneath::new(&ib.path, image).and_then(|b| b.metadata()).map(|m| (m.dev(), m.ino()));
+            match now {
+                Ok(now) if now == id => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && a.tries > 0 => return true, // set aside meanwhile (a reload, a start)
+                _ => {
+                    tracing::warn!(path = %image.display(), "another file took this path after it was labelled; not moved or deleted");
+                    return true;
                 }
             }
-            Status::Error => match archive::quarantine(ib, &self.folders, image) {
-                Ok(Some(dest)) => tracing::info!(from = %image.display(), to = %dest.display(), "moved to quarantine"),
-                Ok(None) => {}
-                Err(e) => tracing::error!(path = %image.display(), error = %e, "cannot move to quarantine; the image and its error sidecar stay in the inbox (retried at the next start)"),
-            },
+        }
+        let result = match a.status {
+            Status::Ok => archive::apply(ib, &self.folders, image, a.expect).map(|()| None),
+            Status::Error => archive::quarantine(ib, &self.folders, image, a.expect),
+        };
+        match result {
+            Ok(Some(dest)) => {
+                tracing::info!(from = %image.display(), to = %dest.display(), "moved to quarantine");
+                true
+            }
+            Ok(None) => true,
+            Err(e) => {
+                a.tries += 1;
+                let wait = Backoff::new(FAULT_RETRY_FIRST, FAULT_RETRY_MAX).delay_after(a.tries);
+                a.next = Instant::now() + wait;
+                let what = if a.status == Status::Ok { ib.on_done.as_str() } else { "quarantine" };
+                tracing::error!(path = %image.display(), to = what, error = %e, tries = a.tries, retry_in = ?wait, "cannot set the image aside; it stays in the inbox with its row and sidecar and is tried again");
+                false
+            }
         }
     }
 }

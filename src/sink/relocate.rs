@@ -21,15 +21,17 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::beneath::{self, Beneath};
-use crate::ledger::{ArchiveFolder, FileKey};
+use crate::ledger::{ArchiveFolder, FileKey, Meta};
 use crate::vocab::sidecar_path;
 
 /// More images of one name than this in one folder is an operator problem, not a reason to loop.
 const MAX_SUFFIX: u32 = 100_000;
 
 /// Moves `image` from `inbox` to the same relative path under the archive folder `dest`, creating
-/// folders as needed, under the first free numbered name; returns where it went.
-pub fn move_under(inbox: &Path, dest: &ArchiveFolder, image: &Path) -> io::Result<PathBuf> {
+/// folders as needed, under the first free numbered name; returns where it went. With `expect` (the
+/// device and inode of the file that was labelled), only that very file is moved: another file that
+/// took its name meanwhile stays in the inbox (is put back, should it slip in during the move).
+pub fn move_under(inbox: &Path, dest: &ArchiveFolder, image: &Path, expect: Option<(u64, u64)>) -> io::Result<PathBuf> {
     let rel = rel_in(inbox, image)?;
     let root = dest.root()?;
     let src = Beneath::new(inbox, image)?;
@@ -44,7 +46,7 @@ pub fn move_under(inbox: &Path, dest: &ArchiveFolder, image: &Path) -> io::Resul
         }
         let rel_dest = rel_dir.join(&name);
         let record = |key: FileKey| dest.record(&root, &[(key, rel_dest.as_path())]);
-        match move_at(&src_dir, src.file_name(), &dest_dir, name.as_os_str(), &record) {
+        match move_at(&src_dir, src.file_name(), &dest_dir, name.as_os_str(), expect, &record) {
             Ok(()) => return Ok(dest.path.join(&rel_dest)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", image.display(), dest.path.join(&rel_dest).display()))),
@@ -63,7 +65,7 @@ pub fn move_sidecar(inbox: &Path, image: &Path, dest: &ArchiveFolder, dest_image
     let src_dir = src.open_parent()?;
     let dest_dir = beneath::create_dirs_beneath(&root, rel_to.parent().unwrap_or(Path::new("")))?;
     let record = |key: FileKey| dest.record(&root, &[(key, rel_to.as_path())]);
-    move_at(&src_dir, src.file_name(), &dest_dir, file_name(&rel_to), &record)
+    move_at(&src_dir, src.file_name(), &dest_dir, file_name(&rel_to), None, &record)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", from.display(), dest.path.join(&rel_to).display())))?;
     beneath::sync_dir(&dest_dir)?;
     beneath::sync_dir(&src_dir)
@@ -155,28 +157,80 @@ fn split_name(path: &Path) -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Moves `from` to `to` (names in open folders), failing with `AlreadyExists` if `to` exists;
-/// across filesystems copies, then removes `from`. `record` is called with the key the file will have
-/// at `to`, and must succeed, before the file appears there.
-fn move_at(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr, record: &dyn Fn(FileKey) -> io::Result<()>) -> io::Result<()> {
-    let st = rustix::fs::statat(from_dir, from, AtFlags::SYMLINK_NOFOLLOW)?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+/// across filesystems copies, then takes `from` away. `record` is called with the key the file will
+/// have at `to`, and must succeed, before the file appears there. With `expect`, `from` must be that
+/// device and inode. What arrives at `to` is checked to be what was recorded: a file that took the
+/// name of `from` between the look and the rename is put back into `from`'s folder.
+fn move_at(
+    from_dir: &OwnedFd,
+    from: &OsStr,
+    to_dir: &OwnedFd,
+    to: &OsStr,
+    expect: Option<(u64, u64)>,
+    record: &dyn Fn(FileKey) -> io::Result<()>,
+) -> io::Result<()> {
+    let m = Meta::at(from_dir, from)?;
+    if m.kind != FileType::RegularFile {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
-    let same_fs = rustix::fs::fstat(to_dir).is_ok_and(|d| d.st_dev == st.st_dev);
-    let moved = if same_fs {
-        // A rename keeps device, inode, size and mtime: the key recorded is the key it will have.
-        record(FileKey::of(&st))?;
-        rename_no_replace(from_dir, from, to_dir, to)
-    } else {
-        Err(io::Error::from_raw_os_error(libc::EXDEV))
-    };
-    match moved {
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            copy_no_replace(from_dir, from, to_dir, to, record)?;
-            Ok(rustix::fs::unlinkat(from_dir, from, AtFlags::empty())?)
-        }
-        other => other,
+    if expect.is_some_and(|e| e != (m.key.dev, m.key.ino)) {
+        return Err(io::Error::other("another file took its name after it was labelled; that one stays in the inbox"));
     }
+    let same_fs = Meta::of(to_dir).is_ok_and(|d| d.key.dev == m.key.dev);
+    if same_fs {
+        // A rename keeps device, inode, size, mtime and birth time: the key recorded is the key it will have.
+        record(m.key)?;
+        match rename_no_replace(from_dir, from, to_dir, to) {
+            Ok(()) => {
+                if Meta::at(to_dir, to).is_ok_and(|now| now.key == m.key) {
+                    return Ok(());
+                }
+                let back = put_back(to_dir, to, from_dir, from)?;
+                return Err(io::Error::other(format!(
+                    "another file took its name while it was moved; that one is back in the inbox as {}",
+                    back.to_string_lossy()
+                )));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    copy_no_replace(from_dir, from, to_dir, to, m.key, record)?;
+    take_away(from_dir, from, m.key)
+}
+
+/// Renames `name` (in `dir`, not the labelled file) back to `orig` in `home`, or, if that name is taken
+/// again by now, to the first free numbered name beside it; returns the name it got.
+fn put_back(dir: &OwnedFd, name: &OsStr, home: &OwnedFd, orig: &OsStr) -> io::Result<OsString> {
+    for n in 0..MAX_SUFFIX {
+        let back = numbered(Path::new(orig), n).into_os_string();
+        match rename_no_replace(dir, name, home, &back) {
+            Ok(()) => return Ok(back),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("no free name to put a file back under"))
+}
+
+/// Removes `name` from `dir` once it is known to be the file with `key` (copied elsewhere already):
+/// renamed to a private temp name first, so that a file that took the name meanwhile is never deleted
+/// but put back.
+fn take_away(dir: &OwnedFd, name: &OsStr, key: FileKey) -> io::Result<()> {
+    let (tmp, placeholder) = beneath::create_temp(dir)?;
+    drop(placeholder);
+    let result = (|| {
+        // Over our own empty placeholder: the temp name is unpredictable and created O_EXCL.
+        rustix::fs::renameat(dir, name, dir, &tmp)?;
+        if Meta::at(dir, &tmp)?.key == key {
+            return Ok(rustix::fs::unlinkat(dir, &tmp, AtFlags::empty())?);
+        }
+        let back = put_back(dir, tmp.as_os_str(), dir, name)?;
+        tracing::warn!(name = %back.to_string_lossy(), "a file took the name of an image while it was copied out of the inbox; it stays in the inbox");
+        Ok(())
+    })();
+    let _ = rustix::fs::unlinkat(dir, &tmp, AtFlags::empty()); // the placeholder, if the rename failed
+    result
 }
 
 fn rename_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr) -> io::Result<()> {
@@ -190,14 +244,18 @@ fn rename_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &Os
     }
 }
 
-/// Copies `from` into a fresh temp file beside `to` (contents, permissions, mtime, fsynced), records
-/// the copy's key, then renames it to `to` unless that exists. The source is left in place.
-fn copy_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr, record: &dyn Fn(FileKey) -> io::Result<()>) -> io::Result<()> {
+/// Copies `from` (which must be the file with `key`) into a fresh temp file beside `to` (contents,
+/// permissions, mtime, fsynced), records the copy's key, then renames it to `to` unless that exists.
+/// The source is left in place.
+fn copy_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsStr, key: FileKey, record: &dyn Fn(FileKey) -> io::Result<()>) -> io::Result<()> {
     let read = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let mut src = File::from(rustix::fs::openat(from_dir, from, read, Mode::empty())?);
     let meta = src.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if Meta::of(&src)?.key != key {
+        return Err(io::Error::other("another file took its name after it was labelled; that one stays in the inbox"));
     }
     let (tmp, mut out) = beneath::create_temp(to_dir)?;
     let result = (|| {
@@ -206,7 +264,7 @@ fn copy_no_replace(from_dir: &OwnedFd, from: &OsStr, to_dir: &OwnedFd, to: &OsSt
         // Keep the original mtime: the copy is the same image.
         out.set_modified(meta.modified()?)?;
         out.sync_all()?;
-        record(FileKey::of(&rustix::fs::fstat(&out)?))?;
+        record(Meta::of(&out)?.key)?;
         rename_no_replace(to_dir, tmp.as_os_str(), to_dir, to)
     })();
     if result.is_err() {
@@ -233,9 +291,13 @@ mod tests {
 
     use std::fs;
 
+    fn key(p: &Path) -> FileKey {
+        Meta::at(rustix::fs::CWD, p).unwrap().key
+    }
+
     fn keys_recorded(folder: &ArchiveFolder, paths: &[PathBuf]) -> usize {
         let root = folder.root().unwrap();
-        let keys = paths.iter().map(|p| FileKey::of(&rustix::fs::stat(p).unwrap())).collect();
+        let keys = paths.iter().map(|p| (key(p), p.strip_prefix(&folder.path).unwrap().to_path_buf())).collect();
         folder.recorded(&root, &keys).unwrap().len()
     }
 
@@ -244,12 +306,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (inbox, done) = (dir.path().join("in"), dir.path().join("done"));
         fs::create_dir_all(inbox.join("cam")).unwrap();
-        let folder = ArchiveFolder::new(&done);
+        let folder = ArchiveFolder::new(&done, vec![]);
         for content in [b"one", b"two", b"thr"] {
             let img = inbox.join("cam/IMG_0001.jpg");
             fs::write(&img, content).unwrap();
             fs::write(sidecar_path(&img), content).unwrap();
-            let dest = move_under(&inbox, &folder, &img).unwrap();
+            let dest = move_under(&inbox, &folder, &img, Some(ident(&img))).unwrap();
             move_sidecar(&inbox, &img, &folder, &dest).unwrap();
         }
         let mut moved = Vec::new();
@@ -271,14 +333,14 @@ mod tests {
         fs::create_dir_all(&outside).unwrap();
         fs::write(outside.join("a.jpg"), b"not yours").unwrap();
         std::os::unix::fs::symlink(&outside, inbox.join("cam")).unwrap();
-        let folder = ArchiveFolder::new(&done);
-        assert!(move_under(&inbox, &folder, &inbox.join("cam/a.jpg")).is_err());
+        let folder = ArchiveFolder::new(&done, vec![]);
+        assert!(move_under(&inbox, &folder, &inbox.join("cam/a.jpg"), None).is_err());
         assert_eq!(fs::read(outside.join("a.jpg")).unwrap(), b"not yours");
         // A link planted inside the archive folder where the image's sub-folder goes.
         fs::create_dir_all(inbox.join("cam2")).unwrap();
         fs::write(inbox.join("cam2/b.jpg"), b"b").unwrap();
         std::os::unix::fs::symlink(&outside, done.join("cam2")).unwrap();
-        assert!(move_under(&inbox, &folder, &inbox.join("cam2/b.jpg")).is_err());
+        assert!(move_under(&inbox, &folder, &inbox.join("cam2/b.jpg"), None).is_err());
         assert!(inbox.join("cam2/b.jpg").exists(), "the image stays in its inbox");
         assert!(!outside.join("b.jpg").exists());
     }
@@ -286,7 +348,7 @@ mod tests {
     #[test]
     fn the_image_a_crash_parted_from_its_sidecar_is_the_last_moved_without_one() {
         let dir = tempfile::tempdir().unwrap();
-        let folder = ArchiveFolder::new(dir.path());
+        let folder = ArchiveFolder::new(dir.path(), vec![]);
         let wanted = dir.path().join("IMG_0001.jpg");
         fs::write(&wanted, b"a").unwrap();
         fs::write(sidecar_path(&wanted), b"{}").unwrap();
@@ -311,17 +373,76 @@ mod tests {
             seen.set(Some(k));
             Ok(())
         };
-        let copy = || copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("b"), &record);
+        let a = key(&from);
+        let copy = || copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("b"), a, &record);
         assert_eq!(copy().unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&to).unwrap(), b"old");
         fs::remove_file(&to).unwrap();
         copy().unwrap();
         assert_eq!(fs::read(&to).unwrap(), b"new");
-        assert_eq!(seen.get(), Some(FileKey::of(&rustix::fs::stat(&to).unwrap())), "the key recorded is the copy's");
+        assert_eq!(seen.get(), Some(key(&to)), "the key recorded is the copy's");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temp file left");
         // A record that cannot be written stops the move.
         let refuse = |_: FileKey| Err(io::Error::other("ledger full"));
-        assert!(copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("c"), &refuse).is_err());
+        assert!(copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("c"), a, &refuse).is_err());
         assert!(!dir.path().join("c").exists());
+        // Not the file that was labelled: nothing copied.
+        let other = FileKey { ino: a.ino + 1, ..a };
+        assert!(copy_no_replace(&fd, OsStr::new("a"), &fd, OsStr::new("d"), other, &record).is_err());
+        assert!(!dir.path().join("d").exists());
+    }
+
+    fn ident(p: &Path) -> (u64, u64) {
+        let k = key(p);
+        (k.dev, k.ino)
+    }
+
+    #[test]
+    fn another_file_that_took_the_name_is_never_archived_in_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, done) = (dir.path().join("in"), dir.path().join("done"));
+        fs::create_dir_all(&inbox).unwrap();
+        let folder = ArchiveFolder::new(&done, vec![]);
+        let img = inbox.join("latest.jpg");
+        fs::write(&img, b"labelled").unwrap();
+        let labelled = ident(&img);
+        // The camera renames a new frame over the name before the move.
+        fs::write(inbox.join("next"), b"the next frame").unwrap();
+        fs::rename(inbox.join("next"), &img).unwrap();
+        assert!(move_under(&inbox, &folder, &img, Some(labelled)).is_err());
+        assert_eq!(fs::read(&img).unwrap(), b"the next frame", "the new frame stays in the inbox");
+        assert!(!done.join("latest.jpg").exists());
+    }
+
+    #[test]
+    fn a_file_that_slips_into_the_name_during_the_rename_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, done) = (dir.path().join("in"), dir.path().join("done"));
+        fs::create_dir_all(&inbox).unwrap();
+        fs::create_dir_all(&done).unwrap();
+        let img = inbox.join("latest.jpg");
+        fs::write(&img, b"labelled").unwrap();
+        let labelled = key(&img);
+        let fd = |p: &Path| -> OwnedFd { File::open(p).unwrap().into() };
+        let (from_dir, to_dir) = (fd(&inbox), fd(&done));
+        // The look has happened (`record` runs after it); the new frame lands before the rename.
+        let swap = |_: FileKey| {
+            fs::write(inbox.join("next"), b"the next frame").unwrap();
+            fs::rename(inbox.join("next"), &img).unwrap();
+            Ok(())
+        };
+        let e = move_at(&from_dir, OsStr::new("latest.jpg"), &to_dir, OsStr::new("latest.jpg"), Some((labelled.dev, labelled.ino)), &swap).unwrap_err();
+        assert!(e.to_string().contains("back in the inbox"), "{e}");
+        assert_eq!(fs::read(&img).unwrap(), b"the next frame", "put back under its own name");
+        assert!(!done.join("latest.jpg").exists());
+        // Taken away after a copy: the new frame that took the name in the meantime is kept.
+        fs::write(inbox.join("copied.jpg"), b"copied").unwrap();
+        let copied = key(&inbox.join("copied.jpg"));
+        fs::write(inbox.join("next"), b"newer").unwrap();
+        fs::rename(inbox.join("next"), inbox.join("copied.jpg")).unwrap();
+        take_away(&from_dir, OsStr::new("copied.jpg"), copied).unwrap();
+        assert_eq!(fs::read(inbox.join("copied.jpg")).unwrap(), b"newer");
+        let names: Vec<_> = fs::read_dir(&inbox).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no temp file left: {names:?}");
     }
 }
