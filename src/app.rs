@@ -194,18 +194,17 @@ async fn serve(
             None
         }
     };
-    control.start_watch()?;
+    control.start_watch().await?;
     health.set_ready(true);
     tracing::info!("ready");
     control.systemd.ready(&crate::systemd::summary(&control.metrics));
     let supervisor =
         control.systemd.supervise(health.clone(), control.metrics.clone(), control.sink.clone(), shutdown.clone());
-    let mut watch_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
             Some(()) = reload_rx.recv() => control.reload().await,
-            _ = watch_check.tick() => control.check_watch(&shutdown),
+            () = control.watch_ended() => control.watch_died(&shutdown),
         }
     }
     control.systemd.stopping();
@@ -240,19 +239,29 @@ struct Control {
 }
 
 impl Control {
-    fn start_watch(&mut self) -> Result<(), Fatal> {
+    /// Starts the watch stage off the async runtime (creating and watching folders blocks).
+    async fn start_watch(&mut self) -> Result<(), Fatal> {
         let stop = Shutdown::new();
-        let watch = Watch::start(self.config.inboxes.clone(), self.feeder.clone(), self.health.clone(), stop.clone())?;
+        let (inboxes, feeder, health, s) = (self.config.inboxes.clone(), self.feeder.clone(), self.health.clone(), stop.clone());
+        let watch = tokio::task::spawn_blocking(move || Watch::start(inboxes, feeder, health, s))
+            .await
+            .map_err(|e| Fatal::Other(format!("the inbox watch start failed: {e}")))??;
         self.watch = Some((watch, stop));
         Ok(())
     }
 
-    /// A watch task that ended without being stopped (a panic) stops labeld with a failure.
-    fn check_watch(&self, shutdown: &Shutdown) {
-        if let Some((watch, stop)) = &self.watch {
-            if watch.is_finished() && !stop.is_triggered() {
-                self.health.lifeline("watcher", shutdown).died("the inbox watch task ended unexpectedly (a panic is logged above)");
-            }
+    /// Resolves when the running watch thread ends; pending while none runs.
+    async fn watch_ended(&mut self) {
+        match &mut self.watch {
+            Some((watch, _)) => watch.ended().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A watch thread that ended without being stopped (a panic) stops labeld with a failure.
+    fn watch_died(&self, shutdown: &Shutdown) {
+        if self.watch.as_ref().is_some_and(|(_, stop)| !stop.is_triggered()) {
+            self.health.lifeline("watcher", shutdown).died("the inbox watch thread ended unexpectedly (a panic is logged above)");
         }
     }
 
@@ -291,7 +300,7 @@ impl Control {
         self.config = r.config;
         if r.inboxes_changed || self.watch.is_none() {
             self.stop_watch().await;
-            match self.start_watch() {
+            match self.start_watch().await {
                 Ok(()) => self.health.set_ready(true),
                 Err(e) => {
                     // The queue, workers and sink keep running; files arriving now are found by the

@@ -3,10 +3,14 @@
 //! connection (`mqtt`) runs on its own thread, so labelling never waits for the broker.
 
 pub mod checkpoint;
+pub mod ledger;
 pub mod message;
 pub mod mqtt;
 pub mod outbox;
+#[cfg(test)]
+mod outbox_model;
 pub mod status;
+mod window;
 
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -34,7 +38,7 @@ impl Publisher {
     /// publishing from its checkpoint. `once`: a clean stop publishes until caught up.
     pub fn start(config: &Config, tap: LogTap, metrics: &Metrics, lifeline: Lifeline, once: bool) -> Result<Option<Publisher>, Fatal> {
         let Some(m) = &config.mqtt else { return Ok(None) };
-        let outbox = Outbox::open(tap, &m.checkpoint).map_err(|e| {
+        let outbox = Outbox::open(tap, &m.checkpoint, std::time::Instant::now()).map_err(|e| {
             Fatal::io(format!("cannot open the MQTT outbox checkpoint {} ([mqtt] checkpoint)", m.checkpoint.display()), e)
         })?;
         let status = PublishStatus::new(&m.url);

@@ -5,16 +5,18 @@
 //! sent twice except what a crash caught between an acknowledgement and the checkpoint write, and
 //! nothing unacknowledged is skipped.
 
-use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
 use tokio::sync::mpsc;
 
+use super::message::Messages;
 use super::outbox::{Outbox, Position};
 use super::status::PublishStatus;
-use super::message::Messages;
+use super::window::{Released, Window};
 use crate::config::MqttConfig;
 use crate::shutdown::Shutdown;
 
@@ -48,6 +50,8 @@ const STABLE: Duration = Duration::from_secs(10);
 /// within a second, is probably one the broker refuses (larger than its packet limit): the log says so.
 /// It is not given up (a flaky link looks the same): `[mqtt] max_message_kb` is the operator's lever.
 const STRIKES: u32 = 3;
+/// A results log that cannot be read (I/O error) is tried again this much later.
+const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// Publishes until `stop` is triggered, reconnecting with back-off. Returns the outbox (checkpoint saved).
 pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, stop: Shutdown) -> Outbox {
@@ -61,6 +65,9 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
             return outbox;
         }
     };
+    // Kept alive while publishing: it says when the checkpoint file is removed or replaced.
+    let (_checkpoint_watch, mut checkpoint_events) = watch_checkpoint(&outbox.checkpoint_path());
+    let changes = &mut checkpoint_events;
     let mut retry = FIRST_RETRY;
     let mut attempts_failed = 0u32;
     let mut suspect: Option<(Position, u32)> = None;
@@ -74,7 +81,7 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
                 attempts_failed += 1;
                 status.connect_failed(&why);
                 tracing::warn!(broker = %settings.mqtt.url, retry_in_s = retry.as_secs_f64(), attempt = attempts_failed, "cannot connect to the MQTT broker: {why}; labelling goes on, results wait in the outbox");
-                wait_out(jittered(retry), &mut outbox, &status, &stop).await;
+                wait_out(jittered(retry), &mut outbox, &status, &stop, changes).await;
                 retry = (retry * 2).min(LAST_RETRY);
                 continue;
             }
@@ -84,7 +91,7 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
         status.connected();
         attempts_failed = 0;
         outbox.rewind();
-        let up_at = std::time::Instant::now();
+        let up_at = Instant::now();
         // While a row is suspected of ending connections, rows go one at a time: the next loss is its.
         let max = if suspect.is_some() { 1 } else { usize::from(settings.mqtt.max_inflight) };
         let mut session = Session {
@@ -98,7 +105,7 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
             presence_acked: false,
         };
         session.announce(&settings, true);
-        match session.publish(&mut outbox, &settings, &status, &stop).await {
+        match session.publish(&mut outbox, &settings, &status, &stop, changes).await {
             End::Stopped => {
                 session.finish(&mut outbox, &settings, &status).await;
                 break;
@@ -116,18 +123,18 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
                     retry = FIRST_RETRY;
                     tracing::warn!(broker = %settings.mqtt.url, unacknowledged, "lost the MQTT broker: {why}; reconnecting, the unacknowledged rows go again");
                     // Not at once: a second client with this client id must not be kicked straight back.
-                    wait_out(jittered(FIRST_RETRY), &mut outbox, &status, &stop).await;
+                    wait_out(jittered(FIRST_RETRY), &mut outbox, &status, &stop, changes).await;
                 } else {
                     tracing::warn!(broker = %settings.mqtt.url, unacknowledged, retry_in_s = retry.as_secs_f64(), lasted_s = up_at.elapsed().as_secs_f64(),
                         "lost the MQTT broker right after connecting: {why}; another client with client_id {:?}, or a message the broker refuses? Retrying with back-off", settings.mqtt.client_id);
-                    wait_out(jittered(retry), &mut outbox, &status, &stop).await;
+                    wait_out(jittered(retry), &mut outbox, &status, &stop, changes).await;
                     retry = (retry * 2).min(LAST_RETRY);
                 }
             }
         }
     }
     note(&outbox, &status);
-    if let Err(e) = outbox.save() {
+    if let Err(e) = outbox.save(Instant::now()) {
         tracing::error!(checkpoint = %outbox.checkpoint_path().display(), error = %e, "cannot save the MQTT checkpoint; rows after the last saved one will be published again");
     }
     status.stopped();
@@ -135,17 +142,50 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
 }
 
 /// Waits `retry` (or until stopped), keeping the figures current and the checkpoint's list of log files
-/// up to date: rotations during an outage must survive a crash during it.
-async fn wait_out(retry: Duration, outbox: &mut Outbox, status: &PublishStatus, stop: &Shutdown) {
-    let until = tokio::time::Instant::now() + retry;
+/// up to date: rotations during an outage must survive a crash during it. Wakes only when the sink
+/// announces something, the checkpoint file changes, a checkpoint write is due, or `retry` is over.
+async fn wait_out(retry: Duration, outbox: &mut Outbox, status: &PublishStatus, stop: &Shutdown, changes: &mut CheckpointEvents) {
+    let until = Instant::now() + retry;
+    let tap = outbox.tap();
     loop {
+        let now = Instant::now();
+        outbox.save_if_due(now);
         note(outbox, status);
-        save_quietly(outbox);
-        let now = tokio::time::Instant::now();
-        if now >= until || stop.is_triggered() {
+        if now >= until {
             return;
         }
-        let _ = tokio::time::timeout_at(until.min(now + Duration::from_secs(1)), stop.wait()).await;
+        let wake = outbox.deadline().map_or(until, |d| d.min(until));
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tap.changed() => {}
+            Some(()) = changes.recv() => outbox.save_or_warn(Instant::now()),
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// Events about the checkpoint file: it is written again at once when removed or replaced behind
+/// labeld's back.
+type CheckpointEvents = mpsc::UnboundedReceiver<()>;
+
+/// Watches the checkpoint's folder for events naming the checkpoint file. Without a watch (inotify
+/// refused), a checkpoint removed behind labeld's back is written again when it next moves.
+fn watch_checkpoint(path: &Path) -> (Option<RecommendedWatcher>, CheckpointEvents) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let name = path.to_path_buf();
+    let handler = move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|ev| ev.paths.contains(&name)) {
+            let _ = tx.send(());
+        }
+    };
+    let watched = RecommendedWatcher::new(handler, notify::Config::default()).and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    match watched {
+        Ok(w) => (Some(w), rx),
+        Err(e) => {
+            tracing::warn!(checkpoint = %path.display(), error = %e, "cannot watch the MQTT checkpoint's folder: a checkpoint removed while labeld runs is written again only when it next moves");
+            (None, rx)
+        }
     }
 }
 
@@ -162,7 +202,7 @@ fn next_suspect(suspect: Option<(Position, u32)>, session: &Session, why: &str) 
     if session.acked_rows > 0 {
         return None;
     }
-    if let Some(at) = session.window.lone_row_sent_within(Duration::from_secs(1)) {
+    if let Some(at) = session.window.lone_row_sent_within(Duration::from_secs(1), Instant::now()) {
         let strikes = match suspect {
             Some((s, n)) if s == at => n + 1,
             _ => 1,
@@ -179,7 +219,7 @@ fn next_suspect(suspect: Option<(Position, u32)>, session: &Session, why: &str) 
 /// Names the row that keeps ending the connection, with what the operator can do; publishing waits for it.
 fn say_suspect(outbox: &mut Outbox, at: Position, strikes: u32, s: &Settings, why: &str) {
     outbox.rewind();
-    if let Ok(rows) = outbox.next_rows(1)
+    if let Ok(rows) = outbox.next_rows(1, Instant::now())
         && let Some(row) = rows.first().filter(|r| r.at == at)
     {
         let bytes = s.messages.result(&row.record).payload.len();
@@ -276,10 +316,28 @@ impl Session {
         }
     }
 
-    async fn publish(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus, stop: &Shutdown) -> End {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+    /// Sends rows while there is room, and otherwise blocks on what can change that: stop, the
+    /// broker's events (acknowledgements make room), the sink's announcements (rows made durable),
+    /// the checkpoint file changing, and the outbox's own deadline.
+    async fn publish(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus, stop: &Shutdown, changes: &mut CheckpointEvents) -> End {
+        let tap = outbox.tap();
+        let mut read_retry: Option<Instant> = None;
         loop {
+            let now = Instant::now();
             let room = self.max.saturating_sub(self.window.len());
+            // Rows only once the broker has taken the presence message: the connection works, and a
+            // drop after that is about what was sent.
+            let reading = room > 0 && self.presence_acked && read_retry.is_none_or(|t| now >= t);
+            if reading {
+                match self.send_rows(outbox, s, status, room, now) {
+                    Ok(true) => read_retry = None,
+                    Ok(false) => read_retry = Some(now + READ_RETRY),
+                    Err(why) => return End::Lost(why),
+                }
+            }
+            outbox.save_if_due(now);
+            note(outbox, status);
+            let deadline = [outbox.deadline(), reading.then(|| outbox.read_deadline()).flatten(), read_retry].into_iter().flatten().min();
             tokio::select! {
                 biased;
                 _ = stop.wait() => return End::Stopped,
@@ -288,32 +346,22 @@ impl Session {
                     Some(Err(why)) => return End::Lost(why),
                     None => return End::Lost("the connection ended".into()),
                 },
-                // Rows only once the broker has taken the presence message: the connection works, and a
-                // drop after that is about what was sent.
-                _ = outbox.changed(), if room > 0 && self.presence_acked => {
-                    if let Err(why) = self.send_rows(outbox, s, status, room) {
-                        return End::Lost(why);
-                    }
-                }
-                _ = tick.tick() => {
-                    // A backstop for a missed wake-up, and the throttled checkpoint write.
-                    if room > 0 && self.presence_acked && let Err(why) = self.send_rows(outbox, s, status, room) {
-                        return End::Lost(why);
-                    }
-                    save_quietly(outbox);
-                    note(outbox, status);
-                }
+                // The sink made rows durable or moved to another file: the wake-up for new rows.
+                _ = tap.changed() => {}
+                Some(()) = changes.recv() => outbox.save_or_warn(Instant::now()),
+                _ = tokio::time::sleep_until(deadline.unwrap_or(now).into()), if deadline.is_some() => {}
             }
         }
     }
 
-    fn send_rows(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus, room: usize) -> Result<(), String> {
-        let rows = match outbox.next_rows(room) {
+    /// Hands up to `room` rows to the client. `Ok(false)`: the log could not be read now (I/O error;
+    /// tried again [`READ_RETRY`] later).
+    fn send_rows(&mut self, outbox: &mut Outbox, s: &Settings, status: &PublishStatus, room: usize, now: Instant) -> Result<bool, String> {
+        let rows = match outbox.next_rows(room, now) {
             Ok(rows) => rows,
             Err(e) => {
-                // The log is unreadable for now (I/O error): try again at the next wake-up or tick.
                 tracing::warn!(error = %e, "cannot read the results log to publish it; retrying");
-                return Ok(());
+                return Ok(false);
             }
         };
         for row in rows {
@@ -330,12 +378,12 @@ impl Session {
         }
         let released = self.window.release();
         self.apply(released, outbox, status);
-        Ok(())
+        Ok(true)
     }
 
     fn handle(&mut self, event: Event, outbox: &mut Outbox, status: &PublishStatus) {
         let released = match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => self.window.sent(pkid),
+            Event::Outgoing(Outgoing::Publish(pkid)) => self.window.sent(pkid, Instant::now()),
             // PUBACK ends a QoS 1 message (rows at QoS 1, presence always), PUBCOMP a QoS 2 one.
             Event::Incoming(Packet::PubAck(ack)) => self.window.acknowledged(ack.pkid),
             Event::Incoming(Packet::PubComp(comp)) => self.window.acknowledged(comp.pkid),
@@ -371,7 +419,7 @@ impl Session {
         };
         loop {
             let room = self.max.saturating_sub(self.window.len());
-            if room > 0 && self.send_rows(outbox, s, status, room).is_err() {
+            if room > 0 && self.send_rows(outbox, s, status, room, Instant::now()).is_err() {
                 break;
             }
             if self.window.is_empty() {
@@ -402,113 +450,6 @@ impl Session {
     }
 }
 
-fn save_quietly(outbox: &mut Outbox) {
-    outbox.save_or_warn();
-}
-
-/// Messages handed to the client, oldest first: each gets its packet id when the event loop sends it
-/// (in the order handed over), and is done when acknowledged (QoS 1/2) or sent (QoS 0).
-#[derive(Default)]
-struct Window {
-    entries: VecDeque<Entry>,
-}
-
-struct Entry {
-    /// The outbox row it carries; `None` for presence messages.
-    at: Option<Position>,
-    pkid: Option<u16>,
-    qos: QoS,
-    done: bool,
-    /// When the event loop wrote it.
-    sent_at: Option<std::time::Instant>,
-    /// Not sent at all (larger than `max_message_kb`).
-    given_up: bool,
-}
-
-/// What became acknowledged, in order, from the front of the window.
-#[derive(Default, Debug, PartialEq)]
-struct Released {
-    /// Rows the broker acknowledged.
-    rows: u64,
-    /// Rows given up without being sent.
-    refused: u64,
-    last: Option<Position>,
-    /// A presence message was among them.
-    presence: bool,
-}
-
-impl Window {
-    fn push(&mut self, at: Option<Position>, qos: QoS) {
-        self.entries.push_back(Entry { at, pkid: None, qos, done: false, sent_at: None, given_up: false });
-    }
-
-    /// A row that is not sent (too large): done in its place in the order, so the checkpoint can pass it.
-    fn push_given_up(&mut self, at: Position) {
-        self.entries.push_back(Entry { at: Some(at), pkid: None, qos: QoS::AtMostOnce, done: true, sent_at: None, given_up: true });
-    }
-
-
-
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn rows_in_flight(&self) -> u64 {
-        self.entries.iter().filter(|e| e.at.is_some() && !e.done).count() as u64
-    }
-
-    fn sent(&mut self, pkid: u16) -> Released {
-        if let Some(e) = self.entries.iter_mut().find(|e| e.pkid.is_none() && !(e.done && e.sent_at.is_none())) {
-            e.pkid = Some(pkid);
-            e.done = e.qos == QoS::AtMostOnce;
-            e.sent_at = Some(std::time::Instant::now());
-        }
-        self.release()
-    }
-
-    fn acknowledged(&mut self, pkid: u16) -> Released {
-        if let Some(e) = self.entries.iter_mut().find(|e| e.pkid == Some(pkid) && !e.done) {
-            e.done = true;
-        }
-        self.release()
-    }
-
-    fn release(&mut self) -> Released {
-        let mut r = Released::default();
-        while let Some(e) = self.entries.pop_front_if(|e| e.done) {
-            match e.at {
-                Some(at) if e.given_up => {
-                    r.refused += 1;
-                    r.last = Some(at);
-                }
-                Some(at) => {
-                    r.rows += 1;
-                    r.last = Some(at);
-                }
-                None => r.presence = true,
-            }
-        }
-        r
-    }
-
-    fn first_row_in_flight(&self) -> Option<Position> {
-        self.entries.iter().find(|e| e.at.is_some() && !e.done).and_then(|e| e.at)
-    }
-
-    /// The only row in flight, if it was sent less than `within` ago.
-    fn lone_row_sent_within(&self, within: Duration) -> Option<Position> {
-        let mut rows = self.entries.iter().filter(|e| e.at.is_some() && !e.done);
-        let row = rows.next()?;
-        if rows.next().is_some() {
-            return None;
-        }
-        row.sent_at.filter(|t| t.elapsed() < within).and(row.at)
-    }
-}
 
 fn qos(level: u8) -> QoS {
     match level {
@@ -587,55 +528,5 @@ fn describe(e: &ConnectionError) -> String {
         ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId) => "the broker refused the client id ([mqtt] client_id)".into(),
         ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
         other => other.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(offset: u64) -> Option<Position> {
-        Some(Position { generation: 0, offset })
-    }
-
-    #[test]
-    fn the_checkpoint_moves_only_over_an_unbroken_run_of_acknowledgements() {
-        let mut w = Window::default();
-        w.push(None, QoS::AtLeastOnce); // presence
-        for o in [10, 20, 30] {
-            w.push(at(o), QoS::AtLeastOnce);
-        }
-        assert_eq!(w.sent(1), Released::default());
-        for pkid in [2, 3, 4] {
-            w.sent(pkid);
-        }
-        // Row 20 acknowledged first: nothing released while the presence message and row 10 wait.
-        assert_eq!(w.acknowledged(3), Released::default());
-        assert_eq!(w.acknowledged(1), Released { rows: 0, refused: 0, last: None, presence: true });
-        assert_eq!(w.acknowledged(2), Released { rows: 2, refused: 0, last: at(20), presence: false });
-        assert_eq!(w.rows_in_flight(), 1);
-        assert_eq!(w.acknowledged(4), Released { rows: 1, refused: 0, last: at(30), presence: false });
-        assert!(w.is_empty());
-    }
-
-    #[test]
-    fn qos0_rows_are_done_when_sent() {
-        let mut w = Window::default();
-        w.push(at(10), QoS::AtMostOnce);
-        w.push(at(20), QoS::AtMostOnce);
-        assert_eq!(w.sent(0), Released { rows: 1, refused: 0, last: at(10), presence: false });
-        assert_eq!(w.sent(0), Released { rows: 1, refused: 0, last: at(20), presence: false });
-    }
-
-    #[test]
-    fn a_lone_row_just_sent_is_the_suspect_of_a_drop() {
-        let mut w = Window::default();
-        w.push(at(10), QoS::AtLeastOnce);
-        assert_eq!(w.lone_row_sent_within(Duration::from_secs(1)), None, "not sent yet");
-        w.sent(1);
-        assert_eq!(w.lone_row_sent_within(Duration::from_secs(1)), at(10));
-        w.push(at(20), QoS::AtLeastOnce);
-        w.sent(2);
-        assert_eq!(w.lone_row_sent_within(Duration::from_secs(1)), None, "two in flight: either could be it");
     }
 }

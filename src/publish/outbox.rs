@@ -10,35 +10,28 @@
 //! before the next: through the handle the sink kept (renamed away), or from logrotate's copy found
 //! beside the log by its fingerprint (emptied in place). After a restart the checkpoint names the
 //! generations by (dev, inode, fingerprint) and they are found the same way.
+//!
+//! What to read, what is acknowledged and when the checkpoint is due are the [`Ledger`]'s decisions;
+//! this file does the reads, the look-ups beside the log and the checkpoint writes. Every call that
+//! needs the time takes it as `now`.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::checkpoint::{self, Checkpoint, GenerationMark};
-use crate::vocab::Record;
+use super::ledger::{Change, Ledger, Read as ReadOutcome, Source, Step};
+pub use super::ledger::Position;
 use crate::sink::result_log::{Announced, LogTap};
-use crate::vocab::results_log::{Columns, parse_row};
+use crate::vocab::Record;
+use crate::vocab::results_log::{Columns, FINGERPRINT_LEN, parse_row};
 
-/// The checkpoint is written at most this often while acknowledgements stream in.
-const SAVE_EVERY: Duration = Duration::from_millis(100);
-/// How long an emptied generation's copy (logrotate `copytruncate`) may take to appear beside the log.
-const COPY_WAIT: Duration = Duration::from_secs(5);
 /// How much of a file its header line may take.
 const MAX_HEADER: u64 = 64 * 1024;
-
-/// Where a row ends in the outbox: hand it back to [`Outbox::acknowledged`] once the broker has the row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Position {
-    /// Which log generation (a file, or a file's life between two truncations), in the order written.
-    pub generation: u64,
-    /// Byte offset just after the row in that generation's file.
-    pub offset: u64,
-}
 
 /// One row of the log, parsed back (with that generation's own header: old columns stay readable).
 #[derive(Debug, Clone)]
@@ -47,67 +40,31 @@ pub struct OutRow {
     pub at: Position,
 }
 
-/// One log generation the outbox still has rows of (or may be asked to read again).
-struct Generation {
-    number: u64,
-    /// How to find it again after a restart (what goes into the checkpoint).
-    mark: GenerationMark,
+/// The file of a generation the ledger holds, and what its header says.
+#[derive(Default)]
+struct Held {
     /// `None` while an emptied generation's copy is not found yet, and once it is lost.
     file: Option<Arc<File>>,
-    /// The sink's epoch while this is the file it writes; `None` once the generation has ended.
-    epoch: Option<u64>,
-    /// Where its rows end: what the sink made durable (live), or its final length.
-    end: u64,
-    /// Emptied in place: since when its copy is looked for.
-    emptied_since: Option<Instant>,
-    lost: bool,
     columns: Option<Columns>,
     /// Its first line is not one of labeld's headers (said once).
     bad_header: bool,
 }
 
-impl Generation {
-    fn from_tap(number: u64, a: &Announced, live: bool) -> Generation {
-        Generation {
-            number,
-            mark: GenerationMark { dev: a.dev, inode: a.inode, fingerprint: a.fingerprint, path: a.path.clone(), len: a.durable },
-            file: (!a.emptied).then(|| a.file.clone()),
-            epoch: live.then_some(a.epoch),
-            end: a.durable,
-            emptied_since: a.emptied.then(Instant::now),
-            lost: false,
-            columns: None,
-            bad_header: false,
-        }
-    }
-
-    /// Takes what the sink announced about this generation: its new durable end, or that it ended.
-    fn update(&mut self, a: &Announced, live: bool) {
-        self.end = a.durable;
-        self.mark.len = a.durable;
-        self.mark.path = a.path.clone();
-        if a.fingerprint.is_some() {
-            self.mark.fingerprint = a.fingerprint;
-        }
-        if !live {
-            self.epoch = None;
-            if a.emptied {
-                self.file = None;
-                self.emptied_since = Some(Instant::now());
-            }
-        }
+impl Held {
+    fn of(file: Option<Arc<File>>) -> Held {
+        Held { file, columns: None, bad_header: false }
     }
 
     /// The columns its header line names (read once, when the header is there).
-    fn columns(&mut self) -> Option<Columns> {
+    fn columns(&mut self, end: u64, path: &Path) -> Option<Columns> {
         if self.columns.is_none() && !self.bad_header {
             let file = self.file.as_ref()?;
-            match header_columns(file, self.end) {
+            match header_columns(file, end) {
                 Header::Columns(c) => self.columns = Some(c),
                 Header::NotYet => {}
                 Header::Other => {
                     self.bad_header = true;
-                    tracing::warn!(csv = %self.mark.path.display(), "the results log's first line is not a labeld header; its rows cannot be published");
+                    tracing::warn!(csv = %path.display(), "the results log's first line is not a labeld header; its rows cannot be published");
                 }
             }
         }
@@ -118,24 +75,14 @@ impl Generation {
 pub struct Outbox {
     tap: LogTap,
     checkpoint: PathBuf,
-    /// From the generation of the last acknowledged row to the live one.
-    generations: VecDeque<Generation>,
-    next_number: u64,
-    acked: Position,
-    read: Position,
-    /// Rows handed out and not yet acknowledged: only their positions, to count what an ack covers.
-    in_flight: VecDeque<Position>,
-    pending: u64,
-    /// The sink's count of rows appended, when `pending` was last brought up to date.
-    tap_rows: u64,
-    dirty: bool,
-    saved_at: Option<Instant>,
+    ledger: Ledger,
+    /// The files of the generations in the ledger, by generation number.
+    held: BTreeMap<u64, Held>,
     /// (dev, inode, length) of the checkpoint as last written: one removed or changed behind labeld's
     /// back is written again.
     written: Option<(u64, u64, u64)>,
     /// Saving fails (read-only folder…): said once per streak, not at every attempt.
     save_failing: bool,
-    lost: u64,
 }
 
 impl Outbox {
@@ -143,7 +90,7 @@ impl Outbox {
     /// `checkpoint`. No checkpoint yet: starts at the end of the log as the sink found it at start (rows
     /// written before publishing was configured are not published; logged once). A checkpoint naming a
     /// generation that was rotated away: that file is found beside the log and read to its end first.
-    pub fn open(tap: LogTap, checkpoint: &Path) -> io::Result<Outbox> {
+    pub fn open(tap: LogTap, checkpoint: &Path, now: Instant) -> io::Result<Outbox> {
         let view = tap.take();
         let Some(live) = view.live.clone() else {
             return Err(io::Error::other("the results log is not open yet: the outbox is opened after the sink starts"));
@@ -151,323 +98,118 @@ impl Outbox {
         let mut outbox = Outbox {
             tap,
             checkpoint: checkpoint.to_path_buf(),
-            generations: VecDeque::new(),
-            next_number: 0,
-            acked: Position { generation: 0, offset: 0 },
-            read: Position { generation: 0, offset: 0 },
-            in_flight: VecDeque::new(),
-            pending: 0,
-            tap_rows: view.rows,
-            dirty: true,
-            saved_at: None,
+            ledger: Ledger::new(view.rows, now),
+            held: BTreeMap::new(),
             written: None,
             save_failing: false,
-            lost: 0,
         };
         let announced: Vec<Announced> = view.retired.into_iter().chain([live]).collect();
         match load_or_warn(checkpoint) {
-            Some(c) => outbox.resume(&c, &announced),
-            None => outbox.start_fresh(&announced),
+            Some(c) => outbox.resume(&c, &announced, now),
+            None => outbox.start_fresh(&announced, now),
         }
-        outbox.read = outbox.acked;
         outbox.recount()?;
-        outbox.save()?;
+        outbox.save(now)?;
         Ok(outbox)
     }
 
     /// Up to `max` rows after the last row handed out, in log order; empty when every durable row has
-    /// been handed out.
-    pub fn next_rows(&mut self, max: usize) -> io::Result<Vec<OutRow>> {
-        self.sync_tap();
+    /// been handed out (or a copy of an emptied log is waited for: see [`Outbox::deadline`]).
+    pub fn next_rows(&mut self, max: usize, now: Instant) -> io::Result<Vec<OutRow>> {
+        self.sync_tap(now);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(i) = self.index_of(self.read.generation) else { break };
-            if self.read.offset >= self.generations[i].end {
-                if self.generations[i].epoch.is_some() {
-                    break;
-                }
-                let Some(next) = self.generations.get(i + 1) else { break };
-                self.read = Position { generation: next.number, offset: 0 };
-                continue;
-            }
-            if self.generations[i].file.is_none() && !self.find_copy(i) {
-                if self.generations[i].lost {
-                    continue;
-                }
-                break;
-            }
-            let from = self.read.offset;
-            let g = &mut self.generations[i];
-            let (columns, number) = (g.columns(), g.number);
-            let Some(file) = g.file.clone() else { break };
-            let mut rows = Vec::new();
-            let next = read_rows(&file, columns, from, g.end, max - out.len(), |record, offset| {
-                rows.push(OutRow { record, at: Position { generation: number, offset } });
-            })?;
-            // Emptied in place while we read: those bytes may be the next generation's. Read again.
-            if g.epoch.is_some() && self.tap.peek().live.map(|l| l.epoch) != g.epoch {
-                self.sync_tap();
-                continue;
-            }
-            if next == from {
-                if g.epoch.is_some() {
-                    // Ends short of what the sink made durable: emptied in place, not written since.
-                    if self.tap.check_emptied() {
-                        self.sync_tap();
+            match self.ledger.next(now) {
+                Step::Wait => break,
+                Step::FindCopy { number } => self.find_copy(number, now),
+                Step::Read { number, from, to } => {
+                    let Some(g) = self.ledger.generation(number) else { break };
+                    let (live, path) = (g.epoch, g.mark.path.clone());
+                    let held = self.held.entry(number).or_default();
+                    let columns = held.columns(to, &path);
+                    let Some(file) = held.file.clone() else { break };
+                    let mut rows = Vec::new();
+                    let next = read_rows(&file, columns, from, to, max - out.len(), |record, offset| {
+                        rows.push(OutRow { record, at: Position { generation: number, offset } });
+                    })?;
+                    // Emptied in place while we read: those bytes may be the next generation's. Read again.
+                    if live.is_some() && self.tap.peek().live.map(|l| l.epoch) != live {
+                        self.sync_tap(now);
                         continue;
                     }
-                    break;
+                    if next == from && live.is_none() && file.metadata()?.len() < to {
+                        // Emptied in place before it was rotated away (copytruncate, then a rename with
+                        // nothing written between): its rows are in the copy, if anywhere.
+                        self.ledger.emptied(number, now);
+                        continue;
+                    }
+                    let ends: Vec<u64> = rows.iter().map(|r| r.at.offset).collect();
+                    match self.ledger.read(number, from, &ends, next) {
+                        ReadOutcome::Moved => out.extend(rows),
+                        ReadOutcome::LiveEndsShort => {
+                            // Ends short of what the sink made durable: emptied in place, not written since.
+                            if self.tap.check_emptied() {
+                                self.sync_tap(now);
+                                continue;
+                            }
+                            break;
+                        }
+                        ReadOutcome::PartialTail { bytes } => {
+                            tracing::warn!(csv = %path.display(), bytes, "a rotated results log ends in a partial row; it is not published");
+                        }
+                    }
                 }
-                tracing::warn!(csv = %g.mark.path.display(), bytes = g.end - from, "a rotated results log ends in a partial row; it is not published");
-                g.end = from;
-                continue;
             }
-            self.read.offset = next;
-            self.in_flight.extend(rows.iter().map(|r| r.at));
-            out.extend(rows);
         }
-        self.save_if_due();
+        self.forget_passed();
         Ok(out)
     }
 
     /// Rows handed out but not acknowledged are handed out again (after a disconnect): reading restarts
     /// at the last acknowledged position.
     pub fn rewind(&mut self) {
-        self.read = self.acked;
-        self.in_flight.clear();
+        self.ledger.rewind();
     }
 
     /// The broker has the row ending at `at` and every row handed out before it. The checkpoint moves
-    /// there (written to disk at most every 100 ms, and by [`Outbox::save`]). Invariant I10
-    /// (docs/design.md): this is the only place the acknowledged position moves forward.
+    /// there; it is written by [`Outbox::save_if_due`] (at most every 100 ms) or [`Outbox::save`].
+    /// Invariant I10 (docs/design.md): see [`Ledger::acknowledged`].
     pub fn acknowledged(&mut self, at: Position) {
-        if at <= self.acked {
-            return;
-        }
-        while self.in_flight.front().is_some_and(|p| *p <= at) {
-            self.in_flight.pop_front();
-            self.pending = self.pending.saturating_sub(1);
-        }
-        self.acked = at;
-        while self.generations.front().is_some_and(|g| g.number < at.generation) {
-            self.generations.pop_front();
-        }
-        self.dirty = true;
-        self.save_if_due();
+        self.ledger.acknowledged(at);
+        self.forget_passed();
     }
 
     /// Writes the checkpoint now if it moved (temp file, fsync, rename, directory fsync).
-    pub fn save(&mut self) -> io::Result<()> {
-        self.sync_tap();
-        if !self.dirty && !self.checkpoint_intact() {
+    pub fn save(&mut self, now: Instant) -> io::Result<()> {
+        self.sync_tap(now);
+        if !self.ledger.is_dirty() && !self.checkpoint_intact() {
             tracing::warn!(checkpoint = %self.checkpoint.display(), "the MQTT checkpoint was removed or changed behind labeld's back; writing it again");
-            self.dirty = true;
+            self.ledger.rewrite();
         }
-        if !self.dirty {
+        if !self.ledger.is_dirty() {
             return Ok(());
         }
-        let c = Checkpoint {
-            version: checkpoint::VERSION,
-            generations: self.generations.iter().filter(|g| !g.lost).map(|g| g.mark.clone()).collect(),
-            offset: self.acked.offset,
-        };
-        checkpoint::store(&self.checkpoint, &c)?;
-        self.dirty = false;
-        self.saved_at = Some(Instant::now());
+        if let Err(e) = checkpoint::store(&self.checkpoint, &self.ledger.checkpoint()) {
+            self.ledger.save_failed(now);
+            return Err(e);
+        }
+        self.ledger.saved(now);
         self.written = std::fs::metadata(&self.checkpoint).ok().map(|m| (m.dev(), m.ino(), m.len()));
         Ok(())
     }
 
-    /// Rows in the log after the checkpoint (handed out or not).
-    pub fn pending(&self) -> u64 {
-        self.pending + self.tap.peek().rows.saturating_sub(self.tap_rows)
-    }
-
-    /// Log generations given up on (a rotated file deleted or compressed before its rows were published).
-    pub fn lost_generations(&self) -> u64 {
-        self.lost
-    }
-
-    /// Resolves when the sink has made more rows durable (or at once if some are unread).
-    pub async fn changed(&self) {
-        loop {
-            if self.awaiting_copy() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return;
-            }
-            if self.unread() {
-                return;
-            }
-            self.tap.changed().await;
+    /// Takes in what the sink announced and writes the checkpoint if the ledger says it is due, with
+    /// a failure said once per streak (and its end), not at every attempt.
+    pub fn save_if_due(&mut self, now: Instant) {
+        self.sync_tap(now);
+        if self.ledger.save_due(now) {
+            self.save_or_warn(now);
         }
-    }
-
-    pub fn checkpoint_path(&self) -> PathBuf {
-        self.checkpoint.clone()
-    }
-
-    /// No checkpoint: rows from the end of the log as the sink found it are published.
-    fn start_fresh(&mut self, announced: &[Announced]) {
-        let last = announced[announced.len() - 1].epoch;
-        for a in announced {
-            self.push_announced(a, a.epoch == last);
-        }
-        let opened_len = announced[0].opened_len;
-        let first = &mut self.generations[0];
-        let mut rows = 0u64;
-        if let Some(file) = first.file.clone() {
-            let columns = first.columns();
-            if let Err(e) = read_rows(&file, columns, 0, opened_len, usize::MAX, |_, _| rows += 1) {
-                tracing::warn!(csv = %first.mark.path.display(), error = %e, "cannot count the rows already in the results log");
-            }
-        }
-        tracing::info!(csv = %first.mark.path.display(), "publishing rows written from now on; {rows} earlier rows in {} are not published", first.mark.path.display());
-        self.acked = Position { generation: first.number, offset: opened_len };
-    }
-
-    /// Finds the checkpoint's generations (the sink's open files first, then beside the log); the
-    /// sink's generations after them follow.
-    fn resume(&mut self, c: &Checkpoint, announced: &[Announced]) {
-        let live_path = announced[announced.len() - 1].path.clone();
-        let last_epoch = announced[announced.len() - 1].epoch;
-        let mut used = 0;
-        let mut first_found = None;
-        for (i, mark) in c.generations.iter().enumerate() {
-            let number = self.take_number();
-            let held = announced[used..].iter().position(|a| {
-                a.dev == mark.dev && a.inode == mark.inode && !a.emptied && mark.fingerprint.is_none_or(|f| f.matches(&a.file, a.durable))
-            });
-            if let Some(j) = held {
-                let a = &announced[used + j];
-                let mut g = Generation::from_tap(number, a, a.epoch == last_epoch);
-                g.mark.fingerprint = a.fingerprint.or(mark.fingerprint);
-                self.generations.push_back(g);
-                used += j + 1;
-            } else if let Some((path, file)) = find_beside(mark, &live_path, false) {
-                let Ok(meta) = file.metadata() else { continue };
-                tracing::info!(csv = %path.display(), "unpublished rows in a rotated results log: published first");
-                let len = meta.len();
-                let mark = GenerationMark { dev: meta.dev(), inode: meta.ino(), fingerprint: mark.fingerprint, path, len };
-                self.generations.push_back(Generation { number, mark, file: Some(Arc::new(file)), epoch: None, end: len, emptied_since: None, lost: false, columns: None, bad_header: false });
-            } else {
-                let unpublished = if i == 0 { mark.len.saturating_sub(c.offset) } else { mark.len };
-                tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted, compressed, or moved out of its folder or renamed to a name not starting with the log's name, before it was published); those rows are not published");
-                self.lost += 1;
-                continue;
-            }
-            first_found.get_or_insert((i, number));
-        }
-        for a in &announced[used..] {
-            self.push_announced(a, a.epoch == last_epoch);
-        }
-        self.acked = match first_found {
-            Some((0, number)) => Position { generation: number, offset: c.offset },
-            Some((_, number)) => Position { generation: number, offset: 0 },
-            None => Position { generation: self.generations[0].number, offset: 0 },
-        };
-        self.generations.retain(|g| g.number >= self.acked.generation);
-    }
-
-    fn take_number(&mut self) -> u64 {
-        self.next_number += 1;
-        self.next_number - 1
-    }
-
-    fn push_announced(&mut self, a: &Announced, live: bool) {
-        let number = self.take_number();
-        self.generations.push_back(Generation::from_tap(number, a, live));
-    }
-
-    /// Takes in what the sink announced since the last look: new durable ends, ended and new generations.
-    fn sync_tap(&mut self) {
-        let view = self.tap.take();
-        let live_epoch = view.live.as_ref().map(|l| l.epoch);
-        for a in view.retired.iter().chain(view.live.as_ref()) {
-            let live = Some(a.epoch) == live_epoch;
-            match self.generations.iter_mut().find(|g| g.epoch == Some(a.epoch)) {
-                Some(g) => {
-                    if !live {
-                        self.dirty = true;
-                    }
-                    g.update(a, live);
-                }
-                None => {
-                    self.push_announced(a, live);
-                    self.dirty = true;
-                }
-            }
-        }
-        self.pending += view.rows.saturating_sub(self.tap_rows);
-        self.tap_rows = view.rows;
-    }
-
-    fn index_of(&self, number: u64) -> Option<usize> {
-        self.generations.iter().position(|g| g.number == number)
-    }
-
-    /// Looks for the copy of emptied generation `i`; after [`COPY_WAIT`] without it, gives it up.
-    fn find_copy(&mut self, i: usize) -> bool {
-        let live_path = self.generations.back().map(|g| g.mark.path.clone()).unwrap_or_default();
-        let g = &mut self.generations[i];
-        if g.lost {
-            return false;
-        }
-        if let Some((path, file)) = find_beside(&g.mark, &live_path, true) {
-            tracing::info!(csv = %path.display(), "rows of the results log emptied by copytruncate: published from its copy");
-            let meta = file.metadata().ok();
-            g.end = meta.as_ref().map_or(0, |m| m.len());
-            if let Some(m) = meta {
-                (g.mark.dev, g.mark.inode) = (m.dev(), m.ino());
-            }
-            (g.mark.path, g.mark.len, g.file, g.emptied_since) = (path, g.end, Some(Arc::new(file)), None);
-            self.dirty = true;
-            return true;
-        }
-        if g.emptied_since.is_some_and(|t| t.elapsed() < COPY_WAIT) {
-            return false;
-        }
-        tracing::error!(
-            csv = %g.mark.path.display(),
-            bytes = g.end.saturating_sub(self.read.offset),
-            "the results log was emptied in place (copytruncate) and no copy of it is beside it; its unpublished rows are not published"
-        );
-        (g.lost, g.end, g.emptied_since) = (true, 0, None);
-        self.lost += 1;
-        self.dirty = true;
-        if let (true, Some(next)) = (self.acked.generation == g.number, self.generations.get(i + 1)) {
-            self.acked = Position { generation: next.number, offset: 0 };
-        }
-        if let Err(e) = self.recount() {
-            tracing::warn!(error = %e, "cannot count the rows left to publish");
-        }
-        false
-    }
-
-    /// Counts the rows after the checkpoint, reading them from the files.
-    fn recount(&mut self) -> io::Result<()> {
-        self.sync_tap();
-        let mut rows = 0u64;
-        for g in self.generations.iter_mut() {
-            let from = if g.number == self.acked.generation { self.acked.offset } else { 0 };
-            let (columns, end) = (g.columns(), g.end);
-            if let (Some(file), true) = (g.file.clone(), from < end) {
-                read_rows(&file, columns, from, end, usize::MAX, |_, _| rows += 1)?;
-            }
-        }
-        self.pending = rows;
-        Ok(())
-    }
-
-    fn save_if_due(&mut self) {
-        if !self.dirty || self.saved_at.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
-            return;
-        }
-        self.save_or_warn();
     }
 
     /// [`Outbox::save`], with a failure said once per streak (and its end), not at every attempt.
-    pub fn save_or_warn(&mut self) {
-        match self.save() {
+    pub fn save_or_warn(&mut self, now: Instant) {
+        match self.save(now) {
             Ok(()) if self.save_failing => {
                 self.save_failing = false;
                 tracing::info!(checkpoint = %self.checkpoint.display(), "the MQTT checkpoint is saved again");
@@ -481,32 +223,218 @@ impl Outbox {
         }
     }
 
+    /// When [`Outbox::save_if_due`] has a checkpoint to write without anything else happening (a write
+    /// held back, or one that failed).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.ledger.deadline()
+    }
+
+    /// When [`Outbox::next_rows`] may hand out more without the sink announcing anything (the copy of
+    /// an emptied log is to be looked for again).
+    pub fn read_deadline(&self) -> Option<Instant> {
+        self.ledger.read_deadline()
+    }
+
+    /// Rows in the log after the checkpoint (handed out or not).
+    pub fn pending(&self) -> u64 {
+        self.ledger.pending(self.tap.peek().rows)
+    }
+
+    /// Log generations given up on (a rotated file deleted or compressed before its rows were published).
+    pub fn lost_generations(&self) -> u64 {
+        self.ledger.lost()
+    }
+
+    /// The sink's announcements: [`LogTap::changed`] resolves when it made more rows durable or moved to
+    /// another file.
+    pub fn tap(&self) -> LogTap {
+        self.tap.clone()
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.checkpoint.clone()
+    }
+
+    /// No checkpoint: rows from the end of the log as the sink found it are published.
+    fn start_fresh(&mut self, announced: &[Announced], now: Instant) {
+        let last = announced[announced.len() - 1].epoch;
+        let mut first = None;
+        for a in announced {
+            let number = self.take_announced(a, a.epoch == last, now);
+            first.get_or_insert(number);
+        }
+        let first = first.unwrap_or_default();
+        let opened_len = announced[0].opened_len;
+        let path = announced[0].path.clone();
+        let mut rows = 0u64;
+        let held = self.held.entry(first).or_default();
+        if let Some(file) = held.file.clone() {
+            let columns = held.columns(opened_len, &path);
+            if let Err(e) = read_rows(&file, columns, 0, opened_len, usize::MAX, |_, _| rows += 1) {
+                tracing::warn!(csv = %path.display(), error = %e, "cannot count the rows already in the results log");
+            }
+        }
+        tracing::info!(csv = %path.display(), "publishing rows written from now on; {rows} earlier rows in {} are not published", path.display());
+        self.ledger.start_at(Position { generation: first, offset: opened_len });
+    }
+
+    /// Finds the checkpoint's generations (the sink's open files first, then beside the log); the
+    /// sink's generations after them follow.
+    fn resume(&mut self, c: &Checkpoint, announced: &[Announced], now: Instant) {
+        let live_path = announced[announced.len() - 1].path.clone();
+        let last_epoch = announced[announced.len() - 1].epoch;
+        let writing: Vec<(u64, u64)> = announced.iter().map(|a| (a.dev, a.inode)).collect();
+        let mut used = 0;
+        let mut first_found = None;
+        for (i, mark) in c.generations.iter().enumerate() {
+            // A later generation of the same file: this one is an earlier life of it, emptied in place,
+            // whose rows can only be in a copy (the file's first bytes, a header, say nothing).
+            let emptied = c.generations[i + 1..].iter().any(|m| (m.dev, m.inode) == (mark.dev, mark.inode));
+            // Only the checkpoint's last generation can be the file the sink writes now: one before it
+            // has ended, and a file at the log's path with its inode is a new file that reuses it.
+            let last = i + 1 == c.generations.len();
+            let held = announced[used..].iter().position(|a| {
+                !emptied
+                    && (last || a.epoch != last_epoch)
+                    && a.dev == mark.dev
+                    && a.inode == mark.inode
+                    && !a.emptied
+                    && mark.fingerprint.is_none_or(|f| f.matches(&a.file, a.durable))
+            });
+            let number = if let Some(j) = held {
+                let a = &announced[used + j];
+                used += j + 1;
+                let mut m = GenerationMark { dev: a.dev, inode: a.inode, fingerprint: a.fingerprint, path: a.path.clone(), len: a.durable };
+                m.fingerprint = a.fingerprint.or(mark.fingerprint);
+                let number = self.ledger.push(m, (a.epoch == last_epoch).then_some(a.epoch), a.durable, Source::Held);
+                self.held.insert(number, Held::of(Some(a.file.clone())));
+                number
+            } else if let Some((path, file)) = find_beside(mark, &live_path, emptied, &writing) {
+                let Ok(meta) = file.metadata() else { continue };
+                tracing::info!(csv = %path.display(), "unpublished rows in a rotated results log: published first");
+                let len = meta.len();
+                let m = GenerationMark { dev: meta.dev(), inode: meta.ino(), fingerprint: mark.fingerprint, path, len };
+                let number = self.ledger.push(m, None, len, Source::Held);
+                self.held.insert(number, Held::of(Some(Arc::new(file))));
+                number
+            } else {
+                let unpublished = if i == 0 { mark.len.saturating_sub(c.offset) } else { mark.len };
+                tracing::error!(csv = %mark.path.display(), bytes = unpublished, "a results log with unpublished rows is gone (deleted, compressed, or moved out of its folder or renamed to a name not starting with the log's name, before it was published); those rows are not published");
+                self.ledger.lost_at_start();
+                continue;
+            };
+            first_found.get_or_insert((i, number));
+        }
+        let mut first_announced = None;
+        for a in &announced[used..] {
+            let number = self.take_announced(a, a.epoch == last_epoch, now);
+            first_announced.get_or_insert(number);
+        }
+        let at = match first_found {
+            Some((0, number)) => Position { generation: number, offset: c.offset },
+            Some((_, number)) => Position { generation: number, offset: 0 },
+            None => Position { generation: first_announced.unwrap_or_default(), offset: 0 },
+        };
+        self.ledger.start_at(at);
+        self.forget_passed();
+    }
+
+    /// Hands one announcement to the ledger and keeps the file of a generation new to it.
+    fn take_announced(&mut self, a: &Announced, live: bool, now: Instant) -> u64 {
+        match self.ledger.announced(a, live, now) {
+            Change::New { number, emptied } => {
+                self.held.insert(number, Held::of((!emptied).then(|| a.file.clone())));
+                number
+            }
+            Change::Ended { number, emptied } => {
+                if emptied && let Some(h) = self.held.get_mut(&number) {
+                    h.file = None;
+                }
+                number
+            }
+            Change::Grew => 0,
+        }
+    }
+
+    /// Takes in what the sink announced since the last look: new durable ends, ended and new generations.
+    fn sync_tap(&mut self, now: Instant) {
+        let view = self.tap.take();
+        let live_epoch = view.live.as_ref().map(|l| l.epoch);
+        for a in view.retired.iter().chain(view.live.as_ref()) {
+            self.take_announced(a, Some(a.epoch) == live_epoch, now);
+        }
+        self.ledger.tap_rows(view.rows);
+    }
+
+    /// Looks for the copy of emptied generation `number` beside the log; gives it up when the ledger says so.
+    fn find_copy(&mut self, number: u64, now: Instant) {
+        let live_path = self.ledger.generations().last().map(|g| g.mark.path.clone()).unwrap_or_default();
+        let Some(g) = self.ledger.generation(number) else { return };
+        let mark = g.mark.clone();
+        let writing: Vec<(u64, u64)> = self.ledger.generations().filter(|g| g.epoch.is_some()).map(|g| (g.mark.dev, g.mark.inode)).collect();
+        if let Some((path, file)) = find_beside(&mark, &live_path, true, &writing) {
+            tracing::info!(csv = %path.display(), "rows of the results log emptied by copytruncate: published from its copy");
+            let meta = file.metadata().ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let (dev, inode) = meta.map_or((mark.dev, mark.inode), |m| (m.dev(), m.ino()));
+            self.held.insert(number, Held::of(Some(Arc::new(file))));
+            self.ledger.copy_found(number, dev, inode, path, len);
+            return;
+        }
+        if let Some(bytes) = self.ledger.copy_missing(number, now) {
+            tracing::error!(
+                csv = %mark.path.display(),
+                bytes,
+                "the results log was emptied in place (copytruncate) and no copy of it is beside it; its unpublished rows are not published"
+            );
+            if let Err(e) = self.recount() {
+                tracing::warn!(error = %e, "cannot count the rows left to publish");
+            }
+        }
+    }
+
+    /// Counts the rows after the checkpoint, reading them from the files.
+    fn recount(&mut self) -> io::Result<()> {
+        let acked = self.ledger.acked();
+        let mut rows = 0u64;
+        let gens: Vec<(u64, u64, PathBuf, bool)> =
+            self.ledger.generations().map(|g| (g.number, g.end, g.mark.path.clone(), g.source == Source::Held)).collect();
+        for (number, end, path, readable) in gens {
+            let from = if number == acked.generation { acked.offset } else { 0 };
+            let held = self.held.entry(number).or_default();
+            let columns = held.columns(end, &path);
+            if let (Some(file), true, true) = (held.file.clone(), readable, from < end) {
+                read_rows(&file, columns, from, end, usize::MAX, |_, _| rows += 1)?;
+            }
+        }
+        self.ledger.set_pending(rows);
+        Ok(())
+    }
+
+    /// Lets go of the files of generations the ledger no longer holds.
+    fn forget_passed(&mut self) {
+        let first = self.ledger.generations().next().map_or(u64::MAX, |g| g.number);
+        self.held.retain(|n, _| *n >= first);
+    }
+
+    /// The ledger's generations, for a failing test to show.
+    #[cfg(test)]
+    pub(super) fn describe(&self) -> String {
+        let gens: Vec<String> = self
+            .ledger
+            .generations()
+            .map(|g| format!("#{} epoch {:?} end {} {:?} ino {}", g.number, g.epoch, g.end, g.source, g.mark.inode))
+            .collect();
+        format!("acked {:?}; {}", self.ledger.acked(), gens.join("; "))
+    }
+
     /// Whether the checkpoint file is still the one last written (not removed, replaced or truncated).
     fn checkpoint_intact(&self) -> bool {
         let Some(written) = self.written else { return true };
         std::fs::metadata(&self.checkpoint).is_ok_and(|m| (m.dev(), m.ino(), m.len()) == written)
     }
-
-    /// Whether rows may be waiting in what the sink announced, or a generation after the read one.
-    fn unread(&self) -> bool {
-        if self.tap.has_retired() {
-            return true;
-        }
-        let Some(i) = self.index_of(self.read.generation) else { return false };
-        let g = &self.generations[i];
-        if g.epoch.is_none() {
-            return self.read.offset < g.end || i + 1 < self.generations.len();
-        }
-        match self.tap.peek().live {
-            Some(live) => Some(live.epoch) != g.epoch || live.durable > self.read.offset,
-            None => false,
-        }
-    }
-
-    fn awaiting_copy(&self) -> bool {
-        self.index_of(self.read.generation).is_some_and(|i| self.generations[i].emptied_since.is_some() && self.generations[i].file.is_none())
-    }
 }
+
 
 /// The checkpoint, or `None` (start fresh) when there is none or it cannot be used; a bad one is kept
 /// beside as `<name>.bad` for the operator.
@@ -531,8 +459,11 @@ fn load_or_warn(path: &Path) -> Option<Checkpoint> {
 /// A file beside the log (or where `mark` was last seen) that holds `mark`'s generation: the same
 /// (dev, inode) and first bytes (renamed away), else the same first bytes (a copy). Regular files only,
 /// links are not followed; names start with the log's file stem. `other_inode`: the mark's own inode is
-/// not it (it was emptied in place).
-fn find_beside(mark: &GenerationMark, live: &Path, other_inode: bool) -> Option<(PathBuf, File)> {
+/// not it (it was emptied in place). Never a file the sink writes (`writing`): those are matched by
+/// the caller, and the live log starts with the same header as every copy. A copy is known by its first bytes only if they hold a row: every
+/// log starts with the same header, so a generation fingerprinted with nothing but its header is known
+/// by its length too.
+fn find_beside(mark: &GenerationMark, live: &Path, other_inode: bool, writing: &[(u64, u64)]) -> Option<(PathBuf, File)> {
     let mut candidates = Vec::new();
     for place in [mark.path.as_path(), live] {
         let (Some(dir), Some(stem)) = (place.parent(), place.file_stem()) else { continue };
@@ -548,19 +479,27 @@ fn find_beside(mark: &GenerationMark, live: &Path, other_inode: bool) -> Option<
         }
     }
     let same_inode = |m: &std::fs::Metadata| m.dev() == mark.dev && m.ino() == mark.inode;
-    let by_inode = candidates.iter().filter(|(_, m)| !other_inode && same_inode(m));
-    let by_content = candidates.iter().filter(|(_, m)| !same_inode(m) && mark.fingerprint.is_some());
+    let writes = |m: &std::fs::Metadata| writing.contains(&(m.dev(), m.ino()));
+    let by_inode = candidates.iter().filter(|(_, m)| !other_inode && same_inode(m) && !writes(m));
+    let by_content = candidates.iter().filter(|(_, m)| !same_inode(m) && !writes(m) && mark.fingerprint.is_some());
     for (path, meta) in by_inode.chain(by_content) {
         let Ok(file) = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path) else { continue };
         let Ok(now) = file.metadata() else { continue };
         if now.dev() != meta.dev() || now.ino() != meta.ino() {
             continue;
         }
-        if mark.fingerprint.is_none_or(|f| f.matches(&file, now.len())) {
+        let copy = !same_inode(&now);
+        if mark.fingerprint.is_none_or(|f| f.matches(&file, now.len()) && (!copy || names_a_row(&file, f.len) || now.len() == f.len)) {
             return Some((path.clone(), file));
         }
     }
     None
+}
+
+/// Whether the first `len` bytes of `file` hold a whole line after the header.
+fn names_a_row(file: &File, len: u64) -> bool {
+    let mut head = vec![0; len.min(FINGERPRINT_LEN) as usize];
+    file.read_exact_at(&mut head, 0).is_ok() && head.iter().filter(|b| **b == b'\n').count() >= 2
 }
 
 enum Header {
@@ -644,10 +583,11 @@ impl Read for ReadAt<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vocab::Identity;
-    use crate::vocab::{Status, Top};
+    use super::super::ledger::{COPY_WAIT, SAVE_EVERY};
+    use crate::vocab::{Identity, Status, Top};
     use crate::sink::result_log::ResultLog;
     use std::io::Write;
+    use std::time::Duration;
 
     fn rec(i: usize) -> Record {
         Record {
@@ -690,7 +630,7 @@ mod tests {
         fn start_with(&self, columns: Columns) -> (ResultLog, Outbox) {
             let tap = LogTap::new();
             let log = ResultLog::open_tapped(&self.csv, columns, Some(tap.clone())).unwrap();
-            (log, Outbox::open(tap, &self.checkpoint).unwrap())
+            (log, Outbox::open(tap, &self.checkpoint, Instant::now()).unwrap())
         }
 
         fn beside(&self, name: &str) -> PathBuf {
@@ -700,9 +640,13 @@ mod tests {
 
     /// Every row the outbox hands out now, `max` at a time, acknowledged as they come.
     fn publish_all(outbox: &mut Outbox, max: usize) -> Vec<OutRow> {
+        publish_all_at(outbox, max, Instant::now())
+    }
+
+    fn publish_all_at(outbox: &mut Outbox, max: usize, now: Instant) -> Vec<OutRow> {
         let mut all = Vec::new();
         loop {
-            let rows = outbox.next_rows(max).unwrap();
+            let rows = outbox.next_rows(max, now).unwrap();
             let Some(last) = rows.last() else { return all };
             outbox.acknowledged(last.at);
             all.extend(rows);
@@ -719,21 +663,21 @@ mod tests {
         // Rows written before publishing was configured are not published.
         ResultLog::open(&place.csv, Columns::plain(1)).unwrap().append(&recs(100..103)).unwrap();
         let (mut log, mut outbox) = place.start();
-        assert_eq!((outbox.pending(), outbox.next_rows(10).unwrap().len()), (0, 0));
+        assert_eq!((outbox.pending(), outbox.next_rows(10, Instant::now()).unwrap().len()), (0, 0));
         log.append(&recs(0..10)).unwrap();
         assert_eq!(outbox.pending(), 10);
-        let first = outbox.next_rows(4).unwrap();
+        let first = outbox.next_rows(4, Instant::now()).unwrap();
         assert_eq!(numbers(&first), [0, 1, 2, 3]);
         assert_eq!(first[0].record, rec(0), "parsed back as written");
         assert!(first.windows(2).all(|w| w[0].at < w[1].at));
         outbox.acknowledged(first[1].at);
         assert_eq!(outbox.pending(), 8);
-        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [4, 5]);
+        assert_eq!(numbers(&outbox.next_rows(2, Instant::now()).unwrap()), [4, 5]);
         outbox.rewind();
-        let again = outbox.next_rows(100).unwrap();
+        let again = outbox.next_rows(100, Instant::now()).unwrap();
         assert_eq!(numbers(&again), [2, 3, 4, 5, 6, 7, 8, 9]);
         outbox.acknowledged(again[2].at);
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox));
 
         let (mut log, mut outbox) = place.start();
@@ -759,17 +703,18 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..10)).unwrap();
-        let rows = outbox.next_rows(100).unwrap();
-        std::thread::sleep(SAVE_EVERY + Duration::from_millis(20));
-        outbox.acknowledged(rows[2].at); // saved: the last save is older than SAVE_EVERY
+        let rows = outbox.next_rows(100, Instant::now()).unwrap();
+        let later = Instant::now() + SAVE_EVERY;
+        outbox.acknowledged(rows[2].at);
+        outbox.save_if_due(later); // saved: the last save (at open) is SAVE_EVERY old
         for r in &rows[3..7] {
-            outbox.acknowledged(r.at); // within SAVE_EVERY of that save: in memory only
+            outbox.acknowledged(r.at);
+            outbox.save_if_due(later + Duration::from_millis(10)); // within SAVE_EVERY of that save: in memory only
         }
+        assert!(outbox.deadline().is_some_and(|d| d == later + SAVE_EVERY), "the held-back save has its time");
         drop((log, outbox)); // kill -9: no save
         let (_log, mut outbox) = place.start();
-        let replay = numbers(&publish_all(&mut outbox, 100));
-        assert!((3..=7).contains(&replay[0]), "{replay:?}");
-        assert_eq!(replay, (replay[0]..10).collect::<Vec<_>>());
+        assert_eq!(numbers(&publish_all(&mut outbox, 100)), (3..10).collect::<Vec<_>>());
     }
 
     #[test]
@@ -777,7 +722,7 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        let handed = outbox.next_rows(2).unwrap();
+        let handed = outbox.next_rows(2, Instant::now()).unwrap();
         outbox.acknowledged(handed[1].at);
         std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
         log.reopen().unwrap(); // SIGHUP after logrotate `create`
@@ -786,7 +731,7 @@ mod tests {
         assert_eq!(numbers(&rest), [2, 3, 4, 5, 6, 7]);
         assert!(rest[2].at.generation < rest[3].at.generation);
         assert_eq!(outbox.pending(), 0);
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox));
         let (_log, mut outbox) = place.start();
         assert!(publish_all(&mut outbox, 10).is_empty(), "nothing twice");
@@ -808,7 +753,7 @@ mod tests {
         }
         // The publisher's periodic save, also while disconnected: without it the middle log is not
         // in the checkpoint and its rows are not found after the kill.
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox)); // kill -9
         let (_log, mut outbox) = place.start();
         assert_eq!(outbox.pending(), 7);
@@ -820,9 +765,9 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        let handed = outbox.next_rows(2).unwrap();
+        let handed = outbox.next_rows(2, Instant::now()).unwrap();
         outbox.acknowledged(handed[1].at);
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox));
         std::fs::rename(&place.csv, place.beside("results.csv-20261129")).unwrap();
         let (mut log, mut outbox) = place.start();
@@ -837,7 +782,7 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [0, 1]);
+        assert_eq!(numbers(&outbox.next_rows(2, Instant::now()).unwrap()), [0, 1]);
         // logrotate `copytruncate`: copy, then empty the live file; the sink goes on writing to it.
         std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
         OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
@@ -845,7 +790,7 @@ mod tests {
         let rest = publish_all(&mut outbox, 100);
         assert_eq!(numbers(&rest), [2, 3, 4, 5, 6, 7]);
         assert_eq!(rest[3].record, rec(5));
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox));
         let (_log, mut outbox) = place.start();
         assert!(publish_all(&mut outbox, 10).is_empty(), "nothing twice");
@@ -856,7 +801,7 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        let handed = outbox.next_rows(2).unwrap();
+        let handed = outbox.next_rows(2, Instant::now()).unwrap();
         std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
         OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
         // A disconnect: the two rows handed out before are read again, from the copy.
@@ -875,7 +820,7 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        assert_eq!(numbers(&outbox.next_rows(2).unwrap()), [0, 1]);
+        assert_eq!(numbers(&outbox.next_rows(2, Instant::now()).unwrap()), [0, 1]);
         std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
         OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
         log.reopen().unwrap(); // a postrotate `kill -HUP`: the same file, its header written again
@@ -888,9 +833,9 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        let handed = outbox.next_rows(2).unwrap();
+        let handed = outbox.next_rows(2, Instant::now()).unwrap();
         outbox.acknowledged(handed[1].at);
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox));
         std::fs::copy(&place.csv, place.beside("results.csv.1")).unwrap();
         OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
@@ -905,7 +850,7 @@ mod tests {
         let place = Place::new();
         let tap = LogTap::new();
         let mut log = ResultLog::open_tapped(&place.csv, Columns::plain(1), Some(tap.clone())).unwrap();
-        let mut outbox = Outbox::open(tap.clone(), &place.checkpoint).unwrap();
+        let mut outbox = Outbox::open(tap.clone(), &place.checkpoint, Instant::now()).unwrap();
         log.append(&recs(0..3)).unwrap();
         // A reload with another top_k: the old log is set aside by rename, a new one started.
         let wide = Columns { top_k: 3, english: false, confident: true };
@@ -935,9 +880,9 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        let handed = outbox.next_rows(2).unwrap();
+        let handed = outbox.next_rows(2, Instant::now()).unwrap();
         outbox.acknowledged(handed[1].at);
-        outbox.save().unwrap();
+        outbox.save(Instant::now()).unwrap();
         drop((log, outbox));
         std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
         std::fs::remove_file(place.beside("results.csv.1")).unwrap();
@@ -952,33 +897,40 @@ mod tests {
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
         log.append(&recs(0..5)).unwrap();
-        outbox.next_rows(2).unwrap();
+        let t0 = Instant::now();
+        outbox.next_rows(2, t0).unwrap();
         OpenOptions::new().write(true).open(&place.csv).unwrap().set_len(0).unwrap();
         log.append(&recs(5..7)).unwrap();
-        assert!(outbox.next_rows(100).unwrap().is_empty(), "the copy may still appear");
-        std::thread::sleep(COPY_WAIT);
-        assert_eq!(numbers(&publish_all(&mut outbox, 100)), [5, 6]);
+        assert!(outbox.next_rows(100, t0).unwrap().is_empty(), "the copy may still appear");
+        let again = outbox.read_deadline().expect("a time to look for the copy again");
+        assert!(again >= t0 + COPY_WAIT && again <= Instant::now() + COPY_WAIT, "{:?}", again - t0);
+        assert!(outbox.next_rows(100, again - Duration::from_millis(1)).unwrap().is_empty(), "not given up before");
+        assert_eq!(numbers(&publish_all_at(&mut outbox, 100, again)), [5, 6]);
         assert_eq!((outbox.lost_generations(), outbox.pending()), (1, 0));
+        assert_eq!(outbox.read_deadline(), None);
     }
 
     #[test]
-    fn changed_resolves_when_rows_become_durable() {
+    fn the_tap_wakes_the_publisher_when_rows_become_durable_and_keeps_a_wake_up_until_taken() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
         let place = Place::new();
         let (mut log, mut outbox) = place.start();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let wait = |o: &Outbox| rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), o.changed()).await.is_ok() });
-        assert!(!wait(&outbox), "nothing after the header yet");
+        let tap = outbox.tap();
+        // Polled once: whether a wake-up is there now, without waiting for one.
+        let woken = || matches!(std::pin::pin!(tap.changed()).poll(&mut Context::from_waker(Waker::noop())), Poll::Ready(()));
+        woken(); // the sink's open
+        assert!(!woken(), "nothing new");
         log.append(&recs(0..1)).unwrap();
-        assert!(wait(&outbox), "a row is unread");
-        assert_eq!(outbox.next_rows(10).unwrap().len(), 1);
-        assert!(!wait(&outbox), "nothing new");
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            log.append(&recs(1..2)).unwrap();
-        });
-        assert!(wait(&outbox), "woken by the append");
-        writer.join().unwrap();
-        assert_eq!(numbers(&outbox.next_rows(10).unwrap()), [1]);
+        assert!(woken(), "a row made durable");
+        assert!(!woken(), "taken");
+        log.append(&recs(1..3)).unwrap();
+        log.append(&recs(3..4)).unwrap();
+        assert!(woken(), "kept while nobody waited");
+        assert_eq!(numbers(&outbox.next_rows(10, Instant::now()).unwrap()), [0, 1, 2, 3]);
+        std::fs::rename(&place.csv, place.beside("results.csv.1")).unwrap();
+        log.reopen().unwrap();
+        assert!(woken(), "a new file");
     }
 
     #[test]
@@ -991,7 +943,7 @@ mod tests {
         assert_eq!(outbox.pending(), 100_000);
         drop(outbox);
         let opened = Instant::now();
-        let mut outbox = Outbox::open(log.tap().unwrap(), &place.checkpoint).unwrap();
+        let mut outbox = Outbox::open(log.tap().unwrap(), &place.checkpoint, Instant::now()).unwrap();
         let open_s = opened.elapsed().as_secs_f64();
         assert_eq!(outbox.pending(), 100_000, "counted from the file at open");
         let hwm = || std::fs::read_to_string("/proc/self/status").unwrap_or_default().lines().find(|l| l.starts_with("VmHWM")).map(String::from);
@@ -999,7 +951,7 @@ mod tests {
         let started = Instant::now();
         let mut next = 0;
         loop {
-            let rows = outbox.next_rows(100).unwrap();
+            let rows = outbox.next_rows(100, Instant::now()).unwrap();
             let Some(last) = rows.last() else { break };
             assert_eq!(numbers(&rows), (next..next + rows.len()).collect::<Vec<_>>());
             next += rows.len();

@@ -3,10 +3,15 @@
 //! root may be a link).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::SystemTime;
+
+use crossbeam_channel::Sender;
 
 use crate::config::InboxConfig;
 use crate::labelled::is_labelled;
+use crate::shutdown::Shutdown;
 
 /// What a scan of an inbox found.
 #[derive(Debug, Default)]
@@ -21,8 +26,9 @@ pub struct Scan {
     pub unreadable: Vec<(PathBuf, String)>,
 }
 
-/// Finds images under `inbox` (or `dir`, a folder inside it) that have no up-to-date sidecar.
-pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
+/// Finds images under `inbox` (or `dir`, a folder inside it) that have no up-to-date sidecar. Stops
+/// early (with what it found so far) once `stop` is triggered.
+pub fn scan(inbox: &InboxConfig, dir: &Path, stop: &Shutdown) -> Scan {
     let mut found = Scan::default();
     let depth = if inbox.recursive { usize::MAX } else { 1 };
     let walker = walkdir::WalkDir::new(dir)
@@ -33,6 +39,9 @@ pub fn scan(inbox: &InboxConfig, dir: &Path) -> Scan {
     // Skip dot-folders (a hidden quarantine, other tools' state).
     let walker = walker.filter_entry(|e| e.depth() == 0 || !(e.file_type().is_dir() && is_dot_name(e.file_name())));
     for entry in walker {
+        if stop.is_triggered() {
+            break;
+        }
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
@@ -86,3 +95,78 @@ pub(super) fn is_dot_name(name: &std::ffi::OsStr) -> bool {
     name.as_bytes().first() == Some(&b'.')
 }
 
+
+/// Why a scan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Why {
+    Startup,
+    /// Every inbox, after lost events.
+    Full,
+    /// One folder or inbox that appeared or came back.
+    Part,
+}
+
+/// A finished scan: of which inbox, why, and what it found.
+pub(super) struct Scanned {
+    pub inbox: usize,
+    pub why: Why,
+    pub found: Scan,
+}
+
+/// One thread per inbox scanning the folders asked for, in order: a large inbox's scan does not hold
+/// up another's, and a storm of new folders queues scans instead of starting a thread each.
+pub(super) struct Scanners {
+    requests: Vec<Sender<(PathBuf, Why)>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Scanners {
+    /// Scanners for `inboxes`, sending what they find to `results`; a scan stops early once `stop` is
+    /// triggered.
+    pub fn start(inboxes: &Arc<Vec<InboxConfig>>, results: &Sender<Scanned>, stop: &Shutdown) -> std::io::Result<Scanners> {
+        let mut scanners = Scanners { requests: Vec::new(), threads: Vec::new() };
+        for i in 0..inboxes.len() {
+            let (tx, rx) = crossbeam_channel::unbounded::<(PathBuf, Why)>();
+            let (inboxes, results, stop) = (inboxes.clone(), results.clone(), stop.clone());
+            let thread = std::thread::Builder::new().name("inbox-scan".into()).spawn(move || {
+                let ib = &inboxes[i];
+                for (dir, why) in rx {
+                    let found = scan(ib, &dir, &stop);
+                    if stop.is_triggered() {
+                        return;
+                    }
+                    if why == Why::Startup {
+                        tracing::info!(inbox = %ib.path.display(), backlog = found.ready.len() + found.unsettled.len(), "start-up scan done");
+                    }
+                    if results.send(Scanned { inbox: i, why, found }).is_err() {
+                        return;
+                    }
+                }
+            });
+            match thread {
+                Ok(t) => {
+                    scanners.requests.push(tx);
+                    scanners.threads.push(t);
+                }
+                Err(e) => {
+                    scanners.finish();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(scanners)
+    }
+
+    /// Asks inbox `i`'s scanner to scan `dir` (the inbox folder or a folder in it).
+    pub fn scan(&self, i: usize, dir: PathBuf, why: Why) {
+        let _ = self.requests[i].send((dir, why));
+    }
+
+    /// Lets the scanners finish (a scan stops early once its stop is triggered) and waits for them.
+    pub fn finish(self) {
+        drop(self.requests);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
