@@ -2,16 +2,19 @@
 //! subscriber keeps its session across a broker kill -9 and reconnects by itself; TLS with the test's
 //! CA and a password file work and refuse what they should.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Read;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::broker::*;
+use crate::common::broker::*;
+use crate::common::eventually;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// Mosquitto's log line for each save of its persistence file.
+const SAVED: &str = "Saving in-memory database to ";
 
 fn payloads(m: &[(String, String)]) -> Vec<&str> {
     m.iter().map(|(_, p)| p.as_str()).collect()
@@ -40,15 +43,16 @@ fn a_persistent_subscriber_survives_a_broker_kill9_and_gets_what_was_queued_for_
 
     // Queued while the subscriber is away, then a kill -9 of the broker: persistence keeps it.
     drop(sub);
+    let saves = b.count_in_log(SAVED);
     b.publish("box/a/result", r#"{"n":4}"#, false);
-    // Mosquitto acknowledges before it saves (autosave on every change): give the save a moment.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mosquitto acknowledges before it saves (autosave on every change): wait for the save.
+    b.wait_for_log_count(SAVED, saves + 1, WAIT);
     b.kill9();
     b.restart();
     let sub = Subscriber::start(&b, "box/+/result", "recorder");
     let m = sub.wait_for(4, WAIT);
     assert_eq!(payloads(&m), vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500)); // a window in which a duplicate would arrive
     assert_eq!(sub.messages().len(), 4, "nothing twice: {:?}", sub.messages());
 }
 
@@ -118,26 +122,32 @@ fn every_acknowledged_message_reaches_the_subscriber_across_a_broker_kill9() {
     let mut b = Broker::start(BrokerOptions::default());
     let sub = Subscriber::start(&b, "load/#", "load-recorder");
     let args = b.client_args();
+    // Publishers that found the broker down at least once, or had nothing left to publish.
+    let refused = Arc::new(AtomicUsize::new(0));
     let publishers: Vec<_> = (0..4)
         .map(|p| {
-            let args = args.clone();
+            let (args, refused) = (args.clone(), refused.clone());
             std::thread::spawn(move || {
                 let mut acked = Vec::new();
+                let mut was_refused = false;
                 for i in 0..150 {
                     let payload = format!(r#"{{"p":{p},"i":{i}}}"#);
                     // Retried until the broker acknowledges it (it is down for a while).
-                    loop {
+                    eventually(format_args!("{payload} acknowledged"), Duration::from_secs(120), || {
                         let out = Command::new("mosquitto_pub")
                             .args(&args)
                             .args(["-q", "1", "-t", &format!("load/{p}"), "-m", &payload])
                             .output()
                             .unwrap();
-                        if out.status.success() {
-                            break;
+                        if !out.status.success() && !std::mem::replace(&mut was_refused, true) {
+                            refused.fetch_add(1, Ordering::Relaxed);
                         }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+                        out.status.success()
+                    });
                     acked.push(payload);
+                }
+                if !was_refused {
+                    refused.fetch_add(1, Ordering::Relaxed);
                 }
                 acked
             })
@@ -145,8 +155,8 @@ fn every_acknowledged_message_reaches_the_subscriber_across_a_broker_kill9() {
         .collect();
     sub.wait_for(100, WAIT);
     b.kill9();
-    // As long as the stream test keeps it down; the publishers and the subscriber retry meanwhile.
-    std::thread::sleep(Duration::from_secs(5));
+    // Down until every publisher has been refused: they and the subscriber retry meanwhile.
+    eventually("every publisher refused by the killed broker", WAIT, || refused.load(Ordering::Relaxed) == 4);
     b.restart();
     let acked: Vec<String> = publishers.into_iter().flat_map(|p| p.join().unwrap()).collect();
     assert_eq!(acked.len(), 600);

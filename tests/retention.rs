@@ -4,14 +4,12 @@
 //! running, unrelated data, files still being written, and `kill -9` in the middle of archiving. Each
 //! asserts that no file without an archive record was removed and nothing outside changed.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{RED, Setup, solid};
+use crate::common::{RED, Setup, eventually, solid};
 
 const MB: u64 = 1024 * 1024;
 
@@ -88,12 +86,8 @@ fn removed_in_log(log: &str, key: &str) -> u64 {
         .sum()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < timeout, "{what}: not after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    eventually(what, timeout, done);
 }
 
 /// 320×320 24-bit BMP: 300 KB that decodes in no time.
@@ -334,8 +328,7 @@ fn a_reload_that_adds_retention_sweeps_at_once() {
     let d = s.spawn_daemon();
     arrive(&s, &s.inbox, &["old.png"], days_ago(100), false);
     wait_until("old.png archived", Duration::from_secs(30), || done.join("old.png.json").exists());
-    // A fixed wait: asserting that nothing happens without [retention].
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500)); // a window in which nothing may be removed without [retention]
     assert!(done.join("old.png").exists(), "no [retention], nothing removed");
     let text = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(&s.config, format!("{text}\n[retention]\nmax_age_days = 30\ninterval_s = 3600\n")).unwrap();
