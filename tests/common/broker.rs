@@ -223,6 +223,13 @@ impl Broker {
         });
     }
 
+    /// True if the broker's persistence file (written whole, then renamed into place) holds `payload`:
+    /// a message kept for a subscriber or still waiting for its acknowledgement.
+    pub fn persists(&self, payload: &str) -> bool {
+        let db = std::fs::read(self.dir.path().join("data/mosquitto.db")).unwrap_or_default();
+        db.windows(payload.len()).any(|w| w == payload.as_bytes())
+    }
+
     pub fn count_in_log(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
     }
