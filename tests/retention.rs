@@ -290,6 +290,8 @@ fn images_older_than_max_age_days_leave_done_and_quarantine_with_their_sidecars_
     arrive(&s, &s.inbox, &["broken.jpg"], days_ago(40), true);
     arrive(&s, &s.inbox, &["new.png"], days_ago(29), false);
     wait_until("all four labelled", Duration::from_secs(30), || s.csv.exists() && s.rows().len() == 4);
+    // Its row is written before it moves: the young image archived, to check below that it stays.
+    wait_until("new.png archived", Duration::from_secs(30), || done.join("new.png.json").exists());
     // The archived old ones go at a sweep; the foreign files and the 29-day-old image stay.
     let gone = [done.join("cam1/2025-01/old~1.png"), done.join("old2.png"), rejects.join("broken.jpg")];
     wait_until("the archived old images removed", Duration::from_secs(40), || {
