@@ -323,7 +323,8 @@ fn an_image_whose_folder_is_renamed_while_it_is_labelled_gets_its_row_and_sideca
     });
     std::fs::rename(&old, &new).unwrap();
     let image = new.join("white.png");
-    wait_for_sidecar(&image, WAIT);
+    // The model computes for a second or so on this image, longer on a busy machine.
+    wait_for_sidecar(&image, 2 * WAIT);
     d.wait_for_log("recorded under its new path", WAIT);
     // The rescan of the renamed folder finds the image again: it must not be labelled twice.
     std::thread::sleep(Duration::from_secs(2)); // a window in which a second row would be written

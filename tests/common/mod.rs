@@ -259,11 +259,14 @@ impl Drop for Daemon {
     }
 }
 
-/// Waits until `image`'s sidecar exists (and parses as a sidecar), or panics after `timeout`.
+/// Waits until `image`'s sidecar exists and parses as JSON (what was planted at its name may not),
+/// or panics after `timeout` with what is there.
 pub fn wait_for_sidecar(image: &Path, timeout: Duration) -> serde_json::Value {
     let side = sidecar(image);
-    let bytes = eventually(format_args!("a sidecar for {}", image.display()), timeout, || std::fs::read(&side).ok());
-    serde_json::from_slice(&bytes).expect("sidecar is valid JSON")
+    eventually(format_args!("a sidecar for {}", image.display()), timeout, || match std::fs::read(&side) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&bytes))),
+        Err(e) => Err(e.to_string()),
+    })
 }
 
 pub fn sidecar(image: &Path) -> PathBuf {
