@@ -1,8 +1,6 @@
 //! The exported ImageNet model (`make model` → models/default.pt) on real photos: labeld must give the
 //! labels PyTorch + torchvision give (tests/data/golden/golden.json, made by scripts/make_golden.py).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -18,7 +16,7 @@ fn default_model() -> PathBuf {
 }
 
 fn classify(model: &Path, files: &[PathBuf]) -> Vec<Value> {
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(crate::common::BIN)
         .args(["classify", "--model"])
         .arg(model)
         .args(files)

@@ -2,16 +2,19 @@
 //! subscriber keeps its session across a broker kill -9 and reconnects by itself; TLS with the test's
 //! CA and a password file work and refuse what they should.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Read;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::broker::*;
+use crate::common::broker::*;
+use crate::common::eventually;
 
 const WAIT: Duration = Duration::from_secs(20);
+/// Mosquitto's log line for the subscriber's acknowledgement of a delivery.
+const ACKED: &str = "Received PUBACK from recorder ";
 
 fn payloads(m: &[(String, String)]) -> Vec<&str> {
     m.iter().map(|(_, p)| p.as_str()).collect()
@@ -28,8 +31,10 @@ fn a_persistent_subscriber_survives_a_broker_kill9_and_gets_what_was_queued_for_
     let m = sub.wait_for(2, WAIT);
     assert_eq!(m, vec![("box/a/result".into(), r#"{"n":1}"#.into()), ("box/b/result".into(), r#"{"n":2}"#.into())]);
 
-    // Killed while the subscriber is connected: it reconnects by itself, and a message published
-    // before it is back is kept for its session.
+    // Killed while the subscriber is connected (both deliveries acknowledged and saved): it reconnects
+    // by itself, and a message published before it is back is kept for its session.
+    b.wait_for_log_count(ACKED, 2, WAIT);
+    eventually("both deliveries acknowledged in the persistence file", WAIT, || !b.persists(r#"{"n":1}"#) && !b.persists(r#"{"n":2}"#));
     b.kill9();
     b.restart();
     b.publish("box/a/result", r#"{"n":3}"#, false);
@@ -39,16 +44,18 @@ fn a_persistent_subscriber_survives_a_broker_kill9_and_gets_what_was_queued_for_
     assert!(b.count_in_log("as recorder (") >= 2, "the subscriber reconnected:\n{}", b.log_tail(30));
 
     // Queued while the subscriber is away, then a kill -9 of the broker: persistence keeps it.
+    b.wait_for_log_count(ACKED, 3, WAIT);
+    eventually("the third delivery acknowledged in the persistence file", WAIT, || !b.persists(r#"{"n":3}"#));
     drop(sub);
     b.publish("box/a/result", r#"{"n":4}"#, false);
-    // Mosquitto acknowledges before it saves (autosave on every change): give the save a moment.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Mosquitto acknowledges before it saves (autosave on every change): wait for the save.
+    eventually("the queued message in the persistence file", WAIT, || b.persists(r#"{"n":4}"#));
     b.kill9();
     b.restart();
     let sub = Subscriber::start(&b, "box/+/result", "recorder");
     let m = sub.wait_for(4, WAIT);
     assert_eq!(payloads(&m), vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#]);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500)); // a window in which a duplicate would arrive
     assert_eq!(sub.messages().len(), 4, "nothing twice: {:?}", sub.messages());
 }
 
@@ -118,26 +125,32 @@ fn every_acknowledged_message_reaches_the_subscriber_across_a_broker_kill9() {
     let mut b = Broker::start(BrokerOptions::default());
     let sub = Subscriber::start(&b, "load/#", "load-recorder");
     let args = b.client_args();
+    // Publishers that found the broker down at least once, or had nothing left to publish.
+    let refused = Arc::new(AtomicUsize::new(0));
     let publishers: Vec<_> = (0..4)
         .map(|p| {
-            let args = args.clone();
+            let (args, refused) = (args.clone(), refused.clone());
             std::thread::spawn(move || {
                 let mut acked = Vec::new();
+                let mut was_refused = false;
                 for i in 0..150 {
                     let payload = format!(r#"{{"p":{p},"i":{i}}}"#);
                     // Retried until the broker acknowledges it (it is down for a while).
-                    loop {
+                    eventually(format_args!("{payload} acknowledged"), Duration::from_secs(120), || {
                         let out = Command::new("mosquitto_pub")
                             .args(&args)
                             .args(["-q", "1", "-t", &format!("load/{p}"), "-m", &payload])
                             .output()
                             .unwrap();
-                        if out.status.success() {
-                            break;
+                        if !out.status.success() && !std::mem::replace(&mut was_refused, true) {
+                            refused.fetch_add(1, Ordering::Relaxed);
                         }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+                        out.status.success()
+                    });
                     acked.push(payload);
+                }
+                if !was_refused {
+                    refused.fetch_add(1, Ordering::Relaxed);
                 }
                 acked
             })
@@ -145,8 +158,8 @@ fn every_acknowledged_message_reaches_the_subscriber_across_a_broker_kill9() {
         .collect();
     sub.wait_for(100, WAIT);
     b.kill9();
-    // As long as the stream test keeps it down; the publishers and the subscriber retry meanwhile.
-    std::thread::sleep(Duration::from_secs(5));
+    // Down until every publisher has been refused: they and the subscriber retry meanwhile.
+    eventually("every publisher refused by the killed broker", WAIT, || refused.load(Ordering::Relaxed) == 4);
     b.restart();
     let acked: Vec<String> = publishers.into_iter().flat_map(|p| p.join().unwrap()).collect();
     assert_eq!(acked.len(), 600);

@@ -1,12 +1,10 @@
 //! The real `labeld` binary against real folders, real inotify and real libtorch.
 
-mod common;
-
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -68,7 +66,6 @@ fn once_labels_the_backlog_and_exits_zero() {
     assert_eq!(s.rows().len(), 3);
 
     // An image replaced in place (newer than its sidecar) is labelled again.
-    std::thread::sleep(Duration::from_millis(20));
     solid(&s.inbox.join("red.png"), BLUE, 64, 48);
     let later = std::time::SystemTime::now() + Duration::from_secs(2);
     std::fs::File::options().write(true).open(s.inbox.join("red.png")).unwrap().set_modified(later).unwrap();
@@ -104,9 +101,9 @@ fn daemon_labels_backlog_then_new_files_then_stops_cleanly_on_sigterm() {
     assert_eq!(top1(&wait_for_sidecar(&s.inbox.join("batch7/a.png"), WAIT)).0, 0);
     assert_eq!(top1(&wait_for_sidecar(&s.inbox.join("batch7/b.png"), WAIT)).0, 1);
 
-    // A folder created in place, then filled.
+    // A folder created in place, then filled once it is watched.
     std::fs::create_dir(s.inbox.join("cam2")).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    d.eventually("a watch on the new folder", WAIT, || d.watches(&s.inbox.join("cam2")));
     solid(&s.inbox.join("cam2/c.png"), BLUE, 30, 30);
     assert_eq!(top1(&wait_for_sidecar(&s.inbox.join("cam2/c.png"), WAIT)).0, 2);
 
@@ -268,11 +265,7 @@ fn sigterm_mid_stream_leaves_whole_sidecars_and_a_parseable_csv() {
     }
     let d = s.spawn_daemon();
     // Let it get going, then stop it while the backlog is still being worked through.
-    let t = std::time::Instant::now();
-    while count_sidecars(&s.inbox) < 24 {
-        assert!(t.elapsed() < Duration::from_secs(120), "labeld made no progress");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    d.eventually("24 images labelled", Duration::from_secs(120), || count_sidecars(&s.inbox) >= 24);
     let status = d.stop();
     assert!(status.success(), "SIGTERM exit status {status:?}");
 

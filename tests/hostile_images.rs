@@ -4,13 +4,11 @@
 //! bomb with an error record naming the limit, label the ordinary photo after them, stay alive and
 //! say so in /healthz and /readyz.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 const CGROUP_LIMIT: u64 = 1 << 30;
@@ -55,12 +53,7 @@ impl MemoryCgroup {
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // Processes leave a cgroup when they exit; rmdir fails while one is still in it.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let _ = within(Duration::from_secs(5), || std::fs::remove_dir(&self.0).is_ok());
     }
 }
 

@@ -3,15 +3,13 @@
 //! cannot be redirected by a planted name; a FIFO never hangs the daemon; "already labelled" follows
 //! the file's identity, not its timestamps.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -40,15 +38,10 @@ fn drop_in(s: &Setup, name: &str, rgb: [u8; 3]) -> PathBuf {
 }
 
 fn wait_rows(s: &Setup, n: usize, timeout: Duration) -> Vec<csv::StringRecord> {
-    let t = Instant::now();
-    loop {
-        let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
-        if rows.len() >= n {
-            return rows;
-        }
-        assert!(t.elapsed() < timeout, "{} rows after {timeout:?}, expected {n}: {rows:?}", rows.len());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(format_args!("{n} rows"), timeout, || {
+        let rows = s.rows_so_far();
+        if rows.len() >= n { Ok(rows) } else { Err(Shown(rows)) }
+    })
 }
 
 
@@ -135,7 +128,7 @@ fn links_at_every_component_never_read_write_or_delete_outside() {
     symlink(&outside, &staged).unwrap();
     std::fs::rename(&staged, s.inbox.join("moved")).unwrap();
     // A new image appearing outside, now reachable through both links.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300)); // a window in which the links must not be followed
     solid(&outside.join("late.png"), BLUE, 32, 32);
     let before = snapshot(&outside);
 
@@ -146,16 +139,12 @@ fn links_at_every_component_never_read_write_or_delete_outside() {
         solid(&prep.join(n), RED, 32, 32);
     }
     std::fs::rename(&prep, s.inbox.join("sub")).unwrap();
-    std::thread::sleep(Duration::from_millis(30));
+    std::thread::sleep(Duration::from_millis(30)); // the attacker's pace: the images are queued, not yet labelled
     std::fs::rename(s.inbox.join("sub"), s.inbox.join("sub.real")).unwrap();
     symlink(&outside, s.inbox.join("sub")).unwrap();
 
     let good = drop_in(&s, "good.png", GREEN);
-    let t = Instant::now();
-    while good.exists() {
-        assert!(t.elapsed() < LONG, "the good image was not labelled (and deleted)");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.eventually("the good image labelled (and deleted)", LONG, || !good.exists());
     let rows = settled_rows(&s, Duration::from_secs(2));
     let (header, _) = read_csv(&s.csv);
     let (path_at, status_at) = (column(&header, "path"), column(&header, "status"));
@@ -200,14 +189,11 @@ fn on_done_delete_never_deletes_through_a_swapped_folder() {
         let sub = s.inbox.join("sub");
         std::fs::rename(&prep, &sub).unwrap();
         // Let a few be labelled, then swap mid-stream.
-        let t = Instant::now();
-        while std::fs::read_dir(&sub).map(|r| r.count()).unwrap_or(0) > names.len() && t.elapsed() < LONG {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        std::thread::sleep(Duration::from_millis(5 * round));
+        let _ = within(LONG, || std::fs::read_dir(&sub).map(|r| r.count()).unwrap_or(0) <= names.len());
+        std::thread::sleep(Duration::from_millis(5 * round)); // the attacker's pace: a later swap each round
         std::fs::rename(&sub, s.inbox.join(format!("sub.real{round}"))).unwrap();
         symlink(&outside, &sub).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300)); // a window in which nothing may go through the link
         std::fs::remove_file(&sub).unwrap();
     }
     let rows = settled_rows(&s, Duration::from_secs(2));
@@ -236,7 +222,13 @@ fn fifos_never_hang(backlog: &str, make: impl FnOnce(&Setup) -> Vec<&'static str
     let d = s.spawn_daemon();
     let mut fifos = make(&s);
     fifos.push("backlog.png");
-    std::thread::sleep(Duration::from_millis(500));
+    // Each FIFO noticed (an error record or a log line) before the good image arrives.
+    for fifo in &fifos {
+        d.eventually(&format!("{fifo} noticed"), LONG, || {
+            let logged = d.log_text().lines().any(|l| l.contains(fifo) && l.contains("FIFO"));
+            logged || s.rows_so_far().iter().any(|r| r[1].ends_with(fifo))
+        });
+    }
     let good = drop_in(&s, "good.png", GREEN);
     assert_eq!(top1(&wait_for_sidecar(&good, LONG)).0, 1);
     let rows = settled_rows(&s, Duration::from_secs(1));
@@ -289,22 +281,20 @@ fn stat_identity(p: &Path) -> serde_json::Value {
 
 /// Waits until the sidecar of `img` says `class` and records the file's identity as it is now.
 fn wait_labelled_as(img: &Path, class: u64) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
+    eventually(format_args!("{} relabelled as class {class} with its identity", img.display()), LONG, || {
         if let Ok(bytes) = std::fs::read(sidecar(img)) {
             if let Ok(side) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                 let mut recorded = side["file"].clone();
                 // The hash of the bytes is checked by the daemon, not here.
                 recorded.as_object_mut().map(|o| o.remove("xxh3"));
                 if side["top"].is_array() && top1(&side).0 == class && recorded == stat_identity(img) {
-                    return side;
+                    return Ok(side);
                 }
             }
         }
         let now = std::fs::read_to_string(sidecar(img)).unwrap_or_default();
-        assert!(t.elapsed() < LONG, "{} not relabelled as class {class} with its identity {}:\n{now}", img.display(), stat_identity(img));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Err(format!("identity {}, sidecar:\n{now}", stat_identity(img)))
+    })
 }
 
 fn sh(cmd: &str) {

@@ -4,11 +4,9 @@
 //! permanent error record only when the model still passes its load-time test input; a model fault
 //! is retried, says "model failing" on /readyz, and does not stop a clean shutdown.
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
-
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -112,16 +110,15 @@ fn a_model_that_fails_on_its_test_input_too_is_retried_and_the_image_labelled_on
     let red = s.inbox.join("red.png");
     solid(&red, RED, 64, 48);
     // /readyz says why while the model fails; no error record is written meanwhile.
-    let t = Instant::now();
-    loop {
+    let body = d.eventually("/readyz 503 while the model fails", WAIT, || {
         let (code, body) = get(&format!("{base}/readyz"));
         if code == 503 {
-            assert!(body.contains("model failing") && body.contains("model broken on call"), "{body}");
-            break;
+            return Some(body);
         }
-        assert!(!sidecar(&red).exists() && t.elapsed() < WAIT, "never saw /readyz 503 while the model failed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        assert!(!sidecar(&red).exists(), "a record was written before /readyz said the model fails");
+        None
+    });
+    assert!(body.contains("model failing") && body.contains("model broken on call"), "{body}");
     let side = wait_for_sidecar(&red, WAIT);
     assert_eq!(side["status"], "ok", "{side}");
     assert_eq!(top1(&side).0, 0);
@@ -146,16 +143,11 @@ fn a_model_that_never_works_again_is_unhealthy_records_nothing_and_does_not_hold
     d.wait_for_log("retry_in_ms=4000", WAIT);
     let (code, body) = get(&format!("{base}/readyz"));
     assert_eq!(code, 503, "{body}");
-    let t = Instant::now();
-    loop {
+    let body = d.eventually("/healthz 503 while nothing is labelled", WAIT, || {
         let (code, body) = get(&format!("{base}/healthz"));
-        if code == 503 {
-            assert!(body.contains("no progress: 1 images in flight"), "{body}");
-            break;
-        }
-        assert!(t.elapsed() < WAIT, "/healthz stayed 200 while nothing was labelled");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (code == 503).then_some(body)
+    });
+    assert!(body.contains("no progress: 1 images in flight"), "{body}");
     // Stopped during the 4 s back-off: waiting is not sleeping.
     let status = d.stop();
     assert!(status.success(), "exit {status:?}");
@@ -173,11 +165,10 @@ fn a_model_that_never_works_again_is_unhealthy_records_nothing_and_does_not_hold
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("retry_in_ms=1000") {
-        assert!(t.elapsed() < WAIT, "run --once never retried:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually("run --once retrying", WAIT, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("retry_in_ms=1000").then_some(()).ok_or(text)
+    });
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();

@@ -3,15 +3,13 @@
 //! labelled across restarts; a file that cannot be read now is a fault (no record), labelled once it
 //! can be.
 
-mod common;
-
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -43,14 +41,6 @@ fn stage_and_drop(s: &Setup, name: &OsStr, rgb: [u8; 3]) -> PathBuf {
 }
 
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < timeout, "{what} after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Labels each name once, checks one row and one sidecar each, then restarts twice: no new rows.
 fn each_labelled_once_across_restarts(names: &[OsString]) {
     let s = Setup::new("channel_mean", "");
@@ -58,7 +48,7 @@ fn each_labelled_once_across_restarts(names: &[OsString]) {
     let images: Vec<PathBuf> = names.iter().map(|n| stage_and_drop(&s, n, GREEN)).collect();
     for img in &images {
         let side = documented_sidecar(img);
-        wait_for(&format!("no sidecar {:?}", side), LONG, || side.exists());
+        eventually(format_args!("a sidecar {side:?}"), LONG, || side.exists());
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&side).unwrap()).unwrap();
         assert_eq!(top1(&v).0, 1, "{side:?}");
     }
@@ -126,7 +116,7 @@ fn an_unreadable_image_is_a_fault_not_a_verdict() {
     sh(&format!("chown 65534:65534 '{0}' && chmod 000 '{0}'", staged.display()));
     let live = s.inbox.join("live.png");
     std::fs::rename(&staged, &live).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2)); // a window in which an unreadable image must get no record
     let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
     assert!(rows.is_empty(), "an unreadable image got a row: {rows:?}\n{}", d.log_text());
     assert!(!sidecar(&backlog).exists() && !sidecar(&live).exists(), "an unreadable image got a sidecar");
@@ -137,7 +127,7 @@ fn an_unreadable_image_is_a_fault_not_a_verdict() {
     assert!(d.log_text().contains("retried"), "a fault says it is retried:\n{}", d.log_text());
     sh(&format!("chmod 644 '{}' '{}'", backlog.display(), live.display()));
     let t = Instant::now();
-    wait_for("the images were not labelled once readable", LONG, || sidecar(&backlog).exists() && sidecar(&live).exists());
+    eventually("the images labelled once readable", LONG, || sidecar(&backlog).exists() && sidecar(&live).exists());
     let took = t.elapsed();
     let rows = settled_rows(&s, Duration::from_secs(1));
     assert_eq!(rows.len(), 2, "exactly one row per image: {rows:?}");
@@ -146,7 +136,7 @@ fn an_unreadable_image_is_a_fault_not_a_verdict() {
     d.stop();
     // And a restart adds nothing.
     let d = Nobody::spawn(&s);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2)); // a window in which a relabelling would show
     d.stop();
     assert_eq!(s.rows().len(), 2, "a restart labelled again");
     println!("permission fault: {faults} fault lines, 0 rows while unreadable; 2 rows {took:?} after chmod (no restart)");

@@ -2,15 +2,13 @@
 //! up, a stop while sidecar writes fail (long rows), reused names with on_done = "move", and the
 //! quarantine's crash windows.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -65,12 +63,8 @@ fn assert_exactly_one_row_each(csv: &Path, images: &[PathBuf]) {
     assert_eq!(per.len(), images.len(), "rows for other paths: {:?}", per.keys().filter(|p| !images.iter().any(|i| i.to_str() == Some(p.as_str()))).collect::<Vec<_>>());
 }
 
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < WAIT, "{what} not within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(what: &str, done: impl FnMut() -> bool) {
+    eventually(what, WAIT, done);
 }
 
 const COLOURS: [[u8; 3]; 3] = [RED, GREEN, BLUE];
@@ -102,8 +96,9 @@ fn a_full_disk_under_the_results_log_leaves_no_torn_row_and_no_duplicate() {
             d.wait_for_log("cannot write to results log", WAIT);
         }
     }
-    d.wait_for_log("cannot write to results log", WAIT);
-    std::thread::sleep(Duration::from_secs(2));
+    // Full until an append has failed again after the last image arrived.
+    let failed = d.count_in_log("cannot write to results log");
+    d.wait_for_log_count("cannot write to results log", failed.max(1) + 1, WAIT);
     std::fs::remove_file(&filler).unwrap();
     for img in &images {
         wait_for_sidecar(img, WAIT);
@@ -289,13 +284,11 @@ fn sigkill_while_archiving_and_quarantining_loses_nothing_and_labels_nothing_twi
     for _ in 0..4 {
         let d = s.spawn_daemon();
         let target = files_in(&done) + files_in(&rejects) + 10 + (seed % 60) as usize;
-        let t = Instant::now();
-        while files_in(&done) + files_in(&rejects) < target.min(2 * n) && t.elapsed() < WAIT {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            std::thread::sleep(Duration::from_micros(200 + seed % 3000));
-        }
+        let _ = within(WAIT, || files_in(&done) + files_in(&rejects) >= target.min(2 * n));
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_micros(200 + seed % 3000)); // a random moment to kill at
         d.signal(9);
         drop(d);
         eprintln!("killed with {} files set aside of {}", files_in(&done) + files_in(&rejects), 2 * n);
@@ -358,7 +351,7 @@ fn folders_swapped_between_row_and_sidecar_keep_each_result_with_its_own_image()
         std::fs::remove_dir_all(sidecar(&dir.join("x.png"))).unwrap();
     }
     wait_until("both images archived", || done.exists() && images_under(&done).len() == 2);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500)); // a window in which a second row would be written
     assert!(d.stop().success());
     for img in images_under(&done) {
         let px = image::open(&img).unwrap().into_rgb8().get_pixel(0, 0).0;
@@ -396,7 +389,7 @@ fn a_folder_moved_out_and_back_before_its_sidecars_gives_no_second_row() {
     let back = s.inbox.join("line-back");
     std::fs::rename(&outside, &back).unwrap();
     wait_until("sidecars in the folder moved back", || names.iter().all(|n| sidecar(&back.join(n)).exists()));
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1)); // a window in which a second row would be written
     assert!(d.log_text().contains("already has a row"), "{}", d.log_text());
     assert!(d.stop().success());
     assert_eq!(rows_per_path(&s.csv).values().sum::<usize>(), 5, "one row each: {:?}", rows_per_path(&s.csv));

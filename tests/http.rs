@@ -1,15 +1,11 @@
 //! The HTTP endpoint of a running labeld: /metrics, /healthz, /readyz, POST /predict, the token, and
 //! the status page in a real headless Chromium.
 
-mod common;
-#[path = "common/devtools.rs"]
-mod devtools;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
-use devtools::Chromium;
+use crate::common::*;
+use crate::common::devtools::{self, Chromium};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -354,11 +350,7 @@ fn readyz_is_503_while_a_reloaded_inbox_cannot_be_watched() {
 
     std::fs::write(&s.config, good).unwrap();
     d.signal(1);
-    let t = Instant::now();
-    while get(&format!("{base}/readyz")).0 != 200 {
-        assert!(t.elapsed() < WAIT, "not ready again after a good reload:\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.eventually("/readyz 200 again after a good reload", WAIT, || get(&format!("{base}/readyz")).0 == 200);
     solid(&s.inbox.join("back.png"), GREEN, 32, 32);
     assert_eq!(top1(&wait_for_sidecar(&s.inbox.join("back.png"), WAIT)), (1, "goldfish".into()));
     assert!(d.stop().success());
@@ -591,15 +583,11 @@ fn connections_beyond_max_connections_wait_in_the_kernel_queue() {
 
     // Six clients that connect and say nothing: two are taken, the rest wait their turn.
     let silent: Vec<_> = (0..6).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
-    let t = Instant::now();
-    while sockets(d.pid()) < before + 2 {
-        assert!(t.elapsed() < WAIT, "the daemon never accepted the silent clients");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.eventually("the daemon accepting the silent clients", WAIT, || sockets(d.pid()) >= before + 2);
     for _ in 0..20 {
         let open = sockets(d.pid());
         assert!(open <= before + 2, "{open} sockets open with max_connections = 2 (had {before})");
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(25)); // a window in which no third connection may be taken
     }
     // Each silent one is closed after header_timeout_s, so a real request behind them is served.
     let mut c = std::net::TcpStream::connect(&addr).unwrap();

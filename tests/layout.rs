@@ -2,11 +2,9 @@
 //! every CPU and a backlog on each worker's share. Read from the per-batch debug log line, which names
 //! the intra-op threads the batch ran with. (How fast each layout is lives in `make bench`.)
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn batch_threads(log: &str) -> Vec<usize> {
     log.lines()

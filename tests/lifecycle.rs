@@ -3,11 +3,9 @@
 //! The dying thread is made with the documented test hook `LABELD_TEST_PANIC_THREAD`: since a panic
 //! while preprocessing an image is now contained, no input can kill a worker thread.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -18,11 +16,13 @@ fn a_second_signal_mid_batch_exits_at_once_with_128_plus_the_signal() {
         // A forward pass that never returns on a white image: labeld is mid-batch for good.
         hanging_model(&s.model);
         let mut d = s.spawn_daemon_with(&[]);
+        let idle = thread_ticks(d.pid(), "infer-0");
         solid(&s.inbox.join("white.png"), [255, 255, 255], 64, 48);
-        std::thread::sleep(Duration::from_millis(1500));
+        // The white image is in the model for good once the inference thread spins (200 ms of CPU).
+        d.eventually("infer-0 spinning on the white image", WAIT, || thread_ticks(d.pid(), "infer-0") >= idle + 20);
         d.signal(sig);
         d.wait_for_log("stopping: no new files", WAIT);
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(300)); // a window in which labeld must not exit
         assert_eq!(d.exited(), None, "labeld exited on the first signal, though its batch is not done");
         d.signal(sig);
         let status = d.wait_exit();
@@ -60,4 +60,16 @@ fn run_once_exits_non_zero_when_an_inference_thread_dies() {
     let out = s.run_once();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(s.rows().len(), 3);
+}
+
+/// CPU time (user + system, in clock ticks) of the daemon's thread named `name`.
+fn thread_ticks(pid: i32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        if std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim_end() == name) {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+            return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        }
+    }
+    panic!("no thread {name} in labeld ({pid})");
 }

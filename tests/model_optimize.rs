@@ -3,13 +3,11 @@
 //! tests/data/make_optimize_models.py with Debian's PyTorch): each loads optimised in fp32 and bf16 and
 //! gives eager PyTorch's top-1 on the golden photos; a model whose optimised logits differ runs as loaded.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::*;
+use crate::common::*;
 use labeld::config::Precision;
 use labeld::infer::model::Classifier;
 use labeld::infer::optimize::{Optimisation, PASSES};

@@ -1,16 +1,14 @@
-//! MQTT publishing (issue 11) against a real Mosquitto started by the test (tests/common/broker.rs):
+//! MQTT publishing against a real Mosquitto started by the test (tests/common/broker.rs):
 //! every CSV row reaches a persistent QoS 1 subscriber through broker and labeld kill -9s, a broker
 //! that is down at start-up, log rotation during an outage, TLS with a password file, presence
 //! (online, offline, the will), and check-config.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::broker::*;
-use common::*;
+use crate::common::broker::*;
+use crate::common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -39,7 +37,7 @@ fn write_images(inbox: &Path, prefix: &str, n: usize, gap: Duration) {
     for i in 0..n {
         std::fs::write(inbox.join(format!("{prefix}{i:05}.png")), &pngs[i % 3]).unwrap();
         if !gap.is_zero() {
-            std::thread::sleep(gap);
+            std::thread::sleep(gap); // a camera's pace, not a wait
         }
     }
 }
@@ -49,11 +47,10 @@ fn sidecar_count(inbox: &Path) -> usize {
 }
 
 fn wait_labelled(inbox: &Path, n: usize, timeout: Duration) {
-    let t = Instant::now();
-    while sidecar_count(inbox) < n {
-        assert!(t.elapsed() < timeout, "{} of {n} images labelled after {timeout:?}", sidecar_count(inbox));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(format_args!("{n} images labelled"), timeout, || {
+        let done = sidecar_count(inbox);
+        (done >= n).then_some(()).ok_or(done)
+    });
 }
 
 /// The payloads, each parsed (panics on one that is not a JSON object).
@@ -74,19 +71,14 @@ fn paths_of(messages: &[(String, String)]) -> HashSet<String> {
 
 /// Waits until every path in `want` has arrived, then for a quiet second; returns all messages.
 fn wait_for_paths(sub: &Subscriber, want: &HashSet<String>, timeout: Duration) -> Vec<(String, String)> {
-    let t = Instant::now();
-    loop {
+    eventually(format_args!("all {} rows published", want.len()), timeout, || {
         let got = paths_of(&sub.messages());
-        if want.is_subset(&got) {
-            return sub.wait_quiet(Duration::from_secs(1), WAIT);
-        }
-        if t.elapsed() > timeout {
-            let mut missing: Vec<_> = want.difference(&got).collect();
-            missing.sort();
-            panic!("{} of {} rows never arrived after {timeout:?}, e.g. {:?}", missing.len(), want.len(), &missing[..missing.len().min(5)]);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let mut missing: Vec<_> = want.difference(&got).cloned().collect();
+        missing.sort();
+        missing.is_empty().then_some(()).ok_or_else(|| format!("{} missing, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]))
+    });
+    // A quiet second: the window in which a duplicate would still arrive.
+    sub.wait_quiet(Duration::from_secs(1), WAIT)
 }
 
 /// The CSV's `file_id` as the payload's `file` object spells it (`dev:inode:size:mtime_ns:ctime_ns`).
@@ -145,37 +137,21 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
 
 /// Waits until `metric` satisfies `want`; returns its value.
 fn wait_metric(addr: &str, name: &str, want: impl Fn(f64) -> bool) -> f64 {
-    let t = Instant::now();
-    loop {
-        let v = metric(addr, name);
-        if let Some(v) = v.filter(|&v| want(v)) {
-            return v;
-        }
-        if t.elapsed() > WAIT {
+    eventually(format_args!("{name} as awaited"), WAIT, || match metric(addr, name) {
+        Some(v) if want(v) => Ok(v),
+        v => {
             let (_, text) = http_get(&format!("http://{addr}/metrics"));
             let mqtt: Vec<&str> = text.lines().filter(|l| l.starts_with("labeld_mqtt")).collect();
-            panic!("{name} = {v:?} after {WAIT:?}:\n{}", mqtt.join("\n"));
+            Err(format!("{name} = {v:?}:\n{}", mqtt.join("\n")))
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 /// Reads what labeld tells systemd until a `STATUS=` line satisfies `want`; returns that line.
-fn systemd_status(sock: &std::os::unix::net::UnixDatagram, want: impl Fn(&str) -> bool) -> String {
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let (t, mut buf, mut last) = (Instant::now(), [0u8; 4096], String::new());
-    loop {
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if let Some(status) = msg.lines().find_map(|l| l.strip_prefix("STATUS=")) {
-                if want(status) {
-                    return status.to_string();
-                }
-                last = status.to_string();
-            }
-        }
-        assert!(t.elapsed() < WAIT, "no STATUS as awaited within {WAIT:?}; the last: {last:?}");
-    }
+fn systemd_status(n: &mut Notifications, want: impl Fn(&str) -> bool) -> String {
+    let status = |l: &str| l.strip_prefix("STATUS=").is_some_and(&want);
+    let msg = n.wait_for_line("the awaited STATUS=", WAIT, status);
+    msg.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap().to_string()
 }
 
 /// A persistent subscriber on the results, its session made while the broker was up; the broker
@@ -186,7 +162,7 @@ fn recorder_with_broker_down(b: &mut Broker, id: &str) -> Subscriber {
     sub
 }
 
-/// Issue 11's stream test. `LABELD_MQTT_IMAGES` scales it (default 2,000).
+/// The stream test. `LABELD_MQTT_IMAGES` scales it (default 2,000).
 #[test]
 fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     let n: usize = std::env::var("LABELD_MQTT_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
@@ -202,7 +178,9 @@ fn a_stream_through_broker_and_labeld_kill9s_publishes_every_row() {
     sub.wait_for(n / 8, STREAM_WAIT);
     b.kill9();
     eprintln!("broker killed at {} labelled, {} received", sidecar_count(&s.inbox), sub.messages().len());
-    std::thread::sleep(Duration::from_secs(5));
+    // Down until labeld has lost it and failed to reconnect once (its back-off has begun).
+    d.wait_for_log("lost the MQTT broker", WAIT);
+    d.wait_for_log("cannot connect to the MQTT broker", WAIT);
     b.restart();
 
     // Killed while publishing again (reconnected after its back-off), rows in flight.
@@ -242,7 +220,7 @@ fn a_network_cut_mid_stream_is_noticed_by_keep_alive_and_publishing_resumes() {
     // keep_alive_s = 2: the broker gives the silent client up after 3 s and publishes its will.
     status(&b, "offline");
     let (labelled, received) = (sidecar_count(&s.inbox), sub.messages().len());
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2)); // a window in which nothing may pass the cut link
     assert!(sidecar_count(&s.inbox) > labelled || labelled == 400, "labelling goes on during the cut");
     assert_eq!(sub.messages().len(), received, "nothing passed the cut link");
     link.heal();
@@ -265,9 +243,8 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     let mut b = Broker::start(BrokerOptions::default());
     let sub = recorder_with_broker_down(&mut b, "late-recorder");
     let s = Setup::new("channel_mean", &format!("[http]\nlisten = \"127.0.0.1:0\"\n{}", mqtt_section(&b, "")));
-    let systemd = std::os::unix::net::UnixDatagram::bind(s.dir.path().join("notify.sock")).unwrap();
-    let socket = s.dir.path().join("notify.sock").to_str().unwrap().to_string();
-    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    let d = s.spawn_daemon_with(&[("WATCHDOG_USEC", "1000000")]);
+    let mut systemd = d.notifications();
     let addr = d.http_addr();
     assert_eq!(http_get(&format!("http://{addr}/readyz")), (200, "ready\n".into()), "ready without a broker");
     write_images(&s.inbox, "img-", 50, Duration::ZERO);
@@ -275,7 +252,7 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     assert_eq!(s.rows().len(), 50);
     assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v >= 50.0), 50.0);
     assert_eq!(metric(&addr, "labeld_mqtt_connected"), Some(0.0));
-    let status = systemd_status(&systemd, |s| s.ends_with("lag 50"));
+    let status = systemd_status(&mut systemd, |s| s.ends_with("lag 50"));
     assert!(status.contains("mqtt: disconnected since "), "{status}");
     let (_, page) = http_get(&format!("http://{addr}/api/status"));
     let page: Value = serde_json::from_str(&page).unwrap();
@@ -293,7 +270,7 @@ fn a_broker_down_at_start_up_gets_the_backlog_when_it_appears() {
     assert_eq!(wait_metric(&addr, "labeld_mqtt_connected", |v| v == 1.0), 1.0);
     assert_eq!(wait_metric(&addr, "labeld_mqtt_pending_rows", |v| v == 0.0), 0.0);
     assert!(metric(&addr, "labeld_mqtt_published_total").unwrap() >= 50.0);
-    systemd_status(&systemd, |s| s.ends_with("mqtt: connected, lag 0"));
+    systemd_status(&mut systemd, |s| s.ends_with("mqtt: connected, lag 0"));
     assert!(d.stop().success());
 }
 
@@ -537,20 +514,13 @@ fn a_row_the_broker_drops_the_connection_for_is_named_and_waited_for_until_max_m
     std::fs::create_dir_all(&deep).unwrap();
     let big = "d".repeat(200);
     std::fs::write(deep.join(format!("{big}.png")), png(RED)).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The big row first, then the rows after it.
+    eventually("the deep image labelled", WAIT, || s.rows().len() >= 4);
     write_images(&s.inbox, "after-", 3, Duration::ZERO);
     wait_labelled(&s.inbox, 6, WAIT);
-    let t = Instant::now();
-    while s.rows().len() < 7 {
-        assert!(t.elapsed() < WAIT, "the deep image was not labelled");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually("the deep image and the ones after it labelled", WAIT, || s.rows().len() >= 7);
     // A good row is never given up by guesswork: labeld names the row and waits for it.
-    let t = Instant::now();
-    while !d.log_text().contains("drops the connection every time this row is sent alone") {
-        assert!(t.elapsed() < WAIT, "the row that ends the connection is named:\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_for_log("drops the connection every time this row is sent alone", WAIT);
     assert_eq!(sub.messages().len(), 3, "nothing after the big row is published while it waits");
     let connects = d.log_text().matches("connected to the MQTT broker").count();
     assert!(connects <= 8, "{connects} connects: reconnecting without back-off?\n{}", d.log_text());

@@ -1,13 +1,11 @@
 //! The systemd unit and the Debian package, checked with Debian's own tools.
 
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BIN, RED, Setup, solid, wait_for_sidecar};
+use crate::common::{BIN, Notifications, RED, Setup, eventually, solid, wait_for_sidecar};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -252,6 +250,7 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
     std::fs::File::options().write(true).open(&old).unwrap().set_modified(std::time::SystemTime::now() - Duration::from_secs(60 * 86_400)).unwrap();
     let trace = s.dir.path().join("strace.log");
     let log = s.dir.path().join("daemon.log");
+    let mut systemd = Notifications::bind(s.dir.path());
     let mut strace = Command::new("strace")
         .args(["-f", "-qq", "-o"])
         .arg(&trace)
@@ -259,18 +258,18 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
         .args(["run", "--config"])
         .arg(&s.config)
         .env("LABELD_LOG", "info")
+        .env("NOTIFY_SOCKET", systemd.socket())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("run strace (Debian package strace, installed by scripts/setup-system.sh test)");
     let wait_log = |needle: &str| {
-        let t = Instant::now();
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains(needle) {
-            assert!(t.elapsed() < Duration::from_secs(120), "no {needle:?} in\n{}", std::fs::read_to_string(&log).unwrap_or_default());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(format_args!("{needle:?} in the daemon log"), Duration::from_secs(120), || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains(needle).then_some(()).ok_or(text)
+        });
     };
-    wait_log("ready");
+    systemd.wait_for("READY=1", Duration::from_secs(120));
     wait_log("retention: removed");
     solid(&s.inbox.join("red.png"), RED, 64, 64);
     wait_for_sidecar(&s.dir.path().join("done/red.png"), Duration::from_secs(60));
@@ -287,14 +286,7 @@ fn every_system_call_labeld_makes_is_allowed_by_the_units_filter() {
     assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
     wait_log("config reloaded");
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let t = Instant::now();
-    let status = loop {
-        if let Some(st) = strace.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "labeld did not stop under strace");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = eventually("labeld stopping under strace", Duration::from_secs(60), || strace.try_wait().unwrap());
     assert!(status.success(), "labeld exit under strace: {status:?}");
 
     let used: BTreeSet<String> = std::fs::read_to_string(&trace)

@@ -1,13 +1,11 @@
 //! Failures inflicted on the real binary: half-written files, SIGKILL, floods, hostile input, output
 //! failures, log rotation.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -39,7 +37,7 @@ fn slow_writer(path: &Path, bytes: &[u8], reopen: bool) {
             held = None;
         }
         if i < 9 {
-            std::thread::sleep(Duration::from_millis(220));
+            std::thread::sleep(Duration::from_millis(220)); // the camera's pace, not a wait
         }
     }
 }
@@ -58,9 +56,10 @@ fn a_slowly_written_jpeg_gets_exactly_one_ok_sidecar_after_its_last_chunk() {
             let (path, bytes) = (path.clone(), bytes.clone());
             std::thread::spawn(move || slow_writer(&path, &bytes, reopen))
         };
+        // While the camera writes, no sidecar may appear.
         while !writer.is_finished() {
             assert!(!side.exists(), "{name}: a sidecar appeared before the last chunk");
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5)); // polled: no sidecar may appear meanwhile
         }
         writer.join().unwrap();
         let v = wait_for_sidecar(&path, WAIT);
@@ -110,10 +109,8 @@ fn sigkill_at_random_moments_loses_nothing_and_tears_nothing() {
         let before = sidecars_in(&s.inbox).len();
         // Kill somewhere between a few and a few hundred images into this run.
         let target = before + 3 + (rng.next() % (n as u64 / kills as u64).max(4)) as usize;
-        let t = Instant::now();
-        while sidecars_in(&s.inbox).len() < target.min(n) && t.elapsed() < WAIT {
-            std::thread::sleep(Duration::from_micros(200 + rng.next() % 3000));
-        }
+        let _ = within(WAIT, || sidecars_in(&s.inbox).len() >= target.min(n));
+        std::thread::sleep(Duration::from_micros(200 + rng.next() % 3000)); // a random moment to kill at
         d.signal(9);
         drop(d);
         survived += 1;
@@ -169,11 +166,10 @@ fn five_thousand_files_through_a_queue_of_16_are_all_labelled() {
         std::fs::write(s.inbox.join(format!("f{i:05}.png")), &bytes).unwrap();
     }
     eprintln!("wrote {n} files in {:?}", t.elapsed());
-    let t = Instant::now();
-    while sidecars_in(&s.inbox).len() < n {
-        assert!(t.elapsed() < Duration::from_secs(600), "only {} of {n} labelled", sidecars_in(&s.inbox).len());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.eventually(&format!("all {n} labelled"), Duration::from_secs(600), || {
+        let done = sidecars_in(&s.inbox).len();
+        (done >= n).then_some(()).ok_or(done)
+    });
     assert!(d.stop().success());
     let rows = s.rows();
     assert_eq!(rows.len(), n);
@@ -269,7 +265,7 @@ fn an_unwritable_sidecar_is_retried_until_it_can_be_written() {
     let cpu0 = cpu_ticks(d.pid());
     solid(&s.inbox.join("other.png"), GREEN, 10, 10);
     wait_for_sidecar(&s.inbox.join("other.png"), WAIT);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2)); // a window in which labeld must not spin
     let busy = cpu_ticks(d.pid()) - cpu0;
     assert!(busy < 100, "labeld used {busy} ticks of CPU in ~2 s while a write kept failing");
     std::fs::remove_dir_all(&blocker).unwrap();

@@ -4,14 +4,12 @@
 //! running, unrelated data, files still being written, and `kill -9` in the middle of archiving. Each
 //! asserts that no file without an archive record was removed and nothing outside changed.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{RED, Setup, solid};
+use crate::common::{RED, Setup, eventually, solid};
 
 const MB: u64 = 1024 * 1024;
 
@@ -88,12 +86,8 @@ fn removed_in_log(log: &str, key: &str) -> u64 {
         .sum()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !done() {
-        assert!(t.elapsed() < timeout, "{what}: not after {timeout:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    eventually(what, timeout, done);
 }
 
 /// 320×320 24-bit BMP: 300 KB that decodes in no time.
@@ -296,6 +290,8 @@ fn images_older_than_max_age_days_leave_done_and_quarantine_with_their_sidecars_
     arrive(&s, &s.inbox, &["broken.jpg"], days_ago(40), true);
     arrive(&s, &s.inbox, &["new.png"], days_ago(29), false);
     wait_until("all four labelled", Duration::from_secs(30), || s.csv.exists() && s.rows().len() == 4);
+    // Its row is written before it moves: the young image archived, to check below that it stays.
+    wait_until("new.png archived", Duration::from_secs(30), || done.join("new.png.json").exists());
     // The archived old ones go at a sweep; the foreign files and the 29-day-old image stay.
     let gone = [done.join("cam1/2025-01/old~1.png"), done.join("old2.png"), rejects.join("broken.jpg")];
     wait_until("the archived old images removed", Duration::from_secs(40), || {
@@ -334,8 +330,7 @@ fn a_reload_that_adds_retention_sweeps_at_once() {
     let d = s.spawn_daemon();
     arrive(&s, &s.inbox, &["old.png"], days_ago(100), false);
     wait_until("old.png archived", Duration::from_secs(30), || done.join("old.png.json").exists());
-    // A fixed wait: asserting that nothing happens without [retention].
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500)); // a window in which nothing may be removed without [retention]
     assert!(done.join("old.png").exists(), "no [retention], nothing removed");
     let text = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(&s.config, format!("{text}\n[retention]\nmax_age_days = 30\ninterval_s = 3600\n")).unwrap();
@@ -645,7 +640,7 @@ fn a_camera_renaming_new_frames_over_one_name_never_gets_an_unlabelled_frame_arc
             continue;
         }
         archived += 1;
-        let side = common::read_sidecar(&e);
+        let side = crate::common::read_sidecar(&e);
         assert_eq!(side["file"]["inode"].as_u64(), Some(inode(&e)), "{name}: its sidecar describes another frame");
         let id = format!("{}:{}:", side["file"]["dev"], side["file"]["inode"]);
         assert!(rows.iter().any(|r| r.starts_with(&id)), "{name} has no row");
@@ -713,7 +708,7 @@ fn a_sighup_while_labeld_starts_does_not_stop_it() {
         assert!(t.elapsed() < Duration::from_secs(60), "not ready");
         unsafe { libc::kill(pid, libc::SIGHUP) };
         sent += 1;
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(2)); // the pace of the signals
     }
     assert!(child.try_wait().unwrap().is_none());
     unsafe { libc::kill(pid, libc::SIGTERM) };

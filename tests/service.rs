@@ -1,80 +1,41 @@
 //! labeld as a service: the systemd notify protocol and watchdog, SIGHUP reload, check-config,
 //! on_done, translated labels, min_score and the progress bar; all against the real binary.
 
-mod common;
-
-use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Stands in for systemd: the datagram socket labeld's NOTIFY_SOCKET names.
-struct Notifications {
-    sock: UnixDatagram,
-    seen: Vec<String>,
-}
-
-impl Notifications {
-    fn bind(dir: &Path) -> (Notifications, String) {
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        (Notifications { sock, seen: Vec::new() }, path.to_str().unwrap().to_string())
-    }
-
-    /// Reads messages until one contains `needle`; returns it.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let t = Instant::now();
-        let mut buf = [0u8; 4096];
-        loop {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                self.seen.push(msg.clone());
-                if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
-                    return msg;
-                }
-            }
-            assert!(t.elapsed() < timeout, "no {needle:?} from labeld within {timeout:?}; got {:?}", self.seen);
-        }
-    }
-
-    /// Every message that arrives within `d`.
-    fn drain(&mut self, d: Duration) -> Vec<String> {
-        let t = Instant::now();
-        let mut buf = [0u8; 4096];
-        let mut got = Vec::new();
-        while t.elapsed() < d {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-        self.seen.extend(got.clone());
-        got
-    }
+/// How many of `messages` make the first `n` watchdog pings, if they hold that many.
+fn pings_in(messages: &[String], n: usize) -> Option<usize> {
+    let mut seen = 0;
+    messages.iter().position(|m| {
+        seen += usize::from(m.lines().any(|l| l == "WATCHDOG=1"));
+        seen == n
+    }).map(|i| i + 1)
 }
 
 #[test]
 fn systemd_hears_ready_then_watchdog_pings_with_status_then_reloading_and_stopping() {
     let s = Setup::new("channel_mean", "");
     solid(&s.inbox.join("backlog.png"), RED, 32, 32);
-    let (mut n, socket) = Notifications::bind(s.dir.path());
-    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    let d = s.spawn_daemon_with(&[("WATCHDOG_USEC", "1000000")]);
+    let mut n = d.notifications();
 
     let ready = n.wait_for("READY=1", WAIT);
-    assert!(n.seen.len() == 1, "READY=1 must be the first message: {:?}", n.seen);
+    assert!(n.seen().len() == 1, "READY=1 must be the first message: {:?}", n.seen());
     assert!(ready.contains("STATUS=queue "), "{ready}");
     // READY comes only after the model is loaded and the inbox is watched.
     let log = d.log_text();
     let (loaded, watching) = (log.find("model loaded").unwrap(), log.find("watching").unwrap());
     assert!(loaded < log.find("ready").unwrap() && watching < log.find("ready").unwrap(), "{log}");
 
-    // Pings every half interval (0.5 s), each with a status line.
-    let pings = n.drain(Duration::from_millis(2200));
+    // Pings every half interval (0.5 s), each with a status line: three within 2.2 s.
+    let since = Instant::now();
+    let pings = n.read_until("3 WATCHDOG=1", WAIT, |m| pings_in(m, 3));
+    assert!(since.elapsed() <= Duration::from_millis(2200), "expected >= 3 WATCHDOG=1 in 2.2 s, took {:?}: {pings:?}", since.elapsed());
     let watchdog: Vec<_> = pings.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).collect();
-    assert!(watchdog.len() >= 3, "expected >= 3 WATCHDOG=1 in 2.2 s: {pings:?}");
     assert!(watchdog.iter().all(|m| m.contains("STATUS=queue ") && m.contains(" img/s, ")), "{pings:?}");
     wait_for_sidecar(&s.inbox.join("backlog.png"), WAIT);
     n.wait_for("STATUS=queue 0, ", WAIT);
@@ -96,8 +57,8 @@ fn a_hung_worker_stops_the_watchdog_pings_and_its_image_is_not_tried_again() {
     let hang = s.dir.path().join("models/hang.pt");
     hanging_model(&hang);
     s.edit_config("models/channel_mean.pt", "models/hang.pt");
-    let (mut n, socket) = Notifications::bind(s.dir.path());
-    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    let d = s.spawn_daemon_with(&[("WATCHDOG_USEC", "1000000")]);
+    let mut n = d.notifications();
     n.wait_for("READY=1", WAIT);
     n.wait_for("WATCHDOG=1", WAIT);
 
@@ -112,6 +73,7 @@ fn a_hung_worker_stops_the_watchdog_pings_and_its_image_is_not_tried_again() {
     d.wait_for_log("watchdog ping is withheld", WAIT);
     let stuck = n.wait_for("STATUS=infer-0 stuck", WAIT);
     assert!(!stuck.contains("WATCHDOG=1"), "{stuck}");
+    // A window in which no WATCHDOG=1 may come.
     let after = n.drain(Duration::from_secs(3));
     assert!(!after.is_empty(), "status updates keep coming");
     assert!(after.iter().all(|m| !m.lines().any(|l| l == "WATCHDOG=1")), "a hung worker must stop the pings: {after:?}");
@@ -126,14 +88,12 @@ fn a_hung_worker_stops_the_watchdog_pings_and_its_image_is_not_tried_again() {
     let rows = s.rows();
     assert_eq!(rows.iter().filter(|r| r[1].ends_with("/white.png")).count(), 1);
 
-    let (mut n, socket) = {
-        std::fs::remove_file(s.dir.path().join("notify.sock")).unwrap();
-        Notifications::bind(s.dir.path())
-    };
-    let d = s.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket), ("WATCHDOG_USEC", "1000000")]);
+    let d = s.spawn_daemon_with(&[("WATCHDOG_USEC", "1000000")]);
+    let mut n = d.notifications();
     n.wait_for("READY=1", WAIT);
-    let pings = n.drain(Duration::from_secs(2));
-    assert!(pings.iter().filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).count() >= 2, "{pings:?}");
+    let since = Instant::now();
+    let pings = n.read_until("2 WATCHDOG=1", WAIT, |m| pings_in(m, 2));
+    assert!(since.elapsed() <= Duration::from_secs(2), "expected >= 2 WATCHDOG=1 in 2 s, took {:?}: {pings:?}", since.elapsed());
     assert!(d.stop().success());
     assert_eq!(s.rows().len(), 2, "nothing labelled twice");
 }
@@ -208,11 +168,7 @@ fn sighup_swaps_in_a_new_model_between_batches() {
     channel_mean_model_to(&staged, [4, 5, 6]);
     std::fs::rename(&staged, &other).unwrap();
     d.signal(1);
-    let t = Instant::now();
-    while d.count_in_log("config reloaded") < 2 {
-        assert!(t.elapsed() < WAIT, "second reload not applied:\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for_log_count("config reloaded", 2, WAIT);
     solid(&s.inbox.join("replaced.png"), RED, 32, 32);
     let side = wait_for_sidecar(&s.inbox.join("replaced.png"), WAIT);
     assert_eq!((top1(&side), side["model"].as_str().unwrap()), ((4, "hammerhead".into()), "shifted"));
@@ -240,11 +196,7 @@ fn an_invalid_config_on_sighup_is_rejected_and_the_old_one_keeps_running() {
     std::fs::write(&junk, b"not a model").unwrap();
     std::fs::write(&s.config, good.replace("models/channel_mean.pt", "models/junk.pt")).unwrap();
     d.signal(1);
-    let t = Instant::now();
-    while d.count_in_log("config reload rejected") < 2 {
-        assert!(t.elapsed() < WAIT, "second reload not rejected:\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for_log_count("config reload rejected", 2, WAIT);
     assert!(d.log_text().contains("keeping the running model"));
 
     solid(&s.inbox.join("still.png"), BLUE, 32, 32);
@@ -318,11 +270,9 @@ fn on_done_delete_removes_image_and_sidecar_and_keeps_the_row() {
     s.edit_config("settle_ms = 200\n", "settle_ms = 200\non_done = \"delete\"\n");
     let d = s.spawn_daemon();
     solid(&s.inbox.join("gone.png"), BLUE, 32, 32);
-    let t = Instant::now();
-    while s.inbox.join("gone.png").exists() || sidecar(&s.inbox.join("gone.png")).exists() {
-        assert!(t.elapsed() < WAIT, "image not deleted after labelling");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.eventually("the image and its sidecar deleted after labelling", WAIT, || {
+        !s.inbox.join("gone.png").exists() && !sidecar(&s.inbox.join("gone.png")).exists()
+    });
     d.stop();
     let rows = s.rows();
     assert_eq!(rows.len(), 1);

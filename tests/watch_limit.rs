@@ -1,6 +1,7 @@
 //! inotify's watch limit, hit for real: labeld must say which sysctl to raise and poll that inbox
-//! instead of going blind. Its own test binary, so no other test's watches are live while the
-//! machine-wide limit is lowered; the old limit is put back even if the test fails.
+//! instead of going blind. Its own test binary (not a module of tests/tests.rs), so no other test's
+//! watches are live while the machine-wide limit is lowered; the old limit is put back even if the
+//! test fails.
 
 mod common;
 
@@ -78,12 +79,11 @@ fn an_overflowing_event_queue_triggers_a_rescan_and_nothing_is_missed() {
     for i in 0..n {
         std::fs::write(s.inbox.join(format!("b{i:04}.png")), &bytes).unwrap();
     }
-    let t = std::time::Instant::now();
     let count = || std::fs::read_dir(&s.inbox).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
-    while count() < n {
-        assert!(t.elapsed() < Duration::from_secs(120), "{} of {n} labelled:\n{}", count(), d.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.eventually(&format!("all {n} labelled"), Duration::from_secs(120), || {
+        let done = count();
+        (done >= n).then_some(()).ok_or(done)
+    });
     assert!(d.log_text().contains("rescanning"), "the burst should have overflowed the event queue");
     assert!(d.stop().success());
     assert_eq!(s.rows().len(), n);

@@ -3,13 +3,11 @@
 //! folder, gets exactly one row under the configured spelling; re-pointing the link moves the watch to
 //! the new folder at once (no reload), and the old folder is no longer watched.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -32,15 +30,10 @@ fn rows_by_path(s: &Setup) -> BTreeMap<String, usize> {
 }
 
 fn wait_for_rows(s: &Setup, d: &Daemon, paths: &[&Path]) {
-    let t = Instant::now();
-    loop {
+    d.eventually(&format!("rows for {paths:?}"), WAIT, || {
         let rows = rows_by_path(s);
-        if paths.iter().all(|p| rows.contains_key(&p.display().to_string())) {
-            return;
-        }
-        assert!(t.elapsed() < WAIT, "no rows for {paths:?} within {WAIT:?}; rows {rows:?}; log:\n{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        if paths.iter().all(|p| rows.contains_key(&p.display().to_string())) { Ok(()) } else { Err(format!("rows {rows:?}")) }
+    });
 }
 
 /// `ln -sfn target link`: a new link renamed over the old one.
@@ -75,7 +68,8 @@ fn an_inbox_path_that_is_a_link_labels_every_file_once_whichever_path_it_is_writ
     solid(&inbox("written.png"), BLUE, 16, 16);
     solid(&cam1.join("real.png"), GREEN, 16, 16);
     wait_for_rows(&s, &d, &[&inbox("renamed.png"), &inbox("written.png"), &inbox("real.png")]);
-    assert_eq!(top1(&read_sidecar(&cam1.join("written.png"))).0, 2, "the sidecar beside the image");
+    // The row is durable before the sidecar (I1): wait for the sidecar itself.
+    assert_eq!(top1(&wait_for_sidecar(&cam1.join("written.png"), WAIT)).0, 2, "the sidecar beside the image");
 
     // The link re-pointed to another folder, with an image already in it: watched and scanned at once.
     let cam2 = s.dir.path().join("cam2");

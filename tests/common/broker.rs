@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::wait::{eventually, settled};
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
@@ -216,11 +218,16 @@ impl Broker {
 
     /// Waits until `needle` appears at least `n` times in the broker's log.
     pub fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) {
-        let t = Instant::now();
-        while self.count_in_log(needle) < n {
-            assert!(t.elapsed() < timeout, "{needle:?} not {n} times in the broker log after {timeout:?}:\n{}", self.log_tail(40));
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(format_args!("{needle:?} {n} times in the broker log"), timeout, || {
+            (self.count_in_log(needle) >= n).then_some(()).ok_or_else(|| self.log_tail(40))
+        });
+    }
+
+    /// True if the broker's persistence file (written whole, then renamed into place) holds `payload`:
+    /// a message kept for a subscriber or still waiting for its acknowledgement.
+    pub fn persists(&self, payload: &str) -> bool {
+        let db = std::fs::read(self.dir.path().join("data/mosquitto.db")).unwrap_or_default();
+        db.windows(payload.len()).any(|w| w == payload.as_bytes())
     }
 
     pub fn count_in_log(&self, needle: &str) -> usize {
@@ -239,11 +246,7 @@ impl Broker {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t = Instant::now();
-            while c.try_wait().expect("poll mosquitto").is_none() {
-                assert!(t.elapsed() < START_TIMEOUT, "mosquitto did not stop on SIGTERM");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            eventually("mosquitto stops on SIGTERM", START_TIMEOUT, || c.try_wait().expect("poll mosquitto"));
         }
     }
 
@@ -261,15 +264,14 @@ impl Broker {
             .spawn()
             .unwrap_or_else(|e| panic!("start {MOSQUITTO} (scripts/setup-system.sh installs it): {e}"));
         self.child = Some(child);
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let port = self.port;
+        eventually(format_args!("mosquitto accepting connections on {port}"), START_TIMEOUT, || {
             if !self.is_running() {
                 let err = std::fs::read_to_string(self.dir.path().join("mosquitto.stderr")).unwrap_or_default();
                 panic!("mosquitto exited at start:\n{err}\n{}", self.log_tail(40));
             }
-            assert!(t.elapsed() < START_TIMEOUT, "mosquitto does not accept connections on {}:\n{}", self.port, self.log_tail(40));
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok().then_some(()).ok_or_else(|| self.log_tail(40))
+        });
     }
 
     /// `mosquitto_sub`/`mosquitto_pub` arguments that reach this broker (host, port, CA, user).
@@ -310,15 +312,10 @@ impl Broker {
 
     /// Waits until the retained message on `topic` satisfies `want`, and returns it.
     pub fn wait_retained(&self, topic: &str, timeout: Duration, want: impl Fn(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let now = self.retained(topic);
-            if let Some(m) = now.as_deref().filter(|m| want(m)) {
-                return m.to_string();
-            }
-            assert!(t.elapsed() < timeout, "retained on {topic} after {timeout:?}: {now:?}\n{}", self.log_tail(40));
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually(format_args!("the awaited retained message on {topic}"), timeout, || match self.retained(topic) {
+            Some(m) if want(&m) => Ok(m),
+            other => Err(format!("{other:?}\n{}", self.log_tail(40))),
+        })
     }
 }
 
@@ -381,29 +378,21 @@ impl Subscriber {
 
     /// Waits until the messages so far satisfy `done`, and returns them; panics after `timeout`.
     pub fn wait_until(&self, timeout: Duration, done: impl Fn(&[(String, String)]) -> bool) -> Vec<(String, String)> {
-        let t = Instant::now();
-        loop {
+        eventually("the awaited messages", timeout, || {
             let m = self.messages();
-            if done(&m) {
-                return m;
-            }
-            assert!(t.elapsed() < timeout, "{} messages after {timeout:?}, not yet the ones awaited; mosquitto_sub said: {}", m.len(), self.stderr());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            if done(&m) { Ok(m) } else { Err(format!("{} messages; mosquitto_sub said: {}", m.len(), self.stderr())) }
+        })
     }
 
-    /// Waits until no message has arrived for `quiet` (at most `timeout`), and returns them all.
+    /// Waits until no message has arrived for `quiet` (at most `timeout`), and returns them all: the
+    /// window in which a message that should not come (a duplicate) would arrive.
     pub fn wait_quiet(&self, quiet: Duration, timeout: Duration) -> Vec<(String, String)> {
-        let (t, mut n, mut since) = (Instant::now(), usize::MAX, Instant::now());
-        loop {
-            let m = self.messages();
-            if m.len() != n {
-                (n, since) = (m.len(), Instant::now());
-            } else if since.elapsed() >= quiet || t.elapsed() >= timeout {
-                return m;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut m = Vec::new();
+        settled("no more messages", quiet, timeout, || {
+            m = self.messages();
+            m.len()
+        });
+        m
     }
 
     /// What mosquitto_sub wrote to stderr (connection errors).
@@ -438,7 +427,6 @@ impl Link {
     pub fn start(broker: &Broker) -> Link {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the link's port");
         let port = listener.local_addr().expect("the link's port").port();
-        listener.set_nonblocking(true).expect("non-blocking accept");
         let link = Link {
             port,
             tls: broker.tls.is_some(),
@@ -448,18 +436,18 @@ impl Link {
         };
         let (target, cut, epoch, stop) = (broker.port, link.cut.clone(), link.epoch.clone(), link.stop.clone());
         std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
-                        let born = epoch.load(Ordering::Relaxed);
-                        for (from, to) in [(&client, &server), (&server, &client)] {
-                            let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                            let (cut, epoch, stop) = (cut.clone(), epoch.clone(), stop.clone());
-                            std::thread::spawn(move || pump(from, to, born, &cut, &epoch, &stop));
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            // Blocks in accept; `drop` wakes it with a connection of its own once `stop` is set.
+            for client in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let born = epoch.load(Ordering::Relaxed);
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (from, to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    let (cut, epoch, stop) = (cut.clone(), epoch.clone(), stop.clone());
+                    std::thread::spawn(move || pump(from, to, born, &cut, &epoch, &stop));
                 }
             }
         });
@@ -493,6 +481,7 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::wait::{Shown, eventually};
+
 /// How every test runs Chromium: headless, as root in a container, nothing fetched in the background.
 pub const HEADLESS: [&str; 6] = [
     "--headless",
@@ -159,17 +161,11 @@ impl Chromium {
     /// Evaluates `expression` until it is truthy; returns its value. Until then it may also throw
     /// (the page is still loading).
     pub fn wait_for(&mut self, expression: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let v = self.try_eval(expression);
-            if let Ok(v) = &v {
-                if !(v.is_null() || v == false || v == "" || v == 0) {
-                    return v.clone();
-                }
-            }
-            assert!(t.elapsed() < self.timeout, "{expression} still not true after {:?}: {v:?}", self.timeout);
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let timeout = self.timeout;
+        eventually(format_args!("{expression} true"), timeout, || match self.try_eval(expression) {
+            Ok(v) if !(v.is_null() || v == false || v == "" || v == 0) => Ok(v),
+            other => Err(Shown(other)),
+        })
     }
 
     /// Presses and releases a key (`"Tab"`, `"Enter"`, `" "`) as a keyboard user would.

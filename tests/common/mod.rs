@@ -1,136 +1,30 @@
-//! Shared helpers for the integration tests: TorchScript test models built in Rust (no Python),
-//! test images, a config writer and a handle on the real `labeld` binary; `broker`: a real Mosquitto.
+//! Shared helpers for the integration tests: test images, a config writer and a handle on the real
+//! `labeld` binary, started and found ready the way systemd finds it (READY=1 on `NOTIFY_SOCKET`).
+//! `models`: the TorchScript test models; `wait`: `eventually`; `notify`: the systemd stand-in;
+//! `broker`: a real Mosquitto; `devtools`: a headless Chromium.
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod devtools;
+pub mod models;
+pub mod notify;
+pub mod wait;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tch::nn::{self, Module, ModuleT};
-use tch::{CModule, Device, Kind, Tensor};
+// Not every crate that includes these helpers uses each of them.
+#[allow(unused_imports)]
+pub use models::*;
+#[allow(unused_imports)]
+pub use notify::Notifications;
+#[allow(unused_imports)]
+pub use wait::{Shown, eventually, settled, within};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_labeld");
 
-/// A 1000-class model whose logits are 10 × the per-channel mean of the normalized input in classes
-/// 0, 1, 2 (and 0 elsewhere): a red image is class 0 ("tench"), green is 1 ("goldfish"), blue is 2
-/// ("great white shark"). Accepts any batch size.
-pub fn channel_mean_model(path: &Path) {
-    channel_mean_model_to(path, [0, 1, 2]);
-}
-
-/// Like `channel_mean_model`, with the red, green and blue means going to `classes`.
-pub fn channel_mean_model_to(path: &Path, classes: [usize; 3]) {
-    let mut w = vec![0f32; 3 * 1000];
-    for c in 0..3 {
-        w[c * 1000 + classes[c]] = 10.0;
-    }
-    let weight = Tensor::from_slice(&w).view([3, 1000]);
-    let example = Tensor::zeros([2, 3, 224, 224], (Kind::Float, Device::Cpu));
-    let m = CModule::create_by_tracing("ChannelMean", "forward", &[example], &mut |xs| {
-        vec![xs[0].mean_dim([2i64, 3].as_slice(), false, Kind::Float).matmul(&weight)]
-    })
-    .expect("trace channel-mean model");
-    m.save(path).expect("save channel-mean model");
-}
-
-/// ResNet-18 (torchvision layout, random weights) with a batch-size-independent head, traced.
-pub fn resnet18_model(path: &Path) {
-    let mut vs = nn::VarStore::new(Device::Cpu);
-    let net = resnet18(&vs.root());
-    vs.freeze();
-    let example = Tensor::zeros([2, 3, 224, 224], (Kind::Float, Device::Cpu));
-    let m = CModule::create_by_tracing("ResNet18", "forward", &[example], &mut |xs| vec![net.forward_t(&xs[0], false)])
-        .expect("trace resnet18");
-    m.save(path).expect("save resnet18");
-}
-
-fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, padding: i64, stride: i64) -> nn::Conv2D {
-    nn::conv2d(p, c_in, c_out, k, nn::ConvConfig { stride, padding, bias: false, ..Default::default() })
-}
-
-fn block(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + use<> {
-    let conv1 = conv(&p / "conv1", c_in, c_out, 3, 1, stride);
-    let bn1 = nn::batch_norm2d(&p / "bn1", c_out, Default::default());
-    let conv2 = conv(&p / "conv2", c_out, c_out, 3, 1, 1);
-    let bn2 = nn::batch_norm2d(&p / "bn2", c_out, Default::default());
-    let down = (stride != 1 || c_in != c_out).then(|| {
-        (conv(&p / "downsample" / "0", c_in, c_out, 1, 0, stride), nn::batch_norm2d(&p / "downsample" / "1", c_out, Default::default()))
-    });
-    nn::func_t(move |xs, train| {
-        let ys = xs.apply(&conv1).apply_t(&bn1, train).relu().apply(&conv2).apply_t(&bn2, train);
-        let skip = match &down {
-            Some((c, b)) => xs.apply(c).apply_t(b, train),
-            None => xs.shallow_clone(),
-        };
-        (skip + ys).relu()
-    })
-}
-
-fn layer(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> impl ModuleT + use<> {
-    nn::seq_t().add(block(&p / "0", c_in, c_out, stride)).add(block(&p / "1", c_out, c_out, 1))
-}
-
-fn resnet18(p: &nn::Path) -> impl ModuleT + use<> {
-    let conv1 = conv(p / "conv1", 3, 64, 7, 3, 2);
-    let bn1 = nn::batch_norm2d(p / "bn1", 64, Default::default());
-    let (l1, l2, l3, l4) =
-        (layer(p / "layer1", 64, 64, 1), layer(p / "layer2", 64, 128, 2), layer(p / "layer3", 128, 256, 2), layer(p / "layer4", 256, 512, 2));
-    let fc = nn::linear(p / "fc", 512, 1000, Default::default());
-    nn::func_t(move |xs, train| {
-        let x = xs
-            .apply(&conv1)
-            .apply_t(&bn1, train)
-            .relu()
-            .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
-            .apply_t(&l1, train)
-            .apply_t(&l2, train)
-            .apply_t(&l3, train)
-            .apply_t(&l4, train)
-            .adaptive_avg_pool2d([1, 1])
-            .flatten(1, -1);
-        fc.forward(&x)
-    })
-}
-
 /// A solid-colour RGB image written in the format its extension names.
-/// A channel-mean model (red → class 0, green → 1, blue → 2) scripted with Debian's PyTorch, for
-/// behaviour a trace cannot capture: its `forward` first runs `prelude` (TorchScript, indented 8 spaces;
-/// `x` is the input batch, `self.calls` counts forward calls, the load-time checks included).
-pub fn scripted_channel_mean(path: &Path, prelude: &str) {
-    let script = format!(
-        r#"
-import sys, torch
-class Scripted(torch.nn.Module):
-    calls: int
-    def __init__(self):
-        super().__init__()
-        w = torch.zeros(3, 1000)
-        for c in range(3):
-            w[c, c] = 10.0
-        self.register_buffer("w", w)
-        self.calls = 0
-    def forward(self, x):
-        self.calls += 1
-{prelude}
-        return x.mean([2, 3]) @ self.w
-torch.jit.script(Scripted()).save(sys.argv[1])
-"#
-    );
-    // TorchScript reads the class's source, so the script must be a file.
-    let py = path.with_extension("py");
-    std::fs::write(&py, script).unwrap();
-    let out = Command::new("/usr/bin/python3").arg(&py).arg(path).output().expect("run /usr/bin/python3");
-    assert!(out.status.success(), "cannot script the model: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A channel-mean model whose forward pass never returns for a bright image (mean of the normalized
-/// input above 1.5, e.g. white): a hung worker.
-pub fn hanging_model(path: &Path) {
-    scripted_channel_mean(path, "        m = x.mean()\n        while bool(m > 1.5):\n            m = m * 1.0");
-}
-
 pub fn solid(path: &Path, rgb: [u8; 3], w: u32, h: u32) {
     image::RgbImage::from_pixel(w, h, image::Rgb(rgb)).save(path).expect("write test image");
 }
@@ -147,6 +41,11 @@ pub struct Setup {
     pub csv: PathBuf,
     pub model: PathBuf,
 }
+
+/// How long a daemon may take from its start to READY=1 (loading the model included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped daemon may take to exit.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Setup {
     /// `model`: "channel_mean" or "resnet18"; `extra` is appended to the config.
@@ -190,7 +89,7 @@ impl Setup {
 
     pub fn labeld(&self) -> Command {
         let mut c = Command::new(BIN);
-        c.env("LABELD_LOG", "info").env_remove("LABELD_CONFIG");
+        c.env("LABELD_LOG", "info").env_remove("LABELD_CONFIG").env_remove("NOTIFY_SOCKET");
         c
     }
 
@@ -202,17 +101,20 @@ impl Setup {
         self.spawn_daemon_with(&[])
     }
 
-    /// Starts `labeld run` with extra environment variables and waits for "ready".
+    /// Starts `labeld run` with extra environment variables and waits until it tells its
+    /// `NOTIFY_SOCKET` READY=1 (the model loaded, every inbox watched).
     pub fn spawn_daemon_with(&self, env: &[(&str, &str)]) -> Daemon {
         self.spawn_daemon_then(env, |_| {})
     }
 
-    /// Like `spawn_daemon_with`, calling `started` with the pid before waiting for "ready" (e.g. to
+    /// Like `spawn_daemon_with`, calling `started` with the pid before waiting for READY=1 (e.g. to
     /// put the process into a cgroup before it loads the model).
     pub fn spawn_daemon_then(&self, env: &[(&str, &str)], started: impl FnOnce(u32)) -> Daemon {
         let log = self.dir.path().join("daemon.log");
+        let notify = Notifications::bind(self.dir.path());
         let child = self
             .labeld()
+            .env("NOTIFY_SOCKET", notify.socket())
             .envs(env.iter().copied())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -221,21 +123,18 @@ impl Setup {
             .spawn()
             .expect("start labeld");
         started(child.id());
-        let mut d = Daemon { child: Some(child), log };
-        // A daemon that exits at start (a config it rejects) fails the test at once, not after 60 s.
-        let t = Instant::now();
-        while !d.log_text().contains("ready") {
-            if let Some(st) = d.exited() {
-                panic!("labeld exited ({st}) before \"ready\":\n{}", d.log_text());
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "no \"ready\" in the daemon log after 60 s:\n{}", d.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut d = Daemon { child: Some(child), log, notify };
+        d.wait_ready();
         d
     }
 
     pub fn rows(&self) -> Vec<csv::StringRecord> {
         read_csv(&self.csv).1
+    }
+
+    /// The rows, or none while the CSV log does not exist yet.
+    pub fn rows_so_far(&self) -> Vec<csv::StringRecord> {
+        if self.csv.exists() { self.rows() } else { Vec::new() }
     }
 }
 
@@ -250,26 +149,55 @@ pub fn read_csv(path: &Path) -> (csv::StringRecord, Vec<csv::StringRecord>) {
     (header, rows)
 }
 
+/// A running `labeld run`, its log file and what it tells systemd; killed on drop.
 pub struct Daemon {
     child: Option<Child>,
     pub log: PathBuf,
+    notify: Notifications,
 }
 
 impl Daemon {
+    /// Waits for READY=1; panics at once if the daemon exits first (a config it rejects).
+    fn wait_ready(&mut self) {
+        eventually("READY=1 from labeld", START_TIMEOUT, || {
+            if let Some(st) = self.exited() {
+                panic!("labeld exited ({st}) before READY=1:\n{}", self.log_text());
+            }
+            self.notify.has_line("READY=1").then_some(()).ok_or_else(|| self.log_text())
+        });
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// What the daemon tells systemd, read from its first message on (a handle that outlives the daemon).
+    pub fn notifications(&self) -> Notifications {
+        self.notify.handle()
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let t = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(t.elapsed() < timeout, "no {needle:?} in the daemon log after {timeout:?}:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
+    /// Polls `condition` like `eventually`; on a timeout the panic shows the daemon's log too.
+    pub fn eventually<F: wait::Fact>(&self, what: &str, timeout: Duration, condition: impl FnMut() -> F) -> F::Value {
+        match within(timeout, condition) {
+            Ok(v) => v,
+            Err(seen) => {
+                let seen = seen.map(|s| format!("; last seen: {s}")).unwrap_or_default();
+                panic!("{what}: not within {timeout:?}{seen}\ndaemon log:\n{}", self.log_text())
+            }
         }
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        self.wait_for_log_count(needle, 1, timeout);
+    }
+
+    /// Waits until `needle` is in the log at least `n` times.
+    pub fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) {
+        self.eventually(&format!("{needle:?} {n} times in the daemon log"), timeout, || self.count_in_log(needle) >= n);
     }
 
     /// The address the daemon's HTTP endpoint listens on (from its log).
@@ -288,19 +216,22 @@ impl Daemon {
 
     /// Waits (at most 60 s) for the daemon to exit on its own.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.exited() {
-                return st;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "labeld did not exit:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = self.log.clone();
+        let child = self.child.as_mut().unwrap();
+        eventually("labeld exits", STOP_TIMEOUT, || child.try_wait().unwrap().ok_or_else(|| read_log(&log)))
     }
 
     /// Number of times `needle` appears in the log.
     pub fn count_in_log(&self, needle: &str) -> usize {
         self.log_text().matches(needle).count()
+    }
+
+    /// True while the daemon holds an inotify watch on `dir` (its inode, from /proc/PID/fdinfo).
+    pub fn watches(&self, dir: &Path) -> bool {
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir).unwrap());
+        let needle = format!(" ino:{ino:x} ");
+        let fds = std::fs::read_dir(format!("/proc/{}/fdinfo", self.pid())).unwrap();
+        fds.flatten().any(|fd| std::fs::read_to_string(fd.path()).is_ok_and(|t| t.lines().any(|l| l.starts_with("inotify wd:") && l.contains(&needle))))
     }
 
     pub fn signal(&self, sig: i32) {
@@ -311,16 +242,12 @@ impl Daemon {
     /// Sends SIGTERM and returns the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal(15);
-        let mut child = self.child.take().unwrap();
-        let t = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "labeld did not stop within 60 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit()
     }
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 impl Drop for Daemon {
@@ -332,17 +259,14 @@ impl Drop for Daemon {
     }
 }
 
-/// Waits until `path` exists (and parses as a sidecar), or panics after `timeout`.
+/// Waits until `image`'s sidecar exists and parses as JSON (what was planted at its name may not),
+/// or panics after `timeout` with what is there.
 pub fn wait_for_sidecar(image: &Path, timeout: Duration) -> serde_json::Value {
     let side = sidecar(image);
-    let t = Instant::now();
-    loop {
-        if let Ok(bytes) = std::fs::read(&side) {
-            return serde_json::from_slice(&bytes).expect("sidecar is valid JSON");
-        }
-        assert!(t.elapsed() < timeout, "no sidecar for {} after {timeout:?}", image.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(format_args!("a sidecar for {}", image.display()), timeout, || match std::fs::read(&side) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&bytes))),
+        Err(e) => Err(e.to_string()),
+    })
 }
 
 pub fn sidecar(image: &Path) -> PathBuf {
@@ -362,30 +286,30 @@ pub fn top1(side: &serde_json::Value) -> (u64, String) {
 }
 
 /// `labeld run` as the unprivileged user nobody (65534, through `setpriv`), logging to its own file;
-/// started once its start-up scan is done, killed on drop.
+/// returned once it is ready (READY=1) and its start-up scan is done; killed on drop.
 pub struct Nobody {
     child: Child,
     log: PathBuf,
+    notify: Notifications,
 }
 
 impl Nobody {
     pub fn spawn(s: &Setup) -> Nobody {
         let log = s.dir.path().join("nobody.log");
+        let notify = Notifications::bind(s.dir.path());
         let child = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "run", "--config"])
             .arg(&s.config)
             .env("LABELD_LOG", "info")
+            .env("NOTIFY_SOCKET", notify.socket())
             .env_remove("LABELD_CONFIG")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start labeld under setpriv");
-        let n = Nobody { child, log };
-        let t = Instant::now();
-        while !n.log_text().contains("scan done") {
-            assert!(t.elapsed() < Duration::from_secs(60), "no \"scan done\" as nobody:\n{}", n.log_text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let n = Nobody { child, log, notify };
+        eventually("READY=1 from labeld run as nobody", START_TIMEOUT, || n.notify.has_line("READY=1").then_some(()).ok_or_else(|| n.log_text()));
+        eventually("the start-up scan as nobody", START_TIMEOUT, || n.log_text().contains("scan done").then_some(()).ok_or_else(|| n.log_text()));
         n
     }
 
@@ -396,14 +320,8 @@ impl Nobody {
     /// SIGTERM, then waits (at most 30 s) for the exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "labeld did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = &mut self.child;
+        eventually("labeld run as nobody stops", Duration::from_secs(30), || child.try_wait().unwrap())
     }
 }
 
@@ -414,16 +332,13 @@ impl Drop for Nobody {
     }
 }
 
-/// Waits until the row count has not changed for `quiet`, and returns the rows.
+/// The rows once their count has not changed for `quiet`: the window in which a row that should not
+/// be written (a duplicate, a relabelling) would appear.
 pub fn settled_rows(s: &Setup, quiet: Duration) -> Vec<csv::StringRecord> {
-    let (mut n, mut since) = (usize::MAX, Instant::now());
-    loop {
-        let rows = if s.csv.exists() { s.rows() } else { Vec::new() };
-        if rows.len() != n {
-            (n, since) = (rows.len(), Instant::now());
-        } else if since.elapsed() >= quiet {
-            return rows;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut rows = Vec::new();
+    settled("the row count to settle", quiet, Duration::from_secs(120), || {
+        rows = s.rows_so_far();
+        rows.len()
+    });
+    rows
 }
