@@ -90,6 +90,8 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
             .map_err(|e| Fatal::io("cannot start the retention thread", e))?;
         Some(r)
     };
+    let stop_trimmer = Shutdown::new();
+    let trimmer = crate::memory::start_trimmer(stop_trimmer.clone()).map_err(|e| Fatal::io("cannot start the memory trimmer thread", e))?;
     let started = Instant::now();
 
     let mut progress = None;
@@ -132,6 +134,10 @@ pub fn run(config: Config, once: bool) -> Result<Totals, Fatal> {
     }
     if let Some(r) = retention {
         r.join();
+    }
+    stop_trimmer.trigger();
+    if let Some(t) = trimmer {
+        let _ = t.join();
     }
     let totals = sink.join();
     if let Some(p) = publisher {
@@ -211,10 +217,8 @@ async fn serve(
     health.set_ready(false);
     control.stop_watch().await;
     if let Some(h) = http {
-        // Waits for open requests; /predict ones end when the workers stop.
-        if tokio::time::timeout(Duration::from_secs(10), h).await.is_err() {
-            tracing::warn!("HTTP requests still open after 10 s; closing them");
-        }
+        // Open requests end at once or within the server's stop grace (http/connections.rs).
+        let _ = h.await;
     }
     if let Some(s) = supervisor {
         let _ = tokio::task::spawn_blocking(move || s.join()).await;
@@ -321,15 +325,16 @@ impl Control {
     }
 }
 
-/// Advances `pb` from the metrics until shutdown.
+/// Redraws `pb` from the metrics ten times a second (a display refresh, not a wait for events) until
+/// shutdown, which ends it at once.
 fn spawn_progress(pb: indicatif::ProgressBar, metrics: Metrics, shutdown: Shutdown) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         loop {
             pb.set_position(metrics.images("ok") + metrics.images("error"));
-            if shutdown.is_triggered() {
+            if shutdown.wait_timeout(Duration::from_millis(100)) {
+                pb.set_position(metrics.images("ok") + metrics.images("error"));
                 return;
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     })
 }

@@ -2,7 +2,7 @@
 //!
 //! The pipeline, in order: `config` → `watch` → `queue` → `infer` → `sink`. Around it: `reload`
 //! (SIGHUP), `health` and `systemd` (readiness, watchdog), `http` (metrics, /predict, status page),
-//! `progress` (terminal progress bar), `probe` (a container health check's HTTP GET). `app` wires them
+//! `memory` (gives pages back after bursts), `progress` (terminal progress bar), `probe` (a container health check's HTTP GET). `app` wires them
 //! for each command.
 
 pub mod app;
@@ -18,6 +18,7 @@ pub mod labelled;
 pub mod ledger;
 pub mod logging;
 pub mod manual;
+pub mod memory;
 pub mod metrics;
 pub mod probe;
 pub mod progress;

@@ -73,10 +73,13 @@ pub enum Refused {
     BodyTimeout,
     /// The request headers did not arrive within `[http] header_timeout_s`: connection closed.
     HeaderTimeout,
+    /// Every `[http] max_connections` slot was taken and this connection, outside any request for
+    /// the longest, was closed to let a new one in.
+    Idle,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 4] = [Refused::Busy, Refused::TooLarge, Refused::BodyTimeout, Refused::HeaderTimeout];
+    pub const ALL: [Refused; 5] = [Refused::Busy, Refused::TooLarge, Refused::BodyTimeout, Refused::HeaderTimeout, Refused::Idle];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -84,6 +87,7 @@ impl Refused {
             Refused::TooLarge => "too_large",
             Refused::BodyTimeout => "body_timeout",
             Refused::HeaderTimeout => "header_timeout",
+            Refused::Idle => "idle",
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 
 pub use crate::job::{InFlight, Resubmit};
 use crate::job::{FileKey, Job, Upload};
@@ -82,18 +82,22 @@ impl QueueSender {
         self.send(Job::upload(upload))
     }
 
-    /// A job dropped here releases its claim.
+    /// Waits for room or for shutdown, whichever comes first. A job dropped here releases its claim.
     fn send(&self, job: Job) -> Pushed {
-        let mut job = job;
-        loop {
-            if self.shutdown.is_triggered() {
-                return Pushed::ShuttingDown;
-            }
-            match self.tx.send_timeout(job, Duration::from_millis(100)) {
-                Ok(()) => return Pushed::Queued,
-                Err(SendTimeoutError::Timeout(j)) => job = j,
-                Err(SendTimeoutError::Disconnected(_)) => return Pushed::ShuttingDown,
-            }
+        if self.shutdown.is_triggered() {
+            return Pushed::ShuttingDown;
+        }
+        let mut sel = crossbeam_channel::Select::new();
+        let room = sel.send(&self.tx);
+        sel.recv(self.shutdown.closed());
+        let op = sel.select();
+        if op.index() != room {
+            let _ = op.recv(self.shutdown.closed());
+            return Pushed::ShuttingDown;
+        }
+        match op.send(&self.tx, job) {
+            Ok(()) => Pushed::Queued,
+            Err(_) => Pushed::ShuttingDown,
         }
     }
 
@@ -127,18 +131,15 @@ impl Batcher {
     /// The next batch; empty once the queue is closed and drained, or when shutdown begins.
     pub fn next(&mut self, rx: &QueueReceiver, shutdown: &Shutdown) -> Vec<Job> {
         let mut batch = Vec::with_capacity(self.max);
-        loop {
-            if shutdown.is_triggered() {
-                return batch;
-            }
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(f) => {
-                    batch.push(f);
-                    break;
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return batch,
-            }
+        if shutdown.is_triggered() {
+            return batch;
+        }
+        crossbeam_channel::select! {
+            recv(rx) -> job => match job {
+                Ok(f) => batch.push(f),
+                Err(_) => return batch,
+            },
+            recv(shutdown.closed()) -> _ => return batch,
         }
         while batch.len() < self.max {
             match rx.try_recv() {

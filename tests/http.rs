@@ -575,27 +575,66 @@ fn sockets(pid: i32) -> usize {
 }
 
 #[test]
-fn connections_beyond_max_connections_wait_in_the_kernel_queue() {
-    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nheader_timeout_s = 2\n");
+fn silent_connections_beyond_max_connections_cannot_keep_a_health_check_out() {
+    // header_timeout_s far beyond the test: only eviction can let the health check in.
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\nheader_timeout_s = 600\n");
     let d = s.spawn_daemon();
     let addr = d.http_addr();
     let before = sockets(d.pid());
 
-    // Six clients that connect and say nothing: two are taken, the rest wait their turn.
+    // Six clients that connect and say nothing: each newcomer closes the longest-silent one.
     let silent: Vec<_> = (0..6).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
-    d.eventually("the daemon accepting the silent clients", WAIT, || sockets(d.pid()) >= before + 2);
+    let closed_by_labeld = |c: &std::net::TcpStream| {
+        c.set_nonblocking(true).unwrap();
+        matches!(std::io::Read::read(&mut &*c, &mut [0u8; 1]), Ok(0))
+    };
+    d.eventually("the four longest-silent clients closed by labeld", WAIT, || {
+        let closed: Vec<bool> = silent.iter().map(closed_by_labeld).collect();
+        if closed == [true, true, true, true, false, false] { Ok(()) } else { Err(format!("closed: {closed:?}")) }
+    });
     for _ in 0..20 {
         let open = sockets(d.pid());
-        assert!(open <= before + 2, "{open} sockets open with max_connections = 2 (had {before})");
-        std::thread::sleep(Duration::from_millis(25)); // a window in which no third connection may be taken
+        // Two served, at most one accepted and waiting for the slot an eviction frees.
+        assert!(open <= before + 3, "{open} sockets open with max_connections = 2 (had {before})");
+        std::thread::sleep(Duration::from_millis(25)); // a window in which no more may be held
     }
-    // Each silent one is closed after header_timeout_s, so a real request behind them is served.
+    // A health check behind them is served long before header_timeout_s.
     let mut c = std::net::TcpStream::connect(&addr).unwrap();
     std::io::Write::write_all(&mut c, format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let answered = read_until_closed(&mut c);
     assert!(answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok\n"), "{answered}");
+    let (_, m) = get(&format!("http://{addr}/metrics"));
+    assert!(metric(&m, "labeld_http_refused_total{reason=\"idle\"}") >= 5.0, "{m}");
     drop(silent);
     assert!(d.stop().success());
+}
+
+#[test]
+fn a_stop_does_not_wait_for_uploads_whose_bodies_never_finish() {
+    use std::io::Write;
+    // body_timeout_s far beyond the test: only the stop itself can end these uploads.
+    let s = Setup::new("channel_mean", "[http]\nlisten = \"127.0.0.1:0\"\nmax_uploads = 32\nbody_timeout_s = 3600\n");
+    let d = s.spawn_daemon();
+    let addr = d.http_addr();
+    let mut held: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            write!(c, "POST /predict HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/png\r\nContent-Length: 5000000\r\n\r\n").unwrap();
+            c.write_all(&[0u8; 100_000]).unwrap();
+            c
+        })
+        .collect();
+    d.eventually("the 20 uploads being read", WAIT, || {
+        let (_, m) = get(&format!("http://{addr}/metrics"));
+        // Nothing refused: every one holds an upload permit, its body half read.
+        (!m.contains("reason=\"busy\"} 1") && sockets(d.pid()) >= 20).then_some(())
+    });
+    let status = d.stop(); // waits for the exit (bounded well below body_timeout_s)
+    assert!(status.success());
+    for c in &mut held {
+        let answer = read_until_closed(c);
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("shutting down"), "{answer}");
+    }
 }
 
 /// `labeld probe URL` (the container image's health check) against the endpoint it checks.

@@ -50,7 +50,14 @@ impl UploadLimits {
     }
 }
 
-pub async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Request) -> Response {
+pub async fn predict(state: State<HttpState>, headers: HeaderMap, req: Request) -> Response {
+    let answer = answer(state, headers, req).await;
+    // The body and its copies are freed now: after a burst, the trimmer gives the pages back.
+    crate::memory::busy();
+    answer
+}
+
+async fn answer(State(s): State<HttpState>, headers: HeaderMap, req: Request) -> Response {
     if !s.health.is_ready() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "not ready yet");
     }
@@ -67,7 +74,12 @@ pub async fn predict(State(s): State<HttpState>, headers: HeaderMap, req: Reques
         s.metrics.http_refused(Refused::Busy);
         return busy(req, &s);
     };
-    let bytes = match tokio::time::timeout(limits.body_timeout, read_image(req, &headers, &s)).await {
+    // A stop does not wait for a body still on its way: the client is told at once.
+    let read = tokio::select! {
+        read = tokio::time::timeout(limits.body_timeout, read_image(req, &headers, &s)) => read,
+        _ = s.shutdown.wait() => return stopping(),
+    };
+    let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(refused)) => return refused,
         Err(_) => {
@@ -117,6 +129,7 @@ async fn discard(mut body: Body, limits: UploadLimits, shutdown: Shutdown) {
         _ = tokio::time::timeout(limits.body_timeout, drain) => {}
         _ = shutdown.wait() => {}
     }
+    crate::memory::busy();
 }
 
 fn body_timed_out(within: Duration) -> Response {
@@ -155,6 +168,11 @@ async fn image_field(req: Request, s: &HttpState) -> Result<Bytes, Response> {
     }
 }
 
+/// 503: labeld is stopping; the upload was not labelled.
+fn stopping() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+}
+
 /// Queues the image for a worker and answers with its result.
 async fn label(bytes: Arc<[u8]>, s: &HttpState) -> Response {
     let (reply, mut result) = tokio::sync::mpsc::channel(1);
@@ -162,7 +180,7 @@ async fn label(bytes: Arc<[u8]>, s: &HttpState) -> Response {
     let queue = s.queue.clone();
     let pushed = tokio::task::spawn_blocking(move || queue.push_upload(upload)).await;
     if !matches!(pushed, Ok(Pushed::Queued)) {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+        return stopping();
     }
     let waited = tokio::select! {
         r = tokio::time::timeout(PREDICT_TIMEOUT, result.recv()) => r,
@@ -178,7 +196,7 @@ async fn label(bytes: Arc<[u8]>, s: &HttpState) -> Response {
             }
             (code, axum::Json(body)).into_response()
         }
-        Ok(None) => error(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        Ok(None) => stopping(),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "timed out waiting for a worker"),
     }
 }

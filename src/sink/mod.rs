@@ -284,7 +284,10 @@ impl Writer {
             let retry = self.next_retry().map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             crossbeam_channel::select! {
                 recv(rx) -> batch => match batch {
-                    Ok(batch) => self.accept(batch),
+                    Ok(batch) => {
+                        self.accept(batch);
+                        crate::memory::busy();
+                    }
                     Err(_) => break, // every worker is done
                 },
                 recv(commands) -> command => match command {
