@@ -134,6 +134,9 @@ struct Shared {
     claims: Mutex<Claims>,
     resubmit_tx: Sender<Resubmit>,
     resubmit_rx: Receiver<Resubmit>,
+    /// A notice after each release (at most one waiting): for the feeder's last wait in `run --once`.
+    released_tx: Sender<()>,
+    released_rx: Receiver<()>,
 }
 
 #[derive(Default)]
@@ -156,7 +159,8 @@ pub struct Resubmit {
 impl Default for InFlight {
     fn default() -> Self {
         let (resubmit_tx, resubmit_rx) = crossbeam_channel::unbounded();
-        InFlight(Arc::new(Shared { claims: Mutex::default(), resubmit_tx, resubmit_rx }))
+        let (released_tx, released_rx) = crossbeam_channel::bounded(1);
+        InFlight(Arc::new(Shared { claims: Mutex::default(), resubmit_tx, resubmit_rx, released_tx, released_rx }))
     }
 }
 
@@ -195,7 +199,7 @@ impl InFlight {
             now.extend(c.again_by_key.remove(&k).unwrap_or_default());
         }
         let wanted_again = c.again.remove(path);
-        drop(c);
+        // Handed back under the lock, so `drained` never sees the claim gone and its resubmission not yet sent.
         match retry {
             Some(after) => self.resubmit(path, Instant::now() + after),
             None if wanted_again => self.resubmit(path, Instant::now()),
@@ -204,6 +208,8 @@ impl InFlight {
         for p in now.iter().filter(|p| p.as_path() != path) {
             self.resubmit(p, Instant::now());
         }
+        drop(c);
+        let _ = self.0.released_tx.try_send(()); // one waiting notice is enough
     }
 
     fn resubmit(&self, p: &Path, due: Instant) {
@@ -214,6 +220,17 @@ impl InFlight {
     /// Paths to push again (read by the feeder).
     pub fn resubmissions(&self) -> Receiver<Resubmit> {
         self.0.resubmit_rx.clone()
+    }
+
+    /// A notice after each release; see `drained`.
+    pub fn releases(&self) -> Receiver<()> {
+        self.0.released_rx.clone()
+    }
+
+    /// Nothing claimed and nothing handed back waiting to be pushed again.
+    pub fn drained(&self) -> bool {
+        let c = self.claims();
+        c.paths.is_empty() && self.0.resubmit_rx.is_empty()
     }
 
     pub fn len(&self) -> usize {

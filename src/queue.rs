@@ -105,6 +105,11 @@ impl QueueSender {
         self.tx.len()
     }
 
+    /// Disconnects when shutdown begins (for a `select!`).
+    pub fn stopping(&self) -> &Receiver<()> {
+        self.shutdown.closed()
+    }
+
     pub fn shutting_down(&self) -> bool {
         self.shutdown.is_triggered()
     }

@@ -658,22 +658,13 @@ fn probe_exits_0_only_on_a_2xx_answer() {
 
     // A real 503: the inbox folder is gone, /readyz says so, and the probe turns 0 again once it is back.
     std::fs::remove_dir(&s.inbox).unwrap();
-    let t = Instant::now();
-    let gone = loop {
+    let gone = d.eventually("/readyz 503 through the probe with the inbox gone", WAIT, || {
         let out = probe(&format!("http://{addr}/readyz"), "3");
-        if out.status.code() == Some(1) {
-            break out;
-        }
-        assert!(t.elapsed() < WAIT, "/readyz never turned 503 with the inbox gone");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        (out.status.code() == Some(1)).then_some(out)
+    });
     assert!(lossy(&gone.stderr).contains(": 503"), "{}", lossy(&gone.stderr));
     std::fs::create_dir(&s.inbox).unwrap();
-    let t = Instant::now();
-    while !probe(&format!("http://{addr}/readyz"), "3").status.success() {
-        assert!(t.elapsed() < WAIT, "/readyz never turned 200 with the inbox back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.eventually("/readyz 200 through the probe with the inbox back", WAIT, || probe(&format!("http://{addr}/readyz"), "3").status.success());
     assert!(d.stop().success());
 
     // Nothing listening: refused at once.

@@ -5,7 +5,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -51,15 +51,16 @@ impl Feeder {
 fn feed(rx: Receiver<ReadyFile>, resubmits: Receiver<Resubmit>, queue: QueueSender) {
     let mut later: BinaryHeap<Reverse<(Instant, PathBuf)>> = BinaryHeap::new();
     let mut input = Some(rx);
-    let mut idle_checks = 0;
+    let releases = queue.in_flight().releases();
     loop {
         let timer = match later.peek() {
             Some(Reverse((due, _))) if input.is_some() => crossbeam_channel::at(*due),
             _ => crossbeam_channel::never(),
         };
         let files = input.clone().unwrap_or_else(crossbeam_channel::never);
-        // With the input closed, look every 100 ms whether anything is still in flight.
-        let tick = if input.is_none() { crossbeam_channel::after(Duration::from_millis(100)) } else { crossbeam_channel::never() };
+        // With the input closed, each release is a moment to see whether everything is done.
+        let released = if input.is_none() { releases.clone() } else { crossbeam_channel::never() };
+        let stopping = if input.is_none() { queue.stopping().clone() } else { crossbeam_channel::never() };
         let pushed = crossbeam_channel::select! {
             recv(files) -> file => match file {
                 Ok(file) => offer(&queue, file),
@@ -85,13 +86,11 @@ fn feed(rx: Receiver<ReadyFile>, resubmits: Receiver<Resubmit>, queue: QueueSend
                 }
                 pushed
             },
-            recv(tick) -> _ => {
-                // Two quiet looks in a row: a release between them would have handed its path back.
-                idle_checks = if queue.in_flight().is_empty() && resubmits.is_empty() { idle_checks + 1 } else { 0 };
-                Pushed::Queued
-            },
+            recv(released) -> _ => Pushed::Queued,
+            recv(stopping) -> _ => Pushed::ShuttingDown,
         };
-        if pushed == Pushed::ShuttingDown || idle_checks >= 2 || (input.is_none() && queue.shutting_down()) {
+        let done = input.is_none() && queue.in_flight().drained();
+        if pushed == Pushed::ShuttingDown || done || (input.is_none() && queue.shutting_down()) {
             break;
         }
     }
