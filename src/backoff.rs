@@ -1,5 +1,6 @@
 //! Waiting longer after each failure: `first`, doubling up to `max`, back to `first` after a success.
-//! A decision, not a clock: the caller says what time it is.
+//! A decision, not a clock: the caller says what time it is. `jittered` spreads a wait for retries
+//! that must not run in step with another box's.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,14 @@ impl Backoff {
     }
 }
 
+/// `d` times a random factor in [0.5, 1.5): boxes (or two clients with one id) do not retry in step.
+pub fn jittered(d: Duration) -> Duration {
+    let mut seed = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty());
+    let unit = (u64::from_le_bytes(seed) >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.5 + unit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +74,13 @@ mod tests {
         assert_eq!(b.delay_after(1), Duration::from_millis(500));
         assert_eq!(b.delay_after(4), Duration::from_secs(4));
         assert_eq!(b.delay_after(200), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_jittered_wait_stays_within_half_and_one_and_a_half_times() {
+        let d = Duration::from_millis(1000);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(d)).collect();
+        assert!(waits.iter().all(|w| *w >= d / 2 && *w < d * 3 / 2), "{waits:?}");
+        assert!(waits.iter().any(|w| *w != waits[0]), "not randomised: {waits:?}");
     }
 }

@@ -14,7 +14,27 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::publish::status::PublishStatus;
+/// Publishing counters as `/metrics` exports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MqttFigures {
+    pub connected: bool,
+    pub published: u64,
+    pub failed: u64,
+    pub connect_failures: u64,
+    pub pending: u64,
+    pub lost_files: u64,
+    pub refused: u64,
+}
+
+/// How publishing goes (`[mqtt]` on), read when asked for. The publisher's status implements it, so
+/// the counters every stage adds to know nothing of the stage that runs last.
+pub trait PublishReport: Send + Sync {
+    fn figures(&self) -> MqttFigures;
+    /// "mqtt: connected, lag 3" or "mqtt: disconnected since 2026-11-29T06:00:00Z (why), lag 120".
+    fn summary(&self) -> String;
+    /// For the status page.
+    fn json(&self) -> serde_json::Value;
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -131,7 +151,7 @@ struct LiveGauges {
     in_flight: Mutex<Option<Box<dyn Fn() -> usize + Send + Sync>>>,
     recent: Mutex<VecDeque<Instant>>,
     /// With `[mqtt]`: how publishing goes.
-    mqtt: Mutex<Option<PublishStatus>>,
+    mqtt: Mutex<Option<Arc<dyn PublishReport>>>,
 }
 
 impl std::fmt::Debug for LiveGauges {
@@ -229,12 +249,12 @@ impl Metrics {
     }
 
     /// Where publishing figures are read from at scrape time (`[mqtt]` on).
-    pub fn observe_mqtt(&self, status: PublishStatus) {
+    pub fn observe_mqtt(&self, status: Arc<dyn PublishReport>) {
         *self.live.mqtt.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
     }
 
     /// How publishing goes, when `[mqtt]` is on.
-    pub fn mqtt(&self) -> Option<PublishStatus> {
+    pub fn mqtt(&self) -> Option<Arc<dyn PublishReport>> {
         self.live.mqtt.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

@@ -29,4 +29,5 @@ mod preprocess_golden;
 mod resilience;
 mod retention;
 mod service;
+mod structure;
 mod watch_link;

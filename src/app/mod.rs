@@ -17,7 +17,7 @@ use crate::infer::labels::Labels;
 use crate::infer::worker::Workers;
 use crate::infer::{BatchDone, LiveSettings};
 use crate::ledger::ArchiveFolders;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PublishReport};
 use crate::publish::Publisher;
 use crate::queue::{self, InFlight, QueueSender};
 use crate::reload;

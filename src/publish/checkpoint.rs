@@ -1,37 +1,13 @@
-//! The outbox's checkpoint: which log generations still hold rows the broker has not acknowledged, and
-//! where in the first of them the acknowledged rows end. Versioned JSON, replaced atomically (temp file,
-//! fsync, rename, folder fsync), so a crash leaves the old checkpoint or the new one, never a mix.
+//! The outbox checkpoint's file (its format is `vocab::checkpoint`): read at start, replaced
+//! atomically (temp file under an unpredictable name, fsync, rename, folder fsync), so a crash leaves the
+//! old checkpoint or the new one, never a mix.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::vocab::results_log::Fingerprint;
-
-pub const VERSION: u32 = 1;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub version: u32,
-    /// Oldest first; the last is normally the live log.
-    pub generations: Vec<GenerationMark>,
-    /// Bytes of the first generation whose rows the broker has (the end of its last acknowledged row).
-    pub offset: u64,
-}
-
-/// How to find one log generation again: by (dev, inode) and content, or by content alone (a copy).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenerationMark {
-    pub dev: u64,
-    pub inode: u64,
-    pub fingerprint: Option<Fingerprint>,
-    /// Where it was last seen.
-    pub path: PathBuf,
-    /// Its length when last seen: what is lost if it cannot be found.
-    pub len: u64,
-}
+use crate::beneath;
+use crate::vocab::checkpoint::{Checkpoint, FormatError, VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -50,17 +26,11 @@ pub fn load(path: &Path) -> Result<Option<Checkpoint>, LoadError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(LoadError::Read { path: path.to_path_buf(), source }),
     };
-    // The version first, so a newer layout is reported as such, not as corrupt.
-    #[derive(Deserialize)]
-    struct Versioned {
-        version: u32,
+    match Checkpoint::from_bytes(&bytes) {
+        Ok(c) => Ok(Some(c)),
+        Err(FormatError::Corrupt(source)) => Err(LoadError::Corrupt { path: path.to_path_buf(), source }),
+        Err(FormatError::UnknownVersion(version)) => Err(LoadError::UnknownVersion { path: path.to_path_buf(), version }),
     }
-    let v: Versioned = serde_json::from_slice(&bytes).map_err(|source| LoadError::Corrupt { path: path.to_path_buf(), source })?;
-    if v.version != VERSION {
-        return Err(LoadError::UnknownVersion { path: path.to_path_buf(), version: v.version });
-    }
-    let c = serde_json::from_slice(&bytes).map_err(|source| LoadError::Corrupt { path: path.to_path_buf(), source })?;
-    Ok(Some(c))
 }
 
 /// Replaces the checkpoint at `path` with `c`: temp file beside it, fsync, rename, folder fsync.
@@ -70,27 +40,22 @@ pub fn store(path: &Path, c: &Checkpoint) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     std::fs::create_dir_all(dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create the folder of the outbox checkpoint {}: {e}", path.display())))?;
-    // Left by an earlier attempt of this process that failed halfway.
-    let _ = std::fs::remove_file(&temp);
     let written = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        f.write_all(&serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        File::open(dir)?.sync_all()
+        let name = path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+        let bytes = c.to_bytes().map_err(std::io::Error::other)?;
+        let folder: OwnedFd = File::open(dir)?.into();
+        beneath::write_atomic_in(&folder, name, &bytes)?;
+        beneath::sync_dir(&folder)
     })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
     written.map_err(|e| std::io::Error::new(e.kind(), format!("cannot write the outbox checkpoint {}: {e}", path.display())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::checkpoint::GenerationMark;
+    use crate::vocab::results_log::Fingerprint;
 
     fn sample() -> Checkpoint {
         Checkpoint {
@@ -109,7 +74,8 @@ mod tests {
         let mut next = sample();
         next.offset = 456;
         store(&p, &next).unwrap();
-        assert_eq!(load(&p).unwrap(), Some(next));
+        assert_eq!(load(&p).unwrap(), Some(next.clone()));
+        assert_eq!(std::fs::read(&p).unwrap(), next.to_bytes().unwrap(), "the file holds the format's bytes");
         let names: Vec<_> = std::fs::read_dir(dir.path().join("state")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["outbox.json"]);
     }
@@ -122,6 +88,8 @@ mod tests {
         let e = load(&p).unwrap_err();
         assert!(matches!(e, LoadError::Corrupt { .. }) && e.to_string().contains("outbox.json"), "{e}");
         std::fs::write(&p, b"{\"version\": 7, \"whatever\": true}").unwrap();
-        assert!(matches!(load(&p).unwrap_err(), LoadError::UnknownVersion { version: 7, .. }));
+        let e = load(&p).unwrap_err();
+        assert!(matches!(e, LoadError::UnknownVersion { version: 7, .. }), "{e}");
+        assert_eq!(e.to_string(), format!("the outbox checkpoint {} has version 7, this labeld knows version 1; delete it to start publishing from the end of the log", p.display()));
     }
 }

@@ -9,8 +9,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::checkpoint::{self, Checkpoint, GenerationMark};
 use crate::sink::result_log::Announced;
+use crate::vocab::checkpoint::{self, Checkpoint, GenerationMark};
 
 /// The checkpoint is written at most this often while acknowledgements stream in (a generation that
 /// begins, ends or is lost is written at once).

@@ -43,7 +43,7 @@ impl Publisher {
         })?;
         let status = PublishStatus::new(&m.url);
         status.set_pending(outbox.pending());
-        metrics.observe_mqtt(status.clone());
+        metrics.observe_mqtt(std::sync::Arc::new(status.clone()));
         let settings = Settings {
             mqtt: m.clone(),
             messages: Messages::new(m, &config.inboxes),

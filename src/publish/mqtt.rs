@@ -17,6 +17,7 @@ use super::message::Messages;
 use super::outbox::{Outbox, Position};
 use super::status::PublishStatus;
 use super::window::{Released, Window};
+use crate::backoff::{Backoff, jittered};
 use crate::config::MqttConfig;
 use crate::shutdown::Shutdown;
 
@@ -68,7 +69,7 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
     // Kept alive while publishing: it says when the checkpoint file is removed or replaced.
     let (_checkpoint_watch, mut checkpoint_events) = watch_checkpoint(&outbox.checkpoint_path());
     let changes = &mut checkpoint_events;
-    let mut retry = FIRST_RETRY;
+    let mut backoff = Backoff::new(FIRST_RETRY, LAST_RETRY);
     let mut attempts_failed = 0u32;
     let mut suspect: Option<(Position, u32)> = None;
     while !stop.is_triggered() {
@@ -80,9 +81,9 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
             Connect::Failed(why) => {
                 attempts_failed += 1;
                 status.connect_failed(&why);
+                let retry = backoff.failed(Instant::now());
                 tracing::warn!(broker = %settings.mqtt.url, retry_in_s = retry.as_secs_f64(), attempt = attempts_failed, "cannot connect to the MQTT broker: {why}; labelling goes on, results wait in the outbox");
                 wait_out(jittered(retry), &mut outbox, &status, &stop, changes).await;
-                retry = (retry * 2).min(LAST_RETRY);
                 continue;
             }
             Connect::Up => {}
@@ -120,15 +121,15 @@ pub async fn run(mut outbox: Outbox, settings: Settings, status: PublishStatus, 
                     say_suspect(&mut outbox, at, strikes, &settings, &why);
                 }
                 if up_at.elapsed() >= STABLE {
-                    retry = FIRST_RETRY;
+                    backoff.succeeded();
                     tracing::warn!(broker = %settings.mqtt.url, unacknowledged, "lost the MQTT broker: {why}; reconnecting, the unacknowledged rows go again");
                     // Not at once: a second client with this client id must not be kicked straight back.
                     wait_out(jittered(FIRST_RETRY), &mut outbox, &status, &stop, changes).await;
                 } else {
+                    let retry = backoff.failed(Instant::now());
                     tracing::warn!(broker = %settings.mqtt.url, unacknowledged, retry_in_s = retry.as_secs_f64(), lasted_s = up_at.elapsed().as_secs_f64(),
                         "lost the MQTT broker right after connecting: {why}; another client with client_id {:?}, or a message the broker refuses? Retrying with back-off", settings.mqtt.client_id);
                     wait_out(jittered(retry), &mut outbox, &status, &stop, changes).await;
-                    retry = (retry * 2).min(LAST_RETRY);
                 }
             }
         }
@@ -227,14 +228,6 @@ fn say_suspect(outbox: &mut Outbox, at: Position, strikes: u32, s: &Settings, wh
             "the MQTT broker drops the connection every time this row is sent alone ({why}): a packet size limit on the broker (Mosquitto max_packet_size)? Set [mqtt] max_message_kb below it to give such rows up; until then publishing waits for this row");
     }
     outbox.rewind();
-}
-
-/// `d` times a random factor in [0.5, 1.5): boxes (or two clients with one id) do not retry in step.
-fn jittered(d: Duration) -> Duration {
-    let mut seed = [0u8; 8];
-    let _ = rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::empty());
-    let unit = (u64::from_le_bytes(seed) >> 11) as f64 / (1u64 << 53) as f64;
-    d.mul_f64(0.5 + unit)
 }
 
 enum Connect {

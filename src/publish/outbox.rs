@@ -23,11 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::checkpoint::{self, Checkpoint, GenerationMark};
+use super::checkpoint;
 use super::ledger::{Change, Ledger, Read as ReadOutcome, Source, Step};
 pub use super::ledger::Position;
 use crate::sink::result_log::{Announced, LogTap};
 use crate::vocab::Record;
+use crate::vocab::checkpoint::{Checkpoint, GenerationMark};
 use crate::vocab::results_log::{Columns, FINGERPRINT_LEN, parse_row};
 
 /// How much of a file its header line may take.

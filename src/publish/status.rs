@@ -3,17 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-/// Publishing counters as `/metrics` exports them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MqttFigures {
-    pub connected: bool,
-    pub published: u64,
-    pub failed: u64,
-    pub connect_failures: u64,
-    pub pending: u64,
-    pub lost_files: u64,
-    pub refused: u64,
-}
+use crate::metrics::{MqttFigures, PublishReport};
 
 /// Shared between the connection (writes) and whoever reports (reads).
 #[derive(Clone, Debug, Default)]
@@ -106,8 +96,10 @@ impl PublishStatus {
     pub fn set_lost_files(&self, files: u64) {
         self.with(|s| s.lost_files = files);
     }
+}
 
-    pub fn figures(&self) -> MqttFigures {
+impl PublishReport for PublishStatus {
+    fn figures(&self) -> MqttFigures {
         self.with(|s| MqttFigures {
             connected: s.connected,
             published: s.published,
@@ -119,8 +111,7 @@ impl PublishStatus {
         })
     }
 
-    /// "mqtt: connected, lag 3" or "mqtt: disconnected since 2026-11-29T06:00:00Z (why), lag 120".
-    pub fn summary(&self) -> String {
+    fn summary(&self) -> String {
         self.with(|s| {
             if s.connected {
                 format!("mqtt: connected, lag {}", s.pending)
@@ -132,8 +123,7 @@ impl PublishStatus {
         })
     }
 
-    /// For the status page.
-    pub fn json(&self) -> serde_json::Value {
+    fn json(&self) -> serde_json::Value {
         self.with(|s| {
             serde_json::json!({
                 "broker": s.broker,

@@ -1,7 +1,8 @@
 //! The words every stage uses, at the bottom of the crate: it imports no other module of labeld. A
 //! file version's identity, the record of one image's result (sidecar, CSV row, MQTT message), where a
-//! sidecar goes, and the results log's columns and rows.
+//! sidecar goes, the results log's columns and rows, and the outbox checkpoint's format.
 
+pub mod checkpoint;
 pub mod identity;
 pub mod record;
 pub mod results_log;

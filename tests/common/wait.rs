@@ -5,6 +5,8 @@
 use std::fmt::{Debug, Display};
 use std::time::{Duration, Instant};
 
+use labeld::backoff::Backoff;
+
 /// What a condition returns: `bool`, `Option<T>` (the value once there), or `Result<T, E>` (the value,
 /// or what is seen instead, shown if the wait times out).
 pub trait Fact {
@@ -37,22 +39,22 @@ impl<T, E: Display> Fact for Result<T, E> {
     }
 }
 
-/// The first poll comes at once, the next after 1 ms, doubling up to this.
+/// The first poll comes at once, the next after this, doubling up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Polls `condition` until it holds and returns its value; after `timeout`, `Err` with what was seen
 /// last. For places that must not panic (a `Drop`) and loops that end either way.
 pub fn within<F: Fact>(timeout: Duration, mut condition: impl FnMut() -> F) -> Result<F::Value, Option<F::Seen>> {
     let start = Instant::now();
-    let mut pause = Duration::from_millis(1);
+    let mut pause = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         match condition().check() {
             Ok(v) => return Ok(v),
             Err(seen) if start.elapsed() >= timeout => return Err(seen),
             Err(_) => {}
         }
-        std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
-        pause = (pause * 2).min(MAX_BACKOFF);
+        std::thread::sleep(pause.failed(Instant::now()).min(timeout.saturating_sub(start.elapsed())));
     }
 }
 
