@@ -1,6 +1,7 @@
 //! Inference: workers pull batches of ready files, preprocess them, run the model and hand
 //! `Outcome`s to the sink.
 
+pub mod backend;
 pub mod labels;
 pub mod layout;
 pub mod model;
