@@ -57,11 +57,13 @@ $(IMAGE): $(BIN) models/default.pt config/container.toml config/system.toml scri
 deps:
 	scripts/setup-system.sh run
 	scripts/setup-libtorch.sh
+	scripts/setup-onnxruntime.sh
 
 libtorch:
 	scripts/setup-libtorch.sh
 
-# models/default.pt (ResNet-18 with WEIGHTS=/path/resnet18-f37072fd.pth, else EfficientNet-Lite0)
+# models/default.pt (ResNet-18 with WEIGHTS=/path/resnet18-f37072fd.pth, else EfficientNet-Lite0), and
+# the same network as models/<name>.onnx
 model: deps
 	WEIGHTS="$(WEIGHTS)" scripts/setup-model.sh
 
@@ -73,4 +75,4 @@ golden: model
 	PYTHONPATH=.deps/py /usr/bin/python3 scripts/make_golden.py --model models/default.pt
 
 clean-deps:
-	rm -rf .deps models/*.pt
+	rm -rf .deps models/*.pt models/*.onnx

@@ -1,7 +1,8 @@
 // Bake libtorch's lib dir into the binary's rpath so it runs without LD_LIBRARY_PATH and never picks
 // up a different libtorch installed elsewhere on the machine; build the graph shim against that same
 // libtorch, with the flags torch-sys uses for its own shim (libtch). Also name the git commit and the
-// libtorch version for `labeld --version`.
+// libtorch version for `labeld --version`. ONNX Runtime is loaded at run time; the checkout's copy
+// (scripts/setup-onnxruntime.sh) is the last place labeld looks for it.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,6 +17,8 @@ fn main() {
     println!("cargo:rustc-env=LABELD_LIBTORCH_LIB={lib}");
     println!("cargo:rustc-env=LABELD_LIBTORCH_VERSION={}", libtorch_version(Path::new(&lib)));
     println!("cargo:rustc-env=LABELD_GIT_COMMIT={}", git_commit());
+    let root = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rustc-env=LABELD_ONNXRUNTIME_DEV={root}/.deps/onnxruntime/lib/libonnxruntime.so");
     let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     shim(&Path::new(&lib).join("../include"), &cxx11_abi);
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Export labeld's default classifier to TorchScript.
+"""Export labeld's default classifier to TorchScript, and to ONNX beside it.
 
 Preferred: torchvision's ResNet-18 with the IMAGENET1K_V1 weights -> models/resnet18.pt. The weights come
 from torchvision's download, or from a file you pass with --weights (resnet18-f37072fd.pth) on a machine
@@ -12,6 +12,10 @@ models/efficientnet_lite0.pt. It never exports untrained weights.
 Every exported model takes the same input: N x 3 x 224 x 224 float, torchvision-normalized with the
 ImageNet mean/std, any batch size; it returns N x 1000 logits in ImageNet-1k class order. models/default.pt
 is a link to the model exported last, so config/labeld.toml works with either.
+
+ONNX: models/<name>.onnx, the same network through torch.onnx.export (input "input", output "logits", a
+dynamic batch axis, opset 13), checked against the TorchScript file with onnxruntime when it imports.
+`--onnx-from models/<name>.pt` writes only that (for a checkout whose TorchScript file exists already).
 """
 import argparse
 import os
@@ -116,12 +120,53 @@ def check_trained(scripted, photo):
         raise SystemExit("export-model: the model does not see a cat in the cat photo; refusing to save it")
 
 
+def to_onnx(scripted, out):
+    """Exports `scripted` (a TorchScript module) to `out` and checks it computes what `scripted` does."""
+    import warnings
+
+    tmp = out + ".partial"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch 1.13 warns about ScriptModule signatures; harmless here
+        torch.onnx.export(scripted, torch.rand(1, 3, 224, 224), tmp, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13)
+    check_onnx(scripted, tmp)
+    os.replace(tmp, out)
+    log(f"saved {out} ({os.path.getsize(out) // 1024} KiB)")
+
+
+def check_onnx(scripted, path):
+    """The ONNX file must give the TorchScript file's logits (max |diff| <= 1e-3) at batch sizes 1 and 3."""
+    try:
+        import onnxruntime
+    except ImportError:
+        log("onnxruntime does not import here; the ONNX file is not checked against TorchScript")
+        return
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    torch.manual_seed(2)
+    for n in (1, 3):
+        x = torch.randn(n, 3, 224, 224)
+        with torch.no_grad():
+            want = scripted(x).numpy()
+        got = session.run(None, {"input": x.numpy()})[0]
+        diff = float(abs(want - got).max())
+        if got.shape != want.shape or diff > 1e-3:
+            os.remove(path)
+            raise SystemExit(f"export-model: ONNX output {got.shape} differs from TorchScript {want.shape} by {diff}; not saved")
+    log(f"ONNX output matches TorchScript at batch sizes 1, 3 (onnxruntime {onnxruntime.__version__})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="models")
     ap.add_argument("--weights", help="path to resnet18-f37072fd.pth (torchvision IMAGENET1K_V1)")
     ap.add_argument("--check-photo", help="a cat photo used to check the weights are trained")
+    ap.add_argument("--onnx-from", help="only write the ONNX copy of this TorchScript file (beside it)")
     args = ap.parse_args()
+
+    if args.onnx_from:
+        scripted = torch.jit.load(args.onnx_from).eval()
+        to_onnx(scripted, os.path.splitext(args.onnx_from)[0] + ".onnx")
+        return
 
     name = "resnet18"
     try:
@@ -148,6 +193,7 @@ def main():
         os.remove(link)
     os.symlink(f"{name}.pt", link)
     log(f"saved {out} ({os.path.getsize(out) // 1024} KiB); {link} -> {name}.pt")
+    to_onnx(scripted, os.path.join(args.out_dir, f"{name}.onnx"))
 
 
 if __name__ == "__main__":

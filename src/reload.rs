@@ -34,6 +34,8 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
         labels,
         max_batch: c.workers.max_batch,
         max_delay: c.workers.max_delay,
+        workers: c.workers.count,
+        threads: c.workers.threads,
         thumbnails,
         inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect(),
     }

@@ -42,7 +42,7 @@ pub fn classify(config: Config, paths: &[PathBuf]) -> Result<Totals, Fatal> {
     for batch in done_rx {
         let mut out = stdout.lock();
         for o in &batch.outcomes {
-            let r = o.record(&batch.model, batch.min_score, Instant::now());
+            let r = o.record(&batch.model, batch.engine, batch.min_score, Instant::now());
             match r.status {
                 Status::Ok => totals.ok += 1,
                 Status::Error => totals.errors += 1,

@@ -23,7 +23,7 @@ pub use folders::check_archive_folder;
 pub use http::HttpConfig;
 pub use inbox::{InboxConfig, OnDone, WatchSettings, default_include, image_matcher, is_candidate_name};
 pub use limits::Limits;
-pub use model::{FileId, LabelSource, LabelsLang, ModelConfig, Precision, Preprocess};
+pub use model::{Engine, FileId, LabelSource, LabelsLang, ModelConfig, Precision, Preprocess};
 pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
 pub use output::OutputConfig;
 pub use retention::RetentionConfig;

@@ -1,5 +1,6 @@
-//! `[model]`: the TorchScript file, its class names, its input and how results are ranked. On reload:
-//! applies; a new file, `precision`, `optimize` or `crop` is test-loaded first (`needs_reload`).
+//! `[model]`: the model file (TorchScript or ONNX) and the engine that runs it, its class names, its
+//! input and how results are ranked. On reload: applies; a new file, `backend`, `precision`, `optimize`
+//! or `crop` is test-loaded first (`needs_reload`).
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use crate::error::ConfigError;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawModel {
     path: PathBuf,
+    backend: Option<String>,
     name: Option<String>,
     #[serde(default = "default_labels")]
     labels: String,
@@ -78,6 +80,33 @@ impl Precision {
     }
 }
 
+/// The engine that runs the model file in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// A TorchScript file through libtorch.
+    Libtorch,
+    /// An ONNX file through ONNX Runtime.
+    OnnxRuntime,
+}
+
+impl Engine {
+    /// As rows, sidecars and the config name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Libtorch => "libtorch",
+            Engine::OnnxRuntime => "onnxruntime",
+        }
+    }
+
+    /// The engine a file's name implies: `.onnx` is ONNX Runtime's, anything else TorchScript.
+    fn for_file(path: &Path) -> Engine {
+        match path.extension() {
+            Some(ext) if ext.eq_ignore_ascii_case("onnx") => Engine::OnnxRuntime,
+            _ => Engine::Libtorch,
+        }
+    }
+}
+
 /// Language of the built-in ImageNet class names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +139,10 @@ pub type FileId = (u64, u64, std::time::SystemTime);
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub path: PathBuf,
+    /// `backend` when set, else what the file's extension says.
+    pub engine: Engine,
+    /// Whether `backend` was set (else a new `path` may imply another engine).
+    pub engine_set: bool,
     /// Written into every sidecar and CSV row: `name`, else the model file's stem (links followed).
     pub name: String,
     pub labels: LabelSource,
@@ -136,6 +169,7 @@ impl ModelConfig {
     /// Whether switching from `self` to `other` needs the model file loaded again.
     pub fn needs_reload(&self, other: &ModelConfig) -> bool {
         self.path != other.path
+            || self.engine != other.engine
             || self.file_id != other.file_id
             || self.precision != other.precision
             || self.optimize != other.optimize
@@ -158,6 +192,10 @@ impl ModelConfig {
     /// Points at another model file (classify `--model`), re-deriving the name.
     pub fn with_path(mut self, file: &Path, path: PathBuf) -> Result<ModelConfig, ConfigError> {
         check_model_file(file, &path)?;
+        if !self.engine_set {
+            self.engine = Engine::for_file(&path);
+        }
+        check_precision(file, self.engine, self.precision)?;
         self.name = model_stem(&path);
         self.file_id = file_id(&path);
         self.path = path;
@@ -170,7 +208,11 @@ impl ModelConfig {
             LabelSource::ImageNet => "\"imagenet\"".to_string(),
             LabelSource::File(f) => q(f),
         };
-        let mut s = format!("[model]\npath = {}\nname = {}\nlabels = {labels}\n", q(&self.path), toml::Value::String(self.name.clone()));
+        let mut s = format!("[model]\npath = {}\n", q(&self.path));
+        if self.engine_set {
+            s += &format!("backend = \"{}\"\n", self.engine.as_str());
+        }
+        s += &format!("name = {}\nlabels = {labels}\n", toml::Value::String(self.name.clone()));
         s += &format!("resize = {}\ncrop = {}\nmean = {:?}\nstd = {:?}\ntop_k = {}\n", self.resize, self.crop, self.mean, self.std, self.top_k);
         s += &format!(
             "precision = \"{}\"\noptimize = {}\nscaled_decode = {}\nlabels_lang = \"{}\"\n",
@@ -235,10 +277,29 @@ fn check_model_file(file: &Path, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// ONNX Runtime's CPU kernels have no bfloat16 path for a classifier's operators.
+fn check_precision(file: &Path, engine: Engine, precision: Precision) -> Result<(), ConfigError> {
+    if engine == Engine::OnnxRuntime && precision == Precision::Bf16 {
+        return Err(ConfigError::new(
+            file,
+            "[model] precision",
+            "\"bf16\" runs only through libtorch; ONNX models run in fp32 (or as the int8 file they are): remove the key or set \"fp32\"",
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn from_raw(file: &Path, base: &Path, m: RawModel) -> Result<ModelConfig, ConfigError> {
     let err = |key: &str, reason: String| ConfigError::new(file, format!("[model] {key}"), reason);
     let path = absolute(base, &m.path);
     check_model_file(file, &path)?;
+    let engine = match m.backend.as_deref() {
+        None => Engine::for_file(&path),
+        Some("libtorch") => Engine::Libtorch,
+        Some("onnxruntime") => Engine::OnnxRuntime,
+        Some(other) => return Err(err("backend", format!("must be \"libtorch\" or \"onnxruntime\", got {other:?}"))),
+    };
+    check_precision(file, engine, m.precision)?;
     let name = match m.name {
         Some(n) if n.trim().is_empty() => return Err(err("name", "must not be empty".into())),
         Some(n) => n,
@@ -281,6 +342,8 @@ pub(super) fn from_raw(file: &Path, base: &Path, m: RawModel) -> Result<ModelCon
     Ok(ModelConfig {
         file_id: file_id(&path),
         path,
+        engine,
+        engine_set: m.backend.is_some(),
         name,
         labels,
         resize: m.resize,
@@ -336,6 +399,25 @@ mod tests {
         assert!(e.reason.contains("make model"));
         let e = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\nlabels = \"x.txt\"\n").unwrap_err();
         assert_eq!(e.key, "[model] labels");
+    }
+
+    #[test]
+    fn the_engine_follows_the_extension_unless_backend_names_it() {
+        let (dir, file) = setup();
+        std::fs::write(dir.path().join("models/lite0.onnx"), b"").unwrap();
+        let onnx = Config::parse(&file, "[model]\npath = \"models/lite0.onnx\"\n").unwrap();
+        assert_eq!(onnx.model.engine, Engine::OnnxRuntime);
+        let pt = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\n").unwrap();
+        assert_eq!(pt.model.engine, Engine::Libtorch);
+        let named = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\nbackend = \"onnxruntime\"\n").unwrap();
+        assert_eq!(named.model.engine, Engine::OnnxRuntime);
+        assert!(named.model.describe().contains("backend = \"onnxruntime\""));
+        let e = Config::parse(&file, "[model]\npath = \"models/resnet18.pt\"\nbackend = \"tensorflow\"\n").unwrap_err();
+        assert_eq!(e.key, "[model] backend");
+        assert!(e.reason.contains("\"libtorch\" or \"onnxruntime\""), "{}", e.reason);
+        let e = Config::parse(&file, "[model]\npath = \"models/lite0.onnx\"\nprecision = \"bf16\"\n").unwrap_err();
+        assert_eq!(e.key, "[model] precision");
+        assert!(e.reason.contains("libtorch"), "{}", e.reason);
     }
 
     #[test]

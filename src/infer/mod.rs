@@ -5,6 +5,7 @@ pub mod backend;
 pub mod labels;
 pub mod layout;
 pub mod model;
+pub mod onnx;
 pub mod optimize;
 pub mod preprocess;
 pub mod resample;
@@ -40,8 +41,9 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The record of this result, made by `model` (with `[model] min_score`), written at `now`.
-    pub fn record(&self, model: &str, min_score: Option<f32>, now: Instant) -> Record {
+    /// The record of this result, made by `model` run by `engine` (with `[model] min_score`), written
+    /// at `now`.
+    pub fn record(&self, model: &str, engine: Option<&str>, min_score: Option<f32>, now: Instant) -> Record {
         let o = self;
         let latency = now.saturating_duration_since(o.job.ready_at).as_secs_f64() * 1e3;
         let (status, top, error) = match &o.result {
@@ -74,6 +76,7 @@ impl Outcome {
             path,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             model: model.to_string(),
+            engine: engine.map(str::to_string),
             status,
             top,
             confident,
@@ -90,6 +93,8 @@ pub struct BatchDone {
     pub outcomes: Vec<Outcome>,
     /// The model that produced these results.
     pub model: Arc<str>,
+    /// The engine that ran it (`None`: no model ran, e.g. a hung worker's images).
+    pub engine: Option<&'static str>,
     /// `[model] min_score` in force for this batch.
     pub min_score: Option<f32>,
 }
@@ -104,6 +109,10 @@ pub struct InferSettings {
     pub labels: Arc<Labels>,
     pub max_batch: usize,
     pub max_delay: Duration,
+    /// Workers that run the model at once (`[workers] count`, restart-only).
+    pub workers: usize,
+    /// Intra-op threads per worker (`[workers] threads`, restart-only).
+    pub threads: usize,
     /// Make thumbnails for the status page.
     pub thumbnails: bool,
     /// The inbox roots: files are read beneath the one they lie in, never through a link.

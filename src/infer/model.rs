@@ -1,4 +1,5 @@
-//! One TorchScript classifier, loaded once and shared by the worker threads (see `worker::SharedModel`).
+//! One TorchScript classifier through libtorch, loaded once and shared by the worker threads (see
+//! `worker::SharedModel`): the "libtorch" `Backend`.
 
 use std::path::Path;
 
@@ -6,6 +7,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::config::Precision;
 use crate::error::{Fatal, first_line, panic_message};
+use crate::infer::backend::{Backend, Failure};
 use crate::infer::optimize::{self, Optimisation, Passes};
 
 pub struct Classifier {
@@ -66,7 +68,7 @@ impl Classifier {
         classifier.probe().map_err(|e| fail(format!("test forward pass on zeros failed: {e}")))?;
         for n in [1, max_batch, max_batch] {
             let zeros = vec![0f32; n * 3 * (crop * crop) as usize];
-            classifier.top_k(&zeros, n, 1).map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
+            classifier.ranked_top_k(&zeros, n, 1).map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
         }
         // The probe and warm-up activations are freed; give their pages back rather than keep them for
         // the life of the process (they would be reused only by a batch of the same sizes).
@@ -82,15 +84,15 @@ impl Classifier {
 
     /// The load-time test: one all-zero image must give one finite row of `classes` logits. Run again
     /// when an image fails alone, to tell a bad image (probe passes) from a failing model.
-    pub fn probe(&self) -> Result<(), String> {
+    fn probe(&self) -> Result<(), String> {
         let zeros = vec![0f32; 3 * (self.crop * self.crop) as usize];
-        self.top_k(&zeros, 1, 1).map(drop)
+        self.ranked_top_k(&zeros, 1, 1).map(drop)
     }
 
     /// Runs `n` preprocessed images (concatenated HWC data) and returns the `k` best
     /// (class, probability) pairs for each, best first. A model that raises, returns another shape
     /// than `[n, classes]` or a non-finite logit is an error, never a panic.
-    pub fn top_k(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Vec<(usize, f32)>>, String> {
+    fn ranked_top_k(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Vec<(usize, f32)>>, String> {
         let k = k.min(self.classes) as i64;
         let run = || tch::no_grad(|| self.ranked(data, n, k));
         let (scores, ids) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
@@ -105,6 +107,16 @@ impl Classifier {
     }
 
     fn ranked(&self, data: &[f32], n: usize, k: i64) -> Result<(Vec<f32>, Vec<i64>), String> {
+        let tch_err = |e: tch::TchError| first_line(&e.to_string());
+        let logits = self.checked_logits(data, n)?;
+        let (values, indices) = logits.f_softmax(-1, Kind::Float).and_then(|p| p.f_topk(k, -1, true, true)).map_err(tch_err)?;
+        let values = values.f_flatten(0, -1).and_then(|t| Vec::<f32>::try_from(t)).map_err(tch_err)?;
+        let indices = indices.f_flatten(0, -1).and_then(|t| Vec::<i64>::try_from(t)).map_err(tch_err)?;
+        Ok((values, indices))
+    }
+
+    /// The model's `[n, classes]` float logits for `n` NHWC images, checked for shape and finiteness.
+    fn checked_logits(&self, data: &[f32], n: usize) -> Result<Tensor, String> {
         let tch_err = |e: tch::TchError| first_line(&e.to_string());
         // NHWC data seen as NCHW: a channels-last tensor, no copy.
         let input = Tensor::f_from_slice(data)
@@ -122,10 +134,35 @@ impl Classifier {
         if finite == 0 {
             return Err("output has NaN or infinite values".into());
         }
-        let (values, indices) = logits.f_softmax(-1, Kind::Float).and_then(|p| p.f_topk(k, -1, true, true)).map_err(tch_err)?;
-        let values = values.f_flatten(0, -1).and_then(|t| Vec::<f32>::try_from(t)).map_err(tch_err)?;
-        let indices = indices.f_flatten(0, -1).and_then(|t| Vec::<i64>::try_from(t)).map_err(tch_err)?;
-        Ok((values, indices))
+        Ok(logits)
+    }
+}
+
+impl Backend for Classifier {
+    fn engine(&self) -> &'static str {
+        "libtorch"
+    }
+
+    fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn logits(&self, data: &[f32], n: usize) -> Result<Vec<f32>, Failure> {
+        let run = || {
+            tch::no_grad(|| {
+                let logits = self.checked_logits(data, n)?;
+                logits.f_flatten(0, -1).and_then(|t| Vec::<f32>::try_from(t)).map_err(|e| first_line(&e.to_string()))
+            })
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|p| format!("libtorch panicked: {}", panic_message(&*p)))
+            .and_then(|r| r)
+            .map_err(Failure::Model)
+    }
+
+    /// libtorch's own softmax and topk, so its scores and tie order stay what they always were.
+    fn top_k(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Vec<(usize, f32)>>, Failure> {
+        self.ranked_top_k(data, n, k).map_err(Failure::Model)
     }
 }
 

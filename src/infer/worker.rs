@@ -1,5 +1,5 @@
-//! Worker threads: each owns one `Classifier` and runs batches through it, while a helper thread of
-//! its own reads, decodes and resizes the next batch.
+//! Worker threads: each runs batches through the loaded model (a `Backend`: libtorch or ONNX Runtime),
+//! while a helper thread of its own reads, decodes and resizes the next batch.
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::layout::Layout;
+use super::backend::{Backend, Failure};
 use super::model::Classifier;
+use super::onnx::{self, OnnxModel};
 use crate::backoff::Backoff;
 use crate::error::panic_message;
 use crate::beneath::Beneath;
 use super::preprocess::Preprocessor;
 use super::{BatchDone, InferSettings, LiveSettings, Outcome, Prediction};
-use crate::config::WorkersConfig;
+use crate::config::{Engine, WorkersConfig};
 use crate::error::{Fatal, ImageError};
 use crate::health::{Health, Lifeline, Slot};
 use crate::metrics::{Metrics, Stage};
@@ -105,6 +107,7 @@ impl Workers {
         let s = live.get();
         tracing::info!(
             model = %s.model.name,
+            engine = s.model.engine.as_str(),
             path = %s.model.path.display(),
             precision = s.model.precision.as_str(),
             workers = cfg.count,
@@ -125,14 +128,15 @@ impl Workers {
 
 /// The model every worker runs, loaded once: TorchScript's forward may run on several threads at once,
 /// so the workers share one copy (half the memory of a copy each with two workers, and its weights are
-/// warm in the cache for whichever worker runs next). A worker that needs another model (a reload)
-/// loads it once for all; the old one goes when its last worker lets go.
+/// warm in the cache for whichever worker runs next); an ONNX model holds a session per worker inside
+/// it. A worker that needs another model (a reload) loads it once for all; the old one goes when its
+/// last worker lets go.
 #[derive(Clone, Default)]
-struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<Classifier>)>>>);
+struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<dyn Backend>)>>>);
 
 impl SharedModel {
     /// The loaded model for `s`, loading it if no worker holds it (the others wait meanwhile).
-    fn get(&self, s: &Arc<InferSettings>) -> Result<Arc<Classifier>, Fatal> {
+    fn get(&self, s: &Arc<InferSettings>) -> Result<Arc<dyn Backend>, Fatal> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((loaded, model)) = slot.as_ref() {
             if same_model(loaded, s) {
@@ -141,7 +145,7 @@ impl SharedModel {
                 }
             }
         }
-        let c = Arc::new(load(s)?);
+        let c = load(s)?;
         *slot = Some((s.clone(), Arc::downgrade(&c)));
         Ok(c)
     }
@@ -151,16 +155,36 @@ fn same_model(a: &InferSettings, b: &InferSettings) -> bool {
     !a.model.needs_reload(&b.model) && a.labels.len() == b.labels.len()
 }
 
-/// Loads the model `s` names, checked against its label count and warmed up for its batch size.
-pub fn load(s: &InferSettings) -> Result<Classifier, Fatal> {
-    let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
-    Classifier::load(&s.model.path, s.model.crop, s.labels.len(), s.max_batch, s.model.precision, passes)
+/// Loads the model `s` names with its engine, checked against its label count and warmed up for its
+/// batch size.
+pub fn load(s: &InferSettings) -> Result<Arc<dyn Backend>, Fatal> {
+    Ok(match s.model.engine {
+        Engine::Libtorch => {
+            let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
+            Arc::new(Classifier::load(&s.model.path, s.model.crop, s.labels.len(), s.max_batch, s.model.precision, passes)?)
+        }
+        Engine::OnnxRuntime => Arc::new(OnnxModel::load(onnx::Load {
+            path: &s.model.path,
+            crop: s.model.crop,
+            labels: s.labels.len(),
+            max_batch: s.max_batch,
+            sessions: s.workers,
+            threads: s.threads,
+        })?),
+    })
+}
+
+/// The load-time test, asked again when an image fails alone: one all-zero image must give one finite
+/// row of logits. Passing, the image was at fault; failing, the model is.
+fn probe(model: &dyn Backend, crop: u32) -> Result<(), Failure> {
+    let zeros = vec![0f32; 3 * (crop as usize) * (crop as usize)];
+    model.top_k(&zeros, 1, 1).map(drop)
 }
 
 struct Worker {
     /// The settings `classifier` was loaded for.
     settings: Arc<InferSettings>,
-    classifier: Arc<Classifier>,
+    classifier: Arc<dyn Backend>,
     shared: SharedModel,
     metrics: Metrics,
     slot: Arc<Slot>,
@@ -175,6 +199,21 @@ struct Worker {
 
 /// One image's ranked (class, probability) pairs, or why the model failed on it alone.
 type Ranked = Result<Vec<(usize, f32)>, String>;
+
+/// Why a batch has no results yet: the model fails (on its test input too, or cannot be loaded), or
+/// its compute is away. Either way nothing is recorded and the batch is tried again.
+enum Fault {
+    Model(String),
+    Unavailable(String),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Model(e) | Fault::Unavailable(e) => f.write_str(e),
+        }
+    }
+}
 
 /// Back-off while the model fails on its own test input: 0.5 s doubling to 30 s.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -290,7 +329,12 @@ impl Worker {
             threads = self.threads,
             "batch"
         );
-        Some(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: settings.model.min_score })
+        Some(BatchDone {
+            outcomes,
+            model: Arc::from(settings.model.name.as_str()),
+            engine: Some(self.classifier.engine()),
+            min_score: settings.model.min_score,
+        })
     }
 
     /// Ranks `n` images with the model `settings` name. While the model cannot be loaded or fails
@@ -315,7 +359,7 @@ impl Worker {
                 let layout = self.layout.clone();
                 let pass = layout.begin(self.queue.len());
                 self.use_threads(pass.threads);
-                self.use_settings(settings).and_then(|()| self.rank(data, n, settings.model.top_k))
+                self.use_settings(settings).map_err(Fault::Model).and_then(|()| self.rank(data, n, settings.model.top_k))
             };
             match ranked {
                 Ok(ranked) => {
@@ -327,15 +371,25 @@ impl Worker {
                 }
                 Err(e) => {
                     failed = true;
-                    self.health.set_model_failing(Some(e.clone()));
+                    self.health.set_model_failing(Some(e.to_string()));
                     let delay = backoff.failed(Instant::now());
-                    tracing::error!(
-                        thread = %self.name,
-                        images = n,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "the model cannot label anything ({e}): a fault of the model, not of the images; \
-                         no record is written and the batch is tried again"
-                    );
+                    let retry_in_ms = delay.as_millis() as u64;
+                    match e {
+                        Fault::Model(e) => tracing::error!(
+                            thread = %self.name,
+                            images = n,
+                            retry_in_ms,
+                            "the model cannot label anything ({e}): a fault of the model, not of the images; \
+                             no record is written and the batch is tried again"
+                        ),
+                        Fault::Unavailable(e) => tracing::error!(
+                            thread = %self.name,
+                            images = n,
+                            retry_in_ms,
+                            "the model's compute is unavailable ({e}): a fault, not of the images; \
+                             no record is written and the batch is tried again"
+                        ),
+                    }
                     if shutdown.wait_timeout(delay) {
                         return None;
                     }
@@ -347,17 +401,20 @@ impl Worker {
     /// Ranks `n` images; a batch the model fails on is split in halves until the images at fault
     /// are found, so their batch-mates are labelled. An image that fails alone is at fault only if
     /// the model still passes its test input; otherwise the model is (`Err`).
-    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, String> {
+    /// Compute that is away (`Failure::Unavailable`) says nothing about the images: no split, no probe.
+    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Fault> {
         match self.classifier.top_k(data, n, k) {
             Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
-            Err(e) if n == 1 => match self.classifier.probe() {
+            Err(Failure::Unavailable(e)) => Err(Fault::Unavailable(e)),
+            Err(Failure::Model(e)) if n == 1 => match probe(&*self.classifier, self.settings.model.crop) {
                 Ok(()) => {
                     tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
                     Ok(vec![Err(e)])
                 }
-                Err(probe) => Err(format!("{e}; on its test input: {probe}")),
+                Err(Failure::Unavailable(probe)) => Err(Fault::Unavailable(format!("{e}; on its test input: {probe}"))),
+                Err(Failure::Model(probe)) => Err(Fault::Model(format!("{e}; on its test input: {probe}"))),
             },
-            Err(e) => {
+            Err(Failure::Model(e)) => {
                 tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
                 let (half, per_image) = (n / 2, data.len() / n);
                 let mut ranked = self.rank(&data[..half * per_image], half, k)?;

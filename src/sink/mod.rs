@@ -53,6 +53,14 @@ pub struct Totals {
     pub errors: u64,
 }
 
+/// What made a batch's results, as its records name it.
+#[derive(Clone, Copy)]
+struct MadeBy<'a> {
+    model: &'a str,
+    engine: Option<&'static str>,
+    min_score: Option<f32>,
+}
+
 /// The parts of the config the sink uses; replaced as a whole on reload.
 #[derive(Debug, Clone)]
 pub struct OutputSettings {
@@ -333,7 +341,7 @@ impl Writer {
                     .into_iter()
                     .map(|job| Outcome { job, result: Err(ImageError::Hung { thread: thread.clone(), secs }), finished_at: now, thumb: None })
                     .collect();
-                self.accept(BatchDone { outcomes, model: Arc::from(self.model.as_str()), min_score: None });
+                self.accept(BatchDone { outcomes, model: Arc::from(self.model.as_str()), engine: None, min_score: None });
             }
         }
     }
@@ -359,8 +367,8 @@ impl Writer {
     }
 
     fn accept(&mut self, batch: BatchDone) {
-        let BatchDone { outcomes, model, min_score } = batch;
-        let made_by = (model.as_ref(), min_score);
+        let BatchDone { outcomes, model, engine, min_score } = batch;
+        let made_by = MadeBy { model: &model, engine, min_score };
         for o in outcomes {
             match &o.job.source {
                 // An HTTP upload's result goes back to its client only: no row, no sidecar.
@@ -391,9 +399,9 @@ impl Writer {
     }
 
     /// Counts a result in the metrics and the status page's recent list; returns its record.
-    fn count(&self, o: &Outcome, (model, min_score): (&str, Option<f32>)) -> Record {
+    fn count(&self, o: &Outcome, by: MadeBy) -> Record {
         let now = Instant::now();
-        let record = o.record(model, min_score, now);
+        let record = o.record(by.model, by.engine, by.min_score, now);
         self.metrics.image_done(record.status.as_str(), now.saturating_duration_since(o.job.ready_at));
         self.recent.push(record.clone(), o.thumb.clone());
         record
@@ -432,7 +440,7 @@ impl Writer {
     }
 
     /// Queues an inbox image's row and sidecar for writing, under the path the image has now.
-    fn keep(&mut self, o: Outcome, made_by: (&str, Option<f32>)) {
+    fn keep(&mut self, o: Outcome, made_by: MadeBy) {
         let found = o.job.path().map(Path::to_path_buf).unwrap_or_default();
         // A file that vanished before it was read, or since (deleted, or moved away: a file moved
         // within the inbox is queued again under its new path), gets no row and no sidecar.
