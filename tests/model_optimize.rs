@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use crate::common::*;
 use labeld::config::Precision;
+use labeld::infer::backend::Backend;
 use labeld::infer::model::Classifier;
 use labeld::infer::optimize::{Optimisation, PASSES};
 use labeld::infer::preprocess::normalize_into;

@@ -24,6 +24,7 @@ mod layout;
 mod lifecycle;
 mod model_optimize;
 mod mqtt;
+mod onnx;
 mod packaging;
 mod preprocess_golden;
 mod resilience;

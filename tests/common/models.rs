@@ -174,3 +174,57 @@ torch.jit.script(Scripted()).save(sys.argv[1])
 pub fn hanging_model(path: &Path) {
     scripted_channel_mean(path, "        m = x.mean()\n        while bool(m > 1.5):\n            m = m * 1.0");
 }
+
+/// ONNX test models, exported from tiny PyTorch modules with Debian's PyTorch (`torch.onnx.export`,
+/// opset 13; input "input", output "logits", a dynamic batch axis unless the kind says otherwise):
+/// - `channel_mean`: the channel-mean model (red → class 0, green → 1, blue → 2), NCHW;
+/// - `channel_mean_nhwc`: the same on `[N, 224, 224, 3]` input;
+/// - `shifted`: the channel-mean model with red → 7, green → 8, blue → 9;
+/// - `batch1`: the channel-mean model with its batch fixed at 1;
+/// - `nan_on_bright`: NaN logits for a bright image (mean of the normalized input above 1.5: white);
+/// - `fails_on_bright`: ONNX Runtime raises on a bright image (a Gather index out of bounds);
+/// - `output_rank3`: logits shaped `[N, 1000, 1]`;
+/// - `input_112`: input `[N, 3, 112, 112]`; `input_flat`: input `[N, 150528]`;
+/// - `ten_classes`: 10 logits per image.
+pub fn onnx_model(path: &Path, kind: &str) {
+    copy_to(&made_once(&format!("{kind}.onnx"), |file| export_onnx(file, kind)), path);
+}
+
+fn export_onnx(path: &Path, kind: &str) {
+    const SCRIPT: &str = r#"
+import sys, warnings, torch
+kind, out = sys.argv[1], sys.argv[2]
+def weights(classes, n=1000):
+    w = torch.zeros(3, n)
+    for c, k in enumerate(classes):
+        w[c, k] = 10.0
+    return w
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", weights([7, 8, 9] if kind == "shifted" else [0, 1, 2], 10 if kind == "ten_classes" else 1000))
+    def forward(self, x):
+        if kind == "channel_mean_nhwc":
+            return x.mean([1, 2]) @ self.w
+        if kind == "input_flat":
+            x = x.reshape(x.shape[0], 3, 224, 224)
+        y = x.mean([2, 3]) @ self.w
+        bright = (x.mean([1, 2, 3]) > 1.5).float().unsqueeze(1)
+        if kind == "nan_on_bright":
+            return y + torch.log(1.0 - bright * 2.0)
+        if kind == "fails_on_bright":
+            index = torch.arange(1000) + (bright.max() * 5000.0).long()
+            return torch.index_select(y, 1, index)
+        if kind == "output_rank3":
+            return y.unsqueeze(2)
+        return y
+shape = {"channel_mean_nhwc": (1, 224, 224, 3), "input_112": (1, 3, 112, 112), "input_flat": (1, 3 * 224 * 224)}.get(kind, (1, 3, 224, 224))
+axes = {} if kind == "batch1" else {"input": {0: "batch"}, "logits": {0: "batch"}}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.onnx.export(Model().eval(), torch.zeros(*shape), out, input_names=["input"], output_names=["logits"],
+                      dynamic_axes=axes, opset_version=13)
+"#;
+    let out = Command::new("/usr/bin/python3").args(["-c", SCRIPT, kind]).arg(path).output().expect("run /usr/bin/python3");
+    assert!(out.status.success(), "cannot export the {kind} ONNX model: {}", String::from_utf8_lossy(&out.stderr));
+}
