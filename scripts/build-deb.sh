@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds target/deb/labeld_<version>_amd64.deb from the release binary, the libtorch libraries it
-# links (private, in /usr/lib/labeld/lib, found through the binary's RUNPATH), the exported model,
+# links (private, in /usr/lib/labeld/lib, found through the binary's RUNPATH) and ONNX Runtime's
+# library beside them (loaded at run time for ONNX models), the exported model,
 # the systemd unit, sysusers/tmpfiles entries, /etc/labeld/labeld.toml and /etc/logrotate.d/labeld
 # (conffiles), the man pages labeld(8) and labeld.toml(5), and the docs in /usr/share/doc/labeld.
 #
@@ -44,6 +45,11 @@ TORCH_LIB=$(readelf -d "$BIN" | sed -n 's/.*R\(UN\)\?PATH.*\[\(.*\)\]/\2/p' | tr
 ldd "$BIN" | awk -v dir="$TORCH_LIB/" 'index($3, dir) == 1 {print $1, $3}' | while read -r name path; do
     install -m 0644 "$(readlink -f "$path")" "$ROOT$LIBDIR/$name"
 done
+# ONNX Runtime (scripts/setup-onnxruntime.sh), loaded at run time only for an ONNX model: labeld looks
+# for it beside libtorch, under this name.
+ORT_LIB="${LABELD_ONNXRUNTIME:-$PWD/.deps/onnxruntime/lib/libonnxruntime.so}"
+[[ -f $ORT_LIB ]] || { echo "build-deb: no ONNX Runtime library at $ORT_LIB; run scripts/setup-onnxruntime.sh" >&2; exit 1; }
+install -m 0644 "$(readlink -f "$ORT_LIB")" "$ROOT$LIBDIR/libonnxruntime.so"
 # What the copied libraries need besides each other must come from Debian (checked below).
 for lib in "$ROOT$LIBDIR"/*.so*; do
     # Linking and loading read only the dynamic symbol table.

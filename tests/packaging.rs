@@ -123,6 +123,25 @@ fn the_deb_unpacks_to_a_binary_that_finds_its_libtorch_through_the_rpath_and_cla
     assert_eq!(r["status"], "ok");
     assert_eq!(r["top"][0]["label"], "espresso", "{r}");
 
+    // An ONNX model runs through the ONNX Runtime the package ships beside libtorch.
+    let onnx = std::fs::canonicalize(Path::new(ROOT).join("models/default.pt")).unwrap().with_extension("onnx");
+    let out = Command::new(&bin)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("LABELD_ONNXRUNTIME")
+        .env("LABELD_LOG", "info")
+        .current_dir(out_dir.path())
+        .args(["classify", "--model"])
+        .arg(&onnx)
+        .arg(&photo)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(root.join("usr/lib/labeld/lib/libonnxruntime.so").is_file());
+    assert!(log.contains(&format!("library={}/usr/lib/labeld/lib/libonnxruntime.so", root.display())), "{log}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&r["engine"], &r["top"][0]["label"]), (&serde_json::json!("onnxruntime"), &serde_json::json!("espresso")), "{r}");
+
     verify_unit(&root.join("lib/systemd/system/labeld.service"), &bin, out_dir.path());
     the_man_pages_and_docs_are_in(&root);
 }
