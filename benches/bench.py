@@ -4,7 +4,8 @@
 One markdown table per model (ResNet-18 with random weights as a plain trace, EfficientNet-Lite0 with its
 ImageNet weights), each headed by date, CPU, cores, model and command. Rows: the Python reference (PIL +
 torchvision + PyTorch, batch 1), onnxruntime (same preprocessing, ONNX copy of the model), labeld fp32 and
-bf16 with the shipped config/labeld.toml (only model path, precision, inbox and CSV replaced), and
+bf16 with the shipped config/labeld.toml (only model path, precision, inbox and CSV replaced), labeld with
+the ONNX copy through its ONNX Runtime backend (fp32), and
 labeld with scaled JPEG decode (--no-scaled skips those). Columns: images/s and the ratio to both Python rows, per-stage ms
 per image, top-1/top-3 agreement with the reference and with labeld fp32, p50/p99 latency from file ready
 to sidecar at --rate images/s into a running daemon, and peak RSS.
@@ -132,12 +133,14 @@ def workers_summary():
     return "`[workers]` " + ", ".join(f"{k} = {toml_value(v)}" for k, v in w.items())
 
 
-def run_labeld(src, tmp, name, model, precision, scaled=False):
+def run_labeld(src, tmp, name, model, precision, scaled=False, onnx=False):
+    """labeld run --once on a copy of `src`: the TorchScript file through libtorch, or with `onnx` the ONNX
+    copy through ONNX Runtime."""
     inbox = os.path.join(tmp, name)
     shutil.copytree(src, inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
     conf = os.path.join(tmp, f"{name}.toml")
-    labeld_config(conf, model.torchscript, precision, inbox, csv_path, scaled)
+    labeld_config(conf, model.onnx if onnx else model.torchscript, precision, inbox, csv_path, scaled)
     _, err, rss = timed([BIN, "run", "--once", "--config", conf])
     ips = re.search(r'images_per_s="?([0-9.]+)', err)
     if not ips:
@@ -307,6 +310,8 @@ def bench_model(model, args, hd, big, tmp):
                (f"onnxruntime (same preprocessing, batch 1, {t} threads)", ort)]
     fp32 = attempt("labeld fp32", run_labeld, hd, tmp, "fp32", model, "fp32")
     results += [("labeld fp32", fp32), ("labeld bf16", attempt("labeld bf16", run_labeld, hd, tmp, "bf16", model, "bf16"))]
+    results.append(("labeld ONNX Runtime (fp32, the ONNX copy)",
+                    attempt("labeld onnxruntime", run_labeld, hd, tmp, "onnx", model, "fp32", onnx=True)))
     if args.scaled:
         for p in ("fp32", "bf16"):
             results.append((f"labeld {p} + scaled JPEG decode",
