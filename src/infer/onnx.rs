@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn nhwc_becomes_nchw_image_by_image() {
-        // Two 1×2 "images" (crop 1 is not square here; use crop = 1 with two images of one pixel each).
+        // Two images of one pixel each.
         let data = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let mut out = vec![9.0; 100];
         to_nchw(&data, 2, 1, &mut out);

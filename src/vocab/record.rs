@@ -11,8 +11,8 @@ pub struct Record {
     /// RFC 3339, UTC.
     pub time: String,
     pub model: String,
-    /// What ran the model ("libtorch", "onnxruntime"); in sidecars, messages and `classify` output,
-    /// not in the CSV log (absent in records read back from it, and in sidecars written before it).
+    /// What ran the model ("libtorch", "onnxruntime"): in sidecars, `classify` output and upload
+    /// replies; not a CSV column, so absent from records read back from the log (and MQTT messages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
     pub status: Status,
