@@ -200,21 +200,6 @@ struct Worker {
 /// One image's ranked (class, probability) pairs, or why the model failed on it alone.
 type Ranked = Result<Vec<(usize, f32)>, String>;
 
-/// Why a batch has no results yet: the model fails (on its test input too, or cannot be loaded), or
-/// its compute is away. Either way nothing is recorded and the batch is tried again.
-enum Fault {
-    Model(String),
-    Unavailable(String),
-}
-
-impl std::fmt::Display for Fault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Fault::Model(e) | Fault::Unavailable(e) => f.write_str(e),
-        }
-    }
-}
-
 /// Back-off while the model fails on its own test input: 0.5 s doubling to 30 s.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -359,7 +344,7 @@ impl Worker {
                 let layout = self.layout.clone();
                 let pass = layout.begin(self.queue.len());
                 self.use_threads(pass.threads);
-                self.use_settings(settings).map_err(Fault::Model).and_then(|()| self.rank(data, n, settings.model.top_k))
+                self.use_settings(settings).map_err(Failure::Model).and_then(|()| self.rank(data, n, settings.model.top_k))
             };
             match ranked {
                 Ok(ranked) => {
@@ -375,14 +360,14 @@ impl Worker {
                     let delay = backoff.failed(Instant::now());
                     let retry_in_ms = delay.as_millis() as u64;
                     match e {
-                        Fault::Model(e) => tracing::error!(
+                        Failure::Model(e) => tracing::error!(
                             thread = %self.name,
                             images = n,
                             retry_in_ms,
                             "the model cannot label anything ({e}): a fault of the model, not of the images; \
                              no record is written and the batch is tried again"
                         ),
-                        Fault::Unavailable(e) => tracing::error!(
+                        Failure::Unavailable(e) => tracing::error!(
                             thread = %self.name,
                             images = n,
                             retry_in_ms,
@@ -402,17 +387,17 @@ impl Worker {
     /// are found, so their batch-mates are labelled. An image that fails alone is at fault only if
     /// the model still passes its test input; otherwise the model is (`Err`).
     /// Compute that is away (`Failure::Unavailable`) says nothing about the images: no split, no probe.
-    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Fault> {
+    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
         match self.classifier.top_k(data, n, k) {
             Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
-            Err(Failure::Unavailable(e)) => Err(Fault::Unavailable(e)),
+            Err(away @ Failure::Unavailable(_)) => Err(away),
             Err(Failure::Model(e)) if n == 1 => match probe(&*self.classifier, self.settings.model.crop) {
                 Ok(()) => {
                     tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
                     Ok(vec![Err(e)])
                 }
-                Err(Failure::Unavailable(probe)) => Err(Fault::Unavailable(format!("{e}; on its test input: {probe}"))),
-                Err(Failure::Model(probe)) => Err(Fault::Model(format!("{e}; on its test input: {probe}"))),
+                Err(Failure::Unavailable(probe)) => Err(Failure::Unavailable(format!("{e}; on its test input: {probe}"))),
+                Err(Failure::Model(probe)) => Err(Failure::Model(format!("{e}; on its test input: {probe}"))),
             },
             Err(Failure::Model(e)) => {
                 tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
