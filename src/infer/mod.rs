@@ -7,13 +7,14 @@ pub mod layout;
 pub mod model;
 pub mod optimize;
 pub mod preprocess;
+pub mod remote;
 pub mod resample;
 pub mod worker;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{ModelConfig, Preprocess};
+use crate::config::{ModelConfig, Preprocess, RemoteConfig};
 use crate::error::ImageError;
 use crate::job::Job;
 use crate::vocab::record::{self, Record, Status, Top};
@@ -37,6 +38,8 @@ pub struct Outcome {
     pub finished_at: Instant,
     /// A small JPEG of the crop the model saw (only when the status page is on).
     pub thumb: Option<Vec<u8>>,
+    /// What computed the result ("libtorch", "remote"); `None` for results no model made.
+    pub engine: Option<&'static str>,
 }
 
 impl Outcome {
@@ -74,6 +77,7 @@ impl Outcome {
             path,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             model: model.to_string(),
+            engine: o.engine.filter(|_| o.result.is_ok()).map(str::to_string),
             status,
             top,
             confident,
@@ -108,6 +112,8 @@ pub struct InferSettings {
     pub thumbnails: bool,
     /// The inbox roots: files are read beneath the one they lie in, never through a link.
     pub inboxes: Vec<std::path::PathBuf>,
+    /// Label on model servers (`[remote]`) rather than with `model` (then only the local fallback).
+    pub remote: Option<RemoteConfig>,
 }
 
 /// The settings in force now, shared by every worker.

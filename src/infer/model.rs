@@ -5,6 +5,7 @@ use std::path::Path;
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::config::Precision;
+use super::backend::{Backend, Failure};
 use crate::error::{Fatal, first_line, panic_message};
 use crate::infer::optimize::{self, Optimisation, Passes};
 
@@ -106,6 +107,16 @@ impl Classifier {
 
     fn ranked(&self, data: &[f32], n: usize, k: i64) -> Result<(Vec<f32>, Vec<i64>), String> {
         let tch_err = |e: tch::TchError| first_line(&e.to_string());
+        let logits = self.forward(data, n)?;
+        let (values, indices) = logits.f_softmax(-1, Kind::Float).and_then(|p| p.f_topk(k, -1, true, true)).map_err(tch_err)?;
+        let values = values.f_flatten(0, -1).and_then(|t| Vec::<f32>::try_from(t)).map_err(tch_err)?;
+        let indices = indices.f_flatten(0, -1).and_then(|t| Vec::<i64>::try_from(t)).map_err(tch_err)?;
+        Ok((values, indices))
+    }
+
+    /// The `[n, classes]` fp32 logits of `n` images, checked for shape and finiteness.
+    fn forward(&self, data: &[f32], n: usize) -> Result<Tensor, String> {
+        let tch_err = |e: tch::TchError| first_line(&e.to_string());
         // NHWC data seen as NCHW: a channels-last tensor, no copy.
         let input = Tensor::f_from_slice(data)
             .and_then(|t| t.f_view([n as i64, self.crop, self.crop, 3]))
@@ -122,10 +133,30 @@ impl Classifier {
         if finite == 0 {
             return Err("output has NaN or infinite values".into());
         }
-        let (values, indices) = logits.f_softmax(-1, Kind::Float).and_then(|p| p.f_topk(k, -1, true, true)).map_err(tch_err)?;
-        let values = values.f_flatten(0, -1).and_then(|t| Vec::<f32>::try_from(t)).map_err(tch_err)?;
-        let indices = indices.f_flatten(0, -1).and_then(|t| Vec::<i64>::try_from(t)).map_err(tch_err)?;
-        Ok((values, indices))
+        Ok(logits)
+    }
+}
+
+impl Backend for Classifier {
+    fn engine(&self) -> &'static str {
+        "libtorch"
+    }
+
+    fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn logits(&self, data: &[f32], n: usize) -> Result<Vec<f32>, Failure> {
+        let run = || tch::no_grad(|| self.forward(data, n)?.f_flatten(0, -1).and_then(Vec::<f32>::try_from).map_err(|e| first_line(&e.to_string())));
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|p| format!("libtorch panicked: {}", panic_message(&*p)))
+            .and_then(|r| r)
+            .map_err(Failure::Model)
+    }
+
+    /// libtorch's own softmax and top-k, as labeld has always ranked.
+    fn top_k(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Vec<(usize, f32)>>, Failure> {
+        Classifier::top_k(self, data, n, k).map_err(Failure::Model)
     }
 }
 

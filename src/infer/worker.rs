@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::layout::Layout;
+use super::backend::{Backend, Failure};
 use super::model::Classifier;
+use super::remote::RemoteModel;
 use crate::backoff::Backoff;
 use crate::error::panic_message;
 use crate::beneath::Beneath;
@@ -65,7 +67,7 @@ impl Workers {
                     let line = health.lifeline(format!("infer-{i}"), &shutdown);
                     super::layout::set_threads(layout.share());
                     let settings = live.get();
-                    let classifier = match shared.get(&settings) {
+                    let classifier = match shared.get(&settings, &metrics) {
                         Ok(c) => {
                             let _ = ready_tx.send(Ok(()));
                             c
@@ -128,11 +130,11 @@ impl Workers {
 /// warm in the cache for whichever worker runs next). A worker that needs another model (a reload)
 /// loads it once for all; the old one goes when its last worker lets go.
 #[derive(Clone, Default)]
-struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<Classifier>)>>>);
+struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<Loaded>)>>>);
 
 impl SharedModel {
     /// The loaded model for `s`, loading it if no worker holds it (the others wait meanwhile).
-    fn get(&self, s: &Arc<InferSettings>) -> Result<Arc<Classifier>, Fatal> {
+    fn get(&self, s: &Arc<InferSettings>, metrics: &Metrics) -> Result<Arc<Loaded>, Fatal> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((loaded, model)) = slot.as_ref() {
             if same_model(loaded, s) {
@@ -141,26 +143,44 @@ impl SharedModel {
                 }
             }
         }
-        let c = Arc::new(load(s)?);
+        let c = Arc::new(load(s, metrics)?);
         *slot = Some((s.clone(), Arc::downgrade(&c)));
         Ok(c)
     }
 }
 
 fn same_model(a: &InferSettings, b: &InferSettings) -> bool {
-    !a.model.needs_reload(&b.model) && a.labels.len() == b.labels.len()
+    !a.model.needs_reload(&b.model) && a.labels.len() == b.labels.len() && a.remote == b.remote
 }
 
-/// Loads the model `s` names, checked against its label count and warmed up for its batch size.
-pub fn load(s: &InferSettings) -> Result<Classifier, Fatal> {
-    let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
-    Classifier::load(&s.model.path, s.model.crop, s.labels.len(), s.max_batch, s.model.precision, passes)
+/// The model the workers run, and with `[remote] fallback = "local"` the local one that labels while
+/// no model server answers. Each with the model name its rows carry.
+pub struct Loaded {
+    backend: Arc<dyn Backend>,
+    name: String,
+    fallback: Option<(Arc<dyn Backend>, String)>,
+}
+
+/// Loads the model `s` names (on the model servers of `[remote]`, if set), checked against its label
+/// count and warmed up for its batch size.
+pub fn load(s: &InferSettings, metrics: &Metrics) -> Result<Loaded, Fatal> {
+    let local = || -> Result<Arc<dyn Backend>, Fatal> {
+        let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
+        Ok(Arc::new(Classifier::load(&s.model.path, s.model.crop, s.labels.len(), s.max_batch, s.model.precision, passes)?))
+    };
+    let Some(remote) = &s.remote else { return Ok(Loaded { backend: local()?, name: s.model.name.clone(), fallback: None }) };
+    let fallback = match remote.fallback {
+        crate::config::Fallback::Local => Some((local()?, s.model.name.clone())),
+        crate::config::Fallback::None => None,
+    };
+    let backend = Arc::new(RemoteModel::connect(remote, s.model.crop, s.labels.len(), metrics)?);
+    Ok(Loaded { backend, name: remote.model_name(), fallback })
 }
 
 struct Worker {
     /// The settings `classifier` was loaded for.
     settings: Arc<InferSettings>,
-    classifier: Arc<Classifier>,
+    classifier: Arc<Loaded>,
     shared: SharedModel,
     metrics: Metrics,
     slot: Arc<Slot>,
@@ -234,7 +254,7 @@ impl Worker {
         }
         if !same_model(&self.settings, s) {
             let started = Instant::now();
-            let c = self.shared.get(s).map_err(|e| e.to_string())?;
+            let c = self.shared.get(s, &self.metrics).map_err(|e| e.to_string())?;
             self.classifier = c;
             tracing::info!(model = %s.model.name, ms = started.elapsed().as_millis() as u64, "worker switched model");
         }
@@ -256,9 +276,11 @@ impl Worker {
         let Prepared { settings, files, data, mut results, thumbs, prep_ms } = batch;
         let n_ok = results.iter().filter(|r| r.is_none()).count();
         let infer_started = Instant::now();
+        let (mut engine, mut model) = (None, Arc::from(settings.model.name.as_str()));
         if n_ok > 0 {
-            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = self
-                .rank_until_the_model_works(&settings, &files, &data, n_ok, shutdown)?
+            let (ranked, by) = self.rank_until_the_model_works(&settings, &files, &data, n_ok, shutdown)?;
+            (engine, model) = (Some(by.0), Arc::from(by.1.as_str()));
+            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = ranked
                 .into_iter()
                 .map(|r| r.map(|top| predictions(&settings, top)).map_err(ImageError::ModelRejected))
                 .collect();
@@ -280,6 +302,7 @@ impl Worker {
                 result: r.unwrap_or_else(|| Err(ImageError::Inference("no result".into()))),
                 finished_at,
                 thumb,
+                engine,
             })
             .collect();
         tracing::debug!(
@@ -290,13 +313,14 @@ impl Worker {
             threads = self.threads,
             "batch"
         );
-        Some(BatchDone { outcomes, model: Arc::from(settings.model.name.as_str()), min_score: settings.model.min_score })
+        Some(BatchDone { outcomes, model, min_score: settings.model.min_score })
     }
 
     /// Ranks `n` images with the model `settings` name. While the model cannot be loaded or fails
     /// even on its test input (a fault of the model, not of the images) nothing is recorded: /readyz
     /// says "model failing" and the batch is tried again after a back-off, until it works or
     /// shutdown (`None`). Invariant I8 (docs/design.md): only a verdict about the image is recorded.
+    /// Also returns the engine that ranked and the model name the rows carry.
     fn rank_until_the_model_works(
         &mut self,
         settings: &Arc<InferSettings>,
@@ -304,7 +328,7 @@ impl Worker {
         data: &[f32],
         n: usize,
         shutdown: &Shutdown,
-    ) -> Option<Vec<Ranked>> {
+    ) -> Option<(Vec<Ranked>, (&'static str, String))> {
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut failed = false;
         let slot = self.slot.clone();
@@ -315,7 +339,17 @@ impl Worker {
                 let layout = self.layout.clone();
                 let pass = layout.begin(self.queue.len());
                 self.use_threads(pass.threads);
-                self.use_settings(settings).and_then(|()| self.rank(data, n, settings.model.top_k))
+                let (crop, k) = (settings.model.crop, settings.model.top_k);
+                self.use_settings(settings).map_err(Failure::Model).and_then(|()| {
+                    let m = &self.classifier;
+                    match (rank(&*m.backend, crop, data, n, k), &m.fallback) {
+                        // No model server answers: the local model labels meanwhile.
+                        (Err(Failure::Unavailable(_)), Some((local, name))) => {
+                            rank(&**local, crop, data, n, k).map(|r| (r, (local.engine(), name.clone())))
+                        }
+                        (r, _) => r.map(|r| (r, (m.backend.engine(), m.name.clone()))),
+                    }
+                })
             };
             match ranked {
                 Ok(ranked) => {
@@ -325,7 +359,21 @@ impl Worker {
                     }
                     return Some(ranked);
                 }
-                Err(e) => {
+                Err(Failure::Unavailable(e)) => {
+                    failed = true;
+                    self.health.set_model_failing(Some(e.clone()));
+                    let delay = backoff.failed(Instant::now());
+                    tracing::warn!(
+                        thread = %self.name,
+                        images = n,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "{e}: a fault, not the images'; no record is written and the batch is tried again"
+                    );
+                    if shutdown.wait_timeout(delay) {
+                        return None;
+                    }
+                }
+                Err(Failure::Model(e)) => {
                     failed = true;
                     self.health.set_model_failing(Some(e.clone()));
                     let delay = backoff.failed(Instant::now());
@@ -344,26 +392,30 @@ impl Worker {
         }
     }
 
-    /// Ranks `n` images; a batch the model fails on is split in halves until the images at fault
-    /// are found, so their batch-mates are labelled. An image that fails alone is at fault only if
-    /// the model still passes its test input; otherwise the model is (`Err`).
-    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, String> {
-        match self.classifier.top_k(data, n, k) {
-            Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
-            Err(e) if n == 1 => match self.classifier.probe() {
-                Ok(()) => {
-                    tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
-                    Ok(vec![Err(e)])
-                }
-                Err(probe) => Err(format!("{e}; on its test input: {probe}")),
-            },
-            Err(e) => {
-                tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
-                let (half, per_image) = (n / 2, data.len() / n);
-                let mut ranked = self.rank(&data[..half * per_image], half, k)?;
-                ranked.extend(self.rank(&data[half * per_image..], n - half, k)?);
-                Ok(ranked)
+}
+
+/// Ranks `n` images of `crop`×`crop`; a batch the model fails on is split in halves until the images
+/// at fault are found, so their batch-mates are labelled. An image that fails alone is at fault only
+/// if the model still passes its test input (all zeros); otherwise the model is (`Err`). Unavailable
+/// compute is never split: no image is at fault.
+fn rank(model: &dyn Backend, crop: u32, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
+    match model.top_k(data, n, k) {
+        Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
+        Err(Failure::Unavailable(e)) => Err(Failure::Unavailable(e)),
+        Err(Failure::Model(e)) if n == 1 => match model.top_k(&vec![0f32; 3 * (crop * crop) as usize], 1, 1) {
+            Ok(_) => {
+                tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
+                Ok(vec![Err(e)])
             }
+            Err(Failure::Model(probe)) => Err(Failure::Model(format!("{e}; on its test input: {probe}"))),
+            Err(unavailable) => Err(unavailable),
+        },
+        Err(Failure::Model(e)) => {
+            tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
+            let (half, per_image) = (n / 2, data.len() / n);
+            let mut ranked = rank(model, crop, &data[..half * per_image], half, k)?;
+            ranked.extend(rank(model, crop, &data[half * per_image..], n - half, k)?);
+            Ok(ranked)
         }
     }
 }

@@ -155,6 +155,7 @@ mod tests {
             path: path.into(),
             time: "2026-11-29T06:00:00.000Z".into(),
             model: "resnet18".into(),
+            engine: None,
             status: Status::Ok,
             top: Some(vec![Top { rank: 1, class_id: 285, label: "Egyptian cat/kitty+".into(), label_en: None, score: 0.75 }]),
             confident: None,

@@ -595,6 +595,7 @@ mod tests {
             path: format!("/in/{i}, \"x\".jpg"),
             time: "2026-11-29T06:00:00.000Z".into(),
             model: "m".into(),
+            engine: None,
             status: Status::Ok,
             top: Some(vec![Top { rank: 1, class_id: i % 1000, label: "cock".into(), label_en: None, score: 0.5 }]),
             confident: None,

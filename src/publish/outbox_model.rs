@@ -46,6 +46,7 @@ fn rec(id: usize) -> Record {
         path: format!("/in/{id}.jpg"),
         time: "2026-11-29T06:00:00.000Z".into(),
         model: "m".into(),
+        engine: None,
         status: Status::Ok,
         top: Some(vec![Top { rank: 1, class_id: id % 1000, label: "x".into(), label_en: None, score: 0.5 }]),
         confident: None,

@@ -331,7 +331,7 @@ impl Writer {
                 let now = Instant::now();
                 let outcomes = jobs
                     .into_iter()
-                    .map(|job| Outcome { job, result: Err(ImageError::Hung { thread: thread.clone(), secs }), finished_at: now, thumb: None })
+                    .map(|job| Outcome { job, result: Err(ImageError::Hung { thread: thread.clone(), secs }), finished_at: now, thumb: None, engine: None })
                     .collect();
                 self.accept(BatchDone { outcomes, model: Arc::from(self.model.as_str()), min_score: None });
             }

@@ -234,6 +234,7 @@ mod tests {
             path: path.into(),
             time: "2026-01-01T00:00:00.000Z".into(),
             model: "m".into(),
+            engine: None,
             status: Status::Ok,
             top: Some(vec![Top { rank: 1, class_id: 7, label: "cock, \"rooster\"".into(), label_en: None, score: 0.5 }]),
             confident: None,

@@ -11,6 +11,10 @@ pub struct Record {
     /// RFC 3339, UTC.
     pub time: String,
     pub model: String,
+    /// What computed the labels: "libtorch", "onnxruntime" or "remote" (a model server). Absent in
+    /// records written before it was recorded, and in error records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top: Option<Vec<Top>>,
@@ -62,6 +66,7 @@ impl Record {
             path: "/in/a.jpg".into(),
             time: "2026-01-01T00:00:00.000Z".into(),
             model: "m".into(),
+            engine: None,
             status: Status::Ok,
             top: Some(vec![Top { rank: 1, class_id: 0, label: "tench".into(), label_en: None, score: 0.5 }]),
             confident: None,

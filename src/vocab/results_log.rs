@@ -121,6 +121,8 @@ pub fn parse_row(c: Columns, row: &csv::StringRecord) -> Option<Record> {
         latency_ms: row.get(tail)?.parse().ok()?,
         error,
         model: row.get(tail + 2)?.to_string(),
+        // Sidecars say; the CSV's model column names the model that ran.
+        engine: None,
         file,
     })
 }
