@@ -151,7 +151,10 @@ impl RemoteModel {
         let mut answered = 0;
         for s in &model.servers {
             match model.runtime.block_on(model.check(s)) {
-                Ok(_) => answered += 1,
+                Ok(_) => {
+                    answered += 1;
+                    model.mark(s, Ok(()));
+                }
                 Err(Trouble::Mismatch(why)) => {
                     return Err(fatal(format!("server {} model \"{}\" does not fit: {why}", s.url, model.model)));
                 }
@@ -299,7 +302,7 @@ impl Backend for RemoteModel {
             let s = &self.servers[i];
             s.outstanding.fetch_add(1, Ordering::SeqCst);
             // The per-call timeout bounds each call; this bounds the metadata calls before it too.
-            let call = tokio::time::timeout(self.timeout * 2, self.infer(s, data, n));
+            let call = async { tokio::time::timeout(self.timeout * 2, self.infer(s, data, n)).await };
             let result = self.runtime.block_on(call).unwrap_or_else(|_| Err(Trouble::Down(format!("no answer within {} ms", self.timeout.as_millis() * 2))));
             s.outstanding.fetch_sub(1, Ordering::SeqCst);
             match result {
