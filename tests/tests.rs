@@ -26,6 +26,7 @@ mod model_optimize;
 mod mqtt;
 mod packaging;
 mod preprocess_golden;
+mod remote;
 mod resilience;
 mod retention;
 mod service;

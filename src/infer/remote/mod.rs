@@ -43,7 +43,9 @@ pub struct RemoteModel {
     servers: Vec<Server>,
     model: String,
     version: String,
-    token: Option<(MetadataValue<Ascii>, PathBuf)>,
+    /// The bearer token and its file; read again after a refusal, so a fixed file is used without
+    /// waiting for a batch that started before the reload.
+    token: Option<(Mutex<MetadataValue<Ascii>>, PathBuf)>,
     timeout: Duration,
     crop: u32,
     classes: usize,
@@ -132,9 +134,8 @@ impl RemoteModel {
         let token = match &cfg.token {
             None => None,
             Some((secret, path)) => {
-                let value = MetadataValue::try_from(format!("Bearer {}", secret.0))
-                    .map_err(|_| fatal(format!("the token in {} cannot be sent as a header", path.display())))?;
-                Some((value, path.clone()))
+                let value = bearer(&secret.0).ok_or_else(|| fatal(format!("the token in {} cannot be sent as a header", path.display())))?;
+                Some((Mutex::new(value), path.clone()))
             }
         };
         let model = RemoteModel {
@@ -196,7 +197,7 @@ impl RemoteModel {
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Some((token, _)) = &self.token {
-            r.metadata_mut().insert("authorization", token.clone());
+            r.metadata_mut().insert("authorization", token.lock().unwrap_or_else(|e| e.into_inner()).clone());
         }
         r
     }
@@ -237,6 +238,13 @@ impl RemoteModel {
                 st.up = Some(true);
             }
             Err(t) => {
+                if let (Trouble::Refused(_), Some((token, path))) = (&t, &self.token) {
+                    // The same one line as at start (config::remote): the token, without a newline.
+                    let fresh = std::fs::read_to_string(path).ok().and_then(|text| bearer(text.lines().next().unwrap_or_default().trim()));
+                    if let Some(fresh) = fresh {
+                        *token.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                    }
+                }
                 let retry_in = st.backoff.failed(Instant::now());
                 // Read again when it answers: the model may have been replaced meanwhile.
                 st.signature = None;
@@ -247,7 +255,7 @@ impl RemoteModel {
                             let file = self.token.as_ref().map(|(_, p)| p.display().to_string());
                             let file = file.unwrap_or_else(|| "(none set: [remote] token_file)".into());
                             tracing::error!(server = %s.url, token_file = %file, retry_in_ms,
-                                "model server refuses labeld's credentials ({why}): check the token in {file} (or the client certificate); a fault, nothing is recorded for the images");
+                                "model server refuses labeld's credentials ({why}): check the token in {file} (or the client certificate; read again at each retry); a fault, nothing is recorded for the images");
                         }
                         Trouble::Mismatch(why) => tracing::error!(server = %s.url, model = %self.model, retry_in_ms,
                             "the model on this server no longer fits: {why}; not used until it does"),
@@ -329,6 +337,14 @@ fn trouble(status: &Status) -> Trouble {
         Code::Unauthenticated | Code::PermissionDenied => Trouble::Refused(why),
         _ => Trouble::Down(why),
     }
+}
+
+/// `Bearer <token>` as a header value; `None` for an empty token or one a header cannot carry.
+fn bearer(token: &str) -> Option<MetadataValue<Ascii>> {
+    if token.is_empty() {
+        return None;
+    }
+    MetadataValue::try_from(format!("Bearer {token}")).ok()
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {

@@ -31,8 +31,10 @@ class Forward(grpc.GenericRpcHandler):
         def handle(request, context):
             if token is not None and dict(context.invocation_metadata()).get("authorization") != f"Bearer {token}":
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            # No deadline from the client shows as ~2^63 s, which the upstream call cannot take.
+            remaining = context.time_remaining()
             try:
-                return call(request, timeout=context.time_remaining())
+                return call(request, timeout=remaining if remaining < 3600 else None)
             except grpc.RpcError as e:
                 context.abort(e.code(), e.details())
 
