@@ -39,7 +39,10 @@ pub fn check(meta: &ModelMetadataResponse, crop: u32, classes: usize) -> Result<
     let layout = match input.shape.as_slice() {
         [b, 3, h, w] if fits(*b, -1) && fits(*h, c) && fits(*w, c) => Layout::Nchw,
         [b, h, w, 3] if fits(*b, -1) && fits(*h, c) && fits(*w, c) => Layout::Nhwc,
-        _ => return Err(format!("{sends}; the server's input \"{}\" is {} (a batch dimension of -1 is needed)", input.name, shape(input))),
+        dims => {
+            let hint = if dims.first().is_some_and(|b| *b != -1) { " (a batch dimension of -1 is needed)" } else { "" };
+            return Err(format!("{sends}; the server's input \"{}\" is {}{hint}", input.name, shape(input)));
+        }
     };
     let Some(output) = meta.outputs.first() else {
         return Err("labeld expects one output of logits; the server's model has none".into());
