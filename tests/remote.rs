@@ -125,9 +125,7 @@ fn a_server_killed_mid_stream_loses_nothing_labels_nothing_twice_and_labelling_r
     let mut server = ModelServer::start(&[Hosted::imagenet("channel_mean", &channel_mean_onnx())]);
     let s = Setup::new("channel_mean", &remote_section(&[server.url()], ""));
     let d = s.spawn_daemon();
-    // 600 images in all: on this 2-core box MLServer, labeld and the writer share the CPU; 1,000 take
-    // the test past two minutes with no more to learn.
-    let total = 600;
+    let total = 1000;
     let mut images = Vec::new();
     let writer = {
         let inbox = s.inbox.clone();
