@@ -104,8 +104,9 @@ def main():
         print(f"| local libtorch | {local['images_per_s']:.1f} | {local['inference_ms_per_image']:.1f} | 0 |")
         print(f"| remote (gRPC, loopback) | {remote['images_per_s']:.1f} | {remote['inference_ms_per_image']:.1f} | "
               f"{tensor:,} up + {1000 * 4:,} down (raw FP32; gRPC/HTTP/2 framing adds < 0.1%) |")
-        added = (remote["inference_ms_per_image"] - local["inference_ms_per_image"]) * a.batch
-        print(f"added time per batch of {a.batch}: {added:.0f} ms (server compute + encode + loopback round trip)")
+        per_batch = lambda r: r["inference_ms_per_image"] * a.batch
+        print(f"a batch of {a.batch} in the model: local {per_batch(local):.0f} ms, remote {per_batch(remote):.0f} ms "
+              f"(encoding, the loopback round trip and the server's compute): added {per_batch(remote) - per_batch(local):+.0f} ms")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
