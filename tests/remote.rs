@@ -155,8 +155,9 @@ fn a_server_killed_mid_stream_loses_nothing_labels_nothing_twice_and_labelling_r
     assert!(during < total, "the outage came before the stream ended");
     let rows = one_right_row_each(&s, &images);
     assert!(rows.values().all(|r| &r[13] == "" && &r[14] == "channel_mean"), "no error rows");
+    // A batch's rows are written before its sidecars.
     for (img, _) in images.iter().step_by(37) {
-        assert_eq!(read_sidecar(img)["engine"], "remote");
+        assert_eq!(labelled(&d, img)["engine"], "remote");
     }
     assert!(d.log_text().contains("model server up"), "{}", d.log_text());
     assert_eq!(d.count_in_log("model server down"), 1, "one line per state change:\n{}", d.log_text());
