@@ -18,6 +18,7 @@ run: setup build
 # builds are then in target/ and a `make run` after `make test` still compiles nothing (today they agree).
 test: setup
 	scripts/setup-system.sh test
+	scripts/setup-mlserver.sh
 	$(CARGO) build --release
 	$(CARGO) test --release --all-targets
 

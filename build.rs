@@ -2,7 +2,8 @@
 // up a different libtorch installed elsewhere on the machine; build the graph shim against that same
 // libtorch, with the flags torch-sys uses for its own shim (libtch). Also name the git commit and the
 // libtorch version for `labeld --version`. ONNX Runtime is loaded at run time; the checkout's copy
-// (scripts/setup-onnxruntime.sh) is the last place labeld looks for it.
+// (scripts/setup-onnxruntime.sh) is the last place labeld looks for it. Compile the Open Inference
+// Protocol's gRPC API (proto/) with protox, so no system protoc is needed.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -21,6 +22,19 @@ fn main() {
     println!("cargo:rustc-env=LABELD_ONNXRUNTIME_DEV={root}/.deps/onnxruntime/lib/libonnxruntime.so");
     let cxx11_abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     shim(&Path::new(&lib).join("../include"), &cxx11_abi);
+    inference_protocol();
+}
+
+/// The client side of proto/grpc_predict_v2.proto (KServe's, as published) into OUT_DIR.
+fn inference_protocol() {
+    println!("cargo:rerun-if-changed=proto/grpc_predict_v2.proto");
+    let fds = protox::compile(["grpc_predict_v2.proto"], ["proto"])
+        .unwrap_or_else(|e| panic!("proto/grpc_predict_v2.proto: {e}"));
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_transport(false)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the gRPC client for proto/grpc_predict_v2.proto: {e}"));
 }
 
 /// Every libtorch distribution (and scripts/setup-libtorch.sh) writes `build-version` beside lib/.

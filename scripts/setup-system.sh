@@ -13,7 +13,9 @@
 #                                   unit and its syscall filter (systemd-analyze, strace), MQTT against
 #                                   a real broker (mosquitto, mosquitto-clients; openssl makes its TLS
 #                                   certificates), the man pages (groff-base), the .deb (patchelf) and
-#                                   its logrotate entry (logrotate --debug parses it)
+#                                   its logrotate entry (logrotate --debug parses it), and a virtual
+#                                   environment for the model server of the remote tests (python3-venv,
+#                                   python3-pip: scripts/setup-mlserver.sh)
 #   scripts/setup-system.sh --list ROLE   print the role's packages, install nothing
 set -euo pipefail
 
@@ -26,7 +28,7 @@ case $ROLE in
     deb) PACKAGES=("${RUN[@]}" patchelf) ;;
     bench) PACKAGES=("${RUN[@]}" time) ;;
     image) PACKAGES=("${RUN[@]}" patchelf binutils mmdebstrap buildah skopeo umoci iproute2) ;;
-    test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base logrotate) ;;
+    test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base logrotate python3-venv python3-pip) ;;
     *) echo "setup-system: unknown role '$ROLE' (run, deb, bench, image or test)" >&2; exit 2 ;;
 esac
 if $LIST; then printf '%s\n' "${PACKAGES[@]}"; exit 0; fi

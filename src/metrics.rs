@@ -130,6 +130,8 @@ pub struct Metrics {
     model_info: Family<LabelSet, Gauge>,
     http_refused: Family<LabelSet, Counter>,
     retention: Retention,
+    remote_requests: Family<LabelSet, Counter>,
+    remote_up: Family<LabelSet, Gauge>,
     /// Queue depth, images in flight and the recent rate, read at scrape time.
     live: Arc<LiveGauges>,
 }
@@ -207,6 +209,14 @@ impl Metrics {
             "Files of each swept folder due for removal by age or space that labeld did not archive there (left alone), at the last sweep",
             retention.foreign.clone(),
         );
+        let remote_requests = Family::<LabelSet, Counter>::default();
+        registry.register(
+            "remote_requests",
+            "Calls to [remote] model servers, by server and result (ok, invalid: the batch was refused, unavailable, refused: credentials, mismatch: the model does not fit)",
+            remote_requests.clone(),
+        );
+        let remote_up = Family::<LabelSet, Gauge>::default();
+        registry.register("remote_up", "Whether each [remote] model server answers (1) or is in back-off (0)", remote_up.clone());
         // Every label value is there from the start, at 0, so rates and alerts work before the first event.
         for status in ["ok", "error"] {
             let _ = images.get_or_create(&vec![("status".into(), status.into())]);
@@ -234,6 +244,8 @@ impl Metrics {
             model_info,
             http_refused,
             retention,
+            remote_requests,
+            remote_up,
             live,
         }
     }
@@ -322,6 +334,15 @@ impl Metrics {
     pub fn retention_foreign(&self, folder: &std::path::Path, files: u64) {
         let labels = vec![("folder".into(), folder.display().to_string())];
         self.retention.foreign.get_or_create(&labels).set(i64::try_from(files).unwrap_or(i64::MAX));
+    }
+
+    /// A call to the model server `server` ended with `result`.
+    pub fn remote_request(&self, server: &str, result: &str) {
+        self.remote_requests.get_or_create(&vec![("server".into(), server.into()), ("result".into(), result.into())]).inc();
+    }
+
+    pub fn remote_up(&self, server: &str, up: bool) {
+        self.remote_up.get_or_create(&vec![("server".into(), server.into())]).set(i64::from(up));
     }
 
     pub fn set_model(&self, name: &str, precision: &str) {

@@ -38,6 +38,7 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
         threads: c.workers.threads,
         thumbnails,
         inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect(),
+        remote: c.remote.clone(),
     }
 }
 
@@ -65,8 +66,8 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, f
     }
     let labels = Arc::new(Labels::load(&new.model.labels, new.model.labels_lang).map_err(|e| e.to_string())?);
     let settings = infer_settings(&new, labels, thumbnails);
-    if old.model.needs_reload(&new.model) || old_labels != settings.labels.len() {
-        worker::load(&settings).map_err(|e| format!("{e}; keeping the running model"))?;
+    if old.model.needs_reload(&new.model) || old_labels != settings.labels.len() || old.remote != new.remote {
+        worker::load(&settings, &crate::metrics::Metrics::default()).map_err(|e| format!("{e}; keeping the running model"))?;
     }
     let changed = changed_sections(old, &new);
     let inboxes_changed = !old.inboxes.iter().map(|i| i.watch_settings()).eq(new.inboxes.iter().map(|i| i.watch_settings()));
@@ -85,6 +86,7 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
         ("[http]", old.http != new.http),
         ("[mqtt]", old.mqtt != new.mqtt),
         ("[retention]", old.retention != new.retention),
+        ("[remote]", old.remote != new.remote),
     ];
     differs.iter().filter(|(_, d)| *d).map(|(name, _)| name.to_string()).collect()
 }

@@ -27,6 +27,7 @@ mod mqtt;
 mod onnx;
 mod packaging;
 mod preprocess_golden;
+mod remote;
 mod resilience;
 mod retention;
 mod service;

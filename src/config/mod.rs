@@ -16,6 +16,7 @@ mod limits;
 mod model;
 mod mqtt;
 mod output;
+mod remote;
 mod retention;
 mod workers;
 
@@ -26,6 +27,7 @@ pub use limits::Limits;
 pub use model::{Engine, FileId, LabelSource, LabelsLang, ModelConfig, Precision, Preprocess};
 pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
 pub use output::OutputConfig;
+pub use remote::{Fallback, RemoteConfig, Server};
 pub use retention::RetentionConfig;
 pub use workers::{WorkersConfig, cpu_budget};
 
@@ -46,6 +48,7 @@ struct RawConfig {
     http: Option<http::RawHttp>,
     mqtt: Option<mqtt::RawMqtt>,
     retention: Option<retention::RawRetention>,
+    remote: Option<remote::RawRemote>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +64,8 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     /// Removing old images from done and quarantine folders (`[retention]`); off when absent.
     pub retention: Option<RetentionConfig>,
+    /// Labelling on model servers (`[remote]`); on this box's CPU when absent.
+    pub remote: Option<RemoteConfig>,
 }
 
 impl Config {
@@ -91,6 +96,7 @@ impl Config {
             http: raw.http.map(|h| http::from_raw(file, h)).transpose()?,
             mqtt: raw.mqtt.map(|m| mqtt::from_raw(file, &base, m, &output.csv)).transpose()?,
             retention: raw.retention.map(|r| retention::from_raw(file, r)).transpose()?,
+            remote: raw.remote.map(|r| remote::from_raw(file, &base, r)).transpose()?,
             output,
         })
     }
@@ -117,6 +123,7 @@ impl Config {
         sections.extend(self.http.as_ref().map(HttpConfig::describe));
         sections.extend(self.mqtt.as_ref().map(MqttConfig::describe));
         sections.extend(self.retention.as_ref().map(RetentionConfig::describe));
+        sections.extend(self.remote.as_ref().map(RemoteConfig::describe));
         format!("# {} (resolved)\n{}", self.file.display(), sections.join("\n"))
     }
 }

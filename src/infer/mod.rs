@@ -8,13 +8,14 @@ pub mod model;
 pub mod onnx;
 pub mod optimize;
 pub mod preprocess;
+pub mod remote;
 pub mod resample;
 pub mod worker;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{ModelConfig, Preprocess};
+use crate::config::{ModelConfig, Preprocess, RemoteConfig};
 use crate::error::ImageError;
 use crate::job::Job;
 use crate::vocab::record::{self, Record, Status, Top};
@@ -117,6 +118,8 @@ pub struct InferSettings {
     pub thumbnails: bool,
     /// The inbox roots: files are read beneath the one they lie in, never through a link.
     pub inboxes: Vec<std::path::PathBuf>,
+    /// Label on model servers (`[remote]`) rather than with `model` (then only the local fallback).
+    pub remote: Option<RemoteConfig>,
 }
 
 /// The settings in force now, shared by every worker.

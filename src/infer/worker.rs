@@ -13,6 +13,7 @@ use super::layout::Layout;
 use super::backend::{Backend, Failure};
 use super::model::Classifier;
 use super::onnx::{self, OnnxModel};
+use super::remote::RemoteModel;
 use crate::backoff::Backoff;
 use crate::error::panic_message;
 use crate::beneath::Beneath;
@@ -67,7 +68,7 @@ impl Workers {
                     let line = health.lifeline(format!("infer-{i}"), &shutdown);
                     super::layout::set_threads(layout.share());
                     let settings = live.get();
-                    let classifier = match shared.get(&settings) {
+                    let classifier = match shared.get(&settings, &metrics) {
                         Ok(c) => {
                             let _ = ready_tx.send(Ok(()));
                             c
@@ -105,6 +106,17 @@ impl Workers {
             }
         }
         let s = live.get();
+        if let Some(remote) = &s.remote {
+            tracing::info!(
+                model = %remote.model_name(),
+                engine = "remote",
+                servers = %remote.describe(),
+                fallback = remote.fallback.as_str(),
+                workers = cfg.count,
+                max_batch = s.max_batch,
+                "model found on the model servers"
+            );
+        }
         tracing::info!(
             model = %s.model.name,
             engine = s.model.engine.as_str(),
@@ -132,11 +144,11 @@ impl Workers {
 /// it. A worker that needs another model (a reload) loads it once for all; the old one goes when its
 /// last worker lets go.
 #[derive(Clone, Default)]
-struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<dyn Backend>)>>>);
+struct SharedModel(Arc<Mutex<Option<(Arc<InferSettings>, Weak<Loaded>)>>>);
 
 impl SharedModel {
     /// The loaded model for `s`, loading it if no worker holds it (the others wait meanwhile).
-    fn get(&self, s: &Arc<InferSettings>) -> Result<Arc<dyn Backend>, Fatal> {
+    fn get(&self, s: &Arc<InferSettings>, metrics: &Metrics) -> Result<Arc<Loaded>, Fatal> {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((loaded, model)) = slot.as_ref() {
             if same_model(loaded, s) {
@@ -145,19 +157,38 @@ impl SharedModel {
                 }
             }
         }
-        let c = load(s)?;
+        let c = Arc::new(load(s, metrics)?);
         *slot = Some((s.clone(), Arc::downgrade(&c)));
         Ok(c)
     }
 }
 
 fn same_model(a: &InferSettings, b: &InferSettings) -> bool {
-    !a.model.needs_reload(&b.model) && a.labels.len() == b.labels.len()
+    !a.model.needs_reload(&b.model) && a.labels.len() == b.labels.len() && a.remote == b.remote
 }
 
-/// Loads the model `s` names with its engine, checked against its label count and warmed up for its
-/// batch size.
-pub fn load(s: &InferSettings) -> Result<Arc<dyn Backend>, Fatal> {
+/// The model the workers run, and with `[remote] fallback = "local"` the local one that labels while
+/// no model server answers. Each with the model name its rows carry.
+pub struct Loaded {
+    backend: Arc<dyn Backend>,
+    name: String,
+    fallback: Option<(Arc<dyn Backend>, String)>,
+}
+
+/// Loads the model `s` names (on the model servers of `[remote]`, if set, and the local one too with
+/// `fallback = "local"`), checked against its label count and warmed up for its batch size.
+pub fn load(s: &InferSettings, metrics: &Metrics) -> Result<Loaded, Fatal> {
+    let Some(remote) = &s.remote else { return Ok(Loaded { backend: load_local(s)?, name: s.model.name.clone(), fallback: None }) };
+    let fallback = match remote.fallback {
+        crate::config::Fallback::Local => Some((load_local(s)?, s.model.name.clone())),
+        crate::config::Fallback::None => None,
+    };
+    let backend = Arc::new(RemoteModel::connect(remote, s.model.crop, s.labels.len(), metrics)?);
+    Ok(Loaded { backend, name: remote.model_name(), fallback })
+}
+
+/// Loads `[model] path` with its engine.
+fn load_local(s: &InferSettings) -> Result<Arc<dyn Backend>, Fatal> {
     Ok(match s.model.engine {
         Engine::Libtorch => {
             let passes = s.model.optimize.then_some(crate::infer::optimize::PASSES);
@@ -184,7 +215,7 @@ fn probe(model: &dyn Backend, crop: u32) -> Result<(), Failure> {
 struct Worker {
     /// The settings `classifier` was loaded for.
     settings: Arc<InferSettings>,
-    classifier: Arc<dyn Backend>,
+    classifier: Arc<Loaded>,
     shared: SharedModel,
     metrics: Metrics,
     slot: Arc<Slot>,
@@ -258,7 +289,7 @@ impl Worker {
         }
         if !same_model(&self.settings, s) {
             let started = Instant::now();
-            let c = self.shared.get(s).map_err(|e| e.to_string())?;
+            let c = self.shared.get(s, &self.metrics).map_err(|e| e.to_string())?;
             self.classifier = c;
             tracing::info!(model = %s.model.name, ms = started.elapsed().as_millis() as u64, "worker switched model");
         }
@@ -280,9 +311,12 @@ impl Worker {
         let Prepared { settings, files, data, mut results, thumbs, prep_ms } = batch;
         let n_ok = results.iter().filter(|r| r.is_none()).count();
         let infer_started = Instant::now();
+        // A batch with no image to run names the model configured (its records are errors).
+        let (mut engine, mut model) = (None, Arc::from(settings.model.name.as_str()));
         if n_ok > 0 {
-            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = self
-                .rank_until_the_model_works(&settings, &files, &data, n_ok, shutdown)?
+            let (ranked, by) = self.rank_until_the_model_works(&settings, &files, &data, n_ok, shutdown)?;
+            (engine, model) = (Some(by.engine), by.model);
+            let labelled: Vec<Result<Vec<Prediction>, ImageError>> = ranked
                 .into_iter()
                 .map(|r| r.map(|top| predictions(&settings, top)).map_err(ImageError::ModelRejected))
                 .collect();
@@ -314,18 +348,14 @@ impl Worker {
             threads = self.threads,
             "batch"
         );
-        Some(BatchDone {
-            outcomes,
-            model: Arc::from(settings.model.name.as_str()),
-            engine: Some(self.classifier.engine()),
-            min_score: settings.model.min_score,
-        })
+        Some(BatchDone { outcomes, model, engine, min_score: settings.model.min_score })
     }
 
     /// Ranks `n` images with the model `settings` name. While the model cannot be loaded or fails
     /// even on its test input (a fault of the model, not of the images) nothing is recorded: /readyz
     /// says "model failing" and the batch is tried again after a back-off, until it works or
     /// shutdown (`None`). Invariant I8 (docs/design.md): only a verdict about the image is recorded.
+    /// With `[remote] fallback = "local"`, the local model labels while no model server answers.
     fn rank_until_the_model_works(
         &mut self,
         settings: &Arc<InferSettings>,
@@ -333,7 +363,7 @@ impl Worker {
         data: &[f32],
         n: usize,
         shutdown: &Shutdown,
-    ) -> Option<Vec<Ranked>> {
+    ) -> Option<(Vec<Ranked>, RankedBy)> {
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut failed = false;
         let slot = self.slot.clone();
@@ -344,7 +374,17 @@ impl Worker {
                 let layout = self.layout.clone();
                 let pass = layout.begin(self.queue.len());
                 self.use_threads(pass.threads);
-                self.use_settings(settings).map_err(Failure::Model).and_then(|()| self.rank(data, n, settings.model.top_k))
+                let (crop, k) = (settings.model.crop, settings.model.top_k);
+                self.use_settings(settings).map_err(Failure::Model).and_then(|()| {
+                    let m = &*self.classifier;
+                    let by = |b: &dyn Backend, name: &str| RankedBy { engine: b.engine(), model: Arc::from(name) };
+                    match (rank(&*m.backend, crop, data, n, k), &m.fallback) {
+                        (Err(Failure::Unavailable(_)), Some((local, name))) => {
+                            rank(&**local, crop, data, n, k).map(|r| (r, by(&**local, name)))
+                        }
+                        (r, _) => r.map(|r| (r, by(&*m.backend, &m.name))),
+                    }
+                })
             };
             match ranked {
                 Ok(ranked) => {
@@ -367,7 +407,7 @@ impl Worker {
                             "the model cannot label anything ({e}): a fault of the model, not of the images; \
                              no record is written and the batch is tried again"
                         ),
-                        Failure::Unavailable(e) => tracing::error!(
+                        Failure::Unavailable(e) => tracing::warn!(
                             thread = %self.name,
                             images = n,
                             retry_in_ms,
@@ -383,29 +423,36 @@ impl Worker {
         }
     }
 
-    /// Ranks `n` images; a batch the model fails on is split in halves until the images at fault
-    /// are found, so their batch-mates are labelled. An image that fails alone is at fault only if
-    /// the model still passes its test input; otherwise the model is (`Err`).
-    /// Compute that is away (`Failure::Unavailable`) says nothing about the images: no split, no probe.
-    fn rank(&self, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
-        match self.classifier.top_k(data, n, k) {
-            Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
-            Err(away @ Failure::Unavailable(_)) => Err(away),
-            Err(Failure::Model(e)) if n == 1 => match probe(&*self.classifier, self.settings.model.crop) {
-                Ok(()) => {
-                    tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
-                    Ok(vec![Err(e)])
-                }
-                Err(Failure::Unavailable(probe)) => Err(Failure::Unavailable(format!("{e}; on its test input: {probe}"))),
-                Err(Failure::Model(probe)) => Err(Failure::Model(format!("{e}; on its test input: {probe}"))),
-            },
-            Err(Failure::Model(e)) => {
-                tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
-                let (half, per_image) = (n / 2, data.len() / n);
-                let mut ranked = self.rank(&data[..half * per_image], half, k)?;
-                ranked.extend(self.rank(&data[half * per_image..], n - half, k)?);
-                Ok(ranked)
+}
+
+/// What ranked a batch: the engine and the model name its records carry.
+struct RankedBy {
+    engine: &'static str,
+    model: Arc<str>,
+}
+
+/// Ranks `n` images of `crop`×`crop` with `model`; a batch the model fails on is split in halves until
+/// the images at fault are found, so their batch-mates are labelled. An image that fails alone is at
+/// fault only if the model still passes its test input; otherwise the model is (`Err`). Compute that is
+/// away (`Failure::Unavailable`) says nothing about the images: no split, no probe.
+fn rank(model: &dyn Backend, crop: u32, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
+    match model.top_k(data, n, k) {
+        Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
+        Err(away @ Failure::Unavailable(_)) => Err(away),
+        Err(Failure::Model(e)) if n == 1 => match probe(model, crop) {
+            Ok(()) => {
+                tracing::warn!(error = %e, "the model failed on one image and passes its test input: the image gets an error record");
+                Ok(vec![Err(e)])
             }
+            Err(Failure::Unavailable(probe)) => Err(Failure::Unavailable(format!("{e}; on its test input: {probe}"))),
+            Err(Failure::Model(probe)) => Err(Failure::Model(format!("{e}; on its test input: {probe}"))),
+        },
+        Err(Failure::Model(e)) => {
+            tracing::warn!(images = n, error = %e, "the model failed on a batch; splitting it to find the image at fault");
+            let (half, per_image) = (n / 2, data.len() / n);
+            let mut ranked = rank(model, crop, &data[..half * per_image], half, k)?;
+            ranked.extend(rank(model, crop, &data[half * per_image..], n - half, k)?);
+            Ok(ranked)
         }
     }
 }

@@ -11,7 +11,7 @@ pub struct Record {
     /// RFC 3339, UTC.
     pub time: String,
     pub model: String,
-    /// What ran the model ("libtorch", "onnxruntime"): in sidecars, `classify` output and upload
+    /// What ran the model ("libtorch", "onnxruntime", or "remote": a model server): in sidecars, `classify` output and upload
     /// replies; not a CSV column, so absent from records read back from the log (and MQTT messages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,

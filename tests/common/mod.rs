@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod devtools;
+pub mod model_server;
 pub mod models;
 pub mod notify;
 pub mod wait;
