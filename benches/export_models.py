@@ -43,48 +43,26 @@ def resnet18_random(out):
     save(torch.jit.trace(model, torch.rand(1, 3, 224, 224)), out)
 
 
-def lite0(out):
-    """Reuses scripts/export_model.py's export and checks, without touching models/default.pt."""
+def export_model():
+    """scripts/export_model.py as a module: its exports and checks, without touching models/default.pt."""
     spec = importlib.util.spec_from_file_location("export_model", os.path.join(ROOT, "scripts", "export_model.py"))
-    export_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export_model)
-    eager = export_model.efficientnet_lite0()
-    scripted = export_model.to_torchscript(eager)
-    export_model.check(eager, scripted)
-    export_model.check_trained(scripted, os.path.join(ROOT, "tests", "data", "chelsea.png"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lite0(out):
+    m = export_model()
+    eager = m.efficientnet_lite0()
+    scripted = m.to_torchscript(eager)
+    m.check(eager, scripted)
+    m.check_trained(scripted, os.path.join(ROOT, "tests", "data", "chelsea.png"))
     save(scripted, out)
 
 
 def to_onnx(pt, out):
-    import warnings
-
-    model = torch.jit.load(pt).eval()
-    tmp = out + ".partial"
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch 1.13 warns about ScriptModule signatures; harmless here
-        torch.onnx.export(model, torch.rand(1, 3, 224, 224), tmp, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=13)
-    check_onnx(model, tmp)
-    os.replace(tmp, out)
-    log(f"saved {out} ({os.path.getsize(out) // 1024} KiB)")
-
-
-def check_onnx(model, path):
-    """The ONNX file must compute what the TorchScript file computes (max |Δlogit| ≤ 1e-3)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        log("onnxruntime not importable; ONNX export not checked against TorchScript")
-        return
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    torch.manual_seed(1)
-    x = torch.rand(2, 3, 224, 224)
-    with torch.no_grad():
-        want = model(x).numpy()
-    got = session.run(None, {"input": x.numpy()})[0]
-    diff = float(abs(want - got).max())
-    if diff > 1e-3:
-        raise SystemExit(f"export-models: {path} differs from its TorchScript source by {diff}; not saved")
+    """The ONNX copy of `pt`, checked against it (scripts/export_model.py's export)."""
+    export_model().to_onnx(torch.jit.load(pt).eval(), out)
 
 
 def stale(out, source=None):
