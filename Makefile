@@ -52,7 +52,7 @@ image-test: setup build
 	$(MAKE) --no-print-directory $(IMAGE)
 	$(CARGO) test --release --test image -- --include-ignored
 
-$(IMAGE): $(BIN) models/default.pt config/container.toml config/system.toml scripts/build-image.sh scripts/build-deb.sh $(wildcard scripts/image/* scripts/deb/* systemd/*)
+$(IMAGE): $(BIN) models/default.pt config/labeld.toml scripts/packaged-config.py scripts/build-image.sh scripts/build-deb.sh $(wildcard scripts/image/* scripts/deb/* systemd/*)
 	$(MAKE) --no-print-directory image
 
 deps:

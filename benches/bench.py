@@ -4,7 +4,8 @@
 One markdown table per model (ResNet-18 with random weights as a plain trace, EfficientNet-Lite0 with its
 ImageNet weights), each headed by date, CPU, cores, model and command. Rows: the Python reference (PIL +
 torchvision + PyTorch, batch 1), onnxruntime (same preprocessing, ONNX copy of the model), labeld fp32 and
-bf16 with the shipped config/labeld.toml (only model path, precision, inbox and CSV replaced), labeld with
+bf16 with the packaged config (the .deb's: config/labeld.toml with paths in the bench's folders;
+precision, scaled decode and the HTTP port chosen by the bench), labeld with
 the ONNX copy through its ONNX Runtime backend (fp32), and
 labeld with scaled JPEG decode (--no-scaled skips those). Columns: images/s and the ratio to both Python rows, per-stage ms
 per image, top-1/top-3 agreement with the reference and with labeld fp32, p50/p99 latency from file ready
@@ -114,16 +115,25 @@ def toml_table(header, table):
     return lines
 
 
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def labeld_config(path, model, precision, inbox, csv_path, scaled=False):
-    """The shipped config with only what the bench must choose replaced: model file, precision, inbox, CSV."""
-    base = shipped()
-    lines = toml_table("[model]", dict(base.get("model", {}), path=model, precision=precision, scaled_decode=scaled))
-    lines += ["[[inbox]]", f"path = {toml_value(inbox)}", "[output]", f"csv = {toml_value(csv_path)}"]
-    for name, table in base.items():
-        if name not in ("model", "inbox", "output", "http") and isinstance(table, dict):
-            lines += toml_table(f"[{name}]", table)
+    """The packaged config (the .deb's /etc/labeld/labeld.toml, scripts/packaged-config.py) with its paths
+    in the bench's folders, and what the bench must choose: precision, scaled decode, a free HTTP port."""
+    text = subprocess.run([os.path.join(ROOT, "scripts", "packaged-config.py"), "system",
+                           "--set", f"model.path={model}", "--set", f"inbox.path={inbox}", "--set", f"output.csv={csv_path}"],
+                          check=True, capture_output=True, text=True).stdout
+    for key, value in (("precision", toml_value(precision)), ("scaled_decode", toml_value(scaled)),
+                       ("listen", toml_value(f"127.0.0.1:{free_port()}"))):
+        text, n = re.subn(rf"^{key} = [^#\n]*", f"{key} = {value}  ", text, count=1, flags=re.M)
+        assert n == 1, f"the packaged config has no `{key} = ` line"
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text)
 
 
 def workers_summary():
@@ -371,7 +381,7 @@ def main():
         print(f"\n### {model.title}\n")
         print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; model file "
               f"`models/{model.stem}.pt` (ONNX copy for onnxruntime {onnxruntime_version()}); {args.count} JPEGs 1920×1080 q90 from real "
-              f"photos; labeld {revision()} with the shipped config/labeld.toml: {workers_summary()}; "
+              f"photos; labeld {revision()} with the packaged config (the .deb's, paths replaced): {workers_summary()}; "
               f"latency: file ready → sidecar in a running daemon, {args.latency_images} images renamed into its "
               f"inbox at {args.rate:g} images/s; command: `{command}`\n")
         print("\n".join(lines))

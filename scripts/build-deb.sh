@@ -64,7 +64,9 @@ model_file=$(readlink -f "$MODEL")
 install -m 0644 "$model_file" "$ROOT/usr/share/labeld/models/$(basename "$model_file")"
 ln -s "$(basename "$model_file")" "$ROOT/usr/share/labeld/models/default.pt"
 
-install -m 0644 config/system.toml "$ROOT/etc/labeld/labeld.toml"
+# /etc/labeld/labeld.toml: config/labeld.toml with the installed paths (nothing else differs).
+scripts/packaged-config.py system > "$ROOT/etc/labeld/labeld.toml"
+chmod 0644 "$ROOT/etc/labeld/labeld.toml"
 install -m 0644 scripts/deb/logrotate "$ROOT/etc/logrotate.d/labeld"
 install -m 0644 config/labeld.toml "$ROOT/usr/share/doc/labeld/labeld.toml.example"
 install -m 0644 README.md "$ROOT/usr/share/doc/labeld/README.md"

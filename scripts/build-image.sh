@@ -18,9 +18,12 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 SUITE=bookworm
 # The image's labeld user and group (docs/operations.md#containers): chown a volume to it.
 export LABELD_IMAGE_UID=10001
-export LABELD_IMAGE_CONFIG=$PWD/config/container.toml
 PORT=9187
 ARCHIVE=$OUT/labeld-$VERSION.docker.tar
+# The image's /etc/labeld/labeld.toml: config/labeld.toml with the container's paths.
+mkdir -p "$OUT"
+export LABELD_IMAGE_CONFIG=$(realpath "$OUT")/labeld.toml
+scripts/packaged-config.py container > "$LABELD_IMAGE_CONFIG"
 
 SOURCES=${LABELD_IMAGE_SOURCES-}
 if [[ -z $SOURCES && -e /etc/apt/sources.list.d/debian.sources ]]; then

@@ -361,3 +361,102 @@ fn make_run_installs_only_what_building_and_running_need() {
     assert!(!recipe("test:").contains("ignored"), "{}", recipe("test:"));
     assert!(recipe("image-test:").contains("--test image -- --include-ignored"), "{}", recipe("image-test:"));
 }
+
+/// scripts/packaged-config.py's output for `profile` with `sets` (`section.key=path`).
+fn packaged_config(profile: &str, sets: &[String]) -> String {
+    let mut cmd = Command::new(Path::new(ROOT).join("scripts/packaged-config.py"));
+    cmd.arg(profile);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "packaged-config.py {profile}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const PATH_KEYS: [&str; 5] = ["model.path", "inbox.path", "inbox.done_dir", "inbox.quarantine", "output.csv"];
+
+/// Line numbers of `text` that are a path key (set or commented) or the comment block right above one,
+/// or the header before the first section: what a packaged config may change.
+fn path_lines(text: &str) -> BTreeSet<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut allowed = BTreeSet::new();
+    let mut section = String::new();
+    let first_section = lines.iter().position(|l| l.starts_with('[')).unwrap();
+    allowed.extend(0..first_section);
+    for (i, line) in lines.iter().enumerate() {
+        let bare = line.trim_start_matches('#').trim();
+        if bare.starts_with('[') {
+            section = bare.trim_start_matches('[').split(']').next().unwrap().to_string();
+        }
+        let key = bare.split('=').next().unwrap().trim();
+        if bare.contains('=') && PATH_KEYS.contains(&format!("{section}.{key}").as_str()) {
+            allowed.insert(i);
+            let mut j = i;
+            while j > 0 && lines[j - 1].trim_start().starts_with('#') && !lines[j - 1].trim_start_matches('#').trim().starts_with('[') {
+                j -= 1;
+                allowed.insert(j);
+            }
+        }
+    }
+    allowed
+}
+
+/// Sets every path key of a parsed config to "" (the settings a packaged config must share).
+fn without_paths(text: &str) -> toml::Value {
+    let mut v: toml::Value = toml::from_str(text).unwrap();
+    for key in PATH_KEYS {
+        let (section, k) = key.split_once('.').unwrap();
+        let tables: Vec<&mut toml::Value> = match v.get_mut(section) {
+            Some(toml::Value::Array(a)) => a.iter_mut().collect(),
+            Some(t) => vec![t],
+            None => vec![],
+        };
+        for t in tables {
+            if let Some(x) = t.get_mut(k) {
+                *x = toml::Value::String(String::new());
+            }
+        }
+    }
+    v
+}
+
+/// The .deb's and the container image's /etc/labeld/labeld.toml are config/labeld.toml (what `make run`
+/// and `make bench` run) with other paths and nothing else: same keys and values, same comments but
+/// those about paths. Changing the script to alter anything else fails here; so does a packaged config
+/// that labeld refuses.
+#[test]
+fn the_packaged_configs_differ_from_the_shipped_one_only_in_paths() {
+    let source = std::fs::read_to_string(Path::new(ROOT).join("config/labeld.toml")).unwrap();
+    assert_eq!(packaged_config("checkout", &[]), source, "the checkout profile is the file itself");
+    let src_lines: Vec<&str> = source.lines().collect();
+    let src_allowed = path_lines(&source);
+    for profile in ["system", "container"] {
+        let text = packaged_config(profile, &[]);
+        assert_eq!(without_paths(&text), without_paths(&source), "{profile}: settings other than paths differ");
+        let lines: Vec<&str> = text.lines().collect();
+        let allowed = path_lines(&text);
+        let kept_src: Vec<&str> = src_lines.iter().enumerate().filter(|(i, _)| !src_allowed.contains(i)).map(|(_, l)| *l).collect();
+        let kept: Vec<&str> = lines.iter().enumerate().filter(|(i, _)| !allowed.contains(i)).map(|(_, l)| *l).collect();
+        assert_eq!(kept, kept_src, "{profile}: lines other than paths and their comments differ");
+        assert!(text.contains("path = \"/usr/share/labeld/models/default.pt\"") && text.contains("path = \"/var/lib/labeld/inbox\""), "{text}");
+        assert!(!text.contains("../"), "{profile}: a checkout path is left: {text}");
+
+        // Valid as it is once its paths exist: rewritten into a temporary root.
+        let dir = tempfile::tempdir().unwrap();
+        let model = std::fs::canonicalize(Path::new(ROOT).join("models/default.pt")).unwrap();
+        let sets = [
+            format!("model.path={}", model.display()),
+            format!("inbox.path={}", dir.path().join("inbox").display()),
+            format!("output.csv={}", dir.path().join("results.csv").display()),
+        ];
+        let rewritten = packaged_config(profile, &sets);
+        assert_eq!(without_paths(&rewritten), without_paths(&source));
+        let file = dir.path().join("labeld.toml");
+        std::fs::write(&file, rewritten).unwrap();
+        let check = Command::new(BIN).args(["check-config", "--config"]).arg(&file).output().unwrap();
+        assert!(check.status.success(), "{profile}: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    let bad = Command::new(Path::new(ROOT).join("scripts/packaged-config.py")).args(["system", "--set", "workers.count=/x"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("expected KEY=PATH"), "only path keys can be set");
+}

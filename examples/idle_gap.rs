@@ -1,0 +1,48 @@
+//! Where a lone image's forward pass loses time: the same model, batch 1, back to back ("hot") and
+//! after an idle gap, loaded with one thread count and run with another (as the adaptive layout does:
+//! workers load with their share, a lone image runs with every CPU). A short run for finding the cause,
+//! not a benchmark (that is `make bench`).
+//!
+//! Run: cargo run --release --example idle_gap -- MODEL.pt [GAP_MS] [ROUNDS]
+
+use std::time::{Duration, Instant};
+
+use labeld::config::Precision;
+use labeld::infer::backend::Backend;
+use labeld::infer::model::Classifier;
+use labeld::infer::optimize::PASSES;
+
+fn main() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).ok_or("usage: idle_gap MODEL.pt [GAP_MS] [ROUNDS]")?;
+    let gap = Duration::from_millis(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(500));
+    let rounds: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(10);
+    let image = vec![0.5f32; 3 * 224 * 224];
+    println!("ms per forward pass, batch 1, median of {rounds} (min..max); gap {} ms", gap.as_millis());
+    for (load_threads, run_threads) in [(2, 2), (1, 2), (1, 1)] {
+        labeld::infer::layout::set_threads(load_threads);
+        let model = Classifier::load(std::path::Path::new(path), 224, 1000, 4, Precision::Fp32, Some(PASSES)).map_err(|e| e.to_string())?;
+        labeld::infer::layout::set_threads(run_threads);
+        let pass = || {
+            let t = Instant::now();
+            model.logits(&image, 1).map_err(|e| e.to_string())?;
+            Ok::<f64, String>(t.elapsed().as_secs_f64() * 1e3)
+        };
+        for _ in 0..3 {
+            pass()?;
+        }
+        let hot: Vec<f64> = (0..rounds).map(|_| pass()).collect::<Result<_, _>>()?;
+        let mut gapped = Vec::new();
+        for _ in 0..rounds {
+            std::thread::sleep(gap);
+            gapped.push(pass()?);
+        }
+        println!("loaded with {load_threads} thread(s), run with {run_threads}: hot {}  after the gap {}", summary(hot), summary(gapped));
+    }
+    Ok(())
+}
+
+fn summary(mut v: Vec<f64>) -> String {
+    v.sort_by(f64::total_cmp);
+    format!("{:6.1} ({:.1}..{:.1})", v[v.len() / 2], v[0], v[v.len() - 1])
+}
