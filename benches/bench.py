@@ -56,6 +56,11 @@ class Model:
     def onnx(self):
         return os.path.join(MODELS_DIR, self.stem + ".onnx")
 
+    @property
+    def int8(self):
+        """The int8 QDQ copy scripts/setup-bench.sh makes with scripts/quantize.py."""
+        return os.path.join(MODELS_DIR, self.stem + ".int8.onnx")
+
 
 MODELS = {
     "resnet18": Model(
@@ -124,16 +129,19 @@ def free_port():
 
 def labeld_config(path, model, precision, inbox, csv_path, scaled=False):
     """The packaged config (the .deb's /etc/labeld/labeld.toml, scripts/packaged-config.py) with its paths
-    in the bench's folders, and what the bench must choose: precision, scaled decode, a free HTTP port."""
+    in the bench's folders, and what the bench must choose: precision, scaled decode, a free HTTP port
+    (returned)."""
+    port = free_port()
     text = subprocess.run([os.path.join(ROOT, "scripts", "packaged-config.py"), "system",
                            "--set", f"model.path={model}", "--set", f"inbox.path={inbox}", "--set", f"output.csv={csv_path}"],
                           check=True, capture_output=True, text=True).stdout
     for key, value in (("precision", toml_value(precision)), ("scaled_decode", toml_value(scaled)),
-                       ("listen", toml_value(f"127.0.0.1:{free_port()}"))):
+                       ("listen", toml_value(f"127.0.0.1:{port}"))):
         text, n = re.subn(rf"^{key} = [^#\n]*", f"{key} = {value}  ", text, count=1, flags=re.M)
         assert n == 1, f"the packaged config has no `{key} = ` line"
     with open(path, "w") as f:
         f.write(text)
+    return port
 
 
 def workers_summary():
@@ -143,14 +151,15 @@ def workers_summary():
     return "`[workers]` " + ", ".join(f"{k} = {toml_value(v)}" for k, v in w.items())
 
 
-def run_labeld(src, tmp, name, model, precision, scaled=False, onnx=False):
+def run_labeld(src, tmp, name, model, precision, scaled=False, onnx=False, int8=False):
     """labeld run --once on a copy of `src`: the TorchScript file through libtorch, or with `onnx` the ONNX
-    copy through ONNX Runtime."""
+    copy through ONNX Runtime (with `int8` its int8 QDQ copy)."""
     inbox = os.path.join(tmp, name)
     shutil.copytree(src, inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
     conf = os.path.join(tmp, f"{name}.toml")
-    labeld_config(conf, model.onnx if onnx else model.torchscript, precision, inbox, csv_path, scaled)
+    file = model.int8 if int8 else model.onnx if onnx else model.torchscript
+    labeld_config(conf, file, precision, inbox, csv_path, scaled)
     _, err, rss = timed([BIN, "run", "--once", "--config", conf])
     ips = re.search(r'images_per_s="?([0-9.]+)', err)
     if not ips:
@@ -160,15 +169,22 @@ def run_labeld(src, tmp, name, model, precision, scaled=False, onnx=False):
             "csv": csv_path}
 
 
-def run_reference(src, tmp, name, model_file, runtime, threads):
+def run_reference(src, tmp, name, model_file, runtime, threads, gap=0.0, files=None):
+    """benches/reference.py on a copy of `src` (its first `files` images); with `gap`, one image at a time."""
     inbox = os.path.join(tmp, name)
-    shutil.copytree(src, inbox)
+    if files is None:
+        shutil.copytree(src, inbox)
+    else:
+        os.makedirs(inbox)
+        for f in sorted(os.listdir(src))[:files]:
+            shutil.copy(os.path.join(src, f), inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
     env = dict(os.environ, PYTHONPATH=BENCH_PY) if runtime == "onnxruntime" else None
     out, _, rss = timed([PYTHON, os.path.join(ROOT, "benches", "reference.py"), model_file, inbox, csv_path,
-                         "--runtime", runtime, "--threads", str(threads)], env=env)
+                         "--runtime", runtime, "--threads", str(threads), "--gap", str(gap)], env=env)
     r = json.loads(out.strip().splitlines()[-1])
-    return {"images_per_s": r["images_per_s"], "rss_mb": rss, "stages": r["ms_per_image"], "csv": csv_path}
+    return {"images_per_s": r["images_per_s"], "rss_mb": rss, "stages": r["ms_per_image"], "csv": csv_path,
+            "p50": r["image_ms_p50"], "p90": r["image_ms_p90"]}
 
 
 def tops(csv_path):
@@ -191,14 +207,28 @@ def agreement(a, b):
     return top1, len(same3) / len(keys), dscore
 
 
+STAGES = ("read", "decode", "resize", "inference", "write")
+
+
+def stage_seconds(port):
+    """labeld's /metrics: seconds per stage so far, and images done."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    secs = {k: float(v) for k, v in re.findall(r'^labeld_stage_seconds_total\{stage="(\w+)"\} ([0-9.e+-]+)$', text, re.M)}
+    done = sum(float(v) for v in re.findall(r'^labeld_images_total\{[^}]*\} ([0-9.e+-]+)$', text, re.M))
+    return secs, done
+
+
 def latency(src, tmp, n, rate, model, precision):
-    """A running daemon, images renamed into its inbox at `rate` per second; latency from sidecars."""
+    """A running daemon on the packaged config, images renamed into its inbox `1/rate` s apart: each image's
+    time from its rename to its sidecar written (the sidecar's mtime), p50 and p90, and the mean time per
+    image in each stage from labeld's /metrics; "rest" is the watch event, settling, queueing and hand-offs."""
     tag = f"lat-{precision}"
     inbox, staging = os.path.join(tmp, f"{tag}-inbox"), os.path.join(tmp, f"{tag}-staging")
     os.makedirs(inbox)
     os.makedirs(staging)
     conf = os.path.join(tmp, f"{tag}.toml")
-    labeld_config(conf, model.torchscript, precision, inbox, os.path.join(tmp, f"{tag}.csv"))
+    port = labeld_config(conf, model.torchscript, precision, inbox, os.path.join(tmp, f"{tag}.csv"))
     log_path = os.path.join(tmp, f"{tag}.log")
     with open(log_path, "w") as log:
         daemon = subprocess.Popen([BIN, "run", "--config", conf], stderr=log)
@@ -207,18 +237,22 @@ def latency(src, tmp, n, rate, model, precision):
         files = sorted(os.listdir(src))[:n]
         for f in files:
             shutil.copy(os.path.join(src, f), os.path.join(staging, f))
+        before, _ = stage_seconds(port)
+        renamed = {}
         t0 = time.monotonic()
         for i, f in enumerate(files):
             time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            renamed[f] = time.time_ns()
             os.rename(os.path.join(staging, f), os.path.join(inbox, f))
-        sidecars = [os.path.join(inbox, f + ".json") for f in files]
+        sidecars = {f: os.path.join(inbox, f + ".json") for f in files}
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not all(os.path.exists(s) for s in sidecars):
+        while time.monotonic() < deadline and not all(os.path.exists(s) for s in sidecars.values()):
             time.sleep(0.05)
-        missing = [s for s in sidecars if not os.path.exists(s)]
+        missing = [s for s in sidecars.values() if not os.path.exists(s)]
         if missing:
             raise RowFailed(f"no sidecar within 60 s for {len(missing)} of {n} images (log: {log_path})")
-        lat = sorted(json.load(open(s))["latency_ms"] for s in sidecars)
+        after, _ = stage_seconds(port)
+        lat = sorted((os.stat(s).st_mtime_ns - renamed[f]) / 1e6 for f, s in sidecars.items())
     finally:
         daemon.terminate()
         try:
@@ -226,7 +260,24 @@ def latency(src, tmp, n, rate, model, precision):
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
-    return statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    stages = {k: (after.get(k, 0.0) - before.get(k, 0.0)) * 1e3 / n for k in STAGES}
+    p50 = statistics.median(lat)
+    stages["rest"] = max(0.0, p50 - sum(stages.values()))
+    return {"p50": p50, "p90": lat[min(len(lat) - 1, len(lat) * 9 // 10)], "stages": stages}
+
+
+def lone_table(rows):
+    """The lone-image rows: p50 / p90 and where the time goes."""
+    out = ["| one image at a time | p50 ms | p90 ms | read / decode / resize / inference / write / rest, ms (mean) |",
+           "| --- | --- | --- | --- |"]
+    for name, r in rows:
+        if isinstance(r, RowFailed):
+            out.append(f"| {name} | failed: {str(r)[:120]} | | |")
+            continue
+        s = r["stages"]
+        cells = " / ".join(f"{s.get(k, 0):.1f}" for k in STAGES + ("rest",))
+        out.append(f"| {name} | {r['p50']:.1f} | {r['p90']:.1f} | {cells} |")
+    return out
 
 
 def wait_ready(daemon, log_path, timeout=120):
@@ -284,25 +335,23 @@ def fmt_agree(a):
     return f"{100 * top1:.1f}% / {100 * top3:.1f}% (Δ ≤ {dscore:.4f})"
 
 
-def rows_table(results, ref, ort, fp32, lat):
+def rows_table(results, ref, ort, fp32):
     head = ("| pipeline | images/s | vs reference | vs onnxruntime | ms/image read / decode / resize / inference / write "
             "| top-1 / top-3 same as reference (max \\|Δscore\\|) | top-1 / top-3 same as labeld fp32 "
-            "| latency p50 / p99 ms | peak RSS MB |")
-    out = [head, "|" + " --- |" * 9]
+            "| peak RSS MB |")
+    out = [head, "|" + " --- |" * 8]
     for name, r in results:
         if isinstance(r, RowFailed):
-            out.append(f"| {name} | failed: {str(r)[:120]} |" + " |" * 7)
+            out.append(f"| {name} | failed: {str(r)[:120]} |" + " |" * 6)
             continue
         s = r["stages"]
         ratio = lambda base: f"{r['images_per_s'] / base['images_per_s']:.2f}×" if isinstance(base, dict) else "—"
         vs_ref = fmt_agree(agreement(ref["csv"], r["csv"])) if isinstance(ref, dict) and r is not ref else "—"
         vs_fp32 = (fmt_agree(agreement(fp32["csv"], r["csv"]))
                    if isinstance(fp32, dict) and r is not fp32 and name.startswith("labeld") else "—")
-        l = lat.get(name)
-        lat_cell = "—" if l is None else (f"failed: {l}" if isinstance(l, RowFailed) else f"{l[0]:.1f} / {l[1]:.1f}")
         out.append(f"| {name} | {r['images_per_s']:.1f} | {ratio(ref)} | {ratio(ort)} | "
                    f"{s.get('read', 0):.2f} / {s.get('decode', 0):.2f} / {s.get('resize', 0):.2f} / "
-                   f"{s.get('inference', 0):.2f} / {s.get('write', 0):.2f} | {vs_ref} | {vs_fp32} | {lat_cell} | "
+                   f"{s.get('inference', 0):.2f} / {s.get('write', 0):.2f} | {vs_ref} | {vs_fp32} | "
                    f"{r['rss_mb']:.0f} |")
     return out
 
@@ -322,31 +371,47 @@ def bench_model(model, args, hd, big, tmp):
     results += [("labeld fp32", fp32), ("labeld bf16", attempt("labeld bf16", run_labeld, hd, tmp, "bf16", model, "bf16"))]
     results.append(("labeld ONNX Runtime (fp32, the ONNX copy)",
                     attempt("labeld onnxruntime", run_labeld, hd, tmp, "onnx", model, "fp32", onnx=True)))
+    if os.path.exists(model.int8):
+        results.append(("labeld ONNX Runtime int8 (scripts/quantize.py)",
+                        attempt("labeld int8", run_labeld, hd, tmp, "int8", model, "fp32", int8=True)))
     if args.scaled:
         for p in ("fp32", "bf16"):
             results.append((f"labeld {p} + scaled JPEG decode",
                             attempt(f"labeld {p} scaled", run_labeld, hd, tmp, f"{p}-scaled", model, p, scaled=True)))
-    lat = {}
-    if args.latency_images:
-        for p in ("fp32", "bf16"):
-            lat[f"labeld {p}"] = attempt(f"latency {p}", latency, hd, tmp, args.latency_images, args.rate, model, p)
-    lines = rows_table(results, ref, ort, fp32, lat)
+        if os.path.exists(model.int8):
+            results.append(("labeld int8 + scaled JPEG decode",
+                            attempt("labeld int8 scaled", run_labeld, hd, tmp, "int8-scaled", model, "fp32", scaled=True, int8=True)))
+    lines = rows_table(results, ref, ort, fp32)
     if isinstance(fp32, dict):
         classes = {t[0][0] for t in tops(fp32["csv"]).values()}
         lines += ["", f"labeld fp32's top-1 falls in {len(classes)} distinct classes over {args.count} images."]
-    if big:
-        bt = os.path.join(tmp, "big")
+    if args.latency_images:
+        gap = 1 / args.rate
+        lone = [(f"reference, {t} threads (file opened → JSON written)",
+                 attempt("reference lone", run_reference, hd, tmp, "reference-lone", model.torchscript, "torch", t,
+                         gap=gap, files=args.latency_images))]
+        for p in ("fp32", "bf16"):
+            lone.append((f"labeld {p} (rename into the inbox → sidecar written)",
+                         attempt(f"latency {p}", latency, hd, tmp, args.latency_images, args.rate, model, p)))
+        lines += ["", f"One image every {gap:g} s, {args.latency_images} images:", ""] + lone_table(lone)
+    for size, folder in big:
+        bt = os.path.join(tmp, size)
         os.makedirs(bt)
-        b = [(n, attempt(f"4000×3000 {n}", fn, big, bt, n, *a)) for n, fn, a in (
-            ("reference", run_reference, (model.torchscript, "torch", t)),
-            ("onnxruntime", run_reference, (model.onnx, "onnxruntime", t)),
-            ("labeld fp32", run_labeld, (model, "fp32")))]
-        base = b[0][1]
+        rows = [("reference", run_reference, (model.torchscript, "torch", t)),
+                ("onnxruntime", run_reference, (model.onnx, "onnxruntime", t)),
+                ("labeld fp32", run_labeld, (model, "fp32")),
+                ("labeld fp32 + scaled JPEG decode", run_labeld, (model, "fp32", True))]
+        if os.path.exists(model.int8):
+            rows.append(("labeld int8 + scaled JPEG decode", run_labeld, (model, "fp32", True, False, True)))
+        b = [(n, attempt(f"{size} {n}", fn, folder, bt, n.replace(" ", "-"), *a)) for n, fn, a in rows]
+        base, exact = b[0][1], b[2][1]
         lines.append("")
-        lines.append(f"4000×3000 ({args.big} JPEGs), images/s: " + ", ".join(
+        lines.append(f"{size} ({len(os.listdir(folder))} JPEGs), images/s: " + ", ".join(
             f"{n} failed" if isinstance(r, RowFailed) else
             f"{n} {r['images_per_s']:.2f}" + (f" ({r['images_per_s'] / base['images_per_s']:.2f}×)"
                                             if isinstance(base, dict) and r is not base else "")
+            + (f", top-1 / top-3 same as labeld fp32 {fmt_agree(agreement(exact['csv'], r['csv']))}"
+               if "scaled" in n and isinstance(exact, dict) else "")
             for n, r in b))
     return lines
 
@@ -355,14 +420,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,lite0", help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--count", type=int, help="1920×1080 JPEGs per throughput row (300; --quick: 6)")
-    ap.add_argument("--big", type=int, help="4000×3000 JPEGs, 0 skips that line (30; --quick: 2)")
+    ap.add_argument("--big", type=int, help="camera-sized JPEGs per size (5 MP, 12 MP), 0 skips them (30; --quick: 2)")
     ap.add_argument("--latency-images", type=int, help="images per latency run, 0 skips it (100; --quick: 4)")
-    ap.add_argument("--rate", type=float, default=3.0, help="images per second into the daemon's inbox")
+    ap.add_argument("--rate", type=float, default=2.0, help="lone images per second (into the daemon's inbox; the reference's gap)")
     ap.add_argument("--ref-threads", type=int, default=2, help="intra-op threads of the Python rows")
     ap.add_argument("--no-scaled", dest="scaled", action="store_false", help="skip the scaled JPEG decode rows")
     ap.add_argument("--quick", action="store_true", help="a smoke run of every row with tiny counts")
     args = ap.parse_args()
-    for name, full, quick in (("count", 300, 6), ("big", 30, 2), ("latency_images", 100, 4)):
+    for name, full, quick in (("count", 300, 6), ("big", 30, 2), ("latency_images", 60, 4)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     chosen = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -372,7 +437,7 @@ def main():
     if not os.access(BIN, os.X_OK):
         sys.exit(f"bench: {BIN} is missing; build it with `cargo build --release` (make bench does)")
     hd = photos("1920x1080", args.count, "1920x1080")
-    big = photos("4000x3000", args.big, "4000x3000") if args.big else None
+    big = [(f"{size} ({mp})", photos(size, args.big, size)) for size, mp in (("2592x1944", "5 MP"), ("4000x3000", "12 MP"))] if args.big else []
     command = shlex.join(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
     for key in chosen:
         model = MODELS[key]
@@ -382,8 +447,7 @@ def main():
         print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; model file "
               f"`models/{model.stem}.pt` (ONNX copy for onnxruntime {onnxruntime_version()}); {args.count} JPEGs 1920×1080 q90 from real "
               f"photos; labeld {revision()} with the packaged config (the .deb's, paths replaced): {workers_summary()}; "
-              f"latency: file ready → sidecar in a running daemon, {args.latency_images} images renamed into its "
-              f"inbox at {args.rate:g} images/s; command: `{command}`\n")
+              f"command: `{command}`\n")
         print("\n".join(lines))
         print(f"\n{model.note}\n", flush=True)
 

@@ -9,7 +9,10 @@ With --runtime onnxruntime, MODEL is an ONNX file (benches/export_models.py) run
 .deps/bench-py) with the same threads, the same PIL + torchvision preprocessing and the same outputs:
 the speed-up the original article suggests before rewriting anything.
 
-  /usr/bin/python3 benches/reference.py MODEL FOLDER CSV [--threads 2] [--runtime torch|onnxruntime]
+With --gap SECONDS it waits that long before each image, as a service that sees one image at a time
+does, and also prints each image's time from opening the file to its JSON written (p50, p90).
+
+  /usr/bin/python3 benches/reference.py MODEL FOLDER CSV [--threads 2] [--runtime torch|onnxruntime] [--gap S]
 """
 import argparse
 import csv
@@ -60,6 +63,7 @@ def main():
     ap.add_argument("csv")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
+    ap.add_argument("--gap", type=float, default=0.0, help="seconds of idleness before each image")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     labels = open(LABELS).read().splitlines()
@@ -84,7 +88,12 @@ def main():
         w.writerow(["time", "path", "status", "class1", "label1", "score1", "class2", "label2", "score2",
                     "class3", "label3", "score3", "latency_ms", "error", "model"])
     start = time.perf_counter()
+    idle = 0.0
+    per_image = []
     for path in files:
+        if args.gap:
+            time.sleep(args.gap)
+            idle += args.gap
         t0 = time.perf_counter()
         with open(path, "rb") as f:
             data = f.read()
@@ -114,10 +123,13 @@ def main():
         t5 = time.perf_counter()
         for k, a, b in (("read", t0, t1), ("decode", t1, t2), ("resize", t2, t3), ("inference", t3, t4), ("write", t4, t5)):
             stages[k] += b - a
-    secs = time.perf_counter() - start
+        per_image.append((t5 - t0) * 1e3)
+    secs = time.perf_counter() - start - idle
     n = len(files)
+    per_image.sort()
     print(json.dumps({"images": n, "seconds": round(secs, 3), "images_per_s": round(n / secs, 2),
-                      "ms_per_image": {k: round(v / n * 1e3, 2) for k, v in stages.items()}}))
+                      "ms_per_image": {k: round(v / n * 1e3, 2) for k, v in stages.items()},
+                      "image_ms_p50": round(per_image[n // 2], 1), "image_ms_p90": round(per_image[min(n - 1, n * 9 // 10)], 1)}))
 
 
 if __name__ == "__main__":

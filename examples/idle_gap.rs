@@ -13,6 +13,11 @@ use labeld::infer::model::Classifier;
 use labeld::infer::optimize::PASSES;
 
 fn main() -> Result<(), String> {
+    // As in the daemon: the model runs on a thread of its own, not the process's first thread.
+    std::thread::spawn(measure).join().map_err(|_| "the measuring thread panicked".to_string())?
+}
+
+fn measure() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).ok_or("usage: idle_gap MODEL.pt [GAP_MS] [ROUNDS]")?;
     let gap = Duration::from_millis(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(500));

@@ -51,3 +51,18 @@ for stem in resnet18-random efficientnet_lite0; do
         break
     fi
 done
+
+# The int8 rows: each ONNX copy quantized by scripts/quantize.py (ONNX Runtime static QDQ), calibrated on
+# 100 photos made apart from the ones the bench measures (another seed), as a user would calibrate on
+# their own camera's images.
+scripts/setup-quantize.sh
+CALIBRATION="${XDG_CACHE_HOME:-$HOME/.cache}/labeld/bench/calibration-100"
+if [[ ! -d $CALIBRATION ]]; then
+    "$PYTHON" scripts/make_photos.py "$CALIBRATION.partial" --count 100 --seed 7
+    mv "$CALIBRATION.partial" "$CALIBRATION"
+fi
+for stem in resnet18-random efficientnet_lite0; do
+    if [[ ! "models/$stem.int8.onnx" -nt "models/$stem.onnx" ]]; then
+        .deps/quantize/bin/python scripts/quantize.py "models/$stem.onnx" "$CALIBRATION" "models/$stem.int8.onnx"
+    fi
+done

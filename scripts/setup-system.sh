@@ -3,7 +3,8 @@
 #   scripts/setup-system.sh run     build labeld (pkg-config, libturbojpeg0-dev) and export the model
 #                                   (python3-torch, python3-torchvision): all `make run` needs
 #   scripts/setup-system.sh deb     + patchelf, to point the packaged binary at its private libtorch
-#   scripts/setup-system.sh bench   + time, for the peak memory `make bench` reports
+#   scripts/setup-system.sh bench   + time, for the peak memory `make bench` reports; python3-venv and
+#                                   python3-pip for the int8 copies (scripts/setup-quantize.sh)
 #   scripts/setup-system.sh image   + what `make image` and `make image-test` drive: the .deb (patchelf;
 #                                   binutils strips it), a Debian root file system from the archive
 #                                   (mmdebstrap), the image committed from it (buildah), read back and
@@ -26,7 +27,7 @@ RUN=(pkg-config libturbojpeg0-dev python3-torch python3-torchvision)
 case $ROLE in
     run) PACKAGES=("${RUN[@]}") ;;
     deb) PACKAGES=("${RUN[@]}" patchelf) ;;
-    bench) PACKAGES=("${RUN[@]}" time) ;;
+    bench) PACKAGES=("${RUN[@]}" time python3-venv python3-pip) ;;
     image) PACKAGES=("${RUN[@]}" patchelf binutils mmdebstrap buildah skopeo umoci iproute2) ;;
     test) PACKAGES=("${RUN[@]}" patchelf chromium strace systemd mosquitto mosquitto-clients openssl groff-base logrotate python3-venv python3-pip) ;;
     *) echo "setup-system: unknown role '$ROLE' (run, deb, bench, image or test)" >&2; exit 2 ;;

@@ -67,6 +67,9 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, f
     let labels = Arc::new(Labels::load(&new.model.labels, new.model.labels_lang).map_err(|e| e.to_string())?);
     let settings = infer_settings(&new, labels, thumbnails);
     if old.model.needs_reload(&new.model) || old_labels != settings.labels.len() || old.remote != new.remote {
+        // One intra-op thread: OpenMP helpers this thread grew would slow every pass while it lives
+        // (see infer::solo).
+        crate::infer::layout::set_threads(1);
         worker::load(&settings, &crate::metrics::Metrics::default()).map_err(|e| format!("{e}; keeping the running model"))?;
     }
     let changed = changed_sections(old, &new);

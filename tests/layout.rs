@@ -1,6 +1,7 @@
 //! The worker layout adapts to the load: with `[workers]` left to its defaults, a lone image runs on
-//! every CPU and a backlog on each worker's share. Read from the per-batch debug log line, which names
-//! the intra-op threads the batch ran with. (How fast each layout is lives in `make bench`.)
+//! every CPU (on the solo thread) and a backlog on each worker's share. Read from the per-batch debug
+//! log line, which names the intra-op threads the batch ran with, and from the process's threads.
+//! (How fast each layout is lives in `make bench`.)
 
 use std::time::Duration;
 
@@ -55,5 +56,18 @@ fn a_lone_image_runs_on_every_cpu_and_a_backlog_on_each_workers_share() {
         backlog.iter().filter(|t| **t == share).count() >= backlog.len() / 2,
         "most backlog batches should run on a worker's share ({share}): {backlog:?}"
     );
+
+    // The OpenMP threads never outnumber the CPUs (else they sleep between parallel regions and a
+    // pass on every CPU is no faster than one on a share): the workers never grew helpers, only the
+    // solo thread did. Helpers carry the name of the thread that made them (so do libtorch's other
+    // pools, which the solo thread may have made too: its count is not checked).
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    let count = |name: &str| names.iter().filter(|n| *n == name).count();
+    assert_eq!((count("infer-0"), count("infer-1")), (1, 1), "workers with OpenMP helpers: {names:?}");
+    assert!(count("infer-solo") >= 1, "no solo thread: {names:?}");
     assert!(d.stop().success());
 }

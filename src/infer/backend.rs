@@ -30,6 +30,12 @@ pub trait Backend: Send + Sync {
     /// How many classes the model ranks (the length of each image's logits row).
     fn classes(&self) -> usize;
 
+    /// Whether a pass runs on the calling thread's intra-op threads (libtorch's OpenMP teams): then a
+    /// lone image's pass goes to the one thread with every CPU (`infer::solo`).
+    fn threads_follow_caller(&self) -> bool {
+        false
+    }
+
     /// The logits of `n` preprocessed images, given as one NHWC float buffer (`n × crop × crop × 3`),
     /// as `n × classes` values, image after image.
     fn logits(&self, data: &[f32], n: usize) -> Result<Vec<f32>, Failure>;

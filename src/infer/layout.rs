@@ -1,7 +1,8 @@
 //! How many libtorch intra-op threads each forward pass gets, decided per batch from the load.
 //!
 //! A lone image (no other worker running the model, nothing waiting in the queue) gets every CPU
-//! labeld may use, so its latency is as low as the box allows. Under load each worker keeps its share
+//! labeld may use, so its latency is as low as the box allows; that pass runs on the solo thread, the
+//! only one with that many threads (`infer::solo` says why). Under load each worker keeps its share
 //! (CPUs ÷ workers), so the workers overlap decoding and inference instead of fighting over cores,
 //! which is the faster layout for a backlog. An explicit `[workers] threads` fixes the count.
 
@@ -44,9 +45,14 @@ impl Layout {
         Pass { layout: self, threads }
     }
 
-    /// The threads a worker uses outside forward passes (loading, warm-up).
+    /// The threads each worker runs its passes on (and loads with).
     pub fn share(&self) -> usize {
         self.share
+    }
+
+    /// The threads of a pass that has the box to itself (run on the solo thread, `infer::solo`).
+    pub fn whole(&self) -> usize {
+        self.whole
     }
 }
 

@@ -10,6 +10,7 @@ pub mod optimize;
 pub mod preprocess;
 pub mod remote;
 pub mod resample;
+pub mod solo;
 pub mod worker;
 
 use std::sync::{Arc, RwLock};

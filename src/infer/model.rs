@@ -147,6 +147,10 @@ impl Backend for Classifier {
         self.classes
     }
 
+    fn threads_follow_caller(&self) -> bool {
+        true
+    }
+
     fn logits(&self, data: &[f32], n: usize) -> Result<Vec<f32>, Failure> {
         let run = || {
             tch::no_grad(|| {

@@ -14,6 +14,7 @@ use super::backend::{Backend, Failure};
 use super::model::Classifier;
 use super::onnx::{self, OnnxModel};
 use super::remote::RemoteModel;
+use super::solo::{Ranked, Solo};
 use crate::backoff::Backoff;
 use crate::error::panic_message;
 use crate::beneath::Beneath;
@@ -29,6 +30,8 @@ use crate::shutdown::Shutdown;
 
 pub struct Workers {
     handles: Vec<JoinHandle<()>>,
+    /// The solo thread, which ends after the last worker.
+    solo: Option<JoinHandle<()>>,
 }
 
 impl Workers {
@@ -49,7 +52,15 @@ impl Workers {
         let mut handles = Vec::new();
         let layout = Layout::new(cfg);
         let shared = SharedModel::default();
+        // Passes on more threads than a worker's share run on the solo thread (see `solo`).
+        let (solo, solo_handle) = if layout.whole() > layout.share() {
+            let (solo, handle) = Solo::start(layout.whole(), rank).map_err(|e| Fatal::io("cannot start the solo inference thread", e))?;
+            (Some(solo), Some(handle))
+        } else {
+            (None, None)
+        };
         for i in 0..cfg.count {
+            let solo = solo.clone();
             let (live, layout, shared, rx, out, shutdown, ready_tx, metrics, health) = (
                 live.clone(),
                 layout.clone(),
@@ -79,6 +90,9 @@ impl Workers {
                         }
                     };
                     drop(ready_tx);
+                    if let Some(solo) = solo.as_ref().filter(|_| i == 0) {
+                        warm(solo, &classifier, settings.model.crop);
+                    }
                     let threads = layout.share();
                     let worker = Worker {
                         settings,
@@ -90,6 +104,7 @@ impl Workers {
                         shared,
                         layout,
                         threads,
+                        solo,
                         queue: rx.clone(),
                     };
                     worker.run(&live, &rx, &out, &shutdown, decode_slot, line);
@@ -98,6 +113,7 @@ impl Workers {
             handles.push(h);
         }
         drop(ready_tx);
+        drop(solo);
         for _ in 0..cfg.count {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
@@ -128,11 +144,12 @@ impl Workers {
             max_batch = s.max_batch,
             "model loaded"
         );
-        Ok(Workers { handles })
+        Ok(Workers { handles, solo: solo_handle })
     }
 
+    /// Waits for the workers, then for the solo thread (which ends with the last worker).
     pub fn join(self) {
-        for h in self.handles {
+        for h in self.handles.into_iter().chain(self.solo) {
             let _ = h.join();
         }
     }
@@ -222,14 +239,14 @@ struct Worker {
     health: Health,
     name: String,
     layout: Arc<Layout>,
-    /// libtorch intra-op threads this thread is set to now.
+    /// libtorch intra-op threads of this thread (its share; never changed, see `solo`), or of the
+    /// solo thread for the latest pass that ran there (for the log).
     threads: usize,
+    /// Runs passes that have the box to themselves, when a pass can have more than the share.
+    solo: Option<Solo>,
     /// The queue, to see whether images are waiting.
     queue: QueueReceiver,
 }
-
-/// One image's ranked (class, probability) pairs, or why the model failed on it alone.
-type Ranked = Result<Vec<(usize, f32)>, String>;
 
 /// Back-off while the model fails on its own test input: 0.5 s doubling to 30 s.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -290,6 +307,9 @@ impl Worker {
         if !same_model(&self.settings, s) {
             let started = Instant::now();
             let c = self.shared.get(s, &self.metrics).map_err(|e| e.to_string())?;
+            if let Some(solo) = &self.solo {
+                warm(solo, &c, s.model.crop);
+            }
             self.classifier = c;
             tracing::info!(model = %s.model.name, ms = started.elapsed().as_millis() as u64, "worker switched model");
         }
@@ -297,12 +317,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Sets this thread's libtorch intra-op threads (OpenMP's setting is per calling thread).
-    fn use_threads(&mut self, n: usize) {
-        if n != self.threads {
-            super::layout::set_threads(n);
-            self.threads = n;
+    /// Ranks `n` images with `model` on `threads` intra-op threads: on the solo thread when that is more
+    /// than this worker's share and the backend runs on its caller's threads, else here.
+    fn run_pass(&mut self, model: &Arc<dyn Backend>, threads: usize, crop: u32, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
+        if let Some(solo) = self.solo.as_ref().filter(|s| threads >= s.threads() && model.threads_follow_caller()) {
+            if let Some(result) = solo.rank(model, crop, data, n, k) {
+                self.threads = solo.threads();
+                return result;
+            }
+            tracing::warn!(thread = %self.name, "the solo inference thread is gone; lone images run on this worker's threads");
+            self.solo = None;
         }
+        self.threads = self.layout.share();
+        rank(&**model, crop, data, n, k)
     }
 
     /// Labels one batch; `None` if shutdown came while the model was failing (the images then have
@@ -373,14 +400,13 @@ impl Worker {
                 let _busy = slot.busy(files);
                 let layout = self.layout.clone();
                 let pass = layout.begin(self.queue.len());
-                self.use_threads(pass.threads);
                 let (crop, k) = (settings.model.crop, settings.model.top_k);
                 self.use_settings(settings).map_err(Failure::Model).and_then(|()| {
-                    let m = &*self.classifier;
+                    let m = self.classifier.clone();
                     let by = |b: &dyn Backend, name: &str| RankedBy { engine: b.engine(), model: Arc::from(name) };
-                    match (rank(&*m.backend, crop, data, n, k), &m.fallback) {
+                    match (self.run_pass(&m.backend, pass.threads, crop, data, n, k), &m.fallback) {
                         (Err(Failure::Unavailable(_)), Some((local, name))) => {
-                            rank(&**local, crop, data, n, k).map(|r| (r, by(&**local, name)))
+                            self.run_pass(local, pass.threads, crop, data, n, k).map(|r| (r, by(&**local, name)))
                         }
                         (r, _) => r.map(|r| (r, by(&*m.backend, &m.name))),
                     }
@@ -425,6 +451,15 @@ impl Worker {
 
 }
 
+/// Has the solo thread run `loaded`'s models once (see `Solo::warm`).
+fn warm(solo: &Solo, loaded: &Loaded, crop: u32) {
+    for model in std::iter::once(&loaded.backend).chain(loaded.fallback.as_ref().map(|(m, _)| m)) {
+        if model.threads_follow_caller() {
+            solo.warm(model, crop);
+        }
+    }
+}
+
 /// What ranked a batch: the engine and the model name its records carry.
 struct RankedBy {
     engine: &'static str,
@@ -435,7 +470,7 @@ struct RankedBy {
 /// the images at fault are found, so their batch-mates are labelled. An image that fails alone is at
 /// fault only if the model still passes its test input; otherwise the model is (`Err`). Compute that is
 /// away (`Failure::Unavailable`) says nothing about the images: no split, no probe.
-fn rank(model: &dyn Backend, crop: u32, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
+pub(super) fn rank(model: &dyn Backend, crop: u32, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
     match model.top_k(data, n, k) {
         Ok(tops) => Ok(tops.into_iter().map(Ok).collect()),
         Err(away @ Failure::Unavailable(_)) => Err(away),
