@@ -1,21 +1,27 @@
 #!/usr/bin/python3
 """`make bench`: labeld against the Python pipelines it replaces, same machine, same models, same files.
 
-One markdown table per model (ResNet-18 with random weights as a plain trace, EfficientNet-Lite0 with its
-ImageNet weights), each headed by date, CPU, cores, model and command. Rows: the Python reference (PIL +
-torchvision + PyTorch, batch 1), onnxruntime (same preprocessing, ONNX copy of the model), labeld fp32 and
-bf16 with the packaged config (the .deb's: config/labeld.toml with paths in the bench's folders;
-precision, scaled decode and the HTTP port chosen by the bench), labeld with
-the ONNX copy through its ONNX Runtime backend (fp32), and
-labeld with scaled JPEG decode (--no-scaled skips those). Columns: images/s and the ratio to both Python rows, per-stage ms
-per image, top-1/top-3 agreement with the reference and with labeld fp32, p50/p99 latency from file ready
-to sidecar at --rate images/s into a running daemon, and peak RSS.
+One set of tables per model (ResNet-18 with random weights as a plain trace, EfficientNet-Lite0 with its
+ImageNet weights), each headed by date, CPU, cores, model and command.
+
+- Throughput on 1920×1080 JPEGs: the Python reference (PIL + torchvision + PyTorch, batch 1), onnxruntime
+  (same preprocessing, the ONNX copy), labeld fp32 (and bf16 where the CPU has AVX-512-BF16) with the
+  packaged config (the .deb's: config/labeld.toml with paths in the bench's folders; precision, scaled
+  decode and the HTTP port chosen by the bench), labeld with the ONNX copy and with its int8 QDQ copy
+  (scripts/quantize.py) through its ONNX Runtime backend, and with scaled JPEG decode (--no-scaled skips
+  those). Columns: images/s and the ratio to both Python rows, per-stage ms per image, top-1/top-3
+  agreement with the reference and with labeld fp32, peak RSS.
+- One image at a time, one every 1/--rate s: the reference (file opened → JSON written) and a running
+  labeld daemon (rename into its inbox → sidecar written), p50 / p90 and the mean ms per stage.
+- Camera-sized frames (5 MP, 12 MP): images/s of the reference, onnxruntime, labeld fp32 exact and with
+  scaled decode (and its agreement with the exact pipeline).
 
 Inputs: camera-like JPEGs made from real photographs (scripts/make_photos.py), cached in
-~/.cache/labeld/bench. Needs scripts/setup-bench.sh (onnxruntime, bench models) and a release build.
+~/.cache/labeld/bench. Needs scripts/setup-bench.sh (onnxruntime, bench models, int8 copies) and a
+release build.
 
   /usr/bin/python3 benches/bench.py [--models resnet18,lite0] [--count 300] [--big 30]
-                                    [--latency-images 100] [--rate 3] [--no-scaled] [--quick]
+                                    [--latency-images 60] [--rate 2] [--no-scaled] [--quick]
 """
 import argparse
 import csv
@@ -300,6 +306,17 @@ def attempt(what, fn, *a, **kw):
         return RowFailed(str(e).splitlines()[0])
 
 
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        m = re.search(r"^flags\s*:\s*(.+)$", f.read(), re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+def native_bf16():
+    """labeld runs bf16 only on CPUs that compute it (it runs fp32 elsewhere): bf16 rows only there."""
+    return "avx512_bf16" in cpu_flags()
+
+
 def machine():
     cpu, mem = "unknown CPU", ""
     with open("/proc/cpuinfo") as f:
@@ -307,8 +324,8 @@ def machine():
     m = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
     if m:
         cpu = m.group(1).strip()
-    flags = set(re.search(r"^flags\s*:\s*(.+)$", info, re.M).group(1).split()) if "flags" in info else set()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    flags = cpu_flags()
+    isa = [f for f in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     with open("/proc/meminfo") as f:
         m = re.search(r"MemTotal:\s+(\d+) kB", f.read())
         if m:
@@ -368,20 +385,25 @@ def bench_model(model, args, hd, big, tmp):
     results = [(f"reference (PIL + torchvision + PyTorch 1.13, batch 1, {t} threads)", ref),
                (f"onnxruntime (same preprocessing, batch 1, {t} threads)", ort)]
     fp32 = attempt("labeld fp32", run_labeld, hd, tmp, "fp32", model, "fp32")
-    results += [("labeld fp32", fp32), ("labeld bf16", attempt("labeld bf16", run_labeld, hd, tmp, "bf16", model, "bf16"))]
+    precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
+    results.append(("labeld fp32", fp32))
+    if native_bf16():
+        results.append(("labeld bf16", attempt("labeld bf16", run_labeld, hd, tmp, "bf16", model, "bf16")))
     results.append(("labeld ONNX Runtime (fp32, the ONNX copy)",
                     attempt("labeld onnxruntime", run_labeld, hd, tmp, "onnx", model, "fp32", onnx=True)))
     if os.path.exists(model.int8):
         results.append(("labeld ONNX Runtime int8 (scripts/quantize.py)",
                         attempt("labeld int8", run_labeld, hd, tmp, "int8", model, "fp32", int8=True)))
     if args.scaled:
-        for p in ("fp32", "bf16"):
+        for p in precisions:
             results.append((f"labeld {p} + scaled JPEG decode",
                             attempt(f"labeld {p} scaled", run_labeld, hd, tmp, f"{p}-scaled", model, p, scaled=True)))
         if os.path.exists(model.int8):
             results.append(("labeld int8 + scaled JPEG decode",
                             attempt("labeld int8 scaled", run_labeld, hd, tmp, "int8-scaled", model, "fp32", scaled=True, int8=True)))
     lines = rows_table(results, ref, ort, fp32)
+    if not native_bf16():
+        lines += ["", "No bf16 rows: this CPU has no AVX-512-BF16, and labeld runs fp32 where bf16 would be emulated."]
     if isinstance(fp32, dict):
         classes = {t[0][0] for t in tops(fp32["csv"]).values()}
         lines += ["", f"labeld fp32's top-1 falls in {len(classes)} distinct classes over {args.count} images."]
@@ -390,12 +412,12 @@ def bench_model(model, args, hd, big, tmp):
         lone = [(f"reference, {t} threads (file opened → JSON written)",
                  attempt("reference lone", run_reference, hd, tmp, "reference-lone", model.torchscript, "torch", t,
                          gap=gap, files=args.latency_images))]
-        for p in ("fp32", "bf16"):
+        for p in precisions:
             lone.append((f"labeld {p} (rename into the inbox → sidecar written)",
                          attempt(f"latency {p}", latency, hd, tmp, args.latency_images, args.rate, model, p)))
         lines += ["", f"One image every {gap:g} s, {args.latency_images} images:", ""] + lone_table(lone)
     for size, folder in big:
-        bt = os.path.join(tmp, size)
+        bt = os.path.join(tmp, re.sub(r"[^A-Za-z0-9]+", "-", size))
         os.makedirs(bt)
         rows = [("reference", run_reference, (model.torchscript, "torch", t)),
                 ("onnxruntime", run_reference, (model.onnx, "onnxruntime", t)),
@@ -403,7 +425,7 @@ def bench_model(model, args, hd, big, tmp):
                 ("labeld fp32 + scaled JPEG decode", run_labeld, (model, "fp32", True))]
         if os.path.exists(model.int8):
             rows.append(("labeld int8 + scaled JPEG decode", run_labeld, (model, "fp32", True, False, True)))
-        b = [(n, attempt(f"{size} {n}", fn, folder, bt, n.replace(" ", "-"), *a)) for n, fn, a in rows]
+        b = [(n, attempt(f"{size} {n}", fn, folder, bt, re.sub(r"[^A-Za-z0-9]+", "-", n), *a)) for n, fn, a in rows]
         base, exact = b[0][1], b[2][1]
         lines.append("")
         lines.append(f"{size} ({len(os.listdir(folder))} JPEGs), images/s: " + ", ".join(

@@ -39,6 +39,7 @@ impl Classifier {
         passes: Option<Passes>,
     ) -> Result<Classifier, Fatal> {
         let fail = |reason: String| Fatal::Model { path: path.to_path_buf(), reason };
+        let precision = runnable_precision(precision, cpu_has_native_bf16());
         let mut module = CModule::load_on_device(path, Device::Cpu).map_err(|e| fail(first_line(&e.to_string())))?;
         module.f_set_eval().map_err(|e| fail(format!("cannot switch the model to eval mode: {}", first_line(&e.to_string()))))?;
         let kind = match precision {
@@ -138,6 +139,31 @@ impl Classifier {
     }
 }
 
+/// The precision a model asked to run in `asked` runs in: bf16 only where the CPU computes it natively
+/// (AVX-512-BF16, which AMX CPUs also have); elsewhere libtorch emulates it, tens of times slower than
+/// fp32, so such a box runs fp32 and says so.
+pub fn runnable_precision(asked: Precision, native_bf16: bool) -> Precision {
+    if asked == Precision::Bf16 && !native_bf16 {
+        tracing::warn!(
+            "precision = \"bf16\" but this CPU has no native bfloat16 (AVX-512-BF16): libtorch would emulate it, \
+             far slower than fp32; running fp32 (set precision = \"fp32\" to silence this)"
+        );
+        return Precision::Fp32;
+    }
+    asked
+}
+
+fn cpu_has_native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
 impl Backend for Classifier {
     fn engine(&self) -> &'static str {
         "libtorch"
@@ -170,3 +196,16 @@ impl Backend for Classifier {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_runs_only_where_the_cpu_computes_it_natively() {
+        assert_eq!(runnable_precision(Precision::Bf16, true), Precision::Bf16);
+        assert_eq!(runnable_precision(Precision::Bf16, false), Precision::Fp32);
+        assert_eq!(runnable_precision(Precision::Fp32, false), Precision::Fp32);
+        assert_eq!(runnable_precision(Precision::Fp32, true), Precision::Fp32);
+    }
+}
