@@ -8,13 +8,16 @@ antialiasing as PIL does it, centre crop of --crop, RGB in [0, 1] normalised wit
 ranges the quantizer measures are the ones labeld will feed. Use images like the ones the camera delivers:
 a few dozen to a few hundred, covering the classes and the lighting you expect.
 
+--fp32-first N keeps the graph up to its N-th convolution in fp32: the first layers of small networks
+(few channels, activations with a wide range) lose the most in int8, and cost the least to keep.
+
 With --check DIR the script labels DIR's images with both files (ONNX Runtime, the same preprocessing) and
 prints how often the int8 file's top-1 (and top-3 set) equals the fp32 file's; --min-agreement fails the
 run (exit 1, nothing written) below that share.
 
   scripts/setup-quantize.sh     # once: onnxruntime, onnx, Pillow into .deps/quantize (cached)
   .deps/quantize/bin/python scripts/quantize.py MODEL.onnx CALIBRATION_DIR OUT.onnx \
-      [--check DIR] [--min-agreement 0.99] [--count 200] [--method minmax|entropy|percentile]
+      [--check DIR] [--min-agreement 0.99] [--count 200] [--method minmax|entropy|percentile] [--fp32-first N]
       [--resize 256] [--crop 224] [--mean 0.485 0.456 0.406] [--std 0.229 0.224 0.225]
 """
 import argparse
@@ -67,6 +70,19 @@ def input_layout(path):
     return inp.name, len(dims) == 4 and dims[3] == 3
 
 
+def first_nodes(path, convs):
+    """The names of the graph's nodes up to and including its `convs`-th Conv."""
+    import onnx
+
+    names, seen = [], 0
+    for node in onnx.load(path, load_external_data=False).graph.node:
+        if seen >= convs:
+            break
+        names.append(node.name)
+        seen += node.op_type == "Conv"
+    return names
+
+
 def top(session, name, x, k=3):
     logits = session.run(None, {name: x})[0][0]
     return list(np.argsort(-logits, kind="stable")[:k])
@@ -80,6 +96,7 @@ def main():
     ap.add_argument("--count", type=int, default=200, help="calibration images used at most (0: all)")
     ap.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
     ap.add_argument("--check", help="a folder of images to compare int8 with fp32 on")
+    ap.add_argument("--fp32-first", type=int, default=0, metavar="N", help="keep nodes up to the N-th Conv in fp32")
     ap.add_argument("--min-agreement", type=float, default=0.0, help="top-1 agreement on --check below this fails")
     ap.add_argument("--resize", type=int, default=256)
     ap.add_argument("--crop", type=int, default=224)
@@ -111,9 +128,12 @@ def main():
         inferred = os.path.join(tmp, "inferred.onnx")
         quant_pre_process(a.model, inferred, skip_symbolic_shape=False)
         partial = os.path.join(tmp, "int8.onnx")
+        keep = first_nodes(inferred, a.fp32_first) if a.fp32_first else []
+        if keep:
+            log(f"keeping {len(keep)} nodes in fp32, up to convolution {a.fp32_first}")
         quantize_static(inferred, partial, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                        extra_options={"CalibTensorRangeSymmetric": False})
+                        nodes_to_exclude=keep, extra_options={"CalibTensorRangeSymmetric": False})
         if a.check:
             opts = ort.SessionOptions()
             fp32 = ort.InferenceSession(a.model, opts, providers=["CPUExecutionProvider"])
