@@ -625,9 +625,16 @@ impl ArchiveFolders {
     pub fn get(&self, path: &Path) -> Option<Arc<ArchiveFolder>> {
         self.folders.lock().unwrap_or_else(|e| e.into_inner()).get(path).cloned()
     }
+
+    /// The pinned folder `path` lies in (a route's folder below its fixed part); archive folders never
+    /// nest, so there is at most one.
+    pub fn containing(&self, path: &Path) -> Option<Arc<ArchiveFolder>> {
+        let folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
+        folders.iter().filter(|(root, _)| path.starts_with(root)).max_by_key(|(root, _)| root.as_os_str().len()).map(|(_, f)| f.clone())
+    }
 }
 
-/// Every done_dir and quarantine of `config`, each once.
+/// Every done_dir and quarantine of `config`, and the fixed folder of every route's `to`, each once.
 pub fn archive_paths(config: &Config) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     for ib in &config.inboxes {
@@ -639,6 +646,11 @@ pub fn archive_paths(config: &Config) -> Vec<PathBuf> {
             if !out.contains(p) {
                 out.push(p.clone());
             }
+        }
+    }
+    for root in config.routes.iter().filter_map(|r| r.to.as_ref()).map(|t| &t.root) {
+        if !out.contains(root) {
+            out.push(root.clone());
         }
     }
     out

@@ -85,6 +85,7 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
         ("[http]", old.http != new.http),
         ("[mqtt]", old.mqtt != new.mqtt),
         ("[retention]", old.retention != new.retention),
+        ("[[route]]", old.routes != new.routes),
     ];
     differs.iter().filter(|(_, d)| *d).map(|(name, _)| name.to_string()).collect()
 }

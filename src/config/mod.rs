@@ -17,6 +17,7 @@ mod model;
 mod mqtt;
 mod output;
 mod retention;
+mod route;
 mod workers;
 
 pub use folders::check_archive_folder;
@@ -27,6 +28,7 @@ pub use model::{Engine, FileId, LabelSource, LabelsLang, ModelConfig, Precision,
 pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
 pub use output::OutputConfig;
 pub use retention::RetentionConfig;
+pub use route::{PLACEHOLDERS, Route, RouteAction, Target, Verdict};
 pub use workers::{WorkersConfig, cpu_budget};
 
 pub const DEFAULT_CONFIG: &str = "config/labeld.toml";
@@ -46,6 +48,8 @@ struct RawConfig {
     http: Option<http::RawHttp>,
     mqtt: Option<mqtt::RawMqtt>,
     retention: Option<retention::RawRetention>,
+    #[serde(default)]
+    route: Vec<route::RawRoute>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +65,8 @@ pub struct Config {
     pub mqtt: Option<MqttConfig>,
     /// Removing old images from done and quarantine folders (`[retention]`); off when absent.
     pub retention: Option<RetentionConfig>,
+    /// Where labelled images go by their label (`[[route]]`), tried in order; empty: `on_done` only.
+    pub routes: Vec<Route>,
 }
 
 impl Config {
@@ -80,6 +86,10 @@ impl Config {
         let model = model::from_raw(file, &base, raw.model)?;
         let limits = limits::from_raw(file, raw.limits)?;
         let inboxes = inbox::from_raw(file, &base, raw.inbox)?;
+        let routes = route::from_raw(file, &base, raw.route, &inboxes)?;
+        let route_folders: Vec<(String, PathBuf)> =
+            routes.iter().enumerate().filter_map(|(i, r)| Some((format!("[[route]] #{} to", i + 1), r.to.as_ref()?.root.clone()))).collect();
+        folders::check(&inboxes, &route_folders).map_err(|(key, reason)| ConfigError::new(file, key, reason))?;
         let workers = workers::from_raw(file, raw.workers)?;
         let output = output::from_raw(file, &base, raw.output)?;
         Ok(Config {
@@ -92,6 +102,7 @@ impl Config {
             mqtt: raw.mqtt.map(|m| mqtt::from_raw(file, &base, m, &output.csv)).transpose()?,
             retention: raw.retention.map(|r| retention::from_raw(file, r)).transpose()?,
             output,
+            routes,
         })
     }
 
@@ -117,6 +128,7 @@ impl Config {
         sections.extend(self.http.as_ref().map(HttpConfig::describe));
         sections.extend(self.mqtt.as_ref().map(MqttConfig::describe));
         sections.extend(self.retention.as_ref().map(RetentionConfig::describe));
+        sections.extend(self.routes.iter().map(Route::describe));
         format!("# {} (resolved)\n{}", self.file.display(), sections.join("\n"))
     }
 }

@@ -162,6 +162,7 @@ mod tests {
             latency_ms: 12.5,
             error: None,
             file: Some(Identity { dev: 1, inode: 2, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+            route: None,
         }
     }
 

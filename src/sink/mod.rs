@@ -76,7 +76,7 @@ impl OutputSettings {
         let english = c.model.labels == LabelSource::ImageNet && c.model.labels_lang != LabelsLang::En;
         OutputSettings {
             csv: c.output.csv.clone(),
-            columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some() },
+            columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some(), route: false },
             inboxes: c.inboxes.clone(),
             model: c.model.name.clone(),
         }
