@@ -71,7 +71,7 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, f
     let changed = changed_sections(old, &new);
     let inboxes_changed = !old.inboxes.iter().map(|i| i.watch_settings()).eq(new.inboxes.iter().map(|i| i.watch_settings()));
     folders.pin(&new);
-    Ok(Reload { output: OutputSettings::from_config(&new), config: new, settings, inboxes_changed, changed, at_next_restart })
+    Ok(Reload { output: OutputSettings::from_config(&new, &settings.labels), config: new, settings, inboxes_changed, changed, at_next_restart })
 }
 
 /// The sections of `new` that differ from `old`, for the log.
