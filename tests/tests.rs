@@ -29,6 +29,7 @@ mod packaging;
 mod preprocess_golden;
 mod resilience;
 mod retention;
+mod routes;
 mod service;
 mod structure;
 mod watch_link;

@@ -273,7 +273,22 @@ pub(super) fn from_raw(file: &Path, base: &Path, raw: Vec<RawRoute>, inboxes: &[
             to,
         });
     }
+    share_folders(&mut routes);
     Ok(routes)
+}
+
+/// Routes whose fixed folders nest share the outermost one, pinned once with one ledger:
+/// `/srv/sorted/review` and `/srv/sorted/{label}` are both placed beneath `/srv/sorted`.
+fn share_folders(routes: &mut [Route]) {
+    let roots: Vec<PathBuf> = routes.iter().filter_map(|r| Some(r.to.as_ref()?.root.clone())).collect();
+    for t in routes.iter_mut().filter_map(|r| r.to.as_mut()) {
+        let outer = roots.iter().filter(|o| t.root.starts_with(o) && **o != t.root).min_by_key(|o| o.as_os_str().len());
+        if let Some(outer) = outer {
+            let inner = t.root.strip_prefix(outer).unwrap_or(Path::new("")).components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+            t.rest.splice(0..0, inner);
+            t.root = outer.clone();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +368,17 @@ mod tests {
         assert!(e.reason.contains("one inside the other"), "{e}");
         Config::parse(&file, &format!("{MINIMAL}on_done = \"move\"\ndone_dir = \"out\"\n[[route]]\naction = \"move\"\nto = \"out/{{label}}\"\n")).unwrap();
         Config::parse(&file, &format!("{MINIMAL}[[route]]\naction = \"move\"\nto = \"inbox/.sorted/{{label}}\"\n")).unwrap();
+    }
+
+    #[test]
+    fn routes_whose_folders_nest_share_the_outer_one() {
+        let (dir, file) = setup();
+        let text = format!("{MINIMAL}[[route]]\nmax_margin = 0.1\naction = \"move\"\nto = \"sorted/review\"\n[[route]]\naction = \"move\"\nto = \"sorted/{{label}}\"\n");
+        let c = Config::parse(&file, &text).unwrap();
+        let review = c.routes[0].to.as_ref().unwrap();
+        assert_eq!((&review.root, &review.rest), (&dir.path().join("sorted"), &vec!["review".to_string()]));
+        assert_eq!(review.render(|_| unreachable!()), dir.path().join("sorted/review"));
+        assert_eq!(crate::ledger::archive_paths(&c), vec![dir.path().join("sorted")]);
     }
 
     #[test]
