@@ -173,7 +173,7 @@ fn sigkill_while_500_images_are_routed_leaves_each_exactly_once_in_one_place_wit
     }
     let (sorted, other) = (s.dir.path().join("sorted"), s.dir.path().join("other"));
     let routed = || images_in(&sorted).len() + images_in(&other).len();
-    for k in 0..3 {
+    for k in 0..5 {
         let d = s.spawn_daemon();
         let before = routed();
         let target = (before + 5 + (rng.next() % 120) as usize).min(n);

@@ -191,6 +191,17 @@ mod tests {
     }
 
     #[test]
+    fn a_routed_row_says_where_the_image_went() {
+        let m = messages("labeld/{host}/{inbox}/result");
+        let mut r = record("/srv/in/line2/a.jpg");
+        r.route = Some(crate::vocab::Routed { action: "move".into(), to: Some("/srv/sorted/Egyptian cat".into()), at: None });
+        let payload: Value = serde_json::from_slice(&m.result(&r).payload).unwrap();
+        assert_eq!(payload["route"], serde_json::json!({"action": "move", "to": "/srv/sorted/Egyptian cat"}));
+        let unrouted: Value = serde_json::from_slice(&m.result(&record("/srv/in/b.jpg")).payload).unwrap();
+        assert!(unrouted.get("route").is_none());
+    }
+
+    #[test]
     fn payload_is_the_sidecar_plus_host_inbox_and_id() {
         let m = messages("labeld/{host}/{inbox}/result");
         let r = record("/srv/in/line2/a.jpg");
