@@ -278,6 +278,36 @@ fn check_config_refuses_a_route_folder_inside_a_recursive_inbox_naming_both() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("inside the inbox"));
 }
 
+#[test]
+fn drift_metrics_name_only_the_routes_labels_and_other_whatever_the_class_count() {
+    // A 1000-class model; routes name two labels (one by class id) and a route for unsure images.
+    let routes = "[http]\nlisten = \"127.0.0.1:0\"\n\
+        \n[[route]]\nmax_score = 0.5\naction = \"move\"\nto = \"sorted/review\"\n\
+        \n[[route]]\nlabels = [\"tench\"]\naction = \"move\"\nto = \"sorted/{label}\"\n\
+        \n[[route]]\nclass_ids = [1]\naction = \"keep\"\n";
+    let s = Setup::new("channel_mean", routes);
+    let d = s.spawn_daemon();
+    for (i, rgb) in [RED, RED, RED, GREEN, BLUE, BLUE].into_iter().enumerate() {
+        solid(&s.inbox.join(format!("{i}.png")), rgb, 40, 30);
+    }
+    let metrics = || {
+        let url = format!("http://{}/metrics", d.http_addr());
+        ureq::get(&url).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default()
+    };
+    let text = d.eventually("six images counted", WAIT, || {
+        let m = metrics();
+        m.contains("labeld_label_images_total{label=\"other\"} 2").then_some(m)
+    });
+    let series: Vec<&str> = text.lines().filter(|l| l.starts_with("labeld_label_images_total{")).collect();
+    assert_eq!(series.len(), 3, "tench, goldfish (class 1) and other, not one per class: {series:?}");
+    assert!(text.contains("labeld_label_images_total{label=\"tench\"} 3"), "{text}");
+    assert!(text.contains("labeld_label_images_total{label=\"goldfish\"} 1"), "{text}");
+    assert!(text.contains("labeld_top1_score_count{label=\"tench\"} 3"), "{text}");
+    assert!(text.contains("labeld_unsure_share 0"), "every image is sure: {text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("labeld_top1_score_count{")).count(), 3);
+    assert!(d.stop().success());
+}
+
 /// A tmpfs mounted for one test, unmounted when dropped (also when the test fails).
 struct Tmpfs(PathBuf);
 

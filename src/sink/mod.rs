@@ -46,7 +46,7 @@ use crate::config::Route;
 use crate::infer::labels::Labels;
 use crate::ledger::ArchiveFolders;
 use recent::Recent;
-use route::FolderNames;
+use route::{DriftLabels, FolderNames};
 use result_log::{LogTap, ResultLog};
 use crate::vocab::results_log::Columns;
 use crate::vocab::{Record, Status};
@@ -77,6 +77,8 @@ pub struct OutputSettings {
     pub routes: Vec<Route>,
     /// The folder name of each of the model's labels (`{label}`).
     pub names: Arc<FolderNames>,
+    /// The label values of the drift metrics.
+    pub drift: Arc<DriftLabels>,
 }
 
 impl OutputSettings {
@@ -90,6 +92,7 @@ impl OutputSettings {
             model: c.model.name.clone(),
             routes: c.routes.clone(),
             names: Arc::new(names),
+            drift: Arc::new(DriftLabels::new(&c.routes, |i| labels.name(i).to_string())),
         }
     }
 }
@@ -149,6 +152,7 @@ impl Sink {
         for ib in &settings.inboxes {
             archive::finish(ib, &folders, !settings.routes.is_empty());
         }
+        metrics.track_labels(settings.drift.values());
         let (tx, commands) = crossbeam_channel::unbounded();
         let control = SinkControl { tx };
         let writer = Writer {
@@ -158,6 +162,7 @@ impl Sink {
             model: settings.model,
             routes: settings.routes,
             names: settings.names,
+            drift: settings.drift,
             rows: Vec::new(),
             sidecars: Vec::new(),
             backoff: Backoff::new(WRITE_RETRY_FIRST, WRITE_RETRY_MAX),
@@ -283,6 +288,7 @@ struct Writer {
     model: String,
     routes: Vec<Route>,
     names: Arc<FolderNames>,
+    drift: Arc<DriftLabels>,
     /// CSV rows not yet written.
     rows: Vec<Record>,
     /// Sidecars not yet written.
@@ -383,6 +389,8 @@ impl Writer {
         self.inboxes = next.inboxes;
         self.routes = next.routes;
         self.names = next.names;
+        self.metrics.track_labels(next.drift.values());
+        self.drift = next.drift;
     }
 
     fn accept(&mut self, batch: BatchDone) {
@@ -482,7 +490,12 @@ impl Writer {
         record.path = here.to_string_lossy().into_owned();
         // Decided now, from the record alone, and written with the row: a restart completes the same route.
         if let Some(ib) = self.inboxes.iter().find(|ib| here.starts_with(&ib.path)) {
-            record.route = route::decide(&self.routes, &record, &ib.name, &self.names).map(|(_, r)| r);
+            let decided = route::decide(&self.routes, &record, &ib.name, &self.names);
+            let unsure = decided.as_ref().is_some_and(|(i, _)| self.routes.get(*i).is_some_and(route::is_for_unsure));
+            record.route = decided.map(|(_, r)| r);
+            if let Some(top) = record.top.as_ref().and_then(|t| t.first()).filter(|_| record.status == Status::Ok) {
+                self.metrics.top1(self.drift.of(&top.label), top.score, unsure);
+            }
         }
         match &o.result {
             Ok(_) => self.totals.ok += 1,

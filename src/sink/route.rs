@@ -80,6 +80,51 @@ impl FolderNames {
     }
 }
 
+/// The label values drift metrics use: each label a route names (its `labels` entries as written, a
+/// pattern standing for the labels it matches, and the label of each of its `class_ids`); every other
+/// label counts as "other", so the series stay bounded whatever the model's class count.
+#[derive(Debug, Clone, Default)]
+pub struct DriftLabels {
+    names: Vec<String>,
+    patterns: Vec<(String, globset::GlobMatcher)>,
+}
+
+impl DriftLabels {
+    pub fn new(routes: &[Route], label_of: impl Fn(usize) -> String) -> DriftLabels {
+        let mut d = DriftLabels::default();
+        let named = routes.iter().flat_map(|r| r.labels.iter().cloned().chain(r.class_ids.iter().map(|&c| label_of(c))));
+        for name in named {
+            if d.names.contains(&name) || d.patterns.iter().any(|(p, _)| *p == name) {
+                continue;
+            }
+            let pattern = name.contains(['*', '?', '[', '{']).then(|| globset::Glob::new(&name).ok()).flatten();
+            match pattern {
+                Some(g) => d.patterns.push((name, g.compile_matcher())),
+                None => d.names.push(name),
+            }
+        }
+        d
+    }
+
+    /// Every value but "other".
+    pub fn values(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str).chain(self.patterns.iter().map(|(p, _)| p.as_str()))
+    }
+
+    /// The value `label` counts under.
+    pub fn of(&self, label: &str) -> &str {
+        if let Some(n) = self.names.iter().find(|n| *n == label) {
+            return n;
+        }
+        self.patterns.iter().find(|(_, m)| m.is_match(label)).map_or(crate::metrics::OTHER_LABEL, |(p, _)| p.as_str())
+    }
+}
+
+/// Whether `route` is one for unsure images: it takes low scores or small margins.
+pub fn is_for_unsure(route: &Route) -> bool {
+    route.max_score.is_some() || route.max_margin.is_some()
+}
+
 /// The UTC date of an RFC 3339 time (`2026-12-06T…` → `2026-12-06`).
 fn date_of(time: &str) -> String {
     let d = time.get(..10).unwrap_or("");
@@ -169,6 +214,25 @@ mod tests {
             Top { rank: 2, class_id: 1, label: "other".into(), label_en: None, score: s2 },
         ]);
         r
+    }
+
+    #[test]
+    fn drift_labels_are_the_routes_labels_and_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("labeld.toml");
+        std::fs::create_dir(dir.path().join("models")).unwrap();
+        std::fs::write(dir.path().join("models/m.pt"), b"x").unwrap();
+        let text = "[model]\npath = \"models/m.pt\"\n[[inbox]]\npath = \"in\"\n\
+            [[route]]\nlabels = [\"espresso\", \"*cat\"]\naction = \"move\"\nto = \"s\"\n\
+            [[route]]\nclass_ids = [657]\nmax_score = 0.5\naction = \"move\"\nto = \"s\"\n";
+        let c = crate::config::Config::parse(&file, text).unwrap();
+        let d = DriftLabels::new(&c.routes, |i| if i == 657 { "missile".into() } else { format!("c{i}") });
+        assert_eq!(d.values().collect::<Vec<_>>(), vec!["espresso", "missile", "*cat"]);
+        assert_eq!(d.of("espresso"), "espresso");
+        assert_eq!(d.of("tiger cat"), "*cat");
+        assert_eq!(d.of("missile"), "missile");
+        assert!((0..1000).all(|i| d.of(&format!("c{i}")) == "other"), "every label no route names is other");
+        assert!(!is_for_unsure(&c.routes[0]) && is_for_unsure(&c.routes[1]));
     }
 
     #[test]
