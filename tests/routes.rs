@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::devtools;
 use crate::common::*;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -305,6 +306,48 @@ fn drift_metrics_name_only_the_routes_labels_and_other_whatever_the_class_count(
     assert!(text.contains("labeld_top1_score_count{label=\"tench\"} 3"), "{text}");
     assert!(text.contains("labeld_unsure_share 0"), "every image is sure: {text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("labeld_top1_score_count{")).count(), 3);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn the_status_page_draws_labels_per_hour_from_the_results_log_across_restarts() {
+    let routes = "[http]\nlisten = \"127.0.0.1:0\"\n\n[[route]]\nlabels = [\"tench\"]\naction = \"move\"\nto = \"sorted/{label}\"\n";
+    let s = Setup::new("channel_mean", routes);
+    // A results log from the last 30 hours, as an earlier run wrote it: one row an hour.
+    let header = "time,path,status,class1,label1,score1,class2,label2,score2,class3,label3,score3,latency_ms,error,model,file_id,route";
+    let now = std::time::SystemTime::now();
+    let mut log = format!("{header}\n");
+    for h in 1..=30u64 {
+        let t = humantime::format_rfc3339_millis(now - Duration::from_secs(h * 3600));
+        let (class, label, score) = if h % 2 == 0 { (0, "tench", 0.9) } else { (1, "goldfish", 0.6) };
+        log += &format!("{t},/gone/{h}.png,ok,{class},{label},{score},5,c5,0.01,6,c6,0.01,1.0,,channel_mean,,\n");
+    }
+    std::fs::write(&s.csv, &log).unwrap();
+    let d = s.spawn_daemon();
+    solid(&s.inbox.join("red.png"), RED, 40, 30);
+    wait_for_sidecar(&s.dir.path().join("sorted/tench/red.png"), WAIT);
+    let base = format!("http://{}", d.http_addr());
+    let mut c = devtools::Chromium::start(&s.dir.path().join("chromium-profile"), WAIT);
+    c.open(&format!("{base}/"));
+    let bars = c.wait_for("(n => n >= 31 ? n : null)(document.querySelectorAll('#drift svg rect.bar').length)");
+    assert_eq!(bars, 31, "one bar per hour of the log and one for the image now");
+    let legend = c.eval("[...document.querySelectorAll('#drift svg > text')].map(t => t.textContent).join('|')");
+    let legend = legend.as_str().unwrap();
+    assert!(legend.contains("|tench") && legend.contains("|other"), "the routes' label and other: {legend}");
+    let points = c.eval("document.querySelector('#drift svg polyline.mean').getAttribute('points').split(' ').length");
+    assert_eq!(points, 31, "a mean top-1 point per hour with images");
+    let png = c.screenshot(900);
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drift-chart.png");
+    std::fs::write(&shot, &png).unwrap();
+    eprintln!("screenshot: {}", shot.display());
+    drop(c);
+    assert!(d.stop().success());
+    // After a restart the chart is read back from the log: the same bars.
+    let d = s.spawn_daemon();
+    let url = format!("http://{}/api/status", d.http_addr());
+    let status: serde_json::Value = serde_json::from_str(&ureq::get(&url).call().unwrap().body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(status["drift_svg"].as_str().unwrap().matches("class=\"bar\"").count(), 31);
     assert!(d.stop().success());
 }
 

@@ -139,6 +139,7 @@ async fn status(State(s): State<HttpState>) -> Response {
         "ok": s.metrics.images("ok"),
         "errors": s.metrics.images("error"),
         "recent": s.recent.list(),
+        "drift_svg": s.recent.drift_svg(),
         "mqtt": s.metrics.mqtt().map(|m| m.json()),
         // The page refuses a larger photo itself: a browser still sending a body the server refused
         // sees a reset connection, not the 413.

@@ -16,6 +16,7 @@
 //! log, new settings, a stuck worker's images to record) and the deadline of the next retry.
 
 pub mod archive;
+pub mod hourly;
 pub mod log_tap;
 pub mod recent;
 pub mod relocate;
@@ -148,7 +149,7 @@ impl Sink {
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open_tapped(&settings.csv, settings.columns, tap)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
-        finish_interrupted_batches(&log, &settings.inboxes);
+        finish_interrupted_batches(&log, &settings.inboxes, &recent, &settings.drift);
         for ib in &settings.inboxes {
             archive::finish(ib, &folders, !settings.routes.is_empty());
         }
@@ -198,7 +199,8 @@ impl Sink {
 /// Their result is in the row: write the sidecar from it instead of labelling the image again (which
 /// would add a second row). Cost: one sequential read of the whole log at start and a stat per row;
 /// memory holds only the rows whose image still needs its sidecar.
-fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
+/// The same read fills the status page's drift chart, so it survives restarts.
+fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig], recent: &Recent, drift: &DriftLabels) {
     let records = match log.records() {
         Ok(r) => r,
         Err(e) => {
@@ -212,6 +214,9 @@ fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
     let mut missing = HashMap::<String, Record>::new();
     for record in records {
         rows += 1;
+        if let Some(top) = record.top.as_ref().and_then(|t| t.first()) {
+            recent.count_hour(&record, drift.of(&top.label));
+        }
         if needs_sidecar(&record, inboxes) {
             missing.insert(record.path.clone(), record);
         } else {
@@ -495,6 +500,7 @@ impl Writer {
             record.route = decided.map(|(_, r)| r);
             if let Some(top) = record.top.as_ref().and_then(|t| t.first()).filter(|_| record.status == Status::Ok) {
                 self.metrics.top1(self.drift.of(&top.label), top.score, unsure);
+                self.recent.count_hour(&record, self.drift.of(&top.label));
             }
         }
         match &o.result {
