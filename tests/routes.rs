@@ -351,6 +351,45 @@ fn the_status_page_draws_labels_per_hour_from_the_results_log_across_restarts() 
     assert!(d.stop().success());
 }
 
+#[test]
+fn a_review_folder_keeps_its_cap_under_a_stream_oldest_leaving_first() {
+    let routes = "\n[[route]]\nname = \"unsure\"\nreview = true\nmax_files = 5\naction = \"move\"\nto = \"review\"\n";
+    let s = Setup::new("channel_mean", routes);
+    let review = s.dir.path().join("review");
+    std::fs::create_dir_all(&review).unwrap();
+    std::fs::write(review.join("operator-notes.png"), b"not labeld's").unwrap();
+    let d = s.spawn_daemon();
+    let mut most = 0;
+    for i in 0..20 {
+        solid(&s.inbox.join(format!("{i:02}.png")), [RED, GREEN, BLUE][i % 3], 40, 30);
+        wait_for_sidecar(&review.join(format!("{i:02}.png")), WAIT);
+        most = most.max(images_in(&review).len() - 1);
+    }
+    let left = d.eventually("the review folder back at its cap", WAIT, || {
+        let names: Vec<String> = images_in(&review).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        (names.len() == 6).then_some(names)
+    });
+    eprintln!("review cap 5 under a stream of 20: at most {most} images seen at once");
+    assert_eq!(left, ["15.png", "16.png", "17.png", "18.png", "19.png", "operator-notes.png"], "the newest five stay, and the operator's file");
+    for name in &left[..5] {
+        assert!(sidecar(&review.join(name)).exists(), "{name} keeps its sidecar");
+    }
+    let sidecars = files_in(&review).into_iter().filter(|p| p.to_string_lossy().ends_with(".json")).count();
+    assert_eq!(sidecars, 5, "the sidecars of the images that left went with them");
+    d.wait_for_log("route folder over its cap", WAIT);
+    assert!(d.stop().success());
+    assert_eq!(s.rows().len(), 20);
+}
+
+#[test]
+fn a_review_route_needs_a_folder_of_its_own() {
+    let s = Setup::new("channel_mean", "\n[[route]]\nreview = true\naction = \"move\"\nto = \"sorted/review\"\n\n[[route]]\naction = \"move\"\nto = \"sorted/{label}\"\n");
+    let out = s.labeld().args(["check-config", "--config"]).arg(&s.config).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[[route]] #1 review") && err.contains("a folder of its own"), "{err}");
+}
+
 /// A tmpfs mounted for one test, unmounted when dropped (also when the test fails).
 struct Tmpfs(PathBuf);
 

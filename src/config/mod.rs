@@ -28,7 +28,7 @@ pub use model::{Engine, FileId, LabelSource, LabelsLang, ModelConfig, Precision,
 pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
 pub use output::OutputConfig;
 pub use retention::RetentionConfig;
-pub use route::{PLACEHOLDERS, Route, RouteAction, Target, Verdict};
+pub use route::{Cap, PLACEHOLDERS, Route, RouteAction, Target, Verdict};
 pub use workers::{WorkersConfig, cpu_budget};
 
 pub const DEFAULT_CONFIG: &str = "config/labeld.toml";

@@ -24,6 +24,10 @@ pub(super) struct RawRoute {
     max_margin: Option<f64>,
     action: RouteAction,
     to: Option<String>,
+    #[serde(default)]
+    review: bool,
+    max_files: Option<u64>,
+    max_mb: Option<u64>,
 }
 
 /// What a route does with the image (and its sidecar, which travels with it).
@@ -151,6 +155,19 @@ pub struct Route {
     pub action: RouteAction,
     /// Required for move, copy and link.
     pub to: Option<Target>,
+    /// The route's folder is a review queue: listed on the status page, where labels are confirmed
+    /// or corrected.
+    pub review: bool,
+    /// At most this many images (and bytes of images and sidecars) in the route's folder: the oldest
+    /// recorded ones leave first.
+    pub cap: Option<Cap>,
+}
+
+/// A route folder's size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap {
+    pub max_files: Option<u64>,
+    pub max_bytes: Option<u64>,
 }
 
 /// Equal when every key is (the compiled matcher follows from `labels`).
@@ -158,6 +175,7 @@ impl PartialEq for Route {
     fn eq(&self, o: &Route) -> bool {
         (&self.name, &self.labels, &self.class_ids, &self.inboxes, self.action, &self.to) == (&o.name, &o.labels, &o.class_ids, &o.inboxes, o.action, &o.to)
             && (self.min_score, self.max_score, self.min_margin, self.max_margin) == (o.min_score, o.max_score, o.min_margin, o.max_margin)
+            && (self.review, self.cap) == (o.review, o.cap)
     }
 }
 
@@ -211,6 +229,15 @@ impl Route {
         if let Some(t) = &self.to {
             s += &format!("to = {}\n", toml::Value::String(t.template.clone()));
         }
+        if self.review {
+            s += "review = true\n";
+        }
+        if let Some(n) = self.cap.and_then(|c| c.max_files) {
+            s += &format!("max_files = {n}\n");
+        }
+        if let Some(b) = self.cap.and_then(|c| c.max_bytes) {
+            s += &format!("max_mb = {}\n", b >> 20);
+        }
         s
     }
 }
@@ -259,6 +286,17 @@ pub(super) fn from_raw(file: &Path, base: &Path, raw: Vec<RawRoute>, inboxes: &[
             (a, None) => return Err(err("to", format!("action = \"{}\" needs to, the folder the image goes to, e.g. \"/srv/sorted/{{label}}\"", a.as_str()))),
             (_, Some(t)) => Some(Target::parse(base, &t).map_err(|reason| err("to", format!("\"{t}\": {reason}")))?),
         };
+        if r.max_files == Some(0) {
+            return Err(err("max_files", "must be at least 1".into()));
+        }
+        if let Some(mb) = r.max_mb.filter(|mb| !(1..=100_000_000).contains(mb)) {
+            return Err(err("max_mb", format!("must be 1..=100000000, got {mb}")));
+        }
+        let cap = (r.max_files.is_some() || r.max_mb.is_some()).then_some(Cap { max_files: r.max_files, max_bytes: r.max_mb.map(|mb| mb << 20) });
+        if (r.review || cap.is_some()) && to.as_ref().is_none_or(|t| t.template.contains('{')) {
+            let key = if r.review { "review" } else if r.max_files.is_some() { "max_files" } else { "max_mb" };
+            return Err(err(key, "needs a route with a fixed folder of its own (to without placeholders, action move, copy or link)".into()));
+        }
         routes.push(Route {
             name,
             labels,
@@ -271,9 +309,25 @@ pub(super) fn from_raw(file: &Path, base: &Path, raw: Vec<RawRoute>, inboxes: &[
             max_margin: r.max_margin,
             action: r.action,
             to,
+            review: r.review,
+            cap,
         });
     }
     share_folders(&mut routes);
+    // A review queue or a capped folder is counted and listed as a whole: nothing else may share it.
+    for (i, r) in routes.iter().enumerate() {
+        let Some(t) = r.to.as_ref().filter(|_| r.review || r.cap.is_some()) else { continue };
+        let own = t.root.join(t.rest.join("/"));
+        let shared = routes.iter().enumerate().any(|(j, o)| j != i && o.to.as_ref().is_some_and(|ot| ot.root == t.root))
+            || inboxes.iter().any(|ib| ib.quarantine.as_ref() == Some(&t.root) || ib.on_done == super::OnDone::Move(t.root.clone()));
+        if shared || own != t.root {
+            let key = if r.review { "review" } else { "max_files" };
+            return Err(ConfigError::new(file, format!("[[route]] #{} {key}", i + 1), format!(
+                "{} is shared with another route, done_dir or quarantine; a review queue or a capped folder needs a folder of its own beside the others",
+                own.display()
+            )));
+        }
+    }
     Ok(routes)
 }
 
@@ -379,6 +433,21 @@ mod tests {
         assert_eq!((&review.root, &review.rest), (&dir.path().join("sorted"), &vec!["review".to_string()]));
         assert_eq!(review.render(|_| unreachable!()), dir.path().join("sorted/review"));
         assert_eq!(crate::ledger::archive_paths(&c), vec![dir.path().join("sorted")]);
+    }
+
+    #[test]
+    fn a_review_queue_or_a_cap_needs_a_fixed_folder_of_its_own() {
+        let (_dir, file) = setup();
+        let refused = |route: &str| Config::parse(&file, &format!("{MINIMAL}[[route]]\n{route}\n")).unwrap_err();
+        assert_eq!(refused("review = true\naction = \"move\"\nto = \"r/{label}\"").key, "[[route]] #1 review");
+        assert_eq!(refused("review = true\naction = \"keep\"").key, "[[route]] #1 review");
+        assert_eq!(refused("max_files = 0\naction = \"move\"\nto = \"r\"").key, "[[route]] #1 max_files");
+        assert_eq!(refused("max_mb = 0\naction = \"move\"\nto = \"r\"").key, "[[route]] #1 max_mb");
+        let shared = format!("{MINIMAL}on_done = \"move\"\ndone_dir = \"r\"\n[[route]]\nmax_files = 3\naction = \"move\"\nto = \"r\"\n");
+        assert!(Config::parse(&file, &shared).unwrap_err().reason.contains("a folder of its own"));
+        let c = Config::parse(&file, &format!("{MINIMAL}[[route]]\nreview = true\nmax_files = 100\nmax_mb = 50\naction = \"copy\"\nto = \"r\"\n")).unwrap();
+        assert_eq!(c.routes[0].cap, Some(Cap { max_files: Some(100), max_bytes: Some(50 << 20) }));
+        assert!(c.describe().contains("review = true\nmax_files = 100\nmax_mb = 50\n"), "{}", c.describe());
     }
 
     #[test]
