@@ -390,6 +390,69 @@ fn a_review_route_needs_a_folder_of_its_own() {
     assert!(err.contains("[[route]] #1 review") && err.contains("a folder of its own"), "{err}");
 }
 
+#[test]
+fn an_operator_confirms_and_corrects_labels_on_the_status_page_into_corrections_csv() {
+    let routes = "[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"t0k-en\"\n\n[[route]]\nname = \"unsure\"\nreview = true\nmax_files = 50\naction = \"move\"\nto = \"review\"\n";
+    let s = Setup::new("channel_mean", routes);
+    let review = s.dir.path().join("review");
+    let d = s.spawn_daemon();
+    solid(&s.inbox.join("red.png"), RED, 40, 30);
+    solid(&s.inbox.join("green.png"), GREEN, 40, 30);
+    let red = wait_for_sidecar(&review.join("red.png"), WAIT);
+    wait_for_sidecar(&review.join("green.png"), WAIT);
+    let base = format!("http://{}", d.http_addr());
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(WAIT)).build().into();
+    assert_eq!(agent.get(format!("{base}/api/review")).call().unwrap().status().as_u16(), 401, "behind the token");
+    assert_eq!(agent.get(format!("{base}/review/0/red.png")).call().unwrap().status().as_u16(), 401);
+
+    let mut c = devtools::Chromium::start(&s.dir.path().join("chromium-profile"), WAIT);
+    c.open(&format!("{base}/?token=t0k-en"));
+    c.wait_for("(n => n == 2 ? n : null)(document.querySelectorAll('#review-items li').length)");
+    c.wait_for("(i => i && i.complete && i.naturalWidth == 40 ? 1 : null)(document.querySelector(\"#review-items li[data-key='0/red.png'] img\"))");
+    let said = c.eval("document.querySelector(\"#review-items li[data-key='0/red.png'] .said\").textContent");
+    assert!(said.as_str().unwrap().starts_with("tench "), "{said}");
+    // The red one is corrected to goldfish (typed, as from the list), the green one confirmed.
+    c.eval("(li => { li.querySelector('input').value = 'goldfish'; li.querySelector('button.correct').click(); })(document.querySelector(\"#review-items li[data-key='0/red.png']\"))");
+    c.wait_for("(li => li.dataset.verdict || null)(document.querySelector(\"#review-items li[data-key='0/red.png']\"))");
+    c.eval("document.querySelector(\"#review-items li[data-key='0/green.png'] button.confirm\").click()");
+    c.wait_for("(li => li.dataset.verdict || null)(document.querySelector(\"#review-items li[data-key='0/green.png']\"))");
+    let shown = c.eval("document.querySelector(\"#review-items li[data-key='0/red.png'] .verdict\").textContent");
+    assert_eq!(shown, "✓ goldfish (was tench)");
+    let png = c.screenshot(900);
+    std::fs::write(Path::new(env!("CARGO_TARGET_TMPDIR")).join("review-queue.png"), &png).unwrap();
+
+    let corrections = s.dir.path().join("corrections.csv");
+    let (header, rows) = read_csv(&corrections);
+    assert_eq!(header.iter().collect::<Vec<_>>(), ["time", "path", "file_id", "xxh3", "review_file", "model", "predicted", "corrected"]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let red_row = &rows[0];
+    assert_eq!(&red_row[1], s.inbox.join("red.png").display().to_string().as_str(), "the image as it was found");
+    let id = red["file"].clone();
+    assert_eq!(&red_row[2], format!("{}:{}:{}:{}:{}", id["dev"], id["inode"], id["size"], id["mtime_ns"], id["ctime_ns"]).as_str());
+    assert_eq!(&red_row[3], format!("{:016x}", id["xxh3"].as_u64().unwrap()).as_str(), "the hash of the bytes labelled");
+    assert_eq!(&red_row[4], review.join("red.png").display().to_string().as_str());
+    assert_eq!((&red_row[5], &red_row[6], &red_row[7]), ("channel_mean", "tench", "goldfish"));
+    assert_eq!((&rows[1][6], &rows[1][7]), ("goldfish", "goldfish"), "a confirmation is a row too");
+
+    // Not one of the model's labels, or no such image: refused, nothing written.
+    let post = |path: &str, body: &str| {
+        agent.post(format!("{base}{path}?token=t0k-en")).header("Content-Type", "application/json").send(body).unwrap().status().as_u16()
+    };
+    assert_eq!(post("/review/0/red.png", r#"{"label": "not a label"}"#), 422);
+    assert_eq!(post("/review/0/..%2Fresults.csv", r#"{"label": "tench"}"#), 422);
+    assert_eq!(post("/review/7/red.png", r#"{"label": "tench"}"#), 422);
+    assert_eq!(read_csv(&corrections).1.len(), 2);
+    // The verdicts are shown again after a restart (read back from corrections.csv).
+    drop(c);
+    assert!(d.stop().success());
+    let d = s.spawn_daemon();
+    let url = format!("http://{}/api/review?token=t0k-en", d.http_addr());
+    let list: serde_json::Value = serde_json::from_str(&agent.get(url).call().unwrap().body_mut().read_to_string().unwrap()).unwrap();
+    let verdicts: Vec<&str> = list["items"].as_array().unwrap().iter().map(|i| i["verdict"].as_str().unwrap_or("")).collect();
+    assert!(verdicts.contains(&"goldfish") && verdicts.len() == 2, "{list}");
+    assert!(d.stop().success());
+}
+
 /// A tmpfs mounted for one test, unmounted when dropped (also when the test fails).
 struct Tmpfs(PathBuf);
 
