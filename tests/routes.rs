@@ -453,6 +453,28 @@ fn an_operator_confirms_and_corrects_labels_on_the_status_page_into_corrections_
     assert!(d.stop().success());
 }
 
+#[test]
+fn a_reload_adds_a_route_and_the_log_gets_its_route_column_in_a_new_file() {
+    let s = Setup::new("channel_mean", "");
+    let d = s.spawn_daemon();
+    solid(&s.inbox.join("before.png"), RED, 40, 30);
+    wait_for_sidecar(&s.inbox.join("before.png"), WAIT);
+    std::fs::write(&s.config, std::fs::read_to_string(&s.config).unwrap() + "\n[[route]]\nlabels = [\"tench\"]\naction = \"move\"\nto = \"sorted/{label}\"\n").unwrap();
+    d.signal(1);
+    d.wait_for_log("config reloaded", WAIT);
+    assert!(d.log_text().lines().any(|l| l.contains("config reloaded") && l.contains("[[route]]")), "{}", d.log_text());
+    solid(&s.inbox.join("after.png"), RED, 40, 30);
+    let side = wait_for_sidecar(&s.dir.path().join("sorted/tench/after.png"), WAIT);
+    assert_eq!(side["route"]["action"], "move");
+    assert!(s.inbox.join("before.png").exists(), "an image labelled before the route stays where on_done left it");
+    assert!(d.stop().success());
+    let (header, rows) = read_csv(&s.csv);
+    assert_eq!(header.iter().last(), Some("route"));
+    assert_eq!(rows.len(), 1, "the new log holds the row written after the reload");
+    let older: Vec<_> = std::fs::read_dir(s.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("results.") && n != "results.csv").collect();
+    assert_eq!(older.len(), 1, "the log without the column was set aside: {older:?}");
+}
+
 /// A tmpfs mounted for one test, unmounted when dropped (also when the test fails).
 struct Tmpfs(PathBuf);
 
