@@ -45,6 +45,12 @@ pub fn folder_name(label: &str) -> String {
     if altered || name != name.to_lowercase() { with_hash(&name, label) } else { name }
 }
 
+/// An inbox name (unique in the config) as one folder name: a hash only when it had to be altered.
+fn inbox_folder(inbox: &str) -> String {
+    let (name, altered) = sanitize(inbox);
+    if altered { with_hash(&name, inbox) } else { name }
+}
+
 /// The folder name of every label of a model, fixed for its label list: a label keeps its own name
 /// unless it was altered (`sanitize`) or another label's name differs from it only in case (two
 /// folders a case-insensitive file system would make one); those get a hash of the label appended.
@@ -152,7 +158,7 @@ pub fn decide(routes: &[Route], record: &Record, inbox: &str, names: &FolderName
         t.render(|placeholder| match placeholder {
             "label" => names.get(&first.label),
             "class_id" => first.class_id.to_string(),
-            "inbox" => folder_name(inbox),
+            "inbox" => inbox_folder(inbox),
             _ => date_of(&record.time),
         })
     });
@@ -253,7 +259,7 @@ mod tests {
         assert_eq!(go(&record("espresso", 967, 0.9, 0.05)), Some((1, "move".into(), Some(sorted.join("espresso/2026-12-06").display().to_string()))));
         assert_eq!(go(&record("espresso", 967, 0.45, 0.4)).map(|d| d.0), Some(0), "unsure first");
         assert_eq!(go(&record("espresso", 967, 0.45, 0.1)), None, "below min_score, nothing else matches");
-        assert_eq!(go(&record("missile", 657, 0.6, 0.1)).and_then(|d| d.2), Some(sorted.join(format!("657-{}", folder_name(".."))).display().to_string()));
+        assert_eq!(go(&record("missile", 657, 0.6, 0.1)).and_then(|d| d.2), Some(sorted.join(format!("657-{}", inbox_folder(".."))).display().to_string()));
         assert_eq!(go(&record("tench", 0, 0.15, 0.0)), Some((3, "keep".into(), None)));
         let mut failed = record("espresso", 967, 0.9, 0.05);
         failed.status = Status::Error;
