@@ -194,6 +194,8 @@ pub struct ArchiveFolder {
     ledger: Mutex<Option<File>>,
     /// Records appended since the last compaction, and the records it kept (None: not compacted yet).
     growth: Mutex<(u64, Option<(u64, SystemTime)>)>,
+    /// Told after each record (a file is being placed): the retention thread then checks capped folders.
+    placed: Option<crossbeam_channel::Sender<()>>,
 }
 
 impl ArchiveFolder {
@@ -205,6 +207,7 @@ impl ArchiveFolder {
             inboxes: Mutex::new(Vec::new()),
             ledger: Mutex::new(None),
             growth: Mutex::new((0, None)),
+            placed: None,
         };
         f.repin(inboxes);
         f
@@ -308,6 +311,9 @@ impl ArchiveFolder {
         let bytes: Vec<u8> = files.iter().flat_map(|(key, rel)| Entry { time, key: *key, rel: rel.to_path_buf() }.line()).collect();
         self.append(root, &bytes)?;
         self.lock_growth().0 += files.len() as u64;
+        if let Some(tx) = &self.placed {
+            let _ = tx.try_send(()); // one pending notice is enough
+        }
         Ok(())
     }
 
@@ -600,9 +606,17 @@ pub fn key_at(root: &OwnedFd, rel: &Path) -> Option<FileKey> {
 
 /// Every archive folder the config names, pinned; one value per path for the life of the process, so
 /// that the sink's moves and the sweeps share one ledger lock.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ArchiveFolders {
     folders: Arc<Mutex<HashMap<PathBuf, Arc<ArchiveFolder>>>>,
+    /// A notice per file recorded in any of them (coalesced), for capped folders.
+    placed: (crossbeam_channel::Sender<()>, crossbeam_channel::Receiver<()>),
+}
+
+impl Default for ArchiveFolders {
+    fn default() -> Self {
+        ArchiveFolders { folders: Arc::default(), placed: crossbeam_channel::bounded(1) }
+    }
 }
 
 impl ArchiveFolders {
@@ -615,7 +629,9 @@ impl ArchiveFolders {
             match folders.get(&path) {
                 Some(f) => f.repin(inboxes.clone()),
                 None => {
-                    folders.insert(path.clone(), Arc::new(ArchiveFolder::new(&path, inboxes.clone())));
+                    let mut f = ArchiveFolder::new(&path, inboxes.clone());
+                    f.placed = Some(self.placed.0.clone());
+                    folders.insert(path.clone(), Arc::new(f));
                 }
             }
         }
@@ -625,9 +641,21 @@ impl ArchiveFolders {
     pub fn get(&self, path: &Path) -> Option<Arc<ArchiveFolder>> {
         self.folders.lock().unwrap_or_else(|e| e.into_inner()).get(path).cloned()
     }
+
+    /// Ready after a file was recorded in one of the folders (a notice per burst, not per file).
+    pub fn placed(&self) -> crossbeam_channel::Receiver<()> {
+        self.placed.1.clone()
+    }
+
+    /// The pinned folder `path` lies in (a route's folder below its fixed part); archive folders never
+    /// nest, so there is at most one.
+    pub fn containing(&self, path: &Path) -> Option<Arc<ArchiveFolder>> {
+        let folders = self.folders.lock().unwrap_or_else(|e| e.into_inner());
+        folders.iter().filter(|(root, _)| path.starts_with(root)).max_by_key(|(root, _)| root.as_os_str().len()).map(|(_, f)| f.clone())
+    }
 }
 
-/// Every done_dir and quarantine of `config`, each once.
+/// Every done_dir and quarantine of `config`, and the fixed folder of every route's `to`, each once.
 pub fn archive_paths(config: &Config) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     for ib in &config.inboxes {
@@ -639,6 +667,11 @@ pub fn archive_paths(config: &Config) -> Vec<PathBuf> {
             if !out.contains(p) {
                 out.push(p.clone());
             }
+        }
+    }
+    for root in config.routes.iter().filter_map(|r| r.to.as_ref()).map(|t| &t.root) {
+        if !out.contains(root) {
+            out.push(root.clone());
         }
     }
     out

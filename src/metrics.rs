@@ -132,6 +132,7 @@ pub struct Metrics {
     retention: Retention,
     remote_requests: Family<LabelSet, Counter>,
     remote_up: Family<LabelSet, Gauge>,
+    drift: Drift,
     /// Queue depth, images in flight and the recent rate, read at scrape time.
     live: Arc<LiveGauges>,
 }
@@ -144,6 +145,27 @@ struct Retention {
     sweeps: Counter,
     free_bytes: Family<LabelSet, Gauge>,
     foreign: Family<LabelSet, Gauge>,
+}
+
+/// What the model says over time, by the labels the routes name (and "other" for every other label,
+/// so a 1000-class model adds at most the routes' labels + 1 series).
+#[derive(Clone)]
+struct Drift {
+    labels: Family<LabelSet, Counter>,
+    scores: Family<LabelSet, Histogram, fn() -> Histogram>,
+    /// The last `UNSURE_WINDOW` ok results: whether a route for unsure images took each.
+    unsure: Arc<Mutex<VecDeque<bool>>>,
+    unsure_share: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// How many of the latest ok results `labeld_unsure_share` is taken over.
+pub const UNSURE_WINDOW: usize = 1000;
+
+/// The value `labeld_label_images_total{label}` gives a label no route names.
+pub const OTHER_LABEL: &str = "other";
+
+fn score_histogram() -> Histogram {
+    Histogram::new([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
 }
 
 /// Values that are read when asked for rather than counted.
@@ -217,6 +239,19 @@ impl Metrics {
         );
         let remote_up = Family::<LabelSet, Gauge>::default();
         registry.register("remote_up", "Whether each [remote] model server answers (1) or is in back-off (0)", remote_up.clone());
+        let drift = Drift {
+            labels: Family::default(),
+            scores: Family::new_with_constructor(score_histogram as fn() -> Histogram),
+            unsure: Arc::default(),
+            unsure_share: Gauge::default(),
+        };
+        registry.register("label_images", "Ok images by top-1 label: the labels routes name, the rest as \"other\"", drift.labels.clone());
+        registry.register("top1_score", "Top-1 scores by top-1 label (the labels routes name, the rest as \"other\")", drift.scores.clone());
+        registry.register(
+            "unsure_share",
+            "Share of the latest 1000 ok images that a route for unsure images (max_score or max_margin) took",
+            drift.unsure_share.clone(),
+        );
         // Every label value is there from the start, at 0, so rates and alerts work before the first event.
         for status in ["ok", "error"] {
             let _ = images.get_or_create(&vec![("status".into(), status.into())]);
@@ -246,8 +281,33 @@ impl Metrics {
             retention,
             remote_requests,
             remote_up,
+            drift,
             live,
         }
+    }
+
+    /// The label values drift metrics use (besides "other"): each starts at 0.
+    pub fn track_labels<'a>(&self, labels: impl IntoIterator<Item = &'a str>) {
+        for l in labels.into_iter().chain([OTHER_LABEL]) {
+            let key = vec![("label".to_string(), l.to_string())];
+            let _ = self.drift.labels.get_or_create(&key);
+            let _ = self.drift.scores.get_or_create(&key);
+        }
+    }
+
+    /// An ok image whose top-1 label counts as `label` (one of `track_labels`, or `OTHER_LABEL`),
+    /// with its top-1 `score`; `unsure`: a route for unsure images took it.
+    pub fn top1(&self, label: &str, score: f64, unsure: bool) {
+        let key = vec![("label".to_string(), label.to_string())];
+        self.drift.labels.get_or_create(&key).inc();
+        self.drift.scores.get_or_create(&key).observe(score);
+        let mut window = self.drift.unsure.lock().unwrap_or_else(|e| e.into_inner());
+        window.push_back(unsure);
+        if window.len() > UNSURE_WINDOW {
+            window.pop_front();
+        }
+        let share = window.iter().filter(|u| **u).count() as f64 / window.len() as f64;
+        self.drift.unsure_share.set(share);
     }
 
     /// Where queue depth and in-flight counts are read from at scrape time.
@@ -417,6 +477,26 @@ impl prometheus_client::collector::Collector for Collected {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drift_series_stay_bounded_by_the_labels_routes_name() {
+        let m = Metrics::new();
+        m.track_labels(["espresso", "cup"]);
+        let text = m.encode();
+        assert!(text.contains("labeld_label_images_total{label=\"espresso\"} 0"), "{text}");
+        assert!(text.contains("labeld_label_images_total{label=\"other\"} 0"), "{text}");
+        m.top1("espresso", 0.95, false);
+        for _ in 0..999 {
+            m.top1(OTHER_LABEL, 0.05, true);
+        }
+        m.top1("espresso", 0.35, false);
+        let text = m.encode();
+        assert_eq!(text.matches("labeld_label_images_total{").count(), 3, "{text}");
+        assert!(text.contains("labeld_label_images_total{label=\"espresso\"} 2"), "{text}");
+        assert!(text.contains("labeld_top1_score_bucket{le=\"0.4\",label=\"espresso\"} 1"), "{text}");
+        assert!(text.contains("labeld_top1_score_count{label=\"other\"} 999"), "{text}");
+        assert!(text.contains("labeld_unsure_share 0.999"), "over the latest 1000: {text}");
+    }
 
     #[test]
     fn counters_start_at_zero_for_every_label_value() {

@@ -75,7 +75,7 @@ pub fn prepare(old: &Config, old_labels: usize, file: &Path, thumbnails: bool, f
     let changed = changed_sections(old, &new);
     let inboxes_changed = !old.inboxes.iter().map(|i| i.watch_settings()).eq(new.inboxes.iter().map(|i| i.watch_settings()));
     folders.pin(&new);
-    Ok(Reload { output: OutputSettings::from_config(&new), config: new, settings, inboxes_changed, changed, at_next_restart })
+    Ok(Reload { output: OutputSettings::from_config(&new, &settings.labels), config: new, settings, inboxes_changed, changed, at_next_restart })
 }
 
 /// The sections of `new` that differ from `old`, for the log.
@@ -90,6 +90,7 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
         ("[mqtt]", old.mqtt != new.mqtt),
         ("[retention]", old.retention != new.retention),
         ("[remote]", old.remote != new.remote),
+        ("[[route]]", old.routes != new.routes),
     ];
     differs.iter().filter(|(_, d)| *d).map(|(name, _)| name.to_string()).collect()
 }

@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::beneath;
-use crate::config::{Config, RetentionConfig};
+use crate::config::{Cap, Config, RetentionConfig};
 use crate::health::Lifeline;
 use crate::ledger::{ArchiveFolder, ArchiveFolders, Archived, FileKey, Meta, archive_paths};
 use crate::metrics::Metrics;
@@ -109,12 +109,89 @@ struct Plan {
     folders: Vec<Arc<ArchiveFolder>>,
     /// Inbox roots: never entered while walking a folder; adopted sidecars must name an image in one.
     inboxes: Vec<PathBuf>,
+    /// Route folders with a cap (`max_files`, `max_mb`): kept under it as files arrive.
+    caps: Vec<(Arc<ArchiveFolder>, Cap)>,
 }
 
 impl Plan {
     fn from_config(c: &Config, pinned: &ArchiveFolders) -> Plan {
         let folders = archive_paths(c).iter().filter_map(|p| pinned.get(p)).collect();
-        Plan { limits: c.retention.clone(), folders, inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect() }
+        let caps = c.routes.iter().filter_map(|r| Some((pinned.get(&r.to.as_ref()?.root)?, r.cap?))).collect();
+        Plan { limits: c.retention.clone(), folders, inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect(), caps }
+    }
+}
+
+/// Which of `files` (each with its bytes) leave a folder capped at `cap` (indices, oldest first): the
+/// oldest, until at most `max_files` are left and they hold at most `max_bytes`.
+pub fn over_cap(cap: Cap, files: &[(Aged, u64)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| (files[i].0.mtime, i));
+    let (mut count, mut bytes) = (files.len() as u64, files.iter().map(|f| f.1).sum::<u64>());
+    let mut chosen = Vec::new();
+    for i in order {
+        if cap.max_files.is_none_or(|m| count <= m) && cap.max_bytes.is_none_or(|m| bytes <= m) {
+            break;
+        }
+        count -= 1;
+        bytes = bytes.saturating_sub(files[i].1);
+        chosen.push(i);
+    }
+    chosen
+}
+
+/// Keeps every capped route folder under its cap: the oldest files labeld recorded there leave first
+/// (with their sidecars), by the rule of I11; anything else in the folder stays and does not count.
+fn enforce_caps(plan: &Plan, metrics: &Metrics, shutdown: &Shutdown) {
+    if plan.caps.is_empty() {
+        return;
+    }
+    let roots: Vec<Option<Arc<OwnedFd>>> = plan.folders.iter().map(|f| f.root().ok()).collect();
+    let skip = folder_keys(&plan.inboxes, &roots);
+    for (folder, cap) in &plan.caps {
+        let Ok(root) = folder.root() else { continue };
+        let Ok(meta) = Meta::of(root.as_ref()) else { continue };
+        let own: HashSet<(u64, u64)> = skip.iter().filter(|k| **k != (meta.key.dev, meta.key.ino)).copied().collect();
+        let bounds = Bounds { dev: meta.key.dev, mnt_id: meta.mnt_id, skip: &own };
+        let mut t = Tally::default();
+        let mut units = Vec::new();
+        walk(&root, &bounds, &mut t, &mut |_, unit| units.push(unit));
+        let archived = match recorded(folder, &root, &units) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(folder = %folder.path.display(), error = %e, "cannot read the archive ledger; the cap is checked again at the next file");
+                continue;
+            }
+        };
+        units.retain(|u| archived.contains(&u.archived()));
+        for u in &mut units {
+            if u.sidecar_archived().is_some_and(|s| !archived.contains(&s)) {
+                u.sidecar = None;
+            }
+        }
+        let sized: Vec<(Aged, u64)> = units.iter().map(|u| (u.aged, u.bytes)).collect();
+        let mut emptied = HashSet::new();
+        for i in over_cap(*cap, &sized) {
+            if shutdown.is_triggered() {
+                break;
+            }
+            match remove(&root, &units[i]) {
+                Ok(true) => {
+                    t.files += 1;
+                    t.bytes += units[i].bytes;
+                    emptied.insert(units[i].dir.clone());
+                }
+                Ok(false) => {}
+                Err(e) => t.errors.push(format!("cannot remove {}: {e}", folder.path.join(&units[i].dir).join(&units[i].name).display())),
+            }
+        }
+        remove_empty_folders(&root, &emptied);
+        if t.files > 0 {
+            metrics.retention_removed(t.files, t.bytes);
+            tracing::info!(folder = %folder.path.display(), files = t.files, bytes = t.bytes, "route folder over its cap: removed the oldest images and their sidecars");
+        }
+        if let Some(first) = t.errors.first() {
+            tracing::warn!(folder = %folder.path.display(), errors = t.errors.len(), first_error = %first, "route folder cap: errors; those files stay, retried at the next file");
+        }
     }
 }
 
@@ -148,6 +225,7 @@ impl Retention {
     /// ledgers now and then (a reload that adds the section wakes it).
     pub fn start(config: &Config, folders: ArchiveFolders, metrics: Metrics, lifeline: Lifeline, shutdown: Shutdown) -> io::Result<Retention> {
         let plan = Arc::new(Mutex::new(Plan::from_config(config, &folders)));
+        let placed = folders.placed();
         let (wake, woken) = crossbeam_channel::bounded::<()>(1);
         let control = RetentionControl { plan: plan.clone(), folders, wake };
         let handle = std::thread::Builder::new().name("retention".into()).spawn(move || {
@@ -158,11 +236,16 @@ impl Retention {
                     Some(_) => sweep(&current, &metrics, &shutdown),
                     None => compact_ledgers(&current, &shutdown),
                 }
-                let interval = current.limits.as_ref().map_or(IDLE, |l| l.interval);
-                crossbeam_channel::select! {
-                    recv(shutdown.closed()) -> _ => return,
-                    recv(woken) -> _ => {}
-                    default(interval) => {}
+                enforce_caps(&current, &metrics, &shutdown);
+                let next = std::time::Instant::now() + current.limits.as_ref().map_or(IDLE, |l| l.interval);
+                // Between sweeps, files arriving in capped folders are checked against their caps.
+                loop {
+                    crossbeam_channel::select! {
+                        recv(shutdown.closed()) -> _ => return,
+                        recv(woken) -> _ => break,
+                        recv(placed) -> _ => enforce_caps(&current, &metrics, &shutdown),
+                        recv(crossbeam_channel::at(next)) -> _ => break,
+                    }
                 }
             }
         })?;
@@ -603,6 +686,17 @@ mod tests {
     }
 
     #[test]
+    fn a_capped_folder_loses_its_oldest_files_until_under_both_limits() {
+        let now = SystemTime::now();
+        let f = |days: u64, bytes: u64| (Aged { mtime: now - Duration::from_secs(days * 86_400), allocated: bytes }, bytes);
+        let files = [f(1, 10), f(5, 10), f(3, 10), f(2, 100), f(4, 10)];
+        assert_eq!(over_cap(Cap { max_files: Some(3), max_bytes: None }, &files), vec![1, 4]);
+        assert_eq!(over_cap(Cap { max_files: None, max_bytes: Some(100) }, &files), vec![1, 4, 2, 3]);
+        assert_eq!(over_cap(Cap { max_files: Some(5), max_bytes: Some(140) }, &files), Vec::<usize>::new());
+        assert_eq!(over_cap(Cap { max_files: Some(1), max_bytes: None }, &[]), Vec::<usize>::new());
+    }
+
+    #[test]
     fn files_past_the_age_limit_go_and_newer_ones_stay() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
         let f = files(now, &[5, 40, 31, 29, 400]);
@@ -662,7 +756,7 @@ mod tests {
     }
 
     fn plan_for(folder: Arc<ArchiveFolder>, inboxes: Vec<PathBuf>) -> Plan {
-        Plan { limits: Some(limits(Some(30), None, None)), folders: vec![folder], inboxes }
+        Plan { limits: Some(limits(Some(30), None, None)), folders: vec![folder], inboxes, caps: vec![] }
     }
 
     /// A folder labeld created: nothing to adopt.
@@ -835,7 +929,7 @@ mod tests {
         let root = folder.root().unwrap();
         // Ask for more free space than the file system has: everything archived is due, nothing else.
         let total = Space::of(&root).unwrap().total;
-        let plan = Plan { limits: Some(RetentionConfig { max_age: None, min_free_bytes: Some(total), min_free_percent: None, interval: Duration::from_secs(60) }), folders: vec![folder], inboxes: vec![] };
+        let plan = Plan { limits: Some(RetentionConfig { max_age: None, min_free_bytes: Some(total), min_free_percent: None, interval: Duration::from_secs(60) }), caps: vec![], folders: vec![folder], inboxes: vec![] };
         sweep(&plan, &Metrics::new(), &Shutdown::new());
         assert!(!a.exists() && !b.exists());
         assert!(theirs.exists());

@@ -30,6 +30,7 @@ mod preprocess_golden;
 mod remote;
 mod resilience;
 mod retention;
+mod routes;
 mod service;
 mod structure;
 mod watch_link;

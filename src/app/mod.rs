@@ -82,7 +82,7 @@ impl Daemon {
         let folders = ArchiveFolders::default();
         folders.pin(&config);
         let sink = Sink::start(
-            OutputSettings::from_config(&config),
+            OutputSettings::from_config(&config, &live.get().labels),
             folders.clone(),
             done_rx,
             metrics.clone(),

@@ -40,6 +40,11 @@ pub(super) async fn serve(
                 token: cfg.token.as_deref().map(Arc::from),
                 shutdown: shutdown.clone(),
                 uploads: crate::http::UploadLimits::new(&cfg),
+                review: crate::http::Review::new(
+                    control.folders.clone(),
+                    control.config.routes.iter().filter(|r| r.review).filter_map(|r| Some(r.to.as_ref()?.root.clone())).collect(),
+                    crate::http::review::corrections_path(&control.config.output.csv),
+                ),
             };
             Some(crate::http::serve(&cfg, state, shutdown.clone()).await?)
         }

@@ -37,32 +37,36 @@ pub fn resolved(path: &Path) -> PathBuf {
     }
 }
 
-/// Checks every archive folder of `inboxes` against every inbox and every other archive folder. Err:
-/// (key, reason) naming both keys and paths.
-pub fn check(inboxes: &[InboxConfig]) -> Result<(), (String, String)> {
+/// Checks every archive folder of `inboxes`, and the folder of every route (`routes`: its key and
+/// the fixed part of its `to`), against every inbox and every other archive folder. A route folder
+/// inside an inbox would have its images labelled again. Err: (key, reason) naming both keys and paths.
+pub fn check(inboxes: &[InboxConfig], routes: &[(String, PathBuf)]) -> Result<(), (String, String)> {
     let roots: Vec<(String, PathBuf)> = inboxes.iter().enumerate().map(|(i, ib)| (format!("[[inbox]] #{} path", i + 1), resolved(&ib.path))).collect();
     let mut archives: Vec<(String, PathBuf)> = Vec::new();
+    let mut folders: Vec<(String, PathBuf)> = Vec::new();
     for (i, ib) in inboxes.iter().enumerate() {
         let done = match &ib.on_done {
             OnDone::Move(d) => Some(("done_dir", d)),
             _ => None,
         };
-        for (name, path) in done.into_iter().chain(ib.quarantine.as_ref().map(|q| ("quarantine", q))) {
-            let key = format!("[[inbox]] #{} {name}", i + 1);
-            check_one(path, &roots).map_err(|reason| (key.clone(), reason))?;
-            let real = resolved(path);
-            for (other_key, other) in &archives {
-                let nested = real != *other && (real.starts_with(other) || other.starts_with(&real));
-                if nested {
-                    return Err((key, format!(
-                        "{} and {other_key} ({}) lie one inside the other; each archive folder is swept on its own: use the same folder, or folders side by side",
-                        real.display(),
-                        other.display()
-                    )));
-                }
+        let own = done.into_iter().chain(ib.quarantine.as_ref().map(|q| ("quarantine", q)));
+        folders.extend(own.map(|(name, path)| (format!("[[inbox]] #{} {name}", i + 1), path.clone())));
+    }
+    folders.extend(routes.iter().cloned());
+    for (key, path) in folders {
+        check_one(&path, &roots).map_err(|reason| (key.clone(), reason))?;
+        let real = resolved(&path);
+        for (other_key, other) in &archives {
+            let nested = real != *other && (real.starts_with(other) || other.starts_with(&real));
+            if nested {
+                return Err((key, format!(
+                    "{} and {other_key} ({}) lie one inside the other; each archive folder is swept on its own: use the same folder, or folders side by side",
+                    real.display(),
+                    other.display()
+                )));
             }
-            archives.push((key, real));
         }
+        archives.push((key, real));
     }
     Ok(())
 }

@@ -244,7 +244,6 @@ pub(super) fn from_raw(file: &Path, base: &Path, raw: Vec<RawInbox>) -> Result<V
             on_done,
         });
     }
-    super::folders::check(&inboxes).map_err(|(key, reason)| ConfigError::new(file, key, reason))?;
     Ok(inboxes)
 }
 

@@ -18,6 +18,7 @@ mod mqtt;
 mod output;
 mod remote;
 mod retention;
+mod route;
 mod workers;
 
 pub use folders::check_archive_folder;
@@ -29,6 +30,7 @@ pub use mqtt::{MqttConfig, Secret, hostname, topic_level_breaker};
 pub use output::OutputConfig;
 pub use remote::{Fallback, RemoteConfig, Server};
 pub use retention::RetentionConfig;
+pub use route::{Cap, PLACEHOLDERS, Route, RouteAction, Target, Verdict};
 pub use workers::{WorkersConfig, cpu_budget};
 
 pub const DEFAULT_CONFIG: &str = "config/labeld.toml";
@@ -49,6 +51,8 @@ struct RawConfig {
     mqtt: Option<mqtt::RawMqtt>,
     retention: Option<retention::RawRetention>,
     remote: Option<remote::RawRemote>,
+    #[serde(default)]
+    route: Vec<route::RawRoute>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +70,8 @@ pub struct Config {
     pub retention: Option<RetentionConfig>,
     /// Labelling on model servers (`[remote]`); on this box's CPU when absent.
     pub remote: Option<RemoteConfig>,
+    /// Where labelled images go by their label (`[[route]]`), tried in order; empty: `on_done` only.
+    pub routes: Vec<Route>,
 }
 
 impl Config {
@@ -85,6 +91,10 @@ impl Config {
         let model = model::from_raw(file, &base, raw.model)?;
         let limits = limits::from_raw(file, raw.limits)?;
         let inboxes = inbox::from_raw(file, &base, raw.inbox)?;
+        let routes = route::from_raw(file, &base, raw.route, &inboxes)?;
+        let route_folders: Vec<(String, PathBuf)> =
+            routes.iter().enumerate().filter_map(|(i, r)| Some((format!("[[route]] #{} to", i + 1), r.to.as_ref()?.root.clone()))).collect();
+        folders::check(&inboxes, &route_folders).map_err(|(key, reason)| ConfigError::new(file, key, reason))?;
         let workers = workers::from_raw(file, raw.workers)?;
         let output = output::from_raw(file, &base, raw.output)?;
         Ok(Config {
@@ -98,6 +108,7 @@ impl Config {
             retention: raw.retention.map(|r| retention::from_raw(file, r)).transpose()?,
             remote: raw.remote.map(|r| remote::from_raw(file, &base, r)).transpose()?,
             output,
+            routes,
         })
     }
 
@@ -124,6 +135,7 @@ impl Config {
         sections.extend(self.mqtt.as_ref().map(MqttConfig::describe));
         sections.extend(self.retention.as_ref().map(RetentionConfig::describe));
         sections.extend(self.remote.as_ref().map(RemoteConfig::describe));
+        sections.extend(self.routes.iter().map(Route::describe));
         format!("# {} (resolved)\n{}", self.file.display(), sections.join("\n"))
     }
 }

@@ -3,8 +3,10 @@
 //! Connections are bounded in `connections`, uploads in `upload`.
 
 mod connections;
+pub mod review;
 mod upload;
 
+pub use review::Review;
 pub use upload::UploadLimits;
 
 use std::sync::Arc;
@@ -40,6 +42,7 @@ pub struct HttpState {
     pub token: Option<Arc<str>>,
     pub shutdown: Shutdown,
     pub uploads: UploadLimits,
+    pub review: Review,
 }
 
 /// Binds `cfg.listen` (failing to is fatal) and serves until `shutdown`.
@@ -65,6 +68,9 @@ fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
         .route("/thumb/{id}", get(thumb))
+        .route("/api/review", get(review_list))
+        .route("/api/labels", get(labels))
+        .route("/review/{folder}/{name}", get(review_image).post(review_decide))
         .route("/predict", post(upload::predict))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
@@ -139,12 +145,64 @@ async fn status(State(s): State<HttpState>) -> Response {
         "ok": s.metrics.images("ok"),
         "errors": s.metrics.images("error"),
         "recent": s.recent.list(),
+        "drift_svg": s.recent.drift_svg(),
         "mqtt": s.metrics.mqtt().map(|m| m.json()),
         // The page refuses a larger photo itself: a browser still sending a body the server refused
         // sees a reset connection, not the 413.
         "max_body_bytes": s.uploads.max_body(),
     }))
     .into_response()
+}
+
+async fn review_list(State(s): State<HttpState>) -> Response {
+    let review = s.review.clone();
+    match tokio::task::spawn_blocking(move || review.list()).await {
+        Ok(items) => axum::Json(json!({ "on": s.review.is_on(), "items": items })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn labels(State(s): State<HttpState>) -> Response {
+    let settings = s.live.get();
+    let names: Vec<&str> = (0..settings.labels.len()).map(|i| settings.labels.name(i)).collect();
+    axum::Json(json!({ "labels": names })).into_response()
+}
+
+async fn review_image(State(s): State<HttpState>, Path((folder, name)): Path<(usize, String)>) -> Response {
+    let review = s.review.clone();
+    let n = name.clone();
+    match tokio::task::spawn_blocking(move || review.image(folder, &n)).await {
+        Ok(Ok(bytes)) => {
+            let lower = name.to_ascii_lowercase();
+            let kind = match lower.rsplit('.').next() {
+                Some("png") => "image/png",
+                Some("webp") => "image/webp",
+                Some("gif") => "image/gif",
+                Some("bmp") => "image/bmp",
+                Some("tif" | "tiff") => "image/tiff",
+                _ => "image/jpeg",
+            };
+            ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "max-age=60")], bytes).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The operator's verdict on one review image: `{"label": "<one of the model's labels>"}`.
+async fn review_decide(State(s): State<HttpState>, Path((folder, name)): Path<(usize, String)>, body: axum::body::Bytes) -> Response {
+    let Some(label) = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["label"].as_str().map(str::to_string)) else {
+        return error(StatusCode::BAD_REQUEST, "send {\"label\": \"...\"}");
+    };
+    let settings = s.live.get();
+    let labels: Vec<String> = (0..settings.labels.len()).map(|i| settings.labels.name(i).to_string()).collect();
+    let review = s.review.clone();
+    let l = label.clone();
+    match tokio::task::spawn_blocking(move || review.decide(folder, &name, &l, &labels)).await {
+        Ok(Ok(predicted)) => axum::Json(json!({ "predicted": predicted, "label": label })).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn thumb(State(s): State<HttpState>, Path(id): Path<u64>) -> Response {

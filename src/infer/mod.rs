@@ -85,6 +85,7 @@ impl Outcome {
             latency_ms: record::round(latency, 10.0),
             error,
             file: o.job.identity,
+            route: None,
         }
     }
 }

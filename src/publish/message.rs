@@ -162,6 +162,7 @@ mod tests {
             latency_ms: 12.5,
             error: None,
             file: Some(Identity { dev: 1, inode: 2, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+            route: None,
         }
     }
 
@@ -187,6 +188,17 @@ mod tests {
         let mut dollar = messages("{host}/x");
         dollar.host = "$SYS".into();
         assert_eq!(dollar.result(&record("/srv/in/a.jpg")).topic, "_SYS/x");
+    }
+
+    #[test]
+    fn a_routed_row_says_where_the_image_went() {
+        let m = messages("labeld/{host}/{inbox}/result");
+        let mut r = record("/srv/in/line2/a.jpg");
+        r.route = Some(crate::vocab::Routed { action: "move".into(), to: Some("/srv/sorted/Egyptian cat".into()), at: None });
+        let payload: Value = serde_json::from_slice(&m.result(&r).payload).unwrap();
+        assert_eq!(payload["route"], serde_json::json!({"action": "move", "to": "/srv/sorted/Egyptian cat"}));
+        let unrouted: Value = serde_json::from_slice(&m.result(&record("/srv/in/b.jpg")).payload).unwrap();
+        assert!(unrouted.get("route").is_none());
     }
 
     #[test]

@@ -602,6 +602,7 @@ mod tests {
             latency_ms: 1.5,
             error: None,
             file: Some(Identity { dev: 1, inode: i as u64, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+            route: None,
         }
     }
 
@@ -855,7 +856,7 @@ mod tests {
         let mut outbox = Outbox::open(tap.clone(), &place.checkpoint, Instant::now()).unwrap();
         log.append(&recs(0..3)).unwrap();
         // A reload with another top_k: the old log is set aside by rename, a new one started.
-        let wide = Columns { top_k: 3, english: false, confident: true };
+        let wide = Columns { top_k: 3, english: false, confident: true, route: false };
         let mut log = ResultLog::open_tapped(&place.csv, wide, log.tap()).unwrap();
         let mut r = rec(3);
         r.confident = Some(true);

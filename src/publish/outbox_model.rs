@@ -53,6 +53,7 @@ fn rec(id: usize) -> Record {
         latency_ms: 1.0,
         error: None,
         file: Some(Identity { dev: 1, inode: id as u64, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+        route: None,
     }
 }
 

@@ -16,9 +16,11 @@
 //! log, new settings, a stuck worker's images to record) and the deadline of the next retry.
 
 pub mod archive;
+pub mod hourly;
 pub mod log_tap;
 pub mod recent;
 pub mod relocate;
+pub mod route;
 pub mod result_log;
 pub mod sidecar;
 
@@ -41,8 +43,11 @@ use crate::health::Lifeline;
 use crate::infer::{BatchDone, Outcome};
 use crate::metrics::{Metrics, Stage};
 use crate::job::{Claim, Job, Source};
+use crate::config::Route;
+use crate::infer::labels::Labels;
 use crate::ledger::ArchiveFolders;
 use recent::Recent;
+use route::{DriftLabels, FolderNames};
 use result_log::{LogTap, ResultLog};
 use crate::vocab::results_log::Columns;
 use crate::vocab::{Record, Status};
@@ -69,16 +74,26 @@ pub struct OutputSettings {
     pub inboxes: Vec<InboxConfig>,
     /// The model's name, for records the workers did not make (a stuck worker's images).
     pub model: String,
+    /// `[[route]]`, in order.
+    pub routes: Vec<Route>,
+    /// The folder name of each of the model's labels (`{label}`).
+    pub names: Arc<FolderNames>,
+    /// The label values of the drift metrics.
+    pub drift: Arc<DriftLabels>,
 }
 
 impl OutputSettings {
-    pub fn from_config(c: &Config) -> Self {
+    pub fn from_config(c: &Config, labels: &Labels) -> Self {
         let english = c.model.labels == LabelSource::ImageNet && c.model.labels_lang != LabelsLang::En;
+        let names = if c.routes.is_empty() { FolderNames::default() } else { FolderNames::new((0..labels.len()).map(|i| labels.name(i))) };
         OutputSettings {
             csv: c.output.csv.clone(),
-            columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some() },
+            columns: Columns { top_k: c.model.top_k, english, confident: c.model.min_score.is_some(), route: !c.routes.is_empty() },
             inboxes: c.inboxes.clone(),
             model: c.model.name.clone(),
+            routes: c.routes.clone(),
+            names: Arc::new(names),
+            drift: Arc::new(DriftLabels::new(&c.routes, |i| labels.name(i).to_string())),
         }
     }
 }
@@ -134,10 +149,11 @@ impl Sink {
     ) -> Result<Sink, Fatal> {
         let log = ResultLog::open_tapped(&settings.csv, settings.columns, tap)
             .map_err(|e| Fatal::io(format!("cannot open results log {} ([output] csv)", settings.csv.display()), e))?;
-        finish_interrupted_batches(&log, &settings.inboxes);
+        finish_interrupted_batches(&log, &settings.inboxes, &recent, &settings.drift);
         for ib in &settings.inboxes {
-            archive::finish(ib, &folders);
+            archive::finish(ib, &folders, !settings.routes.is_empty());
         }
+        metrics.track_labels(settings.drift.values());
         let (tx, commands) = crossbeam_channel::unbounded();
         let control = SinkControl { tx };
         let writer = Writer {
@@ -145,6 +161,9 @@ impl Sink {
             inboxes: settings.inboxes,
             folders,
             model: settings.model,
+            routes: settings.routes,
+            names: settings.names,
+            drift: settings.drift,
             rows: Vec::new(),
             sidecars: Vec::new(),
             backoff: Backoff::new(WRITE_RETRY_FIRST, WRITE_RETRY_MAX),
@@ -180,7 +199,8 @@ impl Sink {
 /// Their result is in the row: write the sidecar from it instead of labelling the image again (which
 /// would add a second row). Cost: one sequential read of the whole log at start and a stat per row;
 /// memory holds only the rows whose image still needs its sidecar.
-fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
+/// The same read fills the status page's drift chart, so it survives restarts.
+fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig], recent: &Recent, drift: &DriftLabels) {
     let records = match log.records() {
         Ok(r) => r,
         Err(e) => {
@@ -194,6 +214,9 @@ fn finish_interrupted_batches(log: &ResultLog, inboxes: &[InboxConfig]) {
     let mut missing = HashMap::<String, Record>::new();
     for record in records {
         rows += 1;
+        if let Some(top) = record.top.as_ref().and_then(|t| t.first()) {
+            recent.count_hour(&record, drift.of(&top.label));
+        }
         if needs_sidecar(&record, inboxes) {
             missing.insert(record.path.clone(), record);
         } else {
@@ -244,6 +267,8 @@ const MAX_FAULTS_TRACKED: usize = 100_000;
 struct Aside {
     image: PathBuf,
     status: Status,
+    /// Its record, whose route (if any) says where it goes.
+    record: Record,
     /// The device and inode of the file that was labelled.
     expect: Option<(u64, u64)>,
     tries: u32,
@@ -266,6 +291,9 @@ struct Writer {
     folders: ArchiveFolders,
     /// The model's name, for a stuck worker's records.
     model: String,
+    routes: Vec<Route>,
+    names: Arc<FolderNames>,
+    drift: Arc<DriftLabels>,
     /// CSV rows not yet written.
     rows: Vec<Record>,
     /// Sidecars not yet written.
@@ -361,9 +389,13 @@ impl Writer {
         // Also with unchanged settings: a reload may have made an archive folder usable again, and
         // images labelled while it was not are still in their inbox.
         for ib in &next.inboxes {
-            archive::finish(ib, &self.folders);
+            archive::finish(ib, &self.folders, !next.routes.is_empty());
         }
         self.inboxes = next.inboxes;
+        self.routes = next.routes;
+        self.names = next.names;
+        self.metrics.track_labels(next.drift.values());
+        self.drift = next.drift;
     }
 
     fn accept(&mut self, batch: BatchDone) {
@@ -461,6 +493,16 @@ impl Writer {
         }
         let mut record = self.count(&o, made_by);
         record.path = here.to_string_lossy().into_owned();
+        // Decided now, from the record alone, and written with the row: a restart completes the same route.
+        if let Some(ib) = self.inboxes.iter().find(|ib| here.starts_with(&ib.path)) {
+            let decided = route::decide(&self.routes, &record, &ib.name, &self.names);
+            let unsure = decided.as_ref().is_some_and(|(i, _)| self.routes.get(*i).is_some_and(route::is_for_unsure));
+            record.route = decided.map(|(_, r)| r);
+            if let Some(top) = record.top.as_ref().and_then(|t| t.first()).filter(|_| record.status == Status::Ok) {
+                self.metrics.top1(self.drift.of(&top.label), top.score, unsure);
+                self.recent.count_hour(&record, self.drift.of(&top.label));
+            }
+        }
         match &o.result {
             Ok(_) => self.totals.ok += 1,
             Err(e) => {
@@ -588,7 +630,7 @@ impl Writer {
     /// that cannot be set aside now is tried again with back-off.
     fn set_aside(&mut self, p: &Pending) {
         let expect = p.job.identity.map(|id| (id.dev, id.inode));
-        let mut aside = Aside { image: p.image.clone(), status: p.record.status, expect, tries: 0, next: Instant::now() };
+        let mut aside = Aside { image: p.image.clone(), status: p.record.status, record: p.record.clone(), expect, tries: 0, next: Instant::now() };
         if !self.try_aside(&mut aside) {
             self.asides.push(aside);
             if self.asides.len() > MAX_FAULTS_TRACKED {
@@ -612,7 +654,8 @@ impl Writer {
     fn try_aside(&self, a: &mut Aside) -> bool {
         let image = a.image.as_path();
         let Some(ib) = self.inboxes.iter().find(|ib| image.starts_with(&ib.path)) else { return true };
-        if !ib.sets_aside() {
+        let routed = a.status == Status::Ok && a.record.route.is_some();
+        if !ib.sets_aside() && !routed {
             return true;
         }
         if let Some(id) = a.expect {
@@ -627,12 +670,17 @@ impl Writer {
             }
         }
         let result = match a.status {
-            Status::Ok => archive::apply(ib, &self.folders, image, a.expect).map(|()| None),
+            Status::Ok => archive::route(ib, &self.folders, image, a.expect, &a.record, a.tries > 0),
             Status::Error => archive::quarantine(ib, &self.folders, image, a.expect),
         };
         match result {
-            Ok(Some(dest)) => {
+            Ok(Some(dest)) if a.status == Status::Error => {
                 tracing::info!(from = %image.display(), to = %dest.display(), "moved to quarantine");
+                true
+            }
+            Ok(Some(dest)) => {
+                let action = a.record.route.as_ref().map_or("", |r| r.action.as_str());
+                tracing::debug!(from = %image.display(), to = %dest.display(), action, "routed");
                 true
             }
             Ok(None) => true,
@@ -640,7 +688,11 @@ impl Writer {
                 a.tries += 1;
                 let wait = Backoff::new(FAULT_RETRY_FIRST, FAULT_RETRY_MAX).delay_after(a.tries);
                 a.next = Instant::now() + wait;
-                let what = if a.status == Status::Ok { ib.on_done.as_str() } else { "quarantine" };
+                let what = match (&a.status, &a.record.route) {
+                    (Status::Ok, Some(r)) => r.action.as_str(),
+                    (Status::Ok, None) => ib.on_done.as_str(),
+                    _ => "quarantine",
+                };
                 tracing::error!(path = %image.display(), to = what, error = %e, tries = a.tries, retry_in = ?wait, "cannot set the image aside; it stays in the inbox with its row and sidecar and is tried again");
                 false
             }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::hourly::{Hourly, hour_now};
 use crate::vocab::Record;
 
 /// How many results the status page keeps.
@@ -17,6 +18,8 @@ pub struct Recent(Arc<Mutex<Inner>>);
 struct Inner {
     next_id: u64,
     items: VecDeque<RecentResult>,
+    /// The drift chart's counts, from the results log and every row since.
+    hourly: Hourly,
 }
 
 #[derive(Clone, Serialize)]
@@ -36,6 +39,17 @@ impl Recent {
         inner.next_id += 1;
         inner.items.push_front(RecentResult { id, record, has_thumb: thumb.is_some(), thumb: thumb.map(Arc::new) });
         inner.items.truncate(KEEP);
+    }
+
+    /// Counts a written row in the drift chart under `label` (a drift metrics value).
+    pub fn count_hour(&self, record: &Record, label: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).hourly.add(record, label);
+    }
+
+    /// The drift chart, as inline SVG.
+    pub fn drift_svg(&self) -> String {
+        let hourly = self.0.lock().unwrap_or_else(|e| e.into_inner()).hourly.clone();
+        hourly.svg(hour_now())
     }
 
     /// Newest first.

@@ -12,7 +12,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -33,10 +33,33 @@ const MAX_SUFFIX: u32 = 100_000;
 /// took its name meanwhile stays in the inbox (is put back, should it slip in during the move).
 pub fn move_under(inbox: &Path, dest: &ArchiveFolder, image: &Path, expect: Option<(u64, u64)>) -> io::Result<PathBuf> {
     let rel = rel_in(inbox, image)?;
+    move_into(inbox, dest, image, rel.parent().unwrap_or(Path::new("")), expect)
+}
+
+/// How a route places an image in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placing {
+    Move,
+    Copy,
+    /// A hard link; a copy where the folder is on another file system.
+    Link,
+}
+
+/// Moves `image` from `inbox` into the folder `rel_dir` below the archive folder `dest` (a route's
+/// folder), as `move_under` does; returns where it went.
+pub fn move_into(inbox: &Path, dest: &ArchiveFolder, image: &Path, rel_dir: &Path, expect: Option<(u64, u64)>) -> io::Result<PathBuf> {
+    place_into(inbox, dest, image, rel_dir, expect, Placing::Move)
+}
+
+/// Places `image` (in `inbox`) into `rel_dir` below `dest` under the first free numbered name, by
+/// `how`; the source stays for a copy or link. Returns where it went.
+pub fn place_into(inbox: &Path, dest: &ArchiveFolder, image: &Path, rel_dir: &Path, expect: Option<(u64, u64)>, how: Placing) -> io::Result<PathBuf> {
+    if !rel_dir.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a plain folder below {}", rel_dir.display(), dest.path.display())));
+    }
     let root = dest.root()?;
     let src = Beneath::new(inbox, image)?;
     let src_dir = src.open_parent()?;
-    let rel_dir = rel.parent().unwrap_or(Path::new(""));
     let dest_dir = beneath::create_dirs_beneath(&root, rel_dir)?;
     for n in 0..MAX_SUFFIX {
         let name = numbered(Path::new(src.file_name()), n);
@@ -46,13 +69,114 @@ pub fn move_under(inbox: &Path, dest: &ArchiveFolder, image: &Path, expect: Opti
         }
         let rel_dest = rel_dir.join(&name);
         let record = |key: FileKey| dest.record(&root, &[(key, rel_dest.as_path())]);
-        match move_at(&src_dir, src.file_name(), &dest_dir, name.as_os_str(), expect, &record) {
+        let placed = match how {
+            Placing::Move => move_at(&src_dir, src.file_name(), &dest_dir, name.as_os_str(), expect, &record),
+            Placing::Copy | Placing::Link => copy_at(&src_dir, src.file_name(), &dest_dir, name.as_os_str(), expect, how == Placing::Link, &record),
+        };
+        match placed {
             Ok(()) => return Ok(dest.path.join(&rel_dest)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io::Error::new(e.kind(), format!("cannot move {} to {}: {e}", image.display(), dest.path.join(&rel_dest).display()))),
+            Err(e) => {
+                let verb = match how {
+                    Placing::Move => "move",
+                    Placing::Copy => "copy",
+                    Placing::Link => "link",
+                };
+                return Err(io::Error::new(e.kind(), format!("cannot {verb} {} to {}: {e}", image.display(), dest.path.join(&rel_dest).display())));
+            }
         }
     }
-    Err(io::Error::other(format!("{MAX_SUFFIX} files named like {} already: clear that folder", dest.path.join(rel).display())))
+    Err(io::Error::other(format!("{MAX_SUFFIX} files named like {} already: clear that folder", dest.path.join(rel_dir).join(src.file_name()).display())))
+}
+
+/// Copies the sidecar of `image` (in `inbox`) beside `dest_image` (where a copy or link of the image
+/// went, in `dest`), durably; the inbox's sidecar stays with the inbox's image.
+pub fn copy_sidecar(inbox: &Path, image: &Path, dest: &ArchiveFolder, dest_image: &Path) -> io::Result<()> {
+    let from = sidecar_path(image);
+    let rel_to = sidecar_path(rel_in(&dest.path, dest_image)?);
+    let root = dest.root()?;
+    let src = Beneath::new(inbox, &from)?;
+    let src_dir = src.open_parent()?;
+    let dest_dir = beneath::create_dirs_beneath(&root, rel_to.parent().unwrap_or(Path::new("")))?;
+    let key = Meta::at(&src_dir, src.file_name())?.key;
+    let record = |key: FileKey| dest.record(&root, &[(key, rel_to.as_path())]);
+    copy_no_replace(&src_dir, src.file_name(), &dest_dir, file_name(&rel_to), key, &record)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot copy {} to {}: {e}", from.display(), dest.path.join(&rel_to).display())))?;
+    beneath::sync_dir(&dest_dir)
+}
+
+/// Copies (or hard-links) `from` to `to` without replacing anything there; `record` as for `move_at`.
+/// A link checks that what arrived is the file recorded, and takes back one that is not.
+fn copy_at(
+    from_dir: &OwnedFd,
+    from: &OsStr,
+    to_dir: &OwnedFd,
+    to: &OsStr,
+    expect: Option<(u64, u64)>,
+    link: bool,
+    record: &dyn Fn(FileKey) -> io::Result<()>,
+) -> io::Result<()> {
+    let m = Meta::at(from_dir, from)?;
+    if m.kind != FileType::RegularFile {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if expect.is_some_and(|e| e != (m.key.dev, m.key.ino)) {
+        return Err(io::Error::other("another file took its name after it was labelled; that one stays in the inbox"));
+    }
+    if link && Meta::of(to_dir).is_ok_and(|d| d.key.dev == m.key.dev) {
+        // A link is the same file: the key recorded is the key it will have.
+        record(m.key)?;
+        match rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty()) {
+            Ok(()) => {
+                if Meta::at(to_dir, to).is_ok_and(|now| now.key == m.key) {
+                    return beneath::sync_dir(to_dir);
+                }
+                // Another file took the source's name between the look and the link: not ours to place.
+                rustix::fs::unlinkat(to_dir, to, AtFlags::empty())?;
+                return Err(io::Error::other("another file took its name while it was linked; nothing placed"));
+            }
+            Err(Errno::XDEV) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    copy_no_replace(from_dir, from, to_dir, to, m.key, record)?;
+    beneath::sync_dir(to_dir)
+}
+
+/// Where an earlier copy or link of `image` (the file `key`, labelled as `path`) was placed in
+/// `rel_dir` below `dest`, by a run a crash stopped before it noted it: of the image's name and its
+/// numbered names there, one whose sidecar describes that image, else one without a sidecar that is
+/// that file (a link) or has its size and modification time (a copy). `(path, has sidecar)`.
+pub fn placed_before(dest: &ArchiveFolder, rel_dir: &Path, image_name: &OsStr, labelled: &crate::vocab::Record) -> Option<(PathBuf, bool)> {
+    let id = labelled.file?;
+    let root = dest.root().ok()?;
+    let dir = beneath::open_beneath(&root, rel_dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty()).ok()?;
+    let mut bare = None;
+    for entry in rustix::fs::Dir::read_from(&dir).ok()?.flatten() {
+        let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+        if !is_numbered_of(Path::new(&name), Path::new(image_name)) {
+            continue;
+        }
+        let Ok(m) = Meta::at(&dir, &name) else { continue };
+        if m.kind != FileType::RegularFile {
+            continue;
+        }
+        let sidecar = sidecar_path(Path::new(&name));
+        let described = beneath::open_beneath(&dir, &sidecar, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())
+            .ok()
+            .and_then(|fd| {
+                let mut bytes = Vec::new();
+                io::Read::read_to_end(&mut File::from(fd).take(1 << 20), &mut bytes).ok()?;
+                serde_json::from_slice::<crate::vocab::Record>(&bytes).ok()
+            });
+        let same = (m.key.dev, m.key.ino) == (id.dev, id.inode) || (m.key.size, m.key.mtime_ns) == (id.size, id.mtime_ns);
+        match described {
+            Some(r) if r.path == labelled.path && r.file == labelled.file => return Some((dest.path.join(rel_dir).join(name), true)),
+            None if same && !exists_in(&dir, sidecar.as_os_str()).unwrap_or(true) => bare = Some(dest.path.join(rel_dir).join(name)),
+            _ => {}
+        }
+    }
+    bare.map(|p| (p, false))
 }
 
 /// Moves the sidecar of `image` (in `inbox`) beside `dest_image` (where the image went, in the archive

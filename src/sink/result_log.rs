@@ -241,6 +241,7 @@ mod tests {
             latency_ms: 1.0,
             error: None,
             file: Some(Identity { dev: 1, inode: 2, size: 3, mtime_ns: 4, ctime_ns: 5, xxh3: None }),
+            route: None,
         }
     }
 
@@ -281,7 +282,7 @@ mod tests {
     fn translated_labels_and_confidence_get_their_own_columns_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.csv");
-        let cols = Columns { top_k: 1, english: true, confident: true };
+        let cols = Columns { top_k: 1, english: true, confident: true, route: false };
         let mut log = ResultLog::open(&p, cols).unwrap();
         let mut r = rec("/a.jpg");
         r.top = Some(vec![Top { rank: 1, class_id: 281, label: "虎斑猫".into(), label_en: Some("tabby".into()), score: 0.5 }]);
@@ -291,6 +292,32 @@ mod tests {
         assert_eq!(l[0], "time,path,status,class1,label1,label1_en,score1,latency_ms,error,model,confident,file_id");
         assert_eq!(l[1], "2026-01-01T00:00:00.000Z,/a.jpg,ok,281,虎斑猫,tabby,0.500000,1.0,,m,false,1:2:3:4:5");
         assert_eq!(log.records().unwrap().collect::<Vec<_>>(), vec![r]);
+    }
+
+    #[test]
+    fn the_route_column_comes_last_reads_back_and_a_log_without_it_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.csv");
+        let cols = Columns { top_k: 1, english: false, confident: false, route: true };
+        let mut log = ResultLog::open(&p, cols).unwrap();
+        let mut moved = rec("/a.jpg");
+        moved.route = Some(crate::vocab::Routed { action: "move".into(), to: Some("/srv/sorted/espresso, \"x\"".into()), at: None });
+        let mut kept = rec("/b.jpg");
+        kept.route = Some(crate::vocab::Routed { action: "keep".into(), to: None, at: None });
+        let unrouted = rec("/c.jpg");
+        log.append(&[moved.clone(), kept.clone(), unrouted.clone()]).unwrap();
+        let l = lines(&p);
+        assert_eq!(l[0], "time,path,status,class1,label1,score1,latency_ms,error,model,file_id,route");
+        assert!(l[1].ends_with(",1:2:3:4:5,\"move:/srv/sorted/espresso, \"\"x\"\"\""), "{}", l[1]);
+        assert!(l[2].ends_with(",keep:"), "{}", l[2]);
+        assert!(l[3].ends_with(",1:2:3:4:5,"), "{}", l[3]);
+        assert_eq!(log.records().unwrap().collect::<Vec<_>>(), vec![moved, kept, unrouted.clone()]);
+        // A log written before routes existed keeps its columns and its rows read back.
+        let old = dir.path().join("old.csv");
+        let mut log = ResultLog::open(&old, Columns::plain(1)).unwrap();
+        log.append(std::slice::from_ref(&unrouted)).unwrap();
+        assert_eq!(Columns::from_header(&lines(&old)[0]), Some(Columns::plain(1)));
+        assert_eq!(log.records().unwrap().collect::<Vec<_>>(), vec![unrouted]);
     }
 
     #[test]
@@ -374,7 +401,7 @@ mod tests {
     fn long_rows_read_back_however_many() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.csv");
-        let cols = Columns { top_k: 100, english: true, confident: false };
+        let cols = Columns { top_k: 100, english: true, confident: false, route: false };
         let mut log = ResultLog::open(&p, cols).unwrap();
         let mut r = rec(&format!("/{}/图片.jpg", "长路径".repeat(60)));
         r.top = Some((0..100).map(|i| Top { rank: i + 1, class_id: i, label: "大白鲨，食人鲨".into(), label_en: Some("great white shark".into()), score: 0.01 }).collect());

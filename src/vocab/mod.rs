@@ -9,5 +9,5 @@ pub mod results_log;
 pub mod sidecar;
 
 pub use identity::Identity;
-pub use record::{Record, Status, Top};
+pub use record::{Record, Routed, Status, Top};
 pub use sidecar::{sidecar_name, sidecar_path};

@@ -28,6 +28,42 @@ pub struct Record {
     /// The version of the image file this record describes (absent for uploads and files never read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<Identity>,
+    /// With `[[route]]`: where the first matching route sends the image, decided before the row is
+    /// written (so a restart after a crash completes the same route). Absent: no route matched and
+    /// `on_done` applies, or the image failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Routed>,
+}
+
+/// A route's decision for one image, as rows, sidecars and MQTT messages carry it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Routed {
+    /// `move`, `copy`, `link` or `keep`.
+    pub action: String,
+    /// The folder the image goes to (absent for `keep`). A taken name there gets `~1`, `~2`, … before
+    /// the extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Where the copy or link was made, in the inbox's sidecar once it is made (`copy`, `link`): a
+    /// restart does not make it again, even after retention removed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+}
+
+impl Routed {
+    /// The CSV `route` field: `<action>:<folder>` (`keep:` for keep).
+    pub fn to_field(&self) -> String {
+        format!("{}:{}", self.action, self.to.as_deref().unwrap_or(""))
+    }
+
+    /// The CSV `route` field read back; `None` for an empty or unknown one.
+    pub fn from_field(s: &str) -> Option<Routed> {
+        let (action, to) = s.split_once(':')?;
+        if !["move", "copy", "link", "keep"].contains(&action) {
+            return None;
+        }
+        Some(Routed { action: action.to_string(), to: (!to.is_empty()).then(|| to.to_string()), at: None })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,6 +109,7 @@ impl Record {
             latency_ms: 1.0,
             error: None,
             file: None,
+            route: None,
         }
     }
 }

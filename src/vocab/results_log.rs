@@ -7,21 +7,24 @@ use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Identity, Record, Status, Top};
+use super::{Identity, Record, Routed, Status, Top};
 
 /// Which columns a row has: `top_k` (class, label, score) groups, plus `labelN_en` after each label
 /// when labels are translated, plus a trailing `confident` with `[model] min_score`, then `file_id`
-/// (the identity of the file version the row describes, `dev:inode:size:mtime_ns:ctime_ns`).
+/// (the identity of the file version the row describes, `dev:inode:size:mtime_ns:ctime_ns`), then,
+/// with `[[route]]`, `route` (where the image went, `<action>:<folder>`) at the very end, so that
+/// readers of the older columns find every one where it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Columns {
     pub top_k: usize,
     pub english: bool,
     pub confident: bool,
+    pub route: bool,
 }
 
 impl Columns {
     pub fn plain(top_k: usize) -> Self {
-        Columns { top_k, english: false, confident: false }
+        Columns { top_k, english: false, confident: false, route: false }
     }
 
     fn per_rank(&self) -> usize {
@@ -29,7 +32,12 @@ impl Columns {
     }
 
     fn len(&self) -> usize {
-        3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident) + 1
+        3 + self.per_rank() * self.top_k + 3 + usize::from(self.confident) + 1 + usize::from(self.route)
+    }
+
+    /// Where `file_id` is.
+    fn file_id_at(&self) -> usize {
+        self.len() - 1 - usize::from(self.route)
     }
 
     /// The columns a log's header line names; `None` for a line that is not one of labeld's headers.
@@ -37,12 +45,13 @@ impl Columns {
         let names: Vec<&str> = line.trim_end_matches(['\r', '\n']).split(',').collect();
         let english = names.contains(&"label1_en");
         let confident = names.contains(&"confident");
+        let route = names.last() == Some(&"route");
         let per = if english { 4 } else { 3 };
-        let ranked = names.len().checked_sub(3 + 3 + usize::from(confident) + 1)?;
+        let ranked = names.len().checked_sub(3 + 3 + usize::from(confident) + 1 + usize::from(route))?;
         if ranked % per != 0 {
             return None;
         }
-        let c = Columns { top_k: ranked / per, english, confident };
+        let c = Columns { top_k: ranked / per, english, confident, route };
         (header(c) == names).then_some(c)
     }
 }
@@ -61,6 +70,9 @@ pub fn header(c: Columns) -> Vec<String> {
         h.push("confident".into());
     }
     h.push("file_id".into());
+    if c.route {
+        h.push("route".into());
+    }
     h
 }
 
@@ -82,6 +94,9 @@ pub fn row(c: Columns, r: &Record) -> Vec<String> {
         row.push(r.confident.map(|c| c.to_string()).unwrap_or_default());
     }
     row.push(r.file.map(Identity::to_key).unwrap_or_default());
+    if c.route {
+        row.push(r.route.as_ref().map(Routed::to_field).unwrap_or_default());
+    }
     row
 }
 
@@ -111,7 +126,8 @@ pub fn parse_row(c: Columns, row: &csv::StringRecord) -> Option<Record> {
     let tail = 3 + per * k;
     let error = row.get(tail + 1).filter(|e| !e.is_empty()).map(String::from);
     let confident = if c.confident { row.get(tail + 3).and_then(|v| v.parse().ok()) } else { None };
-    let file = row.get(c.len() - 1).and_then(Identity::from_key);
+    let file = row.get(c.file_id_at()).and_then(Identity::from_key);
+    let route = if c.route { row.get(c.len() - 1).and_then(Routed::from_field) } else { None };
     Some(Record {
         time: row.get(0)?.to_string(),
         path: row.get(1)?.to_string(),
@@ -123,6 +139,7 @@ pub fn parse_row(c: Columns, row: &csv::StringRecord) -> Option<Record> {
         model: row.get(tail + 2)?.to_string(),
         engine: None,
         file,
+        route,
     })
 }
 
