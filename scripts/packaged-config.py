@@ -22,6 +22,14 @@ SOURCE = os.path.join(ROOT, "config", "labeld.toml")
 
 PATH_KEYS = ("model.path", "inbox.path", "inbox.done_dir", "inbox.quarantine", "output.csv")
 
+# Where the .deb and the container image put labeld's model and folders.
+INSTALLED = {
+    "model.path": "/usr/share/labeld/models/default.pt",
+    "inbox.path": "/var/lib/labeld/inbox",
+    "inbox.quarantine": "/var/lib/labeld/rejects",
+    "inbox.done_dir": "/var/lib/labeld/done",
+}
+
 PROFILES = {
     "checkout": {"header": None, "paths": {}, "comments": {}},
     "system": {
@@ -31,13 +39,7 @@ PROFILES = {
             "#   labeld check-config --config /etc/labeld/labeld.toml",
             "# Everything but the paths is config/labeld.toml of labeld's source, as `make run` runs it.",
         ],
-        "paths": {
-            "model.path": "/usr/share/labeld/models/default.pt",
-            "inbox.path": "/var/lib/labeld/inbox",
-            "inbox.quarantine": "/var/lib/labeld/rejects",
-            "inbox.done_dir": "/var/lib/labeld/done",
-            "output.csv": "/var/log/labeld/results.csv",
-        },
+        "paths": dict(INSTALLED, **{"output.csv": "/var/log/labeld/results.csv"}),
         "comments": {
             "model.path": [
                 "# TorchScript or ONNX (.onnx) classifier: input N x 3 x crop x crop float (normalized as below), output",
@@ -55,13 +57,8 @@ PROFILES = {
             "#   docker run --rm -v /srv/labeld-config:/etc/labeld:ro --entrypoint labeld labeld:<version> check-config",
             "# Everything but the paths is config/labeld.toml of labeld's source, as `make run` runs it.",
         ],
-        "paths": {
-            "model.path": "/usr/share/labeld/models/default.pt",
-            "inbox.path": "/var/lib/labeld/inbox",
-            "inbox.quarantine": "/var/lib/labeld/rejects",
-            "inbox.done_dir": "/var/lib/labeld/done",
-            "output.csv": "/var/lib/labeld/results.csv",
-        },
+        # Everything labeld writes is in the image's one volume, /var/lib/labeld.
+        "paths": dict(INSTALLED, **{"output.csv": "/var/lib/labeld/results.csv"}),
         "comments": {
             "model.path": [
                 "# TorchScript or ONNX (.onnx) classifier: input N x 3 x crop x crop float (normalized as below), output",
