@@ -185,7 +185,7 @@ def run_reference(src, tmp, name, model_file, runtime, threads, gap=0.0, files=N
         for f in sorted(os.listdir(src))[:files]:
             shutil.copy(os.path.join(src, f), inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
-    env = dict(os.environ, PYTHONPATH=BENCH_PY) if runtime == "onnxruntime" else None
+    env = dict(os.environ, PYTHONPATH=BENCH_PY) if runtime in ("onnxruntime", "openvino") else None
     out, _, rss = timed([PYTHON, os.path.join(ROOT, "benches", "reference.py"), model_file, inbox, csv_path,
                          "--runtime", runtime, "--threads", str(threads), "--gap", str(gap)], env=env)
     r = json.loads(out.strip().splitlines()[-1])
@@ -333,6 +333,11 @@ def machine():
     return f"{cpu} ({' '.join(isa) or 'no AVX2'}), {len(os.sched_getaffinity(0))} cores{mem}"
 
 
+def openvino_version():
+    m = re.search(r"openvino-([0-9.]+)", " ".join(os.listdir(BENCH_PY)) if os.path.isdir(BENCH_PY) else "")
+    return m.group(1) if m else "?"
+
+
 def onnxruntime_version():
     import glob
 
@@ -383,7 +388,9 @@ def bench_model(model, args, hd, big, tmp):
     ref = attempt("reference", run_reference, hd, tmp, "reference", model.torchscript, "torch", t)
     ort = attempt("onnxruntime", run_reference, hd, tmp, "onnxruntime", model.onnx, "onnxruntime", t)
     results = [(f"reference (PIL + torchvision + PyTorch 1.13, batch 1, {t} threads)", ref),
-               (f"onnxruntime (same preprocessing, batch 1, {t} threads)", ort)]
+               (f"onnxruntime (same preprocessing, batch 1, {t} threads)", ort),
+               (f"OpenVINO {openvino_version()} (same preprocessing, batch 1, {t} threads, latency hint)",
+                attempt("openvino", run_reference, hd, tmp, "openvino", model.onnx, "openvino", t))]
     fp32 = attempt("labeld fp32", run_labeld, hd, tmp, "fp32", model, "fp32")
     precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
     results.append(("labeld fp32", fp32))

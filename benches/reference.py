@@ -5,6 +5,8 @@ For every image in a folder: PIL open → RGB → Resize(256) → CenterCrop(224
 the same TorchScript model, batch 1 → softmax top-3 → JSON sidecar beside the image + a CSV row.
 Prints one JSON line of figures (images/s, per-stage ms per image) on stdout.
 
+With --runtime openvino, the same with OpenVINO (PyPI, .deps/bench-py) on the ONNX file.
+
 With --runtime onnxruntime, MODEL is an ONNX file (benches/export_models.py) run by onnxruntime (PyPI,
 .deps/bench-py) with the same threads, the same PIL + torchvision preprocessing and the same outputs:
 the speed-up the original article suggests before rewriting anything.
@@ -56,18 +58,32 @@ def onnx_model(path, threads):
     return run
 
 
+def openvino_model(path, threads):
+    """OpenVINO's CPU plugin on the ONNX file, `threads` inference threads, latency hint, batch 1."""
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+
+    def run(x):
+        return torch.from_numpy(compiled(x.numpy())[0])
+
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("folder")
     ap.add_argument("csv")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch")
+    ap.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch")
     ap.add_argument("--gap", type=float, default=0.0, help="seconds of idleness before each image")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     labels = open(LABELS).read().splitlines()
-    model = (onnx_model if args.runtime == "onnxruntime" else torch_model)(args.model, args.threads)
+    model = {"torch": torch_model, "onnxruntime": onnx_model, "openvino": openvino_model}[args.runtime](args.model, args.threads)
     name = os.path.splitext(os.path.basename(os.path.realpath(args.model)))[0]
     resize = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
     to_tensor = transforms.Compose(

@@ -45,6 +45,25 @@ if [[ ! -f "$STAMP" ]]; then
     touch "$STAMP"
 fi
 
+# OpenVINO, the reference's strongest CPU runtime, beside onnxruntime (its wheel imports with Debian's numpy).
+OV_VERSION=2026.4.1
+if [[ ! -f "$DEST/.labeld-openvino-$OV_VERSION" ]]; then
+    pyver="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
+    ov_glob="$CACHE/openvino-$OV_VERSION-*-cp$pyver-cp$pyver-manylinux_*_$(uname -m).whl"
+    if ! compgen -G "$ov_glob" > /dev/null; then
+        PIP=("$PYTHON" -m pip)
+        "${PIP[@]}" --version > /dev/null 2>&1 || PIP=(python3 -m pip)
+        echo "setup-bench: downloading openvino==$OV_VERSION for Python $pyver from PyPI (~60 MB, cached in $CACHE)"
+        "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --dest "$CACHE" \
+            --python-version "$pyver" --implementation cp --abi "cp$pyver" \
+            --platform "manylinux_2_28_$(uname -m)" --platform "manylinux_2_17_$(uname -m)" "openvino==$OV_VERSION"
+    fi
+    wheels=($ov_glob)
+    "$PYTHON" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "${wheels[0]}" "$DEST"
+    PYTHONPATH="$DEST" "$PYTHON" -c 'import openvino; openvino.Core()'
+    touch "$DEST/.labeld-openvino-$OV_VERSION"
+fi
+
 for stem in resnet18-random efficientnet_lite0; do
     if [[ ! -f "models/$stem.pt" || ! "models/$stem.onnx" -nt "models/$stem.pt" ]]; then
         PYTHONPATH="$ROOT/.deps/py:$DEST" "$PYTHON" benches/export_models.py --out-dir models
