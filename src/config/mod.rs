@@ -19,6 +19,7 @@ mod output;
 mod remote;
 mod retention;
 mod route;
+mod url;
 mod workers;
 
 pub use folders::check_archive_folder;

@@ -238,29 +238,9 @@ fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
         "mqtts" | "ssl" => true,
         other => return Err(format!("scheme \"{other}\" is not mqtt:// or mqtts:// ({example})")),
     };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains('@') {
-        return Err("credentials do not belong in the URL: set username and password_file".into());
-    }
-    if authority.contains('/') || authority.contains('?') {
-        return Err(format!("\"{url}\" has a path; a broker URL is scheme://host[:port] ({example})"));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| format!("\"{url}\": unclosed [ in an IPv6 address"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("\"{url}\" names no host ({example})"));
-    }
-    let port = match port {
-        None => if tls { 8883 } else { 1883 },
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("\"{p}\" is not a port number (1..=65535)"))?,
-    };
+    let shape = "a broker URL is scheme://host[:port]";
+    let (host, port) = super::url::host_port(url, rest, shape, example, "set username and password_file")?;
+    let port = port.unwrap_or(if tls { 8883 } else { 1883 });
     Ok((tls, host, port))
 }
 

@@ -210,29 +210,12 @@ fn parse_url(url: &str) -> Result<Server, String> {
         "grpcs" => true,
         other => return Err(format!("scheme \"{other}\" is not grpc:// or grpcs:// ({example}); labeld speaks the protocol's gRPC API")),
     };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains('@') {
-        return Err("credentials do not belong in the URL: set token_file".into());
-    }
-    if authority.contains('/') || authority.contains('?') {
-        return Err(format!("\"{url}\" has a path; a server URL is scheme://host:port ({example})"));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| format!("\"{url}\": unclosed [ in an IPv6 address"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("\"{url}\" names no host ({example})"));
-    }
+    let shape = "a server URL is scheme://host:port";
+    let (host, port) = super::url::host_port(url, rest, shape, example, "set token_file")?;
     let port = match port {
+        Some(p) => p,
         None if tls => 443,
         None => return Err(format!("\"{url}\" names no port; gRPC servers have no usual one ({example})")),
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("\"{p}\" is not a port number (1..=65535)"))?,
     };
     Ok(Server { url: url.to_string(), tls, host, port })
 }
