@@ -3,7 +3,7 @@
 //! workers load with their share, a lone image runs with every CPU). A short run for finding the cause,
 //! not a benchmark (that is `make bench`).
 //!
-//! Run: cargo run --release --example idle_gap -- MODEL.pt [GAP_MS] [ROUNDS]
+//! Run: cargo run --release --example idle_gap -- MODEL.pt [GAP_MS] [ROUNDS] [BUSY_MS]
 
 use std::time::{Duration, Instant};
 
@@ -19,9 +19,10 @@ fn main() -> Result<(), String> {
 
 fn measure() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).ok_or("usage: idle_gap MODEL.pt [GAP_MS] [ROUNDS]")?;
+    let path = args.get(1).ok_or("usage: idle_gap MODEL.pt [GAP_MS] [ROUNDS] [BUSY_MS]")?;
     let gap = Duration::from_millis(args.get(2).and_then(|g| g.parse().ok()).unwrap_or(500));
     let rounds: usize = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(10);
+    let spin = Duration::from_millis(args.get(4).and_then(|s| s.parse().ok()).unwrap_or(10));
     let image = vec![0.5f32; 3 * 224 * 224];
     println!("ms per forward pass, batch 1, median of {rounds} (min..max); gap {} ms", gap.as_millis());
     for (load_threads, run_threads) in [(2, 2), (1, 2), (1, 1)] {
@@ -52,15 +53,39 @@ fn measure() -> Result<(), String> {
             warm_ms.push(t.elapsed().as_secs_f64() * 1e3);
             warmed.push(pass()?);
         }
+        // The same gap, then every CPU kept busy for `spin` first (as it is while a lone image is decoded).
+        let mut spun = Vec::new();
+        for _ in 0..rounds {
+            std::thread::sleep(gap);
+            busy_everywhere(spin);
+            spun.push(pass()?);
+        }
         println!(
-            "loaded with {load_threads} thread(s), run with {run_threads}: hot {}  after the gap {}  after the gap and a 64x64 pass {} (that pass {})",
+            "loaded with {load_threads} thread(s), run with {run_threads}: hot {}  after the gap {}  after the gap and a 64x64 pass {} (that pass {})  after the gap and {} ms busy on every CPU {}",
             summary(hot),
             summary(gapped),
             summary(warmed),
-            summary(warm_ms)
+            summary(warm_ms),
+            spin.as_millis(),
+            summary(spun)
         );
     }
     Ok(())
+}
+
+/// Keeps every CPU busy for `d` (a spinning thread per CPU), then returns.
+fn busy_everywhere(d: Duration) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let until = Instant::now() + d;
+    std::thread::scope(|s| {
+        for _ in 0..cpus {
+            s.spawn(|| {
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+    });
 }
 
 fn summary(mut v: Vec<f64>) -> String {
