@@ -67,6 +67,10 @@ class Model:
         """The int8 QDQ copy scripts/setup-bench.sh makes with scripts/quantize.py."""
         return os.path.join(MODELS_DIR, self.stem + ".int8.onnx")
 
+    def file(self, onnx=False, int8=False):
+        """The TorchScript file, or with `onnx` the ONNX copy (with `int8` its int8 QDQ copy)."""
+        return self.int8 if int8 else self.onnx if onnx else self.torchscript
+
 
 MODELS = {
     "resnet18": Model(
@@ -164,8 +168,7 @@ def run_labeld(src, tmp, name, model, precision, scaled=False, onnx=False, int8=
     shutil.copytree(src, inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
     conf = os.path.join(tmp, f"{name}.toml")
-    file = model.int8 if int8 else model.onnx if onnx else model.torchscript
-    labeld_config(conf, file, precision, inbox, csv_path, scaled)
+    labeld_config(conf, model.file(onnx, int8), precision, inbox, csv_path, scaled)
     _, err, rss = timed([BIN, "run", "--once", "--config", conf])
     ips = re.search(r'images_per_s="?([0-9.]+)', err)
     if not ips:
@@ -225,16 +228,17 @@ def stage_seconds(port):
     return secs, done
 
 
-def latency(src, tmp, n, rate, model, precision):
+def latency(src, tmp, n, rate, model, precision, onnx=False, int8=False):
     """A running daemon on the packaged config, images renamed into its inbox `1/rate` s apart: each image's
     time from its rename to its sidecar written (the sidecar's mtime), p50 and p90, and the mean time per
-    image in each stage from labeld's /metrics; "rest" is the watch event, settling, queueing and hand-offs."""
-    tag = f"lat-{precision}"
+    image in each stage from labeld's /metrics; "rest" is the watch event, settling, queueing and hand-offs.
+    The model file as in `run_labeld`."""
+    tag = f"lat-{precision}" + ("-int8" if int8 else "-onnx" if onnx else "")
     inbox, staging = os.path.join(tmp, f"{tag}-inbox"), os.path.join(tmp, f"{tag}-staging")
     os.makedirs(inbox)
     os.makedirs(staging)
     conf = os.path.join(tmp, f"{tag}.toml")
-    port = labeld_config(conf, model.torchscript, precision, inbox, os.path.join(tmp, f"{tag}.csv"))
+    port = labeld_config(conf, model.file(onnx, int8), precision, inbox, os.path.join(tmp, f"{tag}.csv"))
     log_path = os.path.join(tmp, f"{tag}.log")
     with open(log_path, "w") as log:
         daemon = subprocess.Popen([BIN, "run", "--config", conf], stderr=log)
@@ -422,6 +426,11 @@ def bench_model(model, args, hd, big, tmp):
         for p in precisions:
             lone.append((f"labeld {p} (rename into the inbox → sidecar written)",
                          attempt(f"latency {p}", latency, hd, tmp, args.latency_images, args.rate, model, p)))
+        lone.append(("labeld ONNX Runtime fp32 (the ONNX copy; the same)",
+                     attempt("latency onnx", latency, hd, tmp, args.latency_images, args.rate, model, "fp32", onnx=True)))
+        if os.path.exists(model.int8):
+            lone.append(("labeld ONNX Runtime int8 (the same)",
+                         attempt("latency int8", latency, hd, tmp, args.latency_images, args.rate, model, "fp32", int8=True)))
         lines += ["", f"One image every {gap:g} s, {args.latency_images} images:", ""] + lone_table(lone)
     for size, folder in big:
         bt = os.path.join(tmp, re.sub(r"[^A-Za-z0-9]+", "-", size))

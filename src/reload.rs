@@ -36,6 +36,7 @@ pub fn infer_settings(c: &Config, labels: Arc<Labels>, thumbnails: bool) -> Infe
         max_delay: c.workers.max_delay,
         workers: c.workers.count,
         threads: c.workers.threads,
+        threads_alone: c.workers.threads_alone,
         thumbnails,
         inboxes: c.inboxes.iter().map(|i| i.path.clone()).collect(),
         remote: c.remote.clone(),

@@ -1,7 +1,8 @@
 //! The worker layout adapts to the load: with `[workers]` left to its defaults, a lone image runs on
 //! every CPU (on the solo thread) and a backlog on each worker's share. Read from the per-batch debug
 //! log line, which names the intra-op threads the batch ran with, and from the process's threads.
-//! (How fast each layout is lives in `make bench`.)
+//! The same holds for an ONNX model, whose lone images run on a session of their own. (How fast each
+//! layout is lives in `make bench`.)
 
 use std::time::Duration;
 
@@ -69,5 +70,59 @@ fn a_lone_image_runs_on_every_cpu_and_a_backlog_on_each_workers_share() {
     let count = |name: &str| names.iter().filter(|n| *n == name).count();
     assert_eq!((count("infer-0"), count("infer-1")), (1, 1), "workers with OpenMP helpers: {names:?}");
     assert!(count("infer-solo") >= 1, "no solo thread: {names:?}");
+    assert!(d.stop().success());
+}
+
+/// ONNX Runtime fixes a session's threads when it is made: each worker runs a backlog on a session of
+/// its share, and a lone image goes to the model's one session with every CPU. The labels are the same
+/// on both.
+#[test]
+fn a_lone_image_through_onnx_runtime_runs_on_every_cpu_too() {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cpus < 2 {
+        eprintln!("skipped: one CPU, so there is nothing to adapt");
+        return;
+    }
+    let s = Setup::new("channel_mean", "");
+    s.edit_config("count = 1\nthreads = 2\nmax_batch = 8\n", "max_batch = 4\n");
+    onnx_model(&s.dir.path().join("models/channel_mean.onnx"), "channel_mean");
+    s.edit_config("models/channel_mean.pt", "models/channel_mean.onnx");
+    let d = s.spawn_daemon_with(&[("LABELD_LOG", "labeld=debug")]);
+    let colours = [(RED, 0), (GREEN, 1), (BLUE, 2)];
+    let check = |p: &std::path::Path, class: u64| {
+        let side = read_sidecar(p);
+        assert_eq!((side["status"].as_str(), top1(&side).0, side["engine"].as_str()), (Some("ok"), class, Some("onnxruntime")), "{}", p.display());
+    };
+
+    for (i, (rgb, class)) in colours.iter().enumerate() {
+        let p = s.inbox.join(format!("lone{i}.png"));
+        solid(&p, *rgb, 64, 48);
+        wait_for_sidecar(&p, Duration::from_secs(30));
+        check(&p, *class);
+    }
+    let lone = batch_threads(&d.log_text());
+    assert_eq!(lone, vec![cpus; 3], "lone images ran with {lone:?}; log:\n{}", d.log_text());
+
+    let staging = s.dir.path().join("staging");
+    std::fs::create_dir(&staging).unwrap();
+    let backlog: Vec<(String, u64)> = (0..120).map(|i| (format!("b{i:03}.png"), colours[i % 3].1)).collect();
+    for (i, (name, _)) in backlog.iter().enumerate() {
+        solid(&staging.join(name), colours[i % 3].0, 640, 480);
+    }
+    for (name, _) in &backlog {
+        std::fs::rename(staging.join(name), s.inbox.join(name)).unwrap();
+    }
+    for (name, class) in &backlog {
+        let p = s.inbox.join(name);
+        wait_for_sidecar(&p, Duration::from_secs(60));
+        check(&p, *class);
+    }
+    let all = batch_threads(&d.log_text());
+    let share = cpus / 2;
+    assert!(
+        all[3..].iter().filter(|t| **t == share).count() >= all[3..].len() / 2,
+        "most backlog batches should run on a worker's session ({share} threads): {:?}",
+        &all[3..]
+    );
     assert!(d.stop().success());
 }

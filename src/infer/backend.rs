@@ -36,6 +36,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// The model as it runs a pass that has the box to itself, when that is a copy of its own: ONNX
+    /// Runtime fixes a session's threads when it is made, so a lone image runs on a session with every
+    /// CPU (libtorch's passes follow their caller's threads instead: `threads_follow_caller`).
+    fn alone(&self) -> Option<&dyn Backend> {
+        None
+    }
+
     /// The logits of `n` preprocessed images, given as one NHWC float buffer (`n × crop × crop × 3`),
     /// as `n × classes` values, image after image.
     fn logits(&self, data: &[f32], n: usize) -> Result<Vec<f32>, Failure>;

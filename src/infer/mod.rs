@@ -116,6 +116,8 @@ pub struct InferSettings {
     pub workers: usize,
     /// Intra-op threads per worker (`[workers] threads`, restart-only).
     pub threads: usize,
+    /// Intra-op threads of a pass that has the box to itself (restart-only).
+    pub threads_alone: usize,
     /// Make thumbnails for the status page.
     pub thumbnails: bool,
     /// The inbox roots: files are read beneath the one they lie in, never through a link.

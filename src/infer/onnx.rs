@@ -37,6 +37,10 @@ struct Runner {
 
 pub struct OnnxModel {
     runners: Vec<Mutex<Runner>>,
+    /// The same model on one session with a pool of every CPU, for a pass that has the box to itself
+    /// (ONNX Runtime fixes a session's threads when it is made, so a lone image cannot borrow the
+    /// workers' sessions). `None` when that would be no more threads than a worker's.
+    alone: Option<Box<OnnxModel>>,
     input: String,
     layout: Layout,
     /// The file takes exactly one image per run (its batch dimension is fixed at 1).
@@ -55,6 +59,8 @@ pub struct Load<'a> {
     pub sessions: usize,
     /// Intra-op threads per session.
     pub threads: usize,
+    /// Intra-op threads of a pass that has the box to itself (more than `threads`: one more session).
+    pub threads_alone: usize,
 }
 
 impl OnnxModel {
@@ -64,18 +70,20 @@ impl OnnxModel {
     pub fn load(l: Load) -> Result<OnnxModel, Fatal> {
         let fail = |reason: String| Fatal::Model { path: l.path.to_path_buf(), reason };
         let env = environment().map_err(|e| fail(e.clone()))?;
-        let mut runners = Vec::with_capacity(l.sessions.max(1));
-        for _ in 0..l.sessions.max(1) {
-            let session = open(env, l.path, l.threads).map_err(&fail)?;
-            runners.push(Mutex::new(Runner { session, nchw: Vec::new() }));
-        }
+        let runner = |threads: usize, spin: bool| -> Result<Mutex<Runner>, Fatal> {
+            let session = open(env, l.path, threads, spin).map_err(&fail)?;
+            Ok(Mutex::new(Runner { session, nchw: Vec::new() }))
+        };
+        let runners = (0..l.sessions.max(1)).map(|_| runner(l.threads, false)).collect::<Result<Vec<_>, _>>()?;
+        // Its pool may spin between operators: nothing else runs while it does.
+        let alone = (l.threads_alone > l.threads).then(|| runner(l.threads_alone, true)).transpose()?;
         let (input, layout, one_at_a_time, classes) = {
             let first = runners[0].lock().unwrap_or_else(|e| e.into_inner());
             let (input, layout, one_at_a_time) = check_input(&first.session, l.crop).map_err(&fail)?;
             let classes = check_output(&first.session, l.labels).map_err(&fail)?;
             (input, layout, one_at_a_time, classes)
         };
-        let mut model = OnnxModel { runners, input, layout, one_at_a_time, crop: l.crop as usize, classes: classes.unwrap_or(0) };
+        let mut model = OnnxModel { runners, alone: None, input, layout, one_at_a_time, crop: l.crop as usize, classes: classes.unwrap_or(0) };
         // A class count the file leaves open is read from the test input's answer.
         let per_image = 3 * model.crop * model.crop;
         let zeros = vec![0f32; per_image];
@@ -90,13 +98,19 @@ impl OnnxModel {
             return Err(fail(labels_mismatch(model.classes, l.labels)));
         }
         model.top_k(&zeros, 1, 1).map_err(|e| fail(format!("test run on zeros failed: {e}")))?;
-        for runner in 0..model.runners.len() {
-            for n in [1, l.max_batch, l.max_batch] {
-                let zeros = vec![0f32; n * per_image];
-                model
-                    .run_on(runner, &zeros, n)
-                    .and_then(|(_, _, logits)| crate::infer::backend::rank(&logits, n, model.classes, 1).map_err(Failure::Model))
-                    .map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
+        if let Some(session) = alone {
+            let OnnxModel { ref input, layout, one_at_a_time, crop, classes, .. } = model;
+            let runners = vec![session];
+            model.alone = Some(Box::new(OnnxModel { runners, alone: None, input: input.clone(), layout, one_at_a_time, crop, classes }));
+        }
+        for m in std::iter::once(&model).chain(model.alone.as_deref()) {
+            for runner in 0..m.runners.len() {
+                for n in [1, l.max_batch, l.max_batch] {
+                    let zeros = vec![0f32; n * per_image];
+                    m.run_on(runner, &zeros, n)
+                        .and_then(|(_, _, logits)| crate::infer::backend::rank(&logits, n, m.classes, 1).map_err(Failure::Model))
+                        .map_err(|e| fail(format!("warm-up at batch size {n} failed: {e}")))?;
+                }
             }
         }
         Ok(model)
@@ -158,6 +172,10 @@ impl Backend for OnnxModel {
         self.classes
     }
 
+    fn alone(&self) -> Option<&dyn Backend> {
+        self.alone.as_deref().map(|m| m as &dyn Backend)
+    }
+
     fn logits(&self, data: &[f32], n: usize) -> Result<Vec<f32>, Failure> {
         // A free session if there is one (a worker holds its session only for its own batch).
         let free = self.runners.iter().find_map(|r| r.try_lock().ok());
@@ -191,9 +209,11 @@ fn labels_mismatch(classes: usize, labels: usize) -> String {
     format!("model has {classes} classes but the label list has {labels}; set [model] labels to a matching file")
 }
 
-/// A session on `path` with `threads` intra-op threads. Spinning is off: the workers' decode threads
-/// share these cores, and a pool spinning between batches would take their time.
-fn open(env: &Environment, path: &Path, threads: usize) -> Result<Session, String> {
+/// A session on `path` with `threads` intra-op threads. Spinning (`spin`) keeps the pool's threads
+/// awake between a pass's operators, so a pass after an idle gap runs near a hot loop's speed
+/// (ResNet-18, 2 threads, a pass 0.5 s after the last: 24–28 ms with it, 31–35 ms without). It stays
+/// off for the workers' sessions: their decode threads share these cores under a backlog.
+fn open(env: &Environment, path: &Path, threads: usize, spin: bool) -> Result<Session, String> {
     let err = |e: ort::Error<_>| first_line(&e.to_string());
     Session::builder(env)
         .map_err(|e| first_line(&e.to_string()))?
@@ -203,7 +223,7 @@ fn open(env: &Environment, path: &Path, threads: usize) -> Result<Session, Strin
         .map_err(err)?
         .with_inter_threads(1)
         .map_err(err)?
-        .with_intra_op_spinning(false)
+        .with_intra_op_spinning(spin)
         .map_err(err)?
         .commit_from_file(path)
         .map_err(|e| format!("ONNX Runtime cannot load it: {}", first_line(&e.to_string())))

@@ -218,6 +218,7 @@ fn load_local(s: &InferSettings) -> Result<Arc<dyn Backend>, Fatal> {
             max_batch: s.max_batch,
             sessions: s.workers,
             threads: s.threads,
+            threads_alone: s.threads_alone,
         })?),
     })
 }
@@ -317,9 +318,14 @@ impl Worker {
         Ok(())
     }
 
-    /// Ranks `n` images with `model` on `threads` intra-op threads: on the solo thread when that is more
-    /// than this worker's share and the backend runs on its caller's threads, else here.
+    /// Ranks `n` images with `model` on `threads` intra-op threads: when that is more than this worker's
+    /// share, on the solo thread if the backend runs on its caller's threads, or on the backend's own
+    /// copy for a lone pass; else here.
     fn run_pass(&mut self, model: &Arc<dyn Backend>, threads: usize, crop: u32, data: &[f32], n: usize, k: usize) -> Result<Vec<Ranked>, Failure> {
+        if let Some(alone) = model.alone().filter(|_| threads > self.layout.share()) {
+            self.threads = threads;
+            return rank(alone, crop, data, n, k);
+        }
         if let Some(solo) = self.solo.as_ref().filter(|s| threads >= s.threads() && model.threads_follow_caller()) {
             if let Some(result) = solo.rank(model, crop, data, n, k) {
                 self.threads = solo.threads();
