@@ -81,7 +81,7 @@ if [[ ! -d $CALIBRATION ]]; then
     mv "$CALIBRATION.partial" "$CALIBRATION"
 fi
 for stem in resnet18-random efficientnet_lite0; do
-    if [[ ! "models/$stem.int8.onnx" -nt "models/$stem.onnx" ]]; then
+    if [[ ! "models/$stem.int8.onnx" -nt "models/$stem.onnx" || ! "models/$stem.int8.onnx" -nt scripts/quantize.py ]]; then
         .deps/quantize/bin/python scripts/quantize.py "models/$stem.onnx" "$CALIBRATION" "models/$stem.int8.onnx"
     fi
 done
