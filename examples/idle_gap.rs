@@ -3,7 +3,10 @@
 //! workers load with their share, a lone image runs with every CPU). A short run for finding the cause,
 //! not a benchmark (that is `make bench`).
 //!
-//! Run: cargo run --release --example idle_gap -- MODEL.pt [GAP_MS] [ROUNDS] [BUSY_MS]
+//! An ONNX file (MODEL.onnx) is measured as the daemon runs it: a worker's one-thread session and the
+//! session with every CPU that a lone image runs on.
+//!
+//! Run: cargo run --release --example idle_gap -- MODEL.pt|MODEL.onnx [GAP_MS] [ROUNDS] [BUSY_MS]
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,9 @@ fn measure() -> Result<(), String> {
     let spin = Duration::from_millis(args.get(4).and_then(|s| s.parse().ok()).unwrap_or(10));
     let image = vec![0.5f32; 3 * 224 * 224];
     println!("ms per forward pass, batch 1, median of {rounds} (min..max); gap {} ms", gap.as_millis());
+    if path.ends_with(".onnx") {
+        return measure_onnx(std::path::Path::new(path), gap, rounds, &image);
+    }
     for (load_threads, run_threads) in [(2, 2), (1, 2), (1, 1)] {
         labeld::infer::layout::set_threads(load_threads);
         let model = Classifier::load(std::path::Path::new(path), 224, 1000, 4, Precision::Fp32, Some(PASSES)).map_err(|e| e.to_string())?;
@@ -69,6 +75,32 @@ fn measure() -> Result<(), String> {
             spin.as_millis(),
             summary(spun)
         );
+    }
+    Ok(())
+}
+
+/// A worker's session (one thread) and the lone-image session (every CPU), hot and after the gap.
+fn measure_onnx(path: &std::path::Path, gap: Duration, rounds: usize, image: &[f32]) -> Result<(), String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load = labeld::infer::onnx::Load { path, crop: 224, labels: 1000, max_batch: 4, sessions: 1, threads: 1, threads_alone: cpus };
+    let model = labeld::infer::onnx::OnnxModel::load(load).map_err(|e| e.to_string())?;
+    let sessions: [(&str, &dyn Backend); 2] = [("a worker's session, 1 thread", &model), ("the lone-image session", model.alone().unwrap_or(&model))];
+    for (name, m) in sessions {
+        let pass = || {
+            let t = Instant::now();
+            m.logits(image, 1).map_err(|e| e.to_string())?;
+            Ok::<f64, String>(t.elapsed().as_secs_f64() * 1e3)
+        };
+        for _ in 0..3 {
+            pass()?;
+        }
+        let hot: Vec<f64> = (0..rounds).map(|_| pass()).collect::<Result<_, _>>()?;
+        let mut gapped = Vec::new();
+        for _ in 0..rounds {
+            std::thread::sleep(gap);
+            gapped.push(pass()?);
+        }
+        println!("ONNX Runtime, {name} ({cpus} CPUs): hot {}  after the gap {}", summary(hot), summary(gapped));
     }
     Ok(())
 }
