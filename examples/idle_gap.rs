@@ -35,20 +35,8 @@ fn measure() -> Result<(), String> {
         labeld::infer::layout::set_threads(load_threads);
         let model = Classifier::load(std::path::Path::new(path), 224, 1000, 4, Precision::Fp32, Some(PASSES)).map_err(|e| e.to_string())?;
         labeld::infer::layout::set_threads(run_threads);
-        let pass = || {
-            let t = Instant::now();
-            model.logits(&image, 1).map_err(|e| e.to_string())?;
-            Ok::<f64, String>(t.elapsed().as_secs_f64() * 1e3)
-        };
-        for _ in 0..3 {
-            pass()?;
-        }
-        let hot: Vec<f64> = (0..rounds).map(|_| pass()).collect::<Result<_, _>>()?;
-        let mut gapped = Vec::new();
-        for _ in 0..rounds {
-            std::thread::sleep(gap);
-            gapped.push(pass()?);
-        }
+        let pass = || timed_pass(&model, &image);
+        let (hot, gapped) = hot_and_gapped(&pass, gap, rounds)?;
         // The same gap, then a pass on a small image first (it reads every weight, little else).
         let small = vec![0.5f32; 3 * 64 * 64];
         let (mut warmed, mut warm_ms) = (Vec::new(), Vec::new());
@@ -86,23 +74,31 @@ fn measure_onnx(path: &std::path::Path, gap: Duration, rounds: usize, image: &[f
     let model = labeld::infer::onnx::OnnxModel::load(load).map_err(|e| e.to_string())?;
     let sessions: [(&str, &dyn Backend); 2] = [("a worker's session, 1 thread", &model), ("the lone-image session", model.alone().unwrap_or(&model))];
     for (name, m) in sessions {
-        let pass = || {
-            let t = Instant::now();
-            m.logits(image, 1).map_err(|e| e.to_string())?;
-            Ok::<f64, String>(t.elapsed().as_secs_f64() * 1e3)
-        };
-        for _ in 0..3 {
-            pass()?;
-        }
-        let hot: Vec<f64> = (0..rounds).map(|_| pass()).collect::<Result<_, _>>()?;
-        let mut gapped = Vec::new();
-        for _ in 0..rounds {
-            std::thread::sleep(gap);
-            gapped.push(pass()?);
-        }
+        let (hot, gapped) = hot_and_gapped(&|| timed_pass(m, image), gap, rounds)?;
         println!("ONNX Runtime, {name} ({cpus} CPUs): hot {}  after the gap {}", summary(hot), summary(gapped));
     }
     Ok(())
+}
+
+/// One forward pass of `image` (batch 1), in ms.
+fn timed_pass(model: &dyn Backend, image: &[f32]) -> Result<f64, String> {
+    let t = Instant::now();
+    model.logits(image, 1).map_err(|e| e.to_string())?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// After three warm-up passes: `rounds` passes back to back, then `rounds` passes each after `gap`.
+fn hot_and_gapped(pass: &dyn Fn() -> Result<f64, String>, gap: Duration, rounds: usize) -> Result<(Vec<f64>, Vec<f64>), String> {
+    for _ in 0..3 {
+        pass()?;
+    }
+    let hot = (0..rounds).map(|_| pass()).collect::<Result<_, _>>()?;
+    let mut gapped = Vec::new();
+    for _ in 0..rounds {
+        std::thread::sleep(gap);
+        gapped.push(pass()?);
+    }
+    Ok((hot, gapped))
 }
 
 /// Keeps every CPU busy for `d` (a spinning thread per CPU), then returns.

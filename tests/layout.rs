@@ -15,15 +15,22 @@ fn batch_threads(log: &str) -> Vec<usize> {
         .collect()
 }
 
-#[test]
-fn a_lone_image_runs_on_every_cpu_and_a_backlog_on_each_workers_share() {
+/// A set-up with `[workers]` left to its defaults but for `workers` (e.g. max_batch), and the CPU count;
+/// `None` on a one-CPU box, where there is nothing to adapt.
+fn adaptive(workers: &str) -> Option<(Setup, usize)> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     if cpus < 2 {
         eprintln!("skipped: one CPU, so there is nothing to adapt");
-        return;
+        return None;
     }
     let s = Setup::new("channel_mean", "");
-    s.edit_config("count = 1\nthreads = 2\nmax_batch = 8\n", "max_batch = 1\n");
+    s.edit_config("count = 1\nthreads = 2\nmax_batch = 8\n", workers);
+    Some((s, cpus))
+}
+
+#[test]
+fn a_lone_image_runs_on_every_cpu_and_a_backlog_on_each_workers_share() {
+    let Some((s, cpus)) = adaptive("max_batch = 1\n") else { return };
     let d = s.spawn_daemon_with(&[("LABELD_LOG", "labeld=debug")]);
     assert!(d.log_text().contains(&format!("threads_alone={cpus}")), "{}", d.log_text());
 
@@ -78,13 +85,7 @@ fn a_lone_image_runs_on_every_cpu_and_a_backlog_on_each_workers_share() {
 /// on both.
 #[test]
 fn a_lone_image_through_onnx_runtime_runs_on_every_cpu_too() {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    if cpus < 2 {
-        eprintln!("skipped: one CPU, so there is nothing to adapt");
-        return;
-    }
-    let s = Setup::new("channel_mean", "");
-    s.edit_config("count = 1\nthreads = 2\nmax_batch = 8\n", "max_batch = 4\n");
+    let Some((s, cpus)) = adaptive("max_batch = 4\n") else { return };
     onnx_model(&s.dir.path().join("models/channel_mean.onnx"), "channel_mean");
     s.edit_config("models/channel_mean.pt", "models/channel_mean.onnx");
     let d = s.spawn_daemon_with(&[("LABELD_LOG", "labeld=debug")]);
