@@ -188,7 +188,7 @@ def run_reference(src, tmp, name, model_file, runtime, threads, gap=0.0, files=N
         for f in sorted(os.listdir(src))[:files]:
             shutil.copy(os.path.join(src, f), inbox)
     csv_path = os.path.join(tmp, f"{name}.csv")
-    env = dict(os.environ, PYTHONPATH=BENCH_PY) if runtime in ("onnxruntime", "openvino") else None
+    env = dict(os.environ, PYTHONPATH=BENCH_PY) if runtime != "torch" else None
     out, _, rss = timed([PYTHON, os.path.join(ROOT, "benches", "reference.py"), model_file, inbox, csv_path,
                          "--runtime", runtime, "--threads", str(threads), "--gap", str(gap)], env=env)
     r = json.loads(out.strip().splitlines()[-1])
@@ -394,7 +394,12 @@ def bench_model(model, args, hd, big, tmp):
     results = [(f"reference (PIL + torchvision + PyTorch 1.13, batch 1, {t} threads)", ref),
                (f"onnxruntime (same preprocessing, batch 1, {t} threads)", ort),
                (f"OpenVINO {openvino_version()} (same preprocessing, batch 1, {t} threads, latency hint)",
-                attempt("openvino", run_reference, hd, tmp, "openvino", model.onnx, "openvino", t))]
+                attempt("openvino", run_reference, hd, tmp, "openvino", model.onnx, "openvino", t)),
+               (f"OpenVINO {openvino_version()} (same preprocessing, async queue, {t} threads, throughput hint)",
+                attempt("openvino async", run_reference, hd, tmp, "openvino-async", model.onnx, "openvino-async", t))]
+    if os.path.exists(model.int8):
+        results.append((f"OpenVINO {openvino_version()} on the int8 copy (async queue, {t} threads, throughput hint)",
+                        attempt("openvino int8", run_reference, hd, tmp, "openvino-int8", model.int8, "openvino-async", t)))
     fp32 = attempt("labeld fp32", run_labeld, hd, tmp, "fp32", model, "fp32")
     precisions = ("fp32", "bf16") if native_bf16() else ("fp32",)
     results.append(("labeld fp32", fp32))
